@@ -1,0 +1,5 @@
+//! End-to-end tests: real kernels on a real KVM. Run through `tools/kvm-run` (which puts the
+//! release `exterior-vmm` on PATH and sets EXTERIOR_REPO); anywhere else they fail loudly.
+
+mod boot;
+mod common;

@@ -1,0 +1,288 @@
+//! Minimal ACPI tables: RSDP, XSDT, FADT (hardware-reduced), an empty DSDT and the MADT.
+//!
+//! The pinned Debian cloud kernel is built without `CONFIG_X86_MPPARSE`, so an MP table
+//! is ignored and the MADT is the only way to tell it about more than one CPU. CPUs listed
+//! as present but disabled become *possible* CPUs that never come online, which is how the
+//! redirect engine later gets a spare per-CPU area in the guest (DESIGN.md 4.1).
+
+use super::layout::{ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR};
+
+const OEM_ID: &[u8; 6] = b"EXTVMM";
+const OEM_TABLE_ID: &[u8; 8] = b"EXTERIOR";
+const CREATOR_ID: &[u8; 4] = b"EXVM";
+const SDT_HEADER_LEN: usize = 36;
+const FADT_LEN: usize = 276;
+/// FADT flags: hardware-reduced ACPI, no fixed power or sleep button.
+const FADT_FLAGS: u32 = (1 << 20) | (1 << 4) | (1 << 5);
+/// IA-PC boot architecture flags: no VGA. The 8042 bit stays clear: there is no keyboard
+/// controller beyond its reset line, so Linux need not probe for one.
+const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_CPU_ENABLED: u32 = 1;
+
+/// EISA IDs (compressed, as AML stores them) of the legacy devices in the DSDT.
+const EISA_PNP0501_UART: u32 = 0x0105_d041;
+const EISA_PNP0B00_RTC: u32 = 0x000b_d041;
+
+/// One legacy ISA device for the DSDT: `Device(\_SB.NAME) { _HID, _UID, _CRS }` with an
+/// I/O range and one edge-triggered IRQ.
+///
+/// In hardware-reduced ACPI mode Linux sets up no legacy (ISA) interrupts, so a device
+/// hard-wired to IRQ 4 never gets one. Describing it here makes Linux's PNP layer map its
+/// GSI through the IOAPIC — without it the serial port's transmit interrupt never arrives
+/// and user-space console output stalls.
+fn aml_legacy_device(name: &[u8; 4], eisa_id: u32, io_base: u16, io_len: u8, irq: u8) -> Vec<u8> {
+    const NAME_OP: u8 = 0x08;
+    const DWORD_PREFIX: u8 = 0x0c;
+    const ZERO_OP: u8 = 0x00;
+    const BUFFER_OP: u8 = 0x11;
+    const BYTE_PREFIX: u8 = 0x0a;
+    // Resource template: IO(Decode16, base, base, 1, len), IRQNoFlags(){irq}, EndTag.
+    let io = io_base.to_le_bytes();
+    let irq_mask = (1u16 << (irq & 15)).to_le_bytes();
+    let resources = [
+        0x47,
+        0x01,
+        io[0],
+        io[1],
+        io[0],
+        io[1],
+        0x01,
+        io_len, // I/O port descriptor
+        0x22,
+        irq_mask[0],
+        irq_mask[1], // IRQ descriptor, no flags: edge, active high
+        0x79,
+        0x00, // end tag
+    ];
+    let mut body = vec![NAME_OP];
+    body.extend_from_slice(b"_HID");
+    body.push(DWORD_PREFIX);
+    body.extend_from_slice(&eisa_id.to_le_bytes());
+    body.push(NAME_OP);
+    body.extend_from_slice(b"_UID");
+    body.push(ZERO_OP);
+    body.push(NAME_OP);
+    body.extend_from_slice(b"_CRS");
+    body.push(BUFFER_OP);
+    // PkgLength counts itself, the size prefix and value, and the bytes.
+    body.push((1 + 2 + resources.len()) as u8);
+    body.extend_from_slice(&[BYTE_PREFIX, resources.len() as u8]);
+    body.extend_from_slice(&resources);
+
+    // \_SB_.NAME as a dual name path from the root.
+    let mut path = vec![b'\\', 0x2e];
+    path.extend_from_slice(b"_SB_");
+    path.extend_from_slice(name);
+    let pkg_len = 1 + path.len() + body.len();
+    debug_assert!(pkg_len < 64, "one-byte PkgLength");
+    let mut device = vec![0x5b, 0x82, pkg_len as u8];
+    device.extend_from_slice(&path);
+    device.extend_from_slice(&body);
+    device
+}
+
+/// The DSDT's AML: the COM1 UART and the CMOS RTC.
+fn dsdt_aml() -> Vec<u8> {
+    let mut aml = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0x3f8, 8, 4);
+    aml.extend(aml_legacy_device(b"RTC_", EISA_PNP0B00_RTC, 0x70, 2, 8));
+    aml
+}
+
+/// The tables laid out for the BIOS area starting at [`ACPI_START`].
+pub struct AcpiTables {
+    /// Bytes to write at [`ACPI_START`].
+    pub bytes: Vec<u8>,
+    /// Guest-physical address of the RSDP.
+    pub rsdp_addr: u64,
+}
+
+fn checksum(bytes: &[u8]) -> u8 {
+    bytes
+        .iter()
+        .fold(0u8, |sum, b| sum.wrapping_add(*b))
+        .wrapping_neg()
+}
+
+/// A system description table: header plus body, with length and checksum filled in.
+fn sdt(signature: &[u8; 4], revision: u8, body: &[u8]) -> Vec<u8> {
+    let len = SDT_HEADER_LEN + body.len();
+    let mut t = Vec::with_capacity(len);
+    t.extend_from_slice(signature);
+    t.extend_from_slice(&(len as u32).to_le_bytes());
+    t.push(revision);
+    t.push(0); // checksum, below
+    t.extend_from_slice(OEM_ID);
+    t.extend_from_slice(OEM_TABLE_ID);
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(CREATOR_ID);
+    t.extend_from_slice(&1u32.to_le_bytes());
+    t.extend_from_slice(body);
+    t[9] = checksum(&t);
+    t
+}
+
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut body = vec![0u8; FADT_LEN - SDT_HEADER_LEN];
+    let at = |off: usize| off - SDT_HEADER_LEN;
+    body[at(40)..at(44)].copy_from_slice(&(dsdt_addr as u32).to_le_bytes());
+    body[at(109)..at(111)].copy_from_slice(&IAPC_BOOT_ARCH_NO_VGA.to_le_bytes());
+    body[at(112)..at(116)].copy_from_slice(&FADT_FLAGS.to_le_bytes());
+    body[at(131)] = 3; // FADT minor version (ACPI 6.3)
+    body[at(140)..at(148)].copy_from_slice(&dsdt_addr.to_le_bytes());
+    body[at(268)..at(276)].copy_from_slice(b"EXTVMM\0\0");
+    sdt(b"FACP", 6, &body)
+}
+
+/// MADT: `cpus` enabled local APICs (APIC ID = CPU index), then `spare_cpus` disabled ones
+/// (possible but never started), then the IOAPIC.
+fn madt(cpus: u8, spare_cpus: u8) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // no dual 8259 setup to disable
+    let total = u16::from(cpus) + u16::from(spare_cpus);
+    for id in 0..total {
+        let flags = if id < u16::from(cpus) {
+            MADT_CPU_ENABLED
+        } else {
+            0
+        };
+        body.extend_from_slice(&[MADT_LOCAL_APIC, 8, id as u8, id as u8]);
+        body.extend_from_slice(&flags.to_le_bytes());
+    }
+    let ioapic_id = total.min(255) as u8;
+    body.extend_from_slice(&[MADT_IO_APIC, 12, ioapic_id, 0]);
+    body.extend_from_slice(&IOAPIC_ADDR.to_le_bytes());
+    body.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    sdt(b"APIC", 5, &body)
+}
+
+fn rsdp(xsdt_addr: u64) -> Vec<u8> {
+    let mut r = Vec::with_capacity(36);
+    r.extend_from_slice(b"RSD PTR ");
+    r.push(0); // checksum of the first 20 bytes
+    r.extend_from_slice(OEM_ID);
+    r.push(2); // revision: ACPI 2.0+, with XSDT
+    r.extend_from_slice(&0u32.to_le_bytes()); // no RSDT
+    r.extend_from_slice(&36u32.to_le_bytes());
+    r.extend_from_slice(&xsdt_addr.to_le_bytes());
+    r.extend_from_slice(&[0, 0, 0, 0]); // extended checksum, reserved
+    r[8] = checksum(&r[..20]);
+    r[32] = checksum(&r);
+    r
+}
+
+fn align16(n: usize) -> usize {
+    (n + 15) & !15
+}
+
+/// Builds all tables for `cpus` running CPUs and `spare_cpus` possible-only CPUs.
+pub fn build(cpus: u8, spare_cpus: u8) -> AcpiTables {
+    // Layout: RSDP | XSDT | FADT | DSDT | MADT, each 16-byte aligned.
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml());
+    let madt = madt(cpus, spare_cpus);
+    let xsdt_off = 64;
+    let xsdt_len = SDT_HEADER_LEN + 2 * 8;
+    let fadt_off = align16(xsdt_off + xsdt_len);
+    let dsdt_off = align16(fadt_off + FADT_LEN);
+    let madt_off = align16(dsdt_off + dsdt.len());
+    let addr = |off: usize| ACPI_START + off as u64;
+
+    let fadt = fadt(addr(dsdt_off));
+    let mut xsdt_body = Vec::new();
+    xsdt_body.extend_from_slice(&addr(fadt_off).to_le_bytes());
+    xsdt_body.extend_from_slice(&addr(madt_off).to_le_bytes());
+    let xsdt = sdt(b"XSDT", 1, &xsdt_body);
+
+    let mut bytes = vec![0u8; madt_off + madt.len()];
+    for (off, table) in [
+        (0, rsdp(addr(xsdt_off))),
+        (xsdt_off, xsdt),
+        (fadt_off, fadt),
+        (dsdt_off, dsdt),
+        (madt_off, madt),
+    ] {
+        bytes[off..off + table.len()].copy_from_slice(&table);
+    }
+    debug_assert!(ACPI_START + bytes.len() as u64 <= BIOS_END);
+    AcpiTables {
+        bytes,
+        rsdp_addr: ACPI_START,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table_at(bytes: &[u8], addr: u64) -> &[u8] {
+        let off = (addr - ACPI_START) as usize;
+        let len = u32::from_le_bytes(bytes[off + 4..off + 8].try_into().unwrap()) as usize;
+        &bytes[off..off + len]
+    }
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+    }
+
+    #[test]
+    fn every_table_checksums_to_zero_and_links_up() {
+        let t = build(2, 1);
+        let rsdp = &t.bytes[..36];
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        let xsdt_addr = u64::from_le_bytes(rsdp[24..32].try_into().unwrap());
+        let xsdt = table_at(&t.bytes, xsdt_addr);
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(sum(xsdt), 0);
+        let mut sigs = Vec::new();
+        for entry in xsdt[36..].chunks(8) {
+            let table = table_at(&t.bytes, u64::from_le_bytes(entry.try_into().unwrap()));
+            assert_eq!(sum(table), 0);
+            sigs.push(table[..4].to_vec());
+            if &table[..4] == b"FACP" {
+                assert_eq!(table.len(), FADT_LEN);
+                let dsdt = u64::from_le_bytes(table[140..148].try_into().unwrap());
+                let dsdt = table_at(&t.bytes, dsdt);
+                assert_eq!(&dsdt[..4], b"DSDT");
+                assert_eq!(sum(dsdt), 0);
+            }
+        }
+        assert_eq!(sigs, vec![b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    #[test]
+    fn com1_device_aml_is_well_formed() {
+        let d = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0x3f8, 8, 4);
+        assert_eq!(&d[..2], &[0x5b, 0x82]);
+        // PkgLength covers everything after the opcode.
+        assert_eq!(usize::from(d[2]), d.len() - 2);
+        assert_eq!(&d[3..13], b"\\._SB_COM1");
+        let crs = d.windows(4).position(|w| w == b"_CRS").unwrap();
+        // _CRS, BufferOp, PkgLength, BytePrefix, size, then the template.
+        let template = &d[crs + 8..];
+        assert_eq!(template.len(), usize::from(d[crs + 7]));
+        assert_eq!(&template[..8], &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]);
+        assert_eq!(&template[8..11], &[0x22, 0x10, 0x00]);
+        assert_eq!(&template[11..], &[0x79, 0]);
+    }
+
+    #[test]
+    fn madt_lists_running_and_spare_cpus() {
+        let m = madt(2, 1);
+        let entries = &m[44..];
+        let lapics: Vec<(u8, u32)> = entries
+            .chunks(8)
+            .take(3)
+            .map(|e| {
+                assert_eq!(e[0], MADT_LOCAL_APIC);
+                (e[3], u32::from_le_bytes(e[4..8].try_into().unwrap()))
+            })
+            .collect();
+        assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 0)]);
+        assert_eq!(entries[24], MADT_IO_APIC);
+        assert_eq!(entries.len(), 3 * 8 + 12);
+    }
+}

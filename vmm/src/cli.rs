@@ -1,0 +1,81 @@
+//! Command-line interface (argh): one binary, one verb per job.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+
+/// exterior-vmm: a KVM virtual machine monitor that runs guests and, from outside, the
+/// stock management tools that act on them.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    #[argh(subcommand)]
+    pub command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Run(RunCmd),
+    KvmProbe(KvmProbeCmd),
+}
+
+/// Boot a guest. With no arguments it boots the pinned kernel and test image from images/.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "run")]
+pub struct RunCmd {
+    /// kernel image: an ELF vmlinux or a bzImage (default: images/vmlinux)
+    #[argh(option)]
+    pub kernel: Option<PathBuf>,
+    /// initramfs to pass to the kernel (default: images/gvm.cpio when --kernel is not given)
+    #[argh(option)]
+    pub initrd: Option<PathBuf>,
+    /// guest memory: MiB, or with a unit (512M, 1G); default 512M
+    #[argh(option, default = "String::from(\"512M\")")]
+    pub mem: String,
+    /// number of vCPUs (default 1)
+    #[argh(option, default = "1")]
+    pub cpus: u32,
+    /// extra kernel command-line parameters, appended after the defaults
+    #[argh(option)]
+    pub append: Option<String>,
+    /// write the guest console to FILE instead of stdout
+    #[argh(option)]
+    pub console: Option<PathBuf>,
+    /// do not install seccomp filters (debugging only)
+    #[argh(switch)]
+    pub no_seccomp: bool,
+}
+
+/// Tell whether this host's KVM runs guests natively. Exit status 0: native; 1: emulating
+/// (cannot boot Linux; use tools/kvm-run); 2: no usable KVM.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "kvm-probe")]
+pub struct KvmProbeCmd {}
+
+/// Where the default images live: $EXTERIOR_IMAGES, else `images/` of the repository this
+/// binary was built in (target/<profile>/exterior-vmm), else `./images`.
+pub fn images_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("EXTERIOR_IMAGES") {
+        return PathBuf::from(dir);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(repo) = exe
+            .parent()
+            .and_then(|p| p.parent())
+            .and_then(|p| p.parent())
+        {
+            let candidate = repo.join("images");
+            if candidate.join("vmlinux").exists() {
+                return candidate;
+            }
+        }
+    }
+    PathBuf::from("images")
+}
+
+/// The KVM device: $EXTERIOR_KVM_DEVICE or /dev/kvm.
+pub fn kvm_device() -> PathBuf {
+    std::env::var_os("EXTERIOR_KVM_DEVICE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
+}

@@ -1,0 +1,281 @@
+//! Validated VM configuration: what `exterior-vmm run` turns its arguments into.
+//!
+//! Everything here is checked before a single byte reaches guest memory or KVM is opened,
+//! so bad input fails fast with a specific error.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+/// Smallest guest we agree to build: the pinned kernel plus a small initramfs do not boot
+/// in less.
+pub const MIN_MEM_MIB: u64 = 64;
+/// Largest guest RAM: keeps a typo (`--mem 64G` on a 24 GiB host) from becoming an
+/// out-of-memory kill halfway through boot.
+pub const MAX_MEM_MIB: u64 = 64 * 1024;
+/// vCPU limit: the MADT and the APIC ID space we lay out use 8-bit APIC IDs.
+pub const MAX_CPUS: u8 = 254;
+/// A kernel image larger than this is certainly not one (the pinned vmlinux is ~60 MiB).
+pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
+
+/// The kernel command line every guest gets before `--append`. `reboot=k` makes a guest
+/// reboot (and `panic=-1` a panic) arrive as an i8042 reset that the VMM turns into an exit;
+/// `pci=off` skips probing a bus we do not emulate; `nokaslr` keeps the kernel's virtual
+/// layout fixed, which the redirect engine relies on.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--mem {0:?}: not a size (use e.g. 512M, 1G, or a number of MiB)")]
+    MemUnparsable(String),
+    #[error("--mem {0} MiB: too small, the guest needs at least {MIN_MEM_MIB} MiB")]
+    MemTooSmall(u64),
+    #[error("--mem {0} MiB: larger than the {MAX_MEM_MIB} MiB this VMM supports")]
+    MemTooLarge(u64),
+    #[error("--cpus 0: a guest needs at least one vCPU")]
+    NoCpus,
+    #[error("--cpus {0}: at most {MAX_CPUS} vCPUs are supported")]
+    TooManyCpus(u32),
+    #[error("kernel {path}: {source}")]
+    KernelUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("kernel {path}: {size} bytes is larger than any kernel image ({MAX_KERNEL_BYTES} bytes at most)")]
+    KernelTooLarge { path: PathBuf, size: u64 },
+    #[error("kernel {0}: empty file")]
+    KernelEmpty(PathBuf),
+    #[error("initrd {path}: {source}")]
+    InitrdUnreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "initrd {path}: {size} bytes does not fit in {mem_mib} MiB of guest memory (raise --mem)"
+    )]
+    InitrdTooLarge {
+        path: PathBuf,
+        size: u64,
+        mem_mib: u64,
+    },
+    #[error("no kernel given and the default {0} does not exist: pass --kernel, or run `tools/setup` to fetch the pinned kernel")]
+    NoDefaultKernel(PathBuf),
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+}
+
+/// Parses a memory size: a plain number is MiB; suffixes K, M, G (optionally followed by
+/// `i` and/or `B`, case-insensitive) scale it. Returns MiB.
+pub fn parse_mem_mib(text: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::MemUnparsable(text.to_string());
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, suffix) = trimmed.split_at(split);
+    if digits.is_empty() {
+        return Err(bad());
+    }
+    let value: u64 = digits.parse().map_err(|_| bad())?;
+    let unit = suffix.to_ascii_lowercase();
+    let unit = unit.trim_end_matches('b').trim_end_matches('i');
+    let mib = match unit {
+        "" | "m" => Some(value),
+        "k" => {
+            if value % 1024 != 0 {
+                return Err(bad());
+            }
+            Some(value / 1024)
+        }
+        "g" => value.checked_mul(1024),
+        _ => None,
+    };
+    mib.ok_or_else(bad)
+}
+
+/// Checks a memory size in MiB against the supported range.
+pub fn check_mem_mib(mib: u64) -> Result<u64, ConfigError> {
+    if mib < MIN_MEM_MIB {
+        return Err(ConfigError::MemTooSmall(mib));
+    }
+    if mib > MAX_MEM_MIB {
+        return Err(ConfigError::MemTooLarge(mib));
+    }
+    Ok(mib)
+}
+
+/// Checks a vCPU count.
+pub fn check_cpus(cpus: u32) -> Result<u8, ConfigError> {
+    match cpus {
+        0 => Err(ConfigError::NoCpus),
+        n if n > u32::from(MAX_CPUS) => Err(ConfigError::TooManyCpus(n)),
+        n => Ok(n as u8),
+    }
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleTarget {
+    Stdout,
+    File(PathBuf),
+}
+
+/// A fully validated VM description. Kernel and initrd are held as bytes: what was checked
+/// (sizes here, signatures for sealed images) is exactly what gets loaded.
+#[derive(Debug)]
+pub struct VmConfig {
+    pub mem_mib: u64,
+    pub cpus: u8,
+    pub cmdline: String,
+    pub kernel: Vec<u8>,
+    pub kernel_path: PathBuf,
+    pub initrd: Option<Vec<u8>>,
+    pub console: ConsoleTarget,
+}
+
+impl VmConfig {
+    /// Guest memory size in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        self.mem_mib << 20
+    }
+}
+
+/// Builds the full kernel command line: the defaults, then the user's additions (later
+/// parameters win in Linux, so `--append` can override a default).
+pub fn build_cmdline(append: Option<&str>) -> String {
+    match append.map(str::trim) {
+        Some(extra) if !extra.is_empty() => format!("{DEFAULT_CMDLINE} {extra}"),
+        _ => DEFAULT_CMDLINE.to_string(),
+    }
+}
+
+/// Reads a kernel image, bounded in size.
+pub fn read_kernel(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    let unreadable = |source| ConfigError::KernelUnreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(unreadable)?;
+    let size = file.metadata().map_err(unreadable)?.len();
+    if size > MAX_KERNEL_BYTES {
+        return Err(ConfigError::KernelTooLarge {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    if size == 0 {
+        return Err(ConfigError::KernelEmpty(path.to_path_buf()));
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(MAX_KERNEL_BYTES)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    Ok(bytes)
+}
+
+/// Reads an initrd after checking that it can fit in guest memory at all; placement is
+/// checked exactly by the boot code.
+pub fn read_initrd(path: &Path, mem_mib: u64) -> Result<Vec<u8>, ConfigError> {
+    let unreadable = |source| ConfigError::InitrdUnreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(unreadable)?;
+    let size = file.metadata().map_err(unreadable)?.len();
+    check_initrd_size(path, size, mem_mib)?;
+    let mut bytes = Vec::with_capacity(size as usize);
+    file.take(size)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    Ok(bytes)
+}
+
+/// An initrd must leave room for the kernel: we require it to fit in half of guest RAM.
+pub fn check_initrd_size(path: &Path, size: u64, mem_mib: u64) -> Result<(), ConfigError> {
+    if size > (mem_mib << 20) / 2 {
+        return Err(ConfigError::InitrdTooLarge {
+            path: path.to_path_buf(),
+            size,
+            mem_mib,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_sizes_parse_with_units() {
+        assert_eq!(parse_mem_mib("512").unwrap(), 512);
+        assert_eq!(parse_mem_mib("512M").unwrap(), 512);
+        assert_eq!(parse_mem_mib("512MiB").unwrap(), 512);
+        assert_eq!(parse_mem_mib("2G").unwrap(), 2048);
+        assert_eq!(parse_mem_mib("2gb").unwrap(), 2048);
+        assert_eq!(parse_mem_mib("1048576K").unwrap(), 1024);
+    }
+
+    #[test]
+    fn mem_sizes_reject_garbage() {
+        for bad in [
+            "",
+            "abc",
+            "12X",
+            "-5",
+            "1.5G",
+            "1000K",
+            "99999999999999999999G",
+        ] {
+            assert!(
+                matches!(parse_mem_mib(bad), Err(ConfigError::MemUnparsable(_))),
+                "{bad:?} was accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn mem_range_is_enforced() {
+        assert!(matches!(
+            check_mem_mib(16),
+            Err(ConfigError::MemTooSmall(16))
+        ));
+        assert!(matches!(
+            check_mem_mib(MAX_MEM_MIB + 1),
+            Err(ConfigError::MemTooLarge(_))
+        ));
+        assert_eq!(check_mem_mib(MIN_MEM_MIB).unwrap(), MIN_MEM_MIB);
+    }
+
+    #[test]
+    fn cpus_are_checked() {
+        assert!(matches!(check_cpus(0), Err(ConfigError::NoCpus)));
+        assert!(matches!(
+            check_cpus(255),
+            Err(ConfigError::TooManyCpus(255))
+        ));
+        assert_eq!(check_cpus(2).unwrap(), 2);
+    }
+
+    #[test]
+    fn cmdline_appends_after_defaults() {
+        assert_eq!(build_cmdline(None), DEFAULT_CMDLINE);
+        assert_eq!(build_cmdline(Some("  ")), DEFAULT_CMDLINE);
+        assert_eq!(
+            build_cmdline(Some("quiet")),
+            format!("{DEFAULT_CMDLINE} quiet")
+        );
+    }
+
+    #[test]
+    fn initrd_must_fit_half_of_memory() {
+        let p = Path::new("x");
+        assert!(check_initrd_size(p, 32 << 20, 64).is_ok());
+        assert!(matches!(
+            check_initrd_size(p, (32 << 20) + 1, 64),
+            Err(ConfigError::InitrdTooLarge { .. })
+        ));
+    }
+}

@@ -1,0 +1,120 @@
+//! The port I/O bus: maps port ranges to devices; unclaimed ports read as all-ones.
+
+use std::sync::{Arc, Mutex};
+
+/// A device reachable through `in`/`out` instructions.
+pub trait PioDevice: Send {
+    /// Reads `data.len()` bytes at `offset` from the device's base port.
+    fn read(&mut self, offset: u16, data: &mut [u8]);
+    /// Writes `data` at `offset` from the device's base port.
+    fn write(&mut self, offset: u16, data: &[u8]);
+}
+
+struct Range {
+    base: u16,
+    len: u16,
+    device: Arc<Mutex<dyn PioDevice>>,
+}
+
+/// Port ranges and their devices. Built once before the vCPUs start, then shared read-only.
+#[derive(Default)]
+pub struct PioBus {
+    ranges: Vec<Range>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("port range {base:#x}+{len} overlaps a registered device")]
+pub struct OverlapError {
+    pub base: u16,
+    pub len: u16,
+}
+
+impl PioBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `device` on ports `base..base+len`.
+    pub fn insert(
+        &mut self,
+        base: u16,
+        len: u16,
+        device: Arc<Mutex<dyn PioDevice>>,
+    ) -> Result<(), OverlapError> {
+        let end = u32::from(base) + u32::from(len);
+        let overlaps = self.ranges.iter().any(|r| {
+            u32::from(base) < u32::from(r.base) + u32::from(r.len) && u32::from(r.base) < end
+        });
+        if overlaps || len == 0 || end > 0x1_0000 {
+            return Err(OverlapError { base, len });
+        }
+        self.ranges.push(Range { base, len, device });
+        Ok(())
+    }
+
+    fn find(&self, port: u16) -> Option<(&Range, u16)> {
+        self.ranges
+            .iter()
+            .find(|r| port >= r.base && u32::from(port) < u32::from(r.base) + u32::from(r.len))
+            .map(|r| (r, port - r.base))
+    }
+
+    /// Handles an `in`: unclaimed ports float high, as on a PC.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match self.find(port) {
+            Some((range, offset)) => lock(&range.device).read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// Handles an `out`: writes to unclaimed ports are dropped.
+    pub fn write(&self, port: u16, data: &[u8]) {
+        if let Some((range, offset)) = self.find(port) {
+            lock(&range.device).write(offset, data);
+        }
+    }
+}
+
+/// Locks a device, recovering from poisoning: a device whose holder panicked is still
+/// better served than a VMM that stops (the panic itself was already reported).
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo(Vec<(u16, u8)>);
+    impl PioDevice for Echo {
+        fn read(&mut self, offset: u16, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u16, data: &[u8]) {
+            self.0.push((offset, data[0]));
+        }
+    }
+
+    #[test]
+    fn ports_route_to_devices_with_offsets() {
+        let dev = Arc::new(Mutex::new(Echo(Vec::new())));
+        let mut bus = PioBus::new();
+        bus.insert(0x3f8, 8, dev.clone()).unwrap();
+        let mut b = [0u8; 1];
+        bus.read(0x3fb, &mut b);
+        assert_eq!(b[0], 3);
+        bus.write(0x3f9, &[7]);
+        assert_eq!(dev.lock().unwrap().0, vec![(1, 7)]);
+        bus.read(0x80, &mut b);
+        assert_eq!(b[0], 0xff);
+    }
+
+    #[test]
+    fn overlapping_ranges_are_refused() {
+        let dev = Arc::new(Mutex::new(Echo(Vec::new())));
+        let mut bus = PioBus::new();
+        bus.insert(0x60, 8, dev.clone()).unwrap();
+        assert!(bus.insert(0x64, 1, dev.clone()).is_err());
+        assert!(bus.insert(0xffff, 2, dev).is_err());
+    }
+}

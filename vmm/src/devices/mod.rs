@@ -1,0 +1,7 @@
+//! Legacy devices on the port I/O bus: serial console, i8042 reset line, CMOS RTC.
+
+pub mod bus;
+pub mod cmos;
+pub mod serial;
+
+pub use bus::{PioBus, PioDevice};

@@ -1,0 +1,14 @@
+//! exterior-vmm: the VMM crate. KVM VMs and vCPUs, guest memory, Linux boot, legacy
+//! devices, the event loop, seccomp filters and the command line.
+
+pub mod boot;
+pub mod builder;
+pub mod cli;
+pub mod config;
+pub mod devices;
+pub mod event_loop;
+pub mod exit;
+pub mod probe;
+pub mod seccomp;
+pub mod terminal;
+pub mod vstate;

@@ -1,0 +1,5 @@
+//! KVM-facing state: guest memory, the VM object and its vCPUs (Firecracker's split).
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,110 @@
+//! vCPUs: configuration for boot and the run loop (one thread each).
+
+use std::sync::Arc;
+
+use kvm_bindings::{CpuId, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+
+use super::vm::{kvm_err, Vm, VmError};
+use crate::boot::{cpu, cpuid, loader::BootInfo};
+use crate::devices::PioBus;
+use crate::exit::{ExitReason, ExitSignal};
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+pub struct Vcpu {
+    pub fd: VcpuFd,
+    pub index: u8,
+}
+
+impl Vcpu {
+    pub fn new(vm: &VmFd, index: u8) -> Result<Self, VmError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("create vCPU"))?;
+        Ok(Self { fd, index })
+    }
+
+    /// Sets CPUID, MSRs, registers, FPU and LAPIC for the 64-bit boot protocol.
+    pub fn configure(&self, vm: &Vm, count: u8, boot: &BootInfo) -> Result<(), VmError> {
+        let mut supported: CpuId = vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        cpuid::patch_entries(supported.as_mut_slice(), self.index, count);
+        self.fd
+            .set_cpuid2(&supported)
+            .map_err(kvm_err("set CPUID"))?;
+
+        let entries = cpu::boot_msrs();
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|e| VmError::Host(format!("MSR list: {e:?}")))?;
+        let written = self.fd.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+        if written != entries.len() {
+            let index = entries.get(written).map(|e| e.index).unwrap_or(0);
+            return Err(VmError::MsrRefused(index));
+        }
+
+        self.fd
+            .set_regs(&cpu::boot_regs(boot.entry))
+            .map_err(kvm_err("set registers"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm_err("get sregs"))?;
+        self.fd
+            .set_sregs(&cpu::boot_sregs(sregs))
+            .map_err(kvm_err("set sregs"))?;
+        self.fd
+            .set_fpu(&cpu::boot_fpu())
+            .map_err(kvm_err("set FPU"))?;
+        let mut lapic = self.fd.get_lapic().map_err(kvm_err("get LAPIC"))?;
+        cpu::configure_lint(&mut lapic);
+        self.fd.set_lapic(&lapic).map_err(kvm_err("set LAPIC"))?;
+        Ok(())
+    }
+
+    /// Runs the vCPU until the VM stops; reports why through `exit`.
+    pub fn run(mut self, bus: Arc<PioBus>, exit: Arc<ExitSignal>) {
+        let index = self.index;
+        while exit.reason().is_none() {
+            match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
+                // No MMIO devices yet: reads see zeros, writes are dropped.
+                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
+                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
+                Ok(VcpuExit::Shutdown) => exit.signal(ExitReason::GuestCrash(format!(
+                    "vCPU {index} triple-faulted (KVM_EXIT_SHUTDOWN)"
+                ))),
+                Ok(VcpuExit::SystemEvent(kind, _)) => exit.signal(match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => ExitReason::PowerOff,
+                    KVM_SYSTEM_EVENT_RESET => ExitReason::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => {
+                        ExitReason::GuestCrash(format!("vCPU {index}: KVM reported a guest crash"))
+                    }
+                    other => ExitReason::VmmError(format!(
+                        "vCPU {index}: unknown KVM system event {other}"
+                    )),
+                }),
+                Ok(VcpuExit::FailEntry(reason, cpu)) => exit.signal(ExitReason::VmmError(
+                    format!("vCPU {index}: KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"),
+                )),
+                Ok(VcpuExit::InternalError) => {
+                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    exit.signal(ExitReason::VmmError(format!(
+                        "vCPU {index}: KVM internal error at guest RIP {rip:#x} (an instruction KVM could not emulate; \
+                         a host whose KVM emulates every instruction cannot boot Linux — use tools/kvm-run)"
+                    )))
+                }
+                Ok(other) => exit.signal(ExitReason::VmmError(format!(
+                    "vCPU {index}: unexpected KVM exit {other:?}"
+                ))),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+                Err(e) => exit.signal(ExitReason::VmmError(format!(
+                    "vCPU {index}: KVM_RUN failed: {e}"
+                ))),
+            }
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Bad input to `exterior-vmm run`: each case gets a specific error and exit status 2 (3 for
+//! a host without KVM), before any guest runs. These need no working KVM.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn vmm() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_exterior-vmm"));
+    // Never fall back to images a developer happens to have.
+    cmd.env("EXTERIOR_IMAGES", "/nonexistent-images");
+    cmd
+}
+
+fn run(cmd: &mut Command) -> (i32, String) {
+    let out = cmd.output().expect("spawn exterior-vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("exterior-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// An ELF64 x86-64 executable with one 16-byte PT_LOAD segment at 16 MiB: it loads, so
+/// whatever fails after it is the case under test.
+fn minimal_elf(dir: &Path) -> PathBuf {
+    let mut elf = vec![0u8; 64 + 56 + 16];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2;
+    elf[5] = 1;
+    elf[6] = 1;
+    elf[16] = 2;
+    elf[18] = 62;
+    elf[20] = 1;
+    elf[24..32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes());
+    elf[52] = 64;
+    elf[54] = 56;
+    elf[56] = 1;
+    let ph = 64;
+    elf[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    elf[ph + 8..ph + 16].copy_from_slice(&120u64.to_le_bytes());
+    elf[ph + 16..ph + 24].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    elf[ph + 24..ph + 32].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    elf[ph + 32..ph + 40].copy_from_slice(&16u64.to_le_bytes());
+    elf[ph + 40..ph + 48].copy_from_slice(&16u64.to_le_bytes());
+    let path = dir.join("vmlinux");
+    std::fs::write(&path, elf).unwrap();
+    path
+}
+
+#[test]
+fn missing_kernel_file() {
+    let (code, err) = run(vmm().args(["run", "--kernel", "/nonexistent/vmlinux"]));
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("kernel /nonexistent/vmlinux: No such file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_default_kernel_names_the_fix() {
+    let (code, err) = run(vmm().arg("run"));
+    assert_eq!(code, 2);
+    assert!(err.contains("tools/setup"), "{err}");
+}
+
+#[test]
+fn a_file_that_is_not_a_kernel() {
+    let dir = scratch("notkernel");
+    let path = dir.join("notes.txt");
+    std::fs::write(&path, "just some text\n".repeat(100)).unwrap();
+    let (code, err) = run(vmm().args(["run", "--kernel"]).arg(&path));
+    assert_eq!(code, 2);
+    assert!(err.contains("not a Linux kernel"), "{err}");
+}
+
+#[test]
+fn a_truncated_elf_kernel() {
+    let dir = scratch("truncated");
+    let full = std::fs::read(minimal_elf(&dir)).unwrap();
+    let path = dir.join("cut");
+    // The header survives, the program headers do not.
+    std::fs::write(&path, &full[..80]).unwrap();
+    let (code, err) = run(vmm().args(["run", "--kernel"]).arg(&path));
+    assert_eq!(code, 2);
+    assert!(err.contains("invalid or truncated ELF kernel"), "{err}");
+}
+
+#[test]
+fn an_empty_kernel_file() {
+    let dir = scratch("empty");
+    let path = dir.join("empty");
+    std::fs::write(&path, b"").unwrap();
+    let (code, err) = run(vmm().args(["run", "--kernel"]).arg(&path));
+    assert_eq!(code, 2);
+    assert!(err.contains("empty file"), "{err}");
+}
+
+#[test]
+fn an_initrd_that_does_not_fit_in_memory() {
+    let dir = scratch("initrd");
+    let kernel = minimal_elf(&dir);
+    let initrd = dir.join("big.cpio");
+    std::fs::File::create(&initrd)
+        .unwrap()
+        .set_len(100 << 20)
+        .unwrap();
+    let (code, err) = run(vmm()
+        .args(["run", "--mem", "64M", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd));
+    assert_eq!(code, 2);
+    assert!(err.contains("does not fit in 64 MiB"), "{err}");
+}
+
+#[test]
+fn memory_too_small_or_unparsable() {
+    let (code, err) = run(vmm().args(["run", "--mem", "16M"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("too small"), "{err}");
+    let (code, err) = run(vmm().args(["run", "--mem", "lots"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("not a size"), "{err}");
+}
+
+#[test]
+fn zero_cpus() {
+    let (code, err) = run(vmm().args(["run", "--cpus", "0"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("at least one vCPU"), "{err}");
+}
+
+#[test]
+fn an_unknown_argument() {
+    let (code, err) = run(vmm().args(["run", "--frobnicate"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("Unrecognized argument: --frobnicate"), "{err}");
+}
+
+#[test]
+fn a_host_without_kvm() {
+    let dir = scratch("nokvm");
+    let kernel = minimal_elf(&dir);
+    let (code, err) = run(vmm()
+        .env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .args(["run", "--kernel"])
+        .arg(&kernel));
+    assert_eq!(code, 3);
+    assert!(
+        err.contains("cannot open /nonexistent/kvm") && err.contains("is KVM available"),
+        "{err}"
+    );
+}
+
+#[test]
+fn kvm_probe_without_kvm_says_so() {
+    let out = vmm()
+        .env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .arg("kvm-probe")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no usable KVM"));
+}

@@ -17,6 +17,7 @@ pub struct Cli {
 pub enum Command {
     Run(RunCmd),
     KvmProbe(KvmProbeCmd),
+    Bench(crate::bench::BenchCmd),
 }
 
 /// Boot a guest. With no arguments it boots the pinned kernel and test image from images/.

@@ -84,7 +84,7 @@ pub fn parse_mem_mib(text: &str) -> Result<u64, ConfigError> {
     let mib = match unit {
         "" | "m" => Some(value),
         "k" => {
-            if value % 1024 != 0 {
+            if !value.is_multiple_of(1024) {
                 return Err(bad());
             }
             Some(value / 1024)

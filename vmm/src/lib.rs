@@ -1,6 +1,7 @@
 //! exterior-vmm: the VMM crate. KVM VMs and vCPUs, guest memory, Linux boot, legacy
 //! devices, the event loop, seccomp filters and the command line.
 
+pub mod bench;
 pub mod boot;
 pub mod builder;
 pub mod cli;

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(cmd) => run(cmd),
         Command::KvmProbe(cmd) => kvm_probe(cmd),
+        Command::Bench(cmd) => vmm::bench::run(cmd),
     }
 }
 

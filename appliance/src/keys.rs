@@ -92,7 +92,14 @@ fn read_text(path: &Path) -> Result<Zeroizing<String>, KeyError> {
 /// Parse a public key file's contents.
 pub fn parse_public(path: &Path, text: &str) -> Result<VerifyingKey, KeyError> {
     let bytes = decode(path, text, PUBLIC_HEADER)?;
-    VerifyingKey::from_bytes(&bytes).map_err(|_| bad(path, "not a valid ed25519 public key"))
+    let key = VerifyingKey::from_bytes(&bytes)
+        .map_err(|_| bad(path, "not a valid ed25519 public key"))?;
+    // A trusted key must be a canonical encoding of a point of large order: anything
+    // else can be made to "verify" signatures nobody made.
+    if key.is_weak() || key.to_edwards().compress().to_bytes() != *bytes {
+        return Err(bad(path, "weak or non-canonical ed25519 public key"));
+    }
+    Ok(key)
 }
 
 /// Parse a secret key file's contents.

@@ -44,11 +44,11 @@ pub const SIGNATURE_LEN: usize = 64;
 pub const MAX_IMAGE_SIZE: u64 = 1 << 30;
 /// Largest manifest accepted (and written).
 pub const MAX_MANIFEST_LEN: u32 = 64 * 1024;
-/// Guest memory bounds a manifest may declare, in MiB.
-pub const MIN_MEM_MIB: u64 = 16;
+/// Guest memory bounds a manifest may declare, in MiB (the VMM's own limits).
+pub const MIN_MEM_MIB: u64 = 64;
 pub const MAX_MEM_MIB: u64 = 64 * 1024;
-/// Most vCPUs a manifest may declare.
-pub const MAX_CPUS: u8 = 64;
+/// Most vCPUs a manifest may declare (the VMM's limit: 8-bit APIC IDs).
+pub const MAX_CPUS: u8 = 254;
 /// Longest command line a manifest may carry (x86 COMMAND_LINE_SIZE less the NUL).
 pub const MAX_CMDLINE_LEN: usize = 2047;
 
@@ -557,9 +557,11 @@ pub fn assemble(
     key: Option<&SigningKey>,
 ) -> Vec<u8> {
     let mlen = u32::try_from(manifest_json.len()).unwrap_or(u32::MAX);
-    let payload_len: usize = payload.iter().map(|p| p.len()).sum();
-    let mut out =
-        Vec::with_capacity(HEADER_LEN + manifest_json.len() + SIGNATURE_LEN + payload_len);
+    let capacity = payload
+        .iter()
+        .fold(HEADER_LEN + SIGNATURE_LEN, |a, p| a.saturating_add(p.len()))
+        .saturating_add(manifest_json.len());
+    let mut out = Vec::with_capacity(capacity);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&mlen.to_le_bytes());
@@ -583,6 +585,19 @@ pub fn build_manifest(
     created_unix: u64,
     signer: &VerifyingKey,
 ) -> Manifest {
+    let mut m = unhashed_manifest(config, kernel, initrd, created_unix, signer);
+    hash_parts(&mut m, kernel, initrd);
+    m
+}
+
+/// The manifest with all-zero digests (so it can be checked before hashing).
+fn unhashed_manifest(
+    config: VmConfig,
+    kernel: &[u8],
+    initrd: Option<&[u8]>,
+    created_unix: u64,
+    signer: &VerifyingKey,
+) -> Manifest {
     let mut parts = Vec::with_capacity(2);
     let mut offset = 0u64;
     for (name, bytes) in [(PartKind::Kernel, Some(kernel)), (PartKind::Initrd, initrd)] {
@@ -592,7 +607,7 @@ pub fn build_manifest(
                 name,
                 offset,
                 size,
-                sha256: Sha256::digest(b).into(),
+                sha256: [0; 32],
             });
             offset = offset.saturating_add(size);
         }
@@ -603,6 +618,18 @@ pub fn build_manifest(
         signer: signer.to_bytes(),
         config,
         parts,
+    }
+}
+
+fn hash_parts(m: &mut Manifest, kernel: &[u8], initrd: Option<&[u8]>) {
+    for p in &mut m.parts {
+        let bytes = match p.name {
+            PartKind::Kernel => Some(kernel),
+            PartKind::Initrd => initrd,
+        };
+        if let Some(b) = bytes {
+            p.sha256 = Sha256::digest(b).into();
+        }
     }
 }
 
@@ -626,12 +653,13 @@ fn build(
     key: &SigningKey,
 ) -> Result<(Vec<u8>, Manifest), SealError> {
     let vk = key.verifying_key();
-    let manifest = build_manifest(config, kernel, initrd, created_unix, &vk);
+    let mut manifest = unhashed_manifest(config, kernel, initrd, created_unix, &vk);
     let payload_len = manifest
         .parts
         .iter()
         .fold(0u64, |a, p| a.saturating_add(p.size));
     check_manifest(&manifest, FORMAT_VERSION, payload_len).map_err(SealError::Config)?;
+    hash_parts(&mut manifest, kernel, initrd);
     let json = serde_json::to_vec(&manifest)
         .map_err(|e| SealError::Config(ImageError::ManifestInvalid(e.to_string())))?;
     let mlen = len64(json.len());

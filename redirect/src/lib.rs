@@ -1,1 +1,32 @@
+//! The redirect engine of exterior-vmm.
+//!
+//! The engine runs a system call issued by a program in the trusted SVM on the GVM's own
+//! kernel, on a lent vCPU whose address space (a *view*) is composed from GVM memory, the
+//! trusted kernel image and a private window (see the project design, section 4: views and redirected system calls).
+//!
+//! This crate is kept free of KVM: it receives guest memory through the narrow
+//! [`GuestPhysMemory`] trait, so everything here can be unit-tested on crafted memory images
+//! ([`MemoryImage`]). The VMM hands over its `vm_memory::GuestMemoryMmap<()>` directly; an
+//! implementation of the trait for it lives in [`memory`].
+//!
+//! This is the engine's foundation:
+//! - [`memory`]: bounds-checked guest-physical reads and writes;
+//! - [`paging`]: x86-64 4-level page walks through a guest's own (possibly hostile) page
+//!   tables — single translations, virtual reads and writes that cross pages, bounded C-string
+//!   reads, and a bounded enumeration of all mappings (used to build view page tables).
+//!
+//! Everything that reads guest-controlled data is written so that no input can make it panic,
+//! loop forever or touch memory outside the guest: a malicious GVM can make an operation fail,
+//! never crash the VMM.
 
+#![forbid(unsafe_code)]
+
+pub mod memory;
+pub mod paging;
+
+pub use memory::{GuestPhysMemory, MemError, MemoryImage};
+pub use paging::{
+    for_each_mapping, is_canonical, read_cstr, read_virt, translate, write_virt, Access,
+    AccessKind, AddressSpace, Level, Mapping, PageSize, PagingMode, Privilege, Translation,
+    WalkError, WalkStats, DEFAULT_MAX_PHYS_BITS, DEFAULT_MAX_TABLES, PAGE_SIZE,
+};

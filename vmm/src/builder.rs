@@ -1,5 +1,6 @@
-//! Turns a validated [`VmConfig`] into a running VM and waits for it to stop: guest memory,
-//! boot data, KVM objects, devices, vCPU threads, then the event loop on this thread.
+//! Turns a validated [`VmConfig`] into a running VM: guest memory, boot data, KVM objects,
+//! devices and vCPU threads ([`build_vm`], [`BuiltVm::start`]). [`run_vm`] is the plain
+//! `exterior-vmm run`: one VM, its console on stdout, the event loop on this thread.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -16,20 +17,26 @@ use crate::boot::{acpi, cpu, layout, loader};
 use crate::config::{ConsoleTarget, VmConfig};
 use crate::devices::bus::lock;
 use crate::devices::cmos::Cmos;
-use crate::devices::serial::{ConsoleSink, SerialDevice, COM1_BASE, COM1_GSI, COM1_LEN};
+use crate::devices::serial::{
+    ConsoleSink, ConsoleTap, LinkInbox, LinkSink, SerialDevice, COM1_BASE, COM1_GSI, COM2_BASE,
+    COM2_GSI, COM_LEN,
+};
 use crate::devices::PioBus;
 use crate::event_loop::{ExitWatcher, StdinInput};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawModeGuard;
-use crate::vstate::memory::{create_guest_memory, MemoryError};
+use crate::vstate::memory::{create_guest_memory, MemoryError, SharedMemory};
 use crate::vstate::vcpu::Vcpu;
-use crate::vstate::vm::{Vm, VmError};
+use crate::vstate::vm::{kvm_err, Vm, VmError};
 
 const I8042_BASE: u16 = 0x60;
 const I8042_LEN: u16 = 5;
 const CMOS_BASE: u16 = 0x70;
 const CMOS_LEN: u16 = 2;
+
+pub type ConsoleSerial = SerialDevice<ConsoleSink>;
+pub type LinkSerial = SerialDevice<LinkSink>;
 
 #[derive(Debug, Error)]
 pub enum BuildError {
@@ -53,6 +60,10 @@ pub enum BuildError {
     Host(String),
 }
 
+pub(crate) fn host_err(what: &str) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
+    move |e| BuildError::Host(format!("{what}: {e}"))
+}
+
 /// Host-side options that are not part of the guest's description.
 pub struct RunOptions {
     /// The KVM device (normally /dev/kvm).
@@ -61,8 +72,17 @@ pub struct RunOptions {
     pub seccomp: bool,
 }
 
-fn host_err(what: &str) -> impl FnOnce(std::io::Error) -> BuildError + '_ {
-    move |e| BuildError::Host(format!("{what}: {e}"))
+/// What to build besides the guest itself.
+pub struct VmSpec {
+    pub config: VmConfig,
+    /// "GVM"/"SVM" when one process runs several VMs; empty otherwise.
+    pub label: &'static str,
+    /// CPUs listed in the MADT as possible but never started (DESIGN.md 4.1).
+    pub spare_cpus: u8,
+    /// Copy console output here too (for `exterior-vmm console`).
+    pub console_tap: Option<Arc<ConsoleTap>>,
+    /// A second serial port (COM2) carrying frames, delivered to this inbox.
+    pub link: Option<Arc<LinkInbox>>,
 }
 
 /// The i8042 reset line stops the VM.
@@ -76,13 +96,52 @@ impl Trigger for ResetLine {
     }
 }
 
-/// Boots `config` and runs it until the guest stops. Returns why it stopped.
-pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildError> {
+/// vm-superio's i8042 on the port bus (only the reset command does anything).
+struct I8042(I8042Device<ResetLine>);
+
+impl crate::devices::PioDevice for I8042 {
+    fn read(&mut self, offset: u16, data: &mut [u8]) {
+        data.fill(self.0.read(offset as u8));
+    }
+    fn write(&mut self, offset: u16, data: &[u8]) {
+        if let Some(b) = data.first() {
+            let _ = self.0.write(offset as u8, *b);
+        }
+    }
+}
+
+/// A VM whose memory is loaded and whose devices and vCPUs exist, ready to start.
+pub struct BuiltVm {
+    pub label: &'static str,
+    pub memory: SharedMemory,
+    pub vm: Vm,
+    vcpus: Vec<Vcpu>,
+    bus: Arc<PioBus>,
+    pub console: Arc<Mutex<ConsoleSerial>>,
+    pub link: Option<Arc<Mutex<LinkSerial>>>,
+    exit: Arc<ExitSignal>,
+}
+
+fn serial_irq(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
+    vm.fd
+        .register_irqfd(&irq, gsi)
+        .map_err(kvm_err("register serial irqfd"))?;
+    Ok(irq)
+}
+
+/// Builds a VM from `spec`; its stops are reported to `exit`.
+pub fn build_vm(
+    spec: VmSpec,
+    exit: Arc<ExitSignal>,
+    opts: &RunOptions,
+) -> Result<BuiltVm, BuildError> {
+    let config = spec.config;
     // 1. Guest memory and everything the kernel finds in it: no KVM needed yet, so a bad
     //    kernel or initrd is reported before the host is touched.
-    let shared = create_guest_memory("exterior-guest-ram", config.mem_bytes())?;
-    let mem = &shared.mem;
-    let tables = acpi::build(config.cpus, 0);
+    let memory = create_guest_memory("exterior-guest-ram", config.mem_bytes())?;
+    let mem = &memory.mem;
+    let tables = acpi::build(config.cpus, spec.spare_cpus, spec.link.is_some());
     mem.write_slice(&tables.bytes, GuestAddress(layout::ACPI_START))
         .map_err(|e| BuildError::BootData(format!("ACPI tables: {e}")))?;
     let boot = loader::load_linux(
@@ -105,7 +164,6 @@ pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildEr
     vm.setup_irqchip()?;
 
     // 3. Devices.
-    let exit = Arc::new(ExitSignal::new().map_err(host_err("exit eventfd"))?);
     let console_out: Box<dyn Write + Send> = match &config.console {
         ConsoleTarget::Stdout => Box::new(std::io::stdout()),
         ConsoleTarget::File(path) => Box::new(
@@ -119,18 +177,30 @@ pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildEr
                 })?,
         ),
     };
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("serial eventfd"))?;
-    vm.fd
-        .register_irqfd(&serial_irq, COM1_GSI)
-        .map_err(crate::vstate::vm::kvm_err("register serial irqfd"))?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(
-        serial_irq,
-        ConsoleSink::new(console_out, exit.clone()),
+    let mut sink = ConsoleSink::new(console_out, exit.clone());
+    if let Some(tap) = spec.console_tap {
+        sink = sink.with_tap(tap, spec.label);
+    }
+    let console = Arc::new(Mutex::new(SerialDevice::new(
+        serial_irq(&vm, COM1_GSI)?,
+        sink,
     )));
     let mut bus = PioBus::new();
     let overlap = |e: crate::devices::bus::OverlapError| BuildError::Host(e.to_string());
-    bus.insert(COM1_BASE, COM1_LEN, serial.clone())
+    bus.insert(COM1_BASE, COM_LEN, console.clone())
         .map_err(overlap)?;
+    let link = match spec.link {
+        Some(inbox) => {
+            let serial = Arc::new(Mutex::new(SerialDevice::new(
+                serial_irq(&vm, COM2_GSI)?,
+                LinkSink::new(inbox),
+            )));
+            bus.insert(COM2_BASE, COM_LEN, serial.clone())
+                .map_err(overlap)?;
+            Some(serial)
+        }
+        None => None,
+    };
     bus.insert(
         I8042_BASE,
         I8042_LEN,
@@ -139,79 +209,110 @@ pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildEr
     .map_err(overlap)?;
     bus.insert(CMOS_BASE, CMOS_LEN, Arc::new(Mutex::new(Cmos::default())))
         .map_err(overlap)?;
-    let bus = Arc::new(bus);
 
-    // 4. vCPUs, each on its own thread behind its seccomp filter.
-    if opts.seccomp {
-        seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
-    }
+    // 4. vCPUs.
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus {
         let vcpu = Vcpu::new(&vm.fd, index)?;
         vcpu.configure(&vm, config.cpus, &boot)?;
         vcpus.push(vcpu);
     }
-    for vcpu in vcpus {
-        let (bus, exit) = (bus.clone(), exit.clone());
-        let use_seccomp = opts.seccomp;
-        std::thread::Builder::new()
-            .name(format!("vcpu{}", vcpu.index))
-            .spawn(move || {
-                if use_seccomp {
-                    if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
-                        exit.signal(ExitReason::VmmError(e));
-                        return;
-                    }
-                }
-                vcpu.run(bus, exit);
-            })
-            .map_err(host_err("spawn vCPU thread"))?;
-    }
-
-    // 5. The event loop on this thread.
-    let reason = event_loop(serial.clone(), exit.clone(), opts)?;
-    let mut serial = lock(&serial);
-    serial.flush();
-    // A panic with panic=-1 ends in a reset: report the panic, not a clean reboot.
-    Ok(match (reason, serial.panic_line()) {
-        (ExitReason::Reset, Some(line)) => ExitReason::GuestPanic(line),
-        (reason, _) => reason,
+    Ok(BuiltVm {
+        label: spec.label,
+        memory,
+        vm,
+        vcpus,
+        bus: Arc::new(bus),
+        console,
+        link,
+        exit,
     })
 }
 
-fn event_loop(
-    serial: Arc<Mutex<SerialDevice>>,
-    exit: Arc<ExitSignal>,
-    opts: &RunOptions,
-) -> Result<ExitReason, BuildError> {
-    let _raw = RawModeGuard::enable(libc::STDIN_FILENO);
-    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;
-    manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
-    manager.add_subscriber(Arc::new(Mutex::new(StdinInput { serial })));
-    if opts.seccomp {
-        seccomp::install(ThreadKind::EventLoop).map_err(BuildError::Host)?;
-    }
-    loop {
-        if let Some(reason) = exit.reason() {
-            return Ok(reason);
+impl BuiltVm {
+    /// Starts one thread per vCPU, each behind the vCPU seccomp filter.
+    pub fn start(&mut self, seccomp: bool) -> Result<(), BuildError> {
+        let prefix = if self.label.is_empty() {
+            "vcpu".to_string()
+        } else {
+            format!("{}-vcpu", self.label.to_lowercase())
+        };
+        for vcpu in self.vcpus.drain(..) {
+            let (bus, exit) = (self.bus.clone(), self.exit.clone());
+            let label = self.label;
+            std::thread::Builder::new()
+                .name(format!("{prefix}{}", vcpu.index))
+                .spawn(move || {
+                    if seccomp {
+                        if let Err(e) = seccomp::install(ThreadKind::Vcpu) {
+                            exit.signal(ExitReason::VmmError(e));
+                            return;
+                        }
+                    }
+                    vcpu.run(bus, exit, label);
+                })
+                .map_err(host_err("spawn vCPU thread"))?;
         }
-        manager
-            .run()
-            .map_err(|e| BuildError::Host(format!("event loop: {e:?}")))?;
+        Ok(())
+    }
+
+    /// The panic line this VM's kernel printed, if any.
+    pub fn panic_line(&self) -> Option<String> {
+        lock(&self.console).panic_line()
+    }
+
+    /// Ends this VM's part in the process. The vCPU threads keep using guest memory until
+    /// the process exits, so the memory must stay mapped: it is deliberately not unmapped.
+    pub fn retire(self) {
+        lock(&self.console).flush();
+        std::mem::forget(self);
     }
 }
 
-/// vm-superio's i8042 on the port bus (only the reset command does anything).
-struct I8042(I8042Device<ResetLine>);
+/// Reports a reset after a panic line as the panic (`panic=-1` reboots after panicking).
+pub fn classify(reason: ExitReason, panic_line: Option<String>) -> ExitReason {
+    match (reason, panic_line) {
+        (ExitReason::Reset, Some(line)) => ExitReason::GuestPanic(line),
+        (reason, _) => reason,
+    }
+}
 
-impl crate::devices::PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
-        data.fill(self.0.read(offset as u8));
+/// Boots `config` and runs it until the guest stops. Returns why it stopped.
+pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildError> {
+    let exit = Arc::new(ExitSignal::new().map_err(host_err("exit eventfd"))?);
+    let spec = VmSpec {
+        config,
+        label: "",
+        spare_cpus: 0,
+        console_tap: None,
+        link: None,
+    };
+    let mut vm = build_vm(spec, exit.clone(), opts)?;
+    if opts.seccomp {
+        seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
     }
-    fn write(&mut self, offset: u16, data: &[u8]) {
-        if let Some(b) = data.first() {
-            let _ = self.0.write(offset as u8, *b);
+    vm.start(opts.seccomp)?;
+    let reason = {
+        let _raw = RawModeGuard::enable(libc::STDIN_FILENO);
+        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+            .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;
+        manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
+        manager.add_subscriber(Arc::new(Mutex::new(StdinInput {
+            serial: vm.console.clone(),
+        })));
+        if opts.seccomp {
+            seccomp::install(ThreadKind::EventLoop).map_err(BuildError::Host)?;
         }
-    }
+        loop {
+            if let Some(reason) = exit.reason() {
+                break reason;
+            }
+            manager
+                .run()
+                .map_err(|e| BuildError::Host(format!("event loop: {e:?}")))?;
+        }
+    };
+    let reason = classify(reason, vm.panic_line());
+    vm.retire();
+    Ok(reason)
 }

@@ -16,6 +16,11 @@ pub struct Cli {
 #[argh(subcommand)]
 pub enum Command {
     Run(RunCmd),
+    List(ListCmd),
+    Stop(StopCmd),
+    Exec(ExecCmd),
+    Shell(ShellCmd),
+    Console(ConsoleCmd),
     KvmProbe(KvmProbeCmd),
     Bench(crate::bench::BenchCmd),
 }
@@ -45,6 +50,67 @@ pub struct RunCmd {
     /// do not install seccomp filters (debugging only)
     #[argh(switch)]
     pub no_seccomp: bool,
+    /// start a named instance: the guest (GVM) plus its secure VM (SVM), reachable with
+    /// `exec`, `shell`, `console` and `stop`
+    #[argh(option)]
+    pub name: Option<String>,
+    /// with --name: run in the background; returns once the instance is ready
+    #[argh(switch)]
+    pub detach: bool,
+    /// with --name: the SVM's initramfs (default: images/svm.cpio)
+    #[argh(option)]
+    pub svm_initrd: Option<PathBuf>,
+    /// with --name: SVM memory (default 256M)
+    #[argh(option, default = "String::from(\"256M\")")]
+    pub svm_mem: String,
+}
+
+/// List running instances.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "list")]
+pub struct ListCmd {}
+
+/// Stop an instance: both of its VMs end and its socket is removed.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "stop")]
+pub struct StopCmd {
+    /// instance name
+    #[argh(positional)]
+    pub name: String,
+}
+
+/// Run a command in an instance's SVM: exterior-vmm exec NAME -- CMD ARGS...
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "exec")]
+pub struct ExecCmd {
+    /// instance name
+    #[argh(positional)]
+    pub name: String,
+    /// the command and its arguments
+    #[argh(positional, greedy)]
+    pub command: Vec<String>,
+}
+
+/// Interactive shell in an instance's SVM.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "shell")]
+pub struct ShellCmd {
+    /// instance name
+    #[argh(positional)]
+    pub name: String,
+}
+
+/// Attach to an instance's serial console (the GVM's, or the SVM's with --svm); Ctrl-]
+/// detaches.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "console")]
+pub struct ConsoleCmd {
+    /// instance name
+    #[argh(positional)]
+    pub name: String,
+    /// the SVM's console instead of the GVM's
+    #[argh(switch)]
+    pub svm: bool,
 }
 
 /// Tell whether this host's KVM runs guests natively. Exit status 0: native; 1: emulating

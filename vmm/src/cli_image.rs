@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use appliance::{ImageError, KeyError, Manifest, SealError, VerifiedImage, VmConfig};
 use argh::FromArgs;
 
+use crate::config::{self, ConfigError, ConsoleTarget};
+
 /// Errors of the image subcommands; the caller prints them to stderr and exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageCliError {
@@ -14,6 +16,14 @@ pub enum ImageCliError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Seal(#[from] SealError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot read {path}: {source}")]
+    Input {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot inspect {path}: {source}")]
     Inspect {
         path: PathBuf,
@@ -67,12 +77,12 @@ pub struct SealCmd {
     /// extra kernel command line, appended to the VMM's base command line
     #[argh(option, default = "String::new()")]
     pub append: String,
-    /// guest memory in MiB (default 512)
-    #[argh(option, default = "512")]
-    pub mem: u64,
+    /// guest memory: MiB, or with a unit (512M, 1G); default 512M
+    #[argh(option, default = "String::from(\"512M\")")]
+    pub mem: String,
     /// number of vCPUs (default 1)
     #[argh(option, default = "1")]
-    pub cpus: u8,
+    pub cpus: u32,
     /// also boot the SVM when the image is run
     #[argh(switch)]
     pub svm: bool,
@@ -86,9 +96,21 @@ pub struct SealCmd {
 
 impl SealCmd {
     pub fn run(self) -> Result<(), ImageCliError> {
+        // The same checks `run` applies, so a sealed image is one `run --image` accepts.
+        let mem_mib = config::check_mem_mib(config::parse_mem_mib(&self.mem)?)?;
+        let cpus = config::check_cpus(self.cpus)?;
+        if let Some(initrd) = &self.initrd {
+            let size = std::fs::metadata(initrd)
+                .map_err(|source| ImageCliError::Input {
+                    path: initrd.clone(),
+                    source,
+                })?
+                .len();
+            config::check_initrd_size(initrd, size, mem_mib)?;
+        }
         let config = VmConfig {
-            mem_mib: self.mem,
-            cpus: self.cpus,
+            mem_mib,
+            cpus,
             cmdline: self.append,
             svm: self.svm,
         };
@@ -200,6 +222,42 @@ pub fn open_image_for_run(image: &Path, trust: &[PathBuf]) -> Result<VerifiedIma
     Ok(v)
 }
 
+/// `run --image IMG --trust PUB…` in one call: verify the image (nothing is read
+/// from it again) and build the VM configuration that boots exactly the verified
+/// kernel and initrd, with the image's memory, vCPUs and command line (appended to
+/// [`config::DEFAULT_CMDLINE`] as `--append` is). The bool is the image's `svm` flag.
+pub fn run_config_from_image(
+    image: &Path,
+    trust: &[PathBuf],
+    console: ConsoleTarget,
+) -> Result<(config::VmConfig, bool), ImageCliError> {
+    let v = open_image_for_run(image, trust)?;
+    let c = v.manifest.config;
+    let mem_mib = config::check_mem_mib(c.mem_mib)?;
+    let cpus = config::check_cpus(u32::from(c.cpus))?;
+    let kernel_size = v.kernel.len() as u64;
+    if kernel_size > config::MAX_KERNEL_BYTES {
+        return Err(ConfigError::KernelTooLarge {
+            path: image.to_path_buf(),
+            size: kernel_size,
+        }
+        .into());
+    }
+    if let Some(initrd) = &v.initrd {
+        config::check_initrd_size(image, initrd.len() as u64, mem_mib)?;
+    }
+    let vm = config::VmConfig {
+        mem_mib,
+        cpus,
+        cmdline: config::build_cmdline(Some(&c.cmdline)),
+        kernel: v.kernel,
+        kernel_path: image.to_path_buf(),
+        initrd: v.initrd,
+        console,
+    };
+    Ok((vm, c.svm))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,8 +288,8 @@ mod tests {
             panic!("not seal");
         };
         assert_eq!(
-            (s.mem, s.cpus, s.append.as_str(), s.svm),
-            (512, 1, "", false)
+            (s.mem.as_str(), s.cpus, s.append.as_str(), s.svm),
+            ("512M", 1, "", false)
         );
         assert_eq!(s.initrd, None);
     }
@@ -299,6 +357,51 @@ mod tests {
         assert_eq!(v.config().cmdline, "exterior_run=\"echo sealed-hello\"");
         let e = open_image_for_run(&p("app.img"), &[p("other.pub")]).unwrap_err();
         assert!(e.to_string().contains("not among the 1 trusted key"), "{e}");
+        let (vm, svm) =
+            run_config_from_image(&p("app.img"), &[p("key.pub")], ConsoleTarget::Stdout).unwrap();
+        assert!(svm);
+        assert_eq!((vm.mem_mib, vm.cpus), (512, 1));
+        assert_eq!(vm.kernel, b"kernel bytes");
+        assert_eq!(
+            vm.cmdline,
+            format!(
+                "{} exterior_run=\"echo sealed-hello\"",
+                config::DEFAULT_CMDLINE
+            )
+        );
+        // A flipped byte in the kernel part: refused, naming the digest mismatch.
+        let mut bytes = std::fs::read(p("app.img")).unwrap();
+        let last = bytes.len() - b"initrd bytes".len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(p("bad.img"), &bytes).unwrap();
+        let e = run_config_from_image(&p("bad.img"), &[p("key.pub")], ConsoleTarget::Stdout)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("digest mismatch in kernel part"), "{e}");
+        // seal applies run's own limits.
+        let seal_with = |mem: &str, cpus: u32| SealCmd {
+            kernel: p("vmlinux"),
+            initrd: Some(p("gvm.cpio")),
+            append: String::new(),
+            mem: mem.into(),
+            cpus,
+            svm: false,
+            key: p("key"),
+            output: p("refused.img"),
+        };
+        for (mem, cpus) in [
+            ("32M", 1),
+            ("1T", 1),
+            ("12X", 1),
+            ("512M", 0),
+            ("512M", 300),
+        ] {
+            assert!(matches!(
+                seal_with(mem, cpus).run(),
+                Err(ImageCliError::Config(_))
+            ));
+        }
+        assert!(!p("refused.img").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

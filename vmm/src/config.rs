@@ -62,8 +62,8 @@ pub enum ConfigError {
     },
     #[error("no kernel given and the default {0} does not exist: pass --kernel, or run `tools/setup` to fetch the pinned kernel")]
     NoDefaultKernel(PathBuf),
-    #[error("kernel command line: {0}")]
-    Cmdline(String),
+    #[error("SVM image {0} does not exist: run `tools/setup` to build images/svm.cpio, or pass --svm-initrd")]
+    NoSvmImage(PathBuf),
 }
 
 /// Parses a memory size: a plain number is MiB; suffixes K, M, G (optionally followed by

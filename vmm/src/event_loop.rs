@@ -7,13 +7,13 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
+use crate::builder::ConsoleSerial;
 use crate::devices::bus::lock;
-use crate::devices::serial::SerialDevice;
 use crate::exit::ExitSignal;
 
 /// Forwards what the user types to the guest's serial port.
 pub struct StdinInput {
-    pub serial: Arc<Mutex<SerialDevice>>,
+    pub serial: Arc<Mutex<ConsoleSerial>>,
 }
 
 impl MutEventSubscriber for StdinInput {

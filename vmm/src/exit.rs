@@ -13,6 +13,8 @@ pub enum ExitReason {
     Reset,
     /// The guest asked to power off (KVM shutdown event): a clean stop.
     PowerOff,
+    /// A client asked the instance to stop (`exterior-vmm stop`).
+    Stopped,
     /// The guest kernel panicked; the panic line.
     GuestPanic(String),
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN) or KVM reported a guest crash.
@@ -25,7 +27,7 @@ impl ExitReason {
     /// Process exit status for this reason (documented in the README).
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::Reset | ExitReason::PowerOff => 0,
+            ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped => 0,
             ExitReason::GuestPanic(_) | ExitReason::GuestCrash(_) => 1,
             ExitReason::VmmError(_) => 3,
         }

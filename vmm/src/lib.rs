@@ -9,6 +9,7 @@ pub mod config;
 pub mod devices;
 pub mod event_loop;
 pub mod exit;
+pub mod instance;
 pub mod probe;
 pub mod seccomp;
 pub mod terminal;

@@ -1,16 +1,28 @@
 //! The `exterior-vmm` binary.
 
-use std::process::ExitCode;
+use std::path::Path;
+use std::process::{Command as Process, ExitCode, Stdio};
+use std::time::{Duration, Instant};
 
 use vmm::builder::{run_vm, BuildError, RunOptions};
 use vmm::cli::{self, Cli, Command, KvmProbeCmd, RunCmd};
 use vmm::config::{self, ConfigError, ConsoleTarget, VmConfig};
 use vmm::exit::ExitReason;
+use vmm::instance::client::{self, ClientError};
+use vmm::instance::runtime::{validate_name, RuntimeDir};
+use vmm::instance::{run_instance, InstanceConfig};
 
 /// Exit status for bad input (arguments, files, images).
 const EXIT_BAD_INPUT: u8 = 2;
 /// Exit status for host or KVM failures.
 const EXIT_HOST: u8 = 3;
+/// Exit status of `exec` when the instance could not run the command at all.
+const EXIT_EXEC_FAILED: u8 = 255;
+/// Set in the environment of the background process `run --detach` starts.
+const DAEMON_ENV: &str = "EXTERIOR_DAEMON";
+/// How long `run --detach` waits for the instance to be ready, and `stop` for it to end.
+const READY_TIMEOUT: Duration = Duration::from_secs(600);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -22,6 +34,45 @@ fn main() -> ExitCode {
         Command::Run(cmd) => run(cmd),
         Command::KvmProbe(cmd) => kvm_probe(cmd),
         Command::Bench(cmd) => vmm::bench::run(cmd),
+        Command::List(_) => with_runtime(|rt| {
+            for name in rt.instances()? {
+                let pid = rt.pid(&name).map(|p| p.to_string()).unwrap_or_default();
+                println!("{name}\tpid {pid}");
+            }
+            Ok(0)
+        }),
+        Command::Stop(cmd) => with_runtime(|rt| {
+            client::stop(rt, &cmd.name, STOP_TIMEOUT)?;
+            Ok(0)
+        }),
+        Command::Exec(cmd) => {
+            if cmd.command.is_empty() {
+                return fail(
+                    EXIT_BAD_INPUT,
+                    "exec: no command given (exec NAME -- CMD ARGS...)",
+                );
+            }
+            with_runtime(|rt| client::exec(rt, &cmd.name, cmd.command, false))
+        }
+        Command::Shell(cmd) => with_runtime(|rt| {
+            client::exec(rt, &cmd.name, vec!["/bin/bash".into(), "-i".into()], true)
+        }),
+        Command::Console(cmd) => with_runtime(|rt| {
+            client::console(rt, &cmd.name, cmd.svm)?;
+            Ok(0)
+        }),
+    }
+}
+
+/// Runs a client command against the runtime directory; its result is the exit status.
+fn with_runtime(f: impl FnOnce(&RuntimeDir) -> Result<i32, ClientError>) -> ExitCode {
+    let result = RuntimeDir::open(RuntimeDir::default_path())
+        .map_err(ClientError::from)
+        .and_then(|rt| f(&rt));
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e @ ClientError::Runtime(_)) => fail(EXIT_BAD_INPUT, e),
+        Err(e) => fail(EXIT_EXEC_FAILED, e),
     }
 }
 
@@ -46,6 +97,11 @@ fn parse_args() -> Result<Cli, ExitCode> {
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("exterior-vmm: error: {message}");
     ExitCode::from(code)
+}
+
+fn console_target(path: Option<&Path>) -> ConsoleTarget {
+    path.map(|p| ConsoleTarget::File(p.to_path_buf()))
+        .unwrap_or(ConsoleTarget::Stdout)
 }
 
 fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
@@ -74,15 +130,35 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
         kernel,
         kernel_path,
         initrd,
-        console: cmd
-            .console
-            .clone()
-            .map(ConsoleTarget::File)
-            .unwrap_or(ConsoleTarget::Stdout),
+        console: console_target(cmd.console.as_deref()),
+    })
+}
+
+/// The SVM boots the GVM's kernel (the same bytes) with the SVM image.
+fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig, ConfigError> {
+    let mem_mib = config::check_mem_mib(config::parse_mem_mib(&cmd.svm_mem)?)?;
+    let initrd_path = cmd
+        .svm_initrd
+        .clone()
+        .unwrap_or_else(|| cli::images_dir().join("svm.cpio"));
+    if !initrd_path.exists() {
+        return Err(ConfigError::NoSvmImage(initrd_path));
+    }
+    Ok(VmConfig {
+        mem_mib,
+        cpus: 1,
+        cmdline: config::build_cmdline(Some("quiet")),
+        kernel: gvm.kernel.clone(),
+        kernel_path: gvm.kernel_path.clone(),
+        initrd: Some(config::read_initrd(&initrd_path, mem_mib)?),
+        console: ConsoleTarget::File(log.to_path_buf()),
     })
 }
 
 fn run(cmd: RunCmd) -> ExitCode {
+    if cmd.detach && cmd.name.is_none() {
+        return fail(EXIT_BAD_INPUT, "--detach needs --name");
+    }
     let config = match build_config(&cmd) {
         Ok(c) => c,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
@@ -91,17 +167,134 @@ fn run(cmd: RunCmd) -> ExitCode {
         kvm_device: cli::kvm_device(),
         seccomp: !cmd.no_seccomp,
     };
-    match run_vm(config, &opts) {
+    let result = match &cmd.name {
+        None => run_vm(config, &opts),
+        Some(name) => {
+            if let Err(e) = validate_name(name) {
+                return fail(EXIT_BAD_INPUT, e);
+            }
+            let runtime = match RuntimeDir::open(RuntimeDir::default_path()) {
+                Ok(rt) => rt,
+                Err(e) => return fail(EXIT_HOST, e),
+            };
+            if runtime.is_live(name) {
+                let pid = runtime.pid(name).map(|p| p.to_string()).unwrap_or_default();
+                return fail(
+                    EXIT_BAD_INPUT,
+                    format!("an instance named {name} is already running (pid {pid})"),
+                );
+            }
+            let svm_log = runtime.log(name, "svm");
+            let svm = match build_svm_config(&cmd, &config, &svm_log) {
+                Ok(c) => c,
+                Err(e) => return fail(EXIT_BAD_INPUT, e),
+            };
+            if cmd.detach && std::env::var_os(DAEMON_ENV).is_none() {
+                return detach(&runtime, name, cmd.console.is_none());
+            }
+            // Fresh logs for this run (an old instance's stayed for post-mortems).
+            let _ = std::fs::write(&svm_log, b"");
+            run_instance(
+                InstanceConfig {
+                    name: name.clone(),
+                    gvm: config,
+                    svm,
+                },
+                &runtime,
+                &opts,
+            )
+        }
+    };
+    match result {
         Ok(reason) => report(reason),
         Err(e @ (BuildError::Load { .. } | BuildError::Console { .. })) => fail(EXIT_BAD_INPUT, e),
         Err(e) => fail(EXIT_HOST, e),
     }
 }
 
+/// `run --detach`: start this same command in a new session in the background, with the
+/// GVM console in the runtime directory, and return once the instance's SVM is ready.
+fn detach(runtime: &RuntimeDir, name: &str, console_to_log: bool) -> ExitCode {
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => return fail(EXIT_HOST, format!("cannot find this executable: {e}")),
+    };
+    let vmm_log = runtime.log(name, "vmm");
+    let gvm_log = runtime.log(name, "gvm");
+    let log_file = match std::fs::File::create(&vmm_log) {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_HOST, format!("{}: {e}", vmm_log.display())),
+    };
+    let _ = std::fs::write(&gvm_log, b"");
+    let mut args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--detach")
+        .collect();
+    if console_to_log {
+        args.push("--console".into());
+        args.push(gvm_log.display().to_string());
+    }
+    let stderr = match log_file.try_clone() {
+        Ok(f) => f,
+        Err(e) => return fail(EXIT_HOST, e),
+    };
+    let mut child = Process::new(exe);
+    child
+        .args(&args)
+        .env(DAEMON_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(log_file)
+        .stderr(stderr);
+    // SAFETY: the closure runs in the child between fork and exec and only calls setsid,
+    // which is async-signal-safe: the instance leaves our session and terminal.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = match child.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_HOST, format!("cannot start the instance: {e}")),
+    };
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&vmm_log).unwrap_or_default();
+            eprint!("{log}");
+            return fail(
+                status.code().map(|c| c as u8).unwrap_or(EXIT_HOST).max(1),
+                format!(
+                    "instance {name} stopped while starting ({status}); log: {}",
+                    vmm_log.display()
+                ),
+            );
+        }
+        if let Ok(info) = client::info(runtime, name) {
+            if info.lines().any(|l| l == "svm_ready=1") {
+                println!("{name}");
+                return ExitCode::SUCCESS;
+            }
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return fail(
+                EXIT_HOST,
+                format!(
+                    "instance {name} was not ready within {} s; log: {}",
+                    READY_TIMEOUT.as_secs(),
+                    vmm_log.display()
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn report(reason: ExitReason) -> ExitCode {
     let code = reason.exit_code() as u8;
     match reason {
-        ExitReason::Reset | ExitReason::PowerOff => {}
+        ExitReason::Reset | ExitReason::PowerOff | ExitReason::Stopped => {}
         ExitReason::GuestPanic(line) => eprintln!("exterior-vmm: guest kernel panicked: {line}"),
         ExitReason::GuestCrash(what) => eprintln!("exterior-vmm: guest crashed: {what}"),
         ExitReason::VmmError(what) => eprintln!("exterior-vmm: error: {what}"),

@@ -52,8 +52,20 @@ const COMMON: &[i64] = &[
 const VCPU: &[i64] = &[libc::SYS_ioctl, libc::SYS_close];
 
 /// The event loop adds epoll, closing descriptors at teardown, terminal control (ioctl),
-/// fcntl and fsync for the console file.
+/// fcntl and fsync for the console file, and for instances: accepting and serving control
+/// socket clients and removing the socket and lock files when the instance stops.
 const EVENT_LOOP: &[i64] = &[
+    libc::SYS_accept4,
+    libc::SYS_accept,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_setsockopt,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_flock,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
     libc::SYS_epoll_ctl,

@@ -32,10 +32,16 @@ const EISA_PNP0B00_RTC: u32 = 0x000b_d041;
 /// hard-wired to IRQ 4 never gets one. Describing it here makes Linux's PNP layer map its
 /// GSI through the IOAPIC — without it the serial port's transmit interrupt never arrives
 /// and user-space console output stalls.
-fn aml_legacy_device(name: &[u8; 4], eisa_id: u32, io_base: u16, io_len: u8, irq: u8) -> Vec<u8> {
+fn aml_legacy_device(
+    name: &[u8; 4],
+    eisa_id: u32,
+    uid: u8,
+    io_base: u16,
+    io_len: u8,
+    irq: u8,
+) -> Vec<u8> {
     const NAME_OP: u8 = 0x08;
     const DWORD_PREFIX: u8 = 0x0c;
-    const ZERO_OP: u8 = 0x00;
     const BUFFER_OP: u8 = 0x11;
     const BYTE_PREFIX: u8 = 0x0a;
     // Resource template: IO(Decode16, base, base, 1, len), IRQNoFlags(){irq}, EndTag.
@@ -62,7 +68,7 @@ fn aml_legacy_device(name: &[u8; 4], eisa_id: u32, io_base: u16, io_len: u8, irq
     body.extend_from_slice(&eisa_id.to_le_bytes());
     body.push(NAME_OP);
     body.extend_from_slice(b"_UID");
-    body.push(ZERO_OP);
+    body.extend_from_slice(&[BYTE_PREFIX, uid]);
     body.push(NAME_OP);
     body.extend_from_slice(b"_CRS");
     body.push(BUFFER_OP);
@@ -83,10 +89,20 @@ fn aml_legacy_device(name: &[u8; 4], eisa_id: u32, io_base: u16, io_len: u8, irq
     device
 }
 
-/// The DSDT's AML: the COM1 UART and the CMOS RTC.
-fn dsdt_aml() -> Vec<u8> {
-    let mut aml = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0x3f8, 8, 4);
-    aml.extend(aml_legacy_device(b"RTC_", EISA_PNP0B00_RTC, 0x70, 2, 8));
+/// The DSDT's AML: the COM1 UART, COM2 when present, and the CMOS RTC.
+fn dsdt_aml(com2: bool) -> Vec<u8> {
+    let mut aml = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0, 0x3f8, 8, 4);
+    if com2 {
+        aml.extend(aml_legacy_device(
+            b"COM2",
+            EISA_PNP0501_UART,
+            1,
+            0x2f8,
+            8,
+            3,
+        ));
+    }
+    aml.extend(aml_legacy_device(b"RTC_", EISA_PNP0B00_RTC, 0, 0x70, 2, 8));
     aml
 }
 
@@ -177,10 +193,11 @@ fn align16(n: usize) -> usize {
     (n + 15) & !15
 }
 
-/// Builds all tables for `cpus` running CPUs and `spare_cpus` possible-only CPUs.
-pub fn build(cpus: u8, spare_cpus: u8) -> AcpiTables {
+/// Builds all tables for `cpus` running CPUs and `spare_cpus` possible-only CPUs; `com2`
+/// describes a second UART.
+pub fn build(cpus: u8, spare_cpus: u8, com2: bool) -> AcpiTables {
     // Layout: RSDP | XSDT | FADT | DSDT | MADT, each 16-byte aligned.
-    let dsdt = sdt(b"DSDT", 2, &dsdt_aml());
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(com2));
     let madt = madt(cpus, spare_cpus);
     let xsdt_off = 64;
     let xsdt_len = SDT_HEADER_LEN + 2 * 8;
@@ -228,7 +245,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_links_up() {
-        let t = build(2, 1);
+        let t = build(2, 1, true);
         let rsdp = &t.bytes[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0);
@@ -255,7 +272,7 @@ mod tests {
 
     #[test]
     fn com1_device_aml_is_well_formed() {
-        let d = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0x3f8, 8, 4);
+        let d = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0, 0x3f8, 8, 4);
         assert_eq!(&d[..2], &[0x5b, 0x82]);
         // PkgLength covers everything after the opcode.
         assert_eq!(usize::from(d[2]), d.len() - 2);

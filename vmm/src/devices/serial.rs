@@ -1,8 +1,9 @@
 //! The 16550A serial console (vm-superio) on COM1, raising IRQ 4 through an irqfd, with an
 //! output sink that watches the guest kernel's console for a panic.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::NoEvents;
 use vm_superio::{Serial, Trigger};
@@ -12,8 +13,13 @@ use super::PioDevice;
 use crate::exit::{ExitReason, ExitSignal};
 
 pub const COM1_BASE: u16 = 0x3f8;
-pub const COM1_LEN: u16 = 8;
 pub const COM1_GSI: u32 = 4;
+pub const COM2_BASE: u16 = 0x2f8;
+pub const COM2_GSI: u32 = 3;
+pub const COM_LEN: u16 = 8;
+/// Input waiting for room in the guest's receive FIFO is bounded; beyond it, input is
+/// dropped (a guest that never reads its console cannot make the VMM grow without limit).
+const MAX_PENDING_INPUT: usize = 1 << 20;
 
 /// What the kernel prints first when it panics, and last when it is done printing.
 const PANIC_START: &str = "Kernel panic - not syncing";
@@ -67,11 +73,71 @@ impl PanicWatch {
     }
 }
 
-/// Where console output goes: the user's stdout or file, plus the panic watch.
+/// A copy of a console's output for clients that attach later (`exterior-vmm console`):
+/// the last [`TAP_BACKLOG`] bytes, plus what arrived since the event loop last looked.
+pub struct ConsoleTap {
+    inner: Mutex<TapBuffers>,
+    event: EventFd,
+}
+
+#[derive(Default)]
+struct TapBuffers {
+    backlog: VecDeque<u8>,
+    fresh: Vec<u8>,
+}
+
+/// Bytes of console history replayed to a client that attaches.
+pub const TAP_BACKLOG: usize = 64 * 1024;
+
+impl ConsoleTap {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            inner: Mutex::new(TapBuffers::default()),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    fn record(&self, bytes: &[u8]) {
+        let mut b = super::bus::lock(&self.inner);
+        b.backlog.extend(bytes);
+        let excess = b.backlog.len().saturating_sub(TAP_BACKLOG);
+        b.backlog.drain(..excess);
+        if b.fresh.len() < TAP_BACKLOG {
+            b.fresh.extend_from_slice(bytes);
+        }
+        drop(b);
+        let _ = self.event.write(1);
+    }
+
+    /// Output since the last call (for attached clients).
+    pub fn take_fresh(&self) -> Vec<u8> {
+        let _ = self.event.read();
+        std::mem::take(&mut super::bus::lock(&self.inner).fresh)
+    }
+
+    /// The recent history (for a client that just attached).
+    pub fn backlog(&self) -> Vec<u8> {
+        super::bus::lock(&self.inner)
+            .backlog
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+/// Where console output goes: the user's stdout or a file, an optional tap, and the panic
+/// watch.
 pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     watch: PanicWatch,
     exit: Arc<ExitSignal>,
+    tap: Option<Arc<ConsoleTap>>,
+    /// Prefix for the panic message ("GVM", "SVM") when one process runs several VMs.
+    label: &'static str,
 }
 
 impl ConsoleSink {
@@ -80,7 +146,16 @@ impl ConsoleSink {
             out,
             watch: PanicWatch::default(),
             exit,
+            tap: None,
+            label: "",
         }
+    }
+
+    /// Also copies output to `tap`, and labels panics with `label`.
+    pub fn with_tap(mut self, tap: Arc<ConsoleTap>, label: &'static str) -> Self {
+        self.tap = Some(tap);
+        self.label = label;
+        self
     }
 
     pub fn panic_line(&self) -> Option<&str> {
@@ -92,7 +167,15 @@ impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if let Some(line) = self.watch.feed(buf) {
             let _ = self.out.flush();
+            let line = if self.label.is_empty() {
+                line
+            } else {
+                format!("{}: {line}", self.label)
+            };
             self.exit.signal(ExitReason::GuestPanic(line));
+        }
+        if let Some(tap) = &self.tap {
+            tap.record(buf);
         }
         // Output errors (a closed stdout) must not stop the guest: drop the bytes.
         let _ = self.out.write_all(buf);
@@ -107,39 +190,117 @@ impl Write for ConsoleSink {
     }
 }
 
-pub type ConsoleSerial = Serial<IrqTrigger, NoEvents, ConsoleSink>;
-
-/// COM1 on the port I/O bus.
-pub struct SerialDevice {
-    pub serial: ConsoleSerial,
+/// The VMM's end of a serial line that carries frames (the SVM agent's line): bytes the
+/// guest sends are queued for the event loop, which decodes them.
+pub struct LinkSink {
+    inbox: Arc<LinkInbox>,
 }
 
-impl SerialDevice {
-    pub fn new(irq: EventFd, sink: ConsoleSink) -> Self {
+/// Bytes received from the guest on a frame line, and the eventfd that announces them.
+pub struct LinkInbox {
+    bytes: Mutex<Vec<u8>>,
+    event: EventFd,
+}
+
+/// A guest that floods its line faster than the VMM decodes loses the excess.
+const MAX_LINK_INBOX: usize = 4 << 20;
+
+impl LinkInbox {
+    pub fn new() -> io::Result<Self> {
+        Ok(Self {
+            bytes: Mutex::new(Vec::new()),
+            event: EventFd::new(libc::EFD_NONBLOCK)?,
+        })
+    }
+
+    pub fn take(&self) -> Vec<u8> {
+        let _ = self.event.read();
+        std::mem::take(&mut super::bus::lock(&self.bytes))
+    }
+
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+impl LinkSink {
+    pub fn new(inbox: Arc<LinkInbox>) -> Self {
+        Self { inbox }
+    }
+}
+
+impl Write for LinkSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut bytes = super::bus::lock(&self.inbox.bytes);
+        if bytes.len() < MAX_LINK_INBOX {
+            bytes.extend_from_slice(buf);
+        }
+        drop(bytes);
+        let _ = self.inbox.event.write(1);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A 16550A on the port bus, with lossless input: bytes that do not fit the guest's
+/// receive FIFO wait here and move in as the guest reads.
+pub struct SerialDevice<W: Write + Send> {
+    pub serial: Serial<IrqTrigger, NoEvents, W>,
+    pending: VecDeque<u8>,
+}
+
+impl<W: Write + Send> SerialDevice<W> {
+    pub fn new(irq: EventFd, sink: W) -> Self {
         Self {
             serial: Serial::new(IrqTrigger(irq), sink),
+            pending: VecDeque::new(),
         }
     }
 
-    /// Queues bytes typed by the user for the guest; returns how many fit in the FIFO.
-    pub fn input(&mut self, bytes: &[u8]) -> usize {
-        self.serial.enqueue_raw_bytes(bytes).unwrap_or(0)
+    /// Queues bytes for the guest to read.
+    pub fn input(&mut self, bytes: &[u8]) {
+        let room = MAX_PENDING_INPUT.saturating_sub(self.pending.len());
+        self.pending.extend(&bytes[..bytes.len().min(room)]);
+        self.refill();
     }
 
-    /// The panic line the guest printed, if any.
-    pub fn panic_line(&self) -> Option<String> {
-        self.serial.writer().panic_line().map(str::to_string)
+    fn refill(&mut self) {
+        let n = self.serial.fifo_capacity().min(self.pending.len());
+        if n == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = self.pending.drain(..n).collect();
+        // The FIFO had room for `n`: this cannot fall short except on an interrupt error,
+        // in which case the guest still reads the bytes when it next polls.
+        let _ = self.serial.enqueue_raw_bytes(&chunk);
     }
 
     pub fn flush(&mut self) {
         let _ = self.serial.writer_mut().flush();
     }
+
+    pub fn sink(&self) -> &W {
+        self.serial.writer()
+    }
 }
 
-impl PioDevice for SerialDevice {
+impl SerialDevice<ConsoleSink> {
+    /// The panic line the guest printed, if any.
+    pub fn panic_line(&self) -> Option<String> {
+        self.sink().panic_line().map(str::to_string)
+    }
+}
+
+impl<W: Write + Send> PioDevice for SerialDevice<W> {
     fn read(&mut self, offset: u16, data: &mut [u8]) {
         let value = self.serial.read(offset as u8);
         data.fill(value);
+        if offset == 0 {
+            self.refill();
+        }
     }
 
     fn write(&mut self, offset: u16, data: &[u8]) {
@@ -172,6 +333,37 @@ mod tests {
             done.as_deref(),
             Some("Kernel panic - not syncing: Attempted to kill init!")
         );
+    }
+
+    #[test]
+    fn input_beyond_the_fifo_waits_and_arrives_in_order() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = SerialDevice::new(irq, Vec::<u8>::new());
+        let input: Vec<u8> = (0..200u8).collect();
+        dev.input(&input);
+        let mut got = Vec::new();
+        for _ in 0..1000 {
+            let mut lsr = [0u8];
+            dev.read(5, &mut lsr);
+            if lsr[0] & 1 == 0 {
+                break; // no data ready
+            }
+            let mut b = [0u8];
+            dev.read(0, &mut b);
+            got.push(b[0]);
+        }
+        assert_eq!(got, input);
+    }
+
+    #[test]
+    fn the_tap_keeps_a_bounded_backlog() {
+        let tap = ConsoleTap::new().unwrap();
+        tap.record(&vec![b'x'; TAP_BACKLOG + 10]);
+        tap.record(b"end");
+        assert_eq!(tap.backlog().len(), TAP_BACKLOG);
+        assert!(tap.backlog().ends_with(b"end"));
+        assert!(!tap.take_fresh().is_empty());
+        assert!(tap.take_fresh().is_empty());
     }
 
     #[test]

@@ -64,8 +64,13 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until the VM stops; reports why through `exit`.
-    pub fn run(mut self, bus: Arc<PioBus>, exit: Arc<ExitSignal>) {
-        let index = self.index;
+    pub fn run(mut self, bus: Arc<PioBus>, exit: Arc<ExitSignal>, label: &str) {
+        // Messages name the VM when one process runs several ("SVM vCPU 0").
+        let index = if label.is_empty() {
+            self.index.to_string()
+        } else {
+            format!("{} ({label})", self.index)
+        };
         while exit.reason().is_none() {
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),

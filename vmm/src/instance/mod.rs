@@ -1,0 +1,115 @@
+//! Instances: a GVM and its SVM in one process, found by name through a control socket in
+//! an owner-only runtime directory (`exterior-vmm run --name`, `list`, `stop`, `exec`,
+//! `shell`, `console`).
+
+pub mod client;
+pub mod runtime;
+pub mod server;
+
+use std::sync::Arc;
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use std::sync::Mutex;
+
+use crate::builder::{build_vm, classify, host_err, BuildError, RunOptions, VmSpec};
+use crate::config::VmConfig;
+use crate::devices::serial::{ConsoleTap, LinkInbox};
+use crate::exit::{ExitReason, ExitSignal};
+use crate::seccomp::{self, ThreadKind};
+use runtime::{InstanceLock, RuntimeDir};
+use server::ControlServer;
+
+/// Everything needed to start an instance.
+pub struct InstanceConfig {
+    pub name: String,
+    pub gvm: VmConfig,
+    pub svm: VmConfig,
+}
+
+/// Runs an instance until its GVM stops or a client asks it to stop.
+pub fn run_instance(
+    config: InstanceConfig,
+    runtime: &RuntimeDir,
+    opts: &RunOptions,
+) -> Result<ExitReason, BuildError> {
+    let lock = InstanceLock::acquire(runtime, &config.name)
+        .map_err(|e| BuildError::Host(e.to_string()))?;
+    let exit = Arc::new(ExitSignal::new().map_err(host_err("exit eventfd"))?);
+    let gvm_tap = Arc::new(ConsoleTap::new().map_err(host_err("console tap"))?);
+    let svm_tap = Arc::new(ConsoleTap::new().map_err(host_err("console tap"))?);
+    let inbox = Arc::new(LinkInbox::new().map_err(host_err("agent link"))?);
+    let gvm_cpus = config.gvm.cpus;
+
+    let mut gvm = build_vm(
+        VmSpec {
+            config: config.gvm,
+            label: "GVM",
+            // One more possible CPU than the GVM runs: the redirect vCPU's identity.
+            spare_cpus: 1,
+            console_tap: Some(gvm_tap.clone()),
+            link: None,
+        },
+        exit.clone(),
+        opts,
+    )?;
+    let mut svm = build_vm(
+        VmSpec {
+            config: config.svm,
+            label: "SVM",
+            spare_cpus: 0,
+            console_tap: Some(svm_tap.clone()),
+            link: Some(inbox.clone()),
+        },
+        exit.clone(),
+        opts,
+    )?;
+    let link = svm
+        .link
+        .clone()
+        .ok_or_else(|| BuildError::Host("the SVM has no agent line".into()))?;
+    let listener = runtime
+        .bind(&config.name)
+        .map_err(|e| BuildError::Host(e.to_string()))?;
+    let server = ControlServer::new(server::Parts {
+        name: config.name.clone(),
+        gvm_cpus,
+        listener,
+        exit: exit.clone(),
+        inbox,
+        link,
+        gvm_tap,
+        svm_tap,
+        gvm_console: gvm.console.clone(),
+        svm_console: svm.console.clone(),
+    });
+
+    if opts.seccomp {
+        seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
+    }
+    gvm.start(opts.seccomp)?;
+    svm.start(opts.seccomp)?;
+
+    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;
+    manager.add_subscriber(Arc::new(Mutex::new(server)));
+    if opts.seccomp {
+        seccomp::install(ThreadKind::EventLoop).map_err(BuildError::Host)?;
+    }
+    let reason = loop {
+        if let Some(reason) = exit.reason() {
+            break reason;
+        }
+        manager
+            .run()
+            .map_err(|e| BuildError::Host(format!("event loop: {e:?}")))?;
+    };
+    // A panic in either VM is the story; otherwise the reason as reported.
+    let reason = match svm.panic_line() {
+        Some(line) if reason == ExitReason::Reset => ExitReason::GuestPanic(format!("SVM: {line}")),
+        _ => classify(reason, gvm.panic_line().map(|l| format!("GVM: {l}"))),
+    };
+    drop(lock);
+    gvm.retire();
+    svm.retire();
+    Ok(reason)
+}

@@ -1,0 +1,342 @@
+//! The control server: the event-loop side of an instance. It accepts clients on the
+//! control socket, relays `exec`/`shell` sessions to the SVM's agent over COM2, streams
+//! consoles, and handles `stop` and `info`.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use svm_runtime::protocol::{chunks, Decoder, Frame, Kind};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::builder::{ConsoleSerial, LinkSerial};
+use crate::devices::bus::lock;
+use crate::devices::serial::{ConsoleTap, LinkInbox};
+use crate::exit::{ExitReason, ExitSignal};
+
+const TOKEN_LISTENER: u32 = 0;
+const TOKEN_EXIT: u32 = 1;
+const TOKEN_LINK: u32 = 2;
+const TOKEN_GVM_TAP: u32 = 3;
+const TOKEN_SVM_TAP: u32 = 4;
+const FIRST_CLIENT: u32 = 16;
+/// A client that does not read its socket for this long is dropped, so one stuck client
+/// cannot stall the instance.
+const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// Largest chunk of console output per frame.
+const CONSOLE_CHUNK: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Gvm,
+    Svm,
+}
+
+struct Client {
+    stream: UnixStream,
+    decoder: Decoder,
+    console: Option<Which>,
+}
+
+/// What the server is built from.
+pub struct Parts {
+    pub name: String,
+    pub gvm_cpus: u8,
+    pub listener: UnixListener,
+    pub exit: Arc<ExitSignal>,
+    pub inbox: Arc<LinkInbox>,
+    pub link: Arc<Mutex<LinkSerial>>,
+    pub gvm_tap: Arc<ConsoleTap>,
+    pub svm_tap: Arc<ConsoleTap>,
+    pub gvm_console: Arc<Mutex<ConsoleSerial>>,
+    pub svm_console: Arc<Mutex<ConsoleSerial>>,
+}
+
+pub struct ControlServer {
+    parts: Parts,
+    clients: HashMap<u32, Client>,
+    next_token: u32,
+    link_decoder: Decoder,
+    agent_ready: bool,
+    /// Frames for the agent that arrived before it was ready.
+    queued: Vec<Frame>,
+    /// Agent session id → (client token, the client's id for it).
+    sessions: HashMap<u32, (u32, u32)>,
+    next_session: u32,
+}
+
+impl ControlServer {
+    pub fn new(parts: Parts) -> Self {
+        Self {
+            parts,
+            clients: HashMap::new(),
+            next_token: FIRST_CLIENT,
+            link_decoder: Decoder::default(),
+            agent_ready: false,
+            queued: Vec::new(),
+            sessions: HashMap::new(),
+            next_session: 1,
+        }
+    }
+
+    fn send_agent(&mut self, frame: Frame) {
+        if self.agent_ready {
+            lock(&self.parts.link).input(&frame.encode());
+        } else {
+            self.queued.push(frame);
+        }
+    }
+
+    fn send_client(&mut self, token: u32, frame: &Frame) {
+        let failed = match self.clients.get_mut(&token) {
+            Some(c) => c.stream.write_all(&frame.encode()).is_err(),
+            None => false,
+        };
+        if failed {
+            // Closed or stuck: forget it; its sessions end below.
+            self.drop_client(token, None);
+        }
+    }
+
+    fn drop_client(&mut self, token: u32, ops: Option<&mut EventOps>) {
+        if let Some(client) = self.clients.remove(&token) {
+            if let Some(ops) = ops {
+                let _ = ops.remove(Events::with_data(&client.stream, token, EventSet::IN));
+            }
+            // A closed socket leaves epoll by itself when the descriptor closes here.
+        }
+        let orphaned: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, (t, _))| *t == token)
+            .map(|(sid, _)| *sid)
+            .collect();
+        for sid in orphaned {
+            self.sessions.remove(&sid);
+            // The client is gone: do not leave its command running in the SVM.
+            self.send_agent(Frame::new(Kind::Signal, sid, vec![libc::SIGKILL as u8]));
+        }
+    }
+
+    fn info(&self) -> String {
+        format!(
+            "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\n",
+            self.parts.name,
+            std::process::id(),
+            self.parts.gvm_cpus,
+            u8::from(self.agent_ready),
+            self.sessions.len()
+        )
+    }
+
+    fn session_for(&self, token: u32, client_id: u32) -> Option<u32> {
+        self.sessions
+            .iter()
+            .find(|(_, v)| **v == (token, client_id))
+            .map(|(sid, _)| *sid)
+    }
+
+    fn handle_client_frame(&mut self, token: u32, frame: Frame) {
+        match frame.kind {
+            Kind::Exec => {
+                let sid = self.next_session;
+                self.next_session = self.next_session.wrapping_add(1).max(1);
+                self.sessions.insert(sid, (token, frame.id));
+                self.send_agent(Frame::new(Kind::Exec, sid, frame.payload));
+            }
+            Kind::Stdin | Kind::StdinEof | Kind::Signal | Kind::Resize => {
+                if let Some(sid) = self.session_for(token, frame.id) {
+                    self.send_agent(Frame::new(frame.kind, sid, frame.payload));
+                }
+            }
+            Kind::Info => {
+                let reply = Frame::new(Kind::Info, frame.id, self.info().into_bytes());
+                self.send_client(token, &reply);
+            }
+            Kind::Stop => {
+                let reply = Frame::new(Kind::Info, frame.id, b"stopping\n".to_vec());
+                self.send_client(token, &reply);
+                self.parts.exit.signal(ExitReason::Stopped);
+            }
+            Kind::Console => {
+                let which = match frame.payload.as_slice() {
+                    b"svm" => Which::Svm,
+                    _ => Which::Gvm,
+                };
+                let backlog = match which {
+                    Which::Gvm => self.parts.gvm_tap.backlog(),
+                    Which::Svm => self.parts.svm_tap.backlog(),
+                };
+                if let Some(c) = self.clients.get_mut(&token) {
+                    c.console = Some(which);
+                }
+                for f in chunks(Kind::ConsoleData, 0, &backlog, CONSOLE_CHUNK) {
+                    self.send_client(token, &f);
+                }
+            }
+            Kind::ConsoleData => {
+                let target = self.clients.get(&token).and_then(|c| c.console);
+                match target {
+                    Some(Which::Gvm) => lock(&self.parts.gvm_console).input(&frame.payload),
+                    Some(Which::Svm) => lock(&self.parts.svm_console).input(&frame.payload),
+                    None => {}
+                }
+            }
+            other => {
+                let msg = format!("unexpected {other:?} request");
+                self.send_client(token, &Frame::new(Kind::Error, frame.id, msg.into_bytes()));
+            }
+        }
+    }
+
+    fn handle_agent_frame(&mut self, frame: Frame) {
+        match frame.kind {
+            Kind::Ready => {
+                self.agent_ready = true;
+                let queued = std::mem::take(&mut self.queued);
+                for f in queued {
+                    self.send_agent(f);
+                }
+            }
+            Kind::Stdout | Kind::Stderr | Kind::Error | Kind::Exit => {
+                let Some(&(token, client_id)) = self.sessions.get(&frame.id) else {
+                    return;
+                };
+                if frame.kind == Kind::Exit {
+                    self.sessions.remove(&frame.id);
+                }
+                self.send_client(token, &Frame::new(frame.kind, client_id, frame.payload));
+            }
+            // Anything else from the SVM is ignored: it is not trusted to drive us.
+            _ => {}
+        }
+    }
+
+    fn on_listener(&mut self, ops: &mut EventOps) {
+        let Ok((stream, _)) = self.parts.listener.accept() else {
+            return;
+        };
+        if self.clients.len() >= MAX_CLIENTS {
+            return; // dropped: the client sees the connection close
+        }
+        let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1).max(FIRST_CLIENT);
+        if ops
+            .add(Events::with_data(&stream, token, EventSet::IN))
+            .is_ok()
+        {
+            self.clients.insert(
+                token,
+                Client {
+                    stream,
+                    decoder: Decoder::default(),
+                    console: None,
+                },
+            );
+        }
+    }
+
+    fn on_client(&mut self, token: u32, ops: &mut EventOps) {
+        let mut buf = [0u8; 8192];
+        let read = match self.clients.get_mut(&token) {
+            Some(c) => c.stream.read(&mut buf),
+            None => return,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => return self.drop_client(token, Some(ops)),
+            Ok(n) => n,
+        };
+        let mut frames = Vec::new();
+        if let Some(c) = self.clients.get_mut(&token) {
+            c.decoder.push(&buf[..n]);
+            while let Some(r) = c.decoder.next_frame() {
+                match r {
+                    Ok(f) => frames.push(f),
+                    // A client that speaks garbage is cut off.
+                    Err(_) => {
+                        frames.clear();
+                        return self.drop_client(token, Some(ops));
+                    }
+                }
+            }
+        }
+        for f in frames {
+            self.handle_client_frame(token, f);
+        }
+    }
+
+    fn on_tap(&mut self, which: Which) {
+        let data = match which {
+            Which::Gvm => self.parts.gvm_tap.take_fresh(),
+            Which::Svm => self.parts.svm_tap.take_fresh(),
+        };
+        let watchers: Vec<u32> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.console == Some(which))
+            .map(|(t, _)| *t)
+            .collect();
+        for token in watchers {
+            for f in chunks(Kind::ConsoleData, 0, &data, CONSOLE_CHUNK) {
+                self.send_client(token, &f);
+            }
+        }
+    }
+}
+
+impl MutEventSubscriber for ControlServer {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            TOKEN_LISTENER => self.on_listener(ops),
+            TOKEN_EXIT => {
+                let _ = self.parts.exit.event().read();
+            }
+            TOKEN_LINK => {
+                let bytes = self.parts.inbox.take();
+                self.link_decoder.push(&bytes);
+                while let Some(r) = self.link_decoder.next_frame() {
+                    match r {
+                        Ok(f) => self.handle_agent_frame(f),
+                        Err(e) => log::warn!("SVM agent line: {e}"),
+                    }
+                }
+            }
+            TOKEN_GVM_TAP => self.on_tap(Which::Gvm),
+            TOKEN_SVM_TAP => self.on_tap(Which::Svm),
+            token => {
+                if events
+                    .event_set()
+                    .intersects(EventSet::HANG_UP | EventSet::ERROR)
+                    && !events.event_set().contains(EventSet::IN)
+                {
+                    self.drop_client(token, Some(ops));
+                } else {
+                    self.on_client(token, ops);
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        let sources = [
+            Events::with_data(&self.parts.listener, TOKEN_LISTENER, EventSet::IN),
+            Events::with_data(self.parts.exit.event(), TOKEN_EXIT, EventSet::IN),
+            Events::with_data(self.parts.inbox.event(), TOKEN_LINK, EventSet::IN),
+            Events::with_data(self.parts.gvm_tap.event(), TOKEN_GVM_TAP, EventSet::IN),
+            Events::with_data(self.parts.svm_tap.event(), TOKEN_SVM_TAP, EventSet::IN),
+        ];
+        for source in sources {
+            if let Err(e) = ops.add(source) {
+                self.parts.exit.signal(ExitReason::VmmError(format!(
+                    "control server cannot watch its events: {e:?}"
+                )));
+            }
+        }
+    }
+}

@@ -256,6 +256,11 @@ impl BuiltVm {
         Ok(())
     }
 
+    /// This VM's guest-physical memory, through the redirect engine's narrow trait.
+    pub fn guest_memory(&self) -> &dyn redirect::GuestPhysMemory {
+        &self.memory.mem
+    }
+
     /// The panic line this VM's kernel printed, if any.
     pub fn panic_line(&self) -> Option<String> {
         lock(&self.console).panic_line()

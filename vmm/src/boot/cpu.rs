@@ -206,6 +206,33 @@ mod tests {
     }
 
     #[test]
+    fn the_redirect_walker_reads_our_boot_page_tables() {
+        use redirect::{translate, Access, PageSize, PagingMode};
+        let shared = create_guest_memory("t", 64 << 20).unwrap();
+        write_boot_structures(&shared.mem).unwrap();
+        let mem: &dyn redirect::GuestPhysMemory = &shared.mem;
+        let t = translate(
+            mem,
+            &PagingMode::default(),
+            PML4_ADDR,
+            0x0123_4567,
+            Access::READ,
+        )
+        .unwrap();
+        assert_eq!(t.gpa, 0x0123_4567, "the boot tables identity-map");
+        assert_eq!(t.page_size, PageSize::Size2M);
+        assert!(t.writable);
+        assert!(translate(
+            mem,
+            &PagingMode::default(),
+            PML4_ADDR,
+            1 << 30,
+            Access::READ
+        )
+        .is_err());
+    }
+
+    #[test]
     fn lint_pins_get_extint_and_nmi() {
         let mut lapic = kvm_lapic_state::default();
         set_lapic_reg(&mut lapic, APIC_LVT0, 0x0001_0000);

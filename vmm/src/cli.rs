@@ -23,6 +23,9 @@ pub enum Command {
     Console(ConsoleCmd),
     KvmProbe(KvmProbeCmd),
     Bench(crate::bench::BenchCmd),
+    Keygen(crate::cli_image::KeygenCmd),
+    Seal(crate::cli_image::SealCmd),
+    Inspect(crate::cli_image::InspectCmd),
 }
 
 /// Boot a guest. With no arguments it boots the pinned kernel and test image from images/.
@@ -47,6 +50,13 @@ pub struct RunCmd {
     /// write the guest console to FILE instead of stdout
     #[argh(option)]
     pub console: Option<PathBuf>,
+    /// boot a sealed image (from `exterior-vmm seal`) instead of --kernel/--initrd;
+    /// memory, vCPUs and command line come from the image
+    #[argh(option)]
+    pub image: Option<PathBuf>,
+    /// with --image: a trusted public key (KEY.pub); may be repeated
+    #[argh(option)]
+    pub trust: Vec<PathBuf>,
     /// do not install seccomp filters (debugging only)
     #[argh(switch)]
     pub no_seccomp: bool,

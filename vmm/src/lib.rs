@@ -5,6 +5,7 @@ pub mod bench;
 pub mod boot;
 pub mod builder;
 pub mod cli;
+pub mod cli_image;
 pub mod config;
 pub mod devices;
 pub mod event_loop;

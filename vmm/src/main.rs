@@ -34,6 +34,9 @@ fn main() -> ExitCode {
         Command::Run(cmd) => run(cmd),
         Command::KvmProbe(cmd) => kvm_probe(cmd),
         Command::Bench(cmd) => vmm::bench::run(cmd),
+        Command::Keygen(cmd) => image_cmd(cmd.run()),
+        Command::Seal(cmd) => image_cmd(cmd.run()),
+        Command::Inspect(cmd) => image_cmd(cmd.run()),
         Command::List(_) => with_runtime(|rt| {
             for name in rt.instances()? {
                 let pid = rt.pid(&name).map(|p| p.to_string()).unwrap_or_default();
@@ -159,9 +162,34 @@ fn run(cmd: RunCmd) -> ExitCode {
     if cmd.detach && cmd.name.is_none() {
         return fail(EXIT_BAD_INPUT, "--detach needs --name");
     }
-    let config = match build_config(&cmd) {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_BAD_INPUT, e),
+    let config = match &cmd.image {
+        Some(image) => {
+            if cmd.kernel.is_some() || cmd.initrd.is_some() || cmd.append.is_some() {
+                return fail(
+                    EXIT_BAD_INPUT,
+                    "--image cannot be combined with --kernel, --initrd or --append",
+                );
+            }
+            let console = console_target(cmd.console.as_deref());
+            match vmm::cli_image::run_config_from_image(image, &cmd.trust, console) {
+                // An image that asks for an SVM becomes an instance, which needs a name.
+                Ok((_, true)) if cmd.name.is_none() => {
+                    return fail(
+                        EXIT_BAD_INPUT,
+                        format!(
+                            "image {} asks for an SVM: pass --name NAME to run it as an instance",
+                            image.display()
+                        ),
+                    )
+                }
+                Ok((c, _)) => c,
+                Err(e) => return fail(EXIT_BAD_INPUT, e),
+            }
+        }
+        None => match build_config(&cmd) {
+            Ok(c) => c,
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        },
     };
     let opts = RunOptions {
         kvm_device: cli::kvm_device(),
@@ -312,5 +340,12 @@ fn kvm_probe(_cmd: KvmProbeCmd) -> ExitCode {
             println!("no usable KVM: {e}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn image_cmd(result: Result<(), vmm::cli_image::ImageCliError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_BAD_INPUT, e),
     }
 }

@@ -1,10 +1,11 @@
 //! exterior-agent: the SVM side of `exterior-vmm exec` and `shell`.
 //!
-//! Started by the SVM's /init (usually as PID 1). It speaks the frame protocol of
+//! Started by the SVM's /init (which stays PID 1 and falls back to a console shell if the
+//! agent exits). It speaks the frame protocol of
 //! `svm_runtime::protocol` on a serial line (default /dev/ttyS1, which the VMM wires to
 //! the instance's control socket): it runs each requested command — on pipes, or on a
 //! pseudo-terminal for interactive shells — streams stdout/stderr back, and reports the
-//! exit status. As PID 1 it also reaps orphans.
+//! exit status. It reaps every child it can, so it also works as PID 1.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

@@ -3,4 +3,5 @@
 
 mod boot;
 mod common;
+mod image;
 mod instance;

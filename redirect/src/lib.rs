@@ -23,6 +23,7 @@
 
 pub mod memory;
 pub mod paging;
+pub mod profile;
 
 pub use memory::{GuestPhysMemory, MemError, MemoryImage};
 pub use paging::{
@@ -30,3 +31,4 @@ pub use paging::{
     AccessKind, AddressSpace, Level, Mapping, PageSize, PagingMode, Privilege, Translation,
     WalkError, WalkStats, DEFAULT_MAX_PHYS_BITS, DEFAULT_MAX_TABLES, PAGE_SIZE,
 };
+pub use profile::{KernelProfile, ProfileError};

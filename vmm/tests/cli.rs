@@ -168,3 +168,62 @@ fn kvm_probe_without_kvm_says_so() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("no usable KVM"));
 }
+
+fn with_runtime(cmd: &mut Command, tag: &str) -> PathBuf {
+    let rt = scratch(tag).join("run");
+    cmd.env("EXTERIOR_RUNTIME_DIR", &rt);
+    rt
+}
+
+#[test]
+fn instance_commands_name_a_missing_instance() {
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, "missing");
+    let (code, err) = run(cmd.args(["exec", "nope", "--", "true"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("no running instance named nope"), "{err}");
+}
+
+#[test]
+fn list_with_no_instances_prints_nothing() {
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, "empty");
+    let out = cmd.arg("list").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn bad_instance_names_and_detach_without_name() {
+    let dir = scratch("names");
+    let kernel = minimal_elf(&dir);
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, "names-rt");
+    let (code, err) = run(cmd
+        .args(["run", "--name", "../evil", "--kernel"])
+        .arg(&kernel));
+    assert_eq!(code, 2);
+    assert!(err.contains("instance name"), "{err}");
+    let (code, err) = run(vmm().args(["run", "--detach"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("--detach needs --name"), "{err}");
+}
+
+#[test]
+fn exec_without_a_command() {
+    let (code, err) = run(vmm().args(["exec", "x"]));
+    assert_eq!(code, 2);
+    assert!(err.contains("no command given"), "{err}");
+}
+
+#[test]
+fn a_shared_runtime_directory_is_refused() {
+    let dir = scratch("shared-rt");
+    let rt = dir.join("run");
+    std::fs::create_dir(&rt).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, err) = run(vmm().env("EXTERIOR_RUNTIME_DIR", &rt).arg("list"));
+    assert_eq!(code, 2);
+    assert!(err.contains("is not private"), "{err}");
+}

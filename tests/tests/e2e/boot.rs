@@ -70,7 +70,7 @@ fn the_guest_sees_the_memory_it_was_given() {
     let (code, out, err) = run(vmm().args([
         "run",
         "--mem",
-        "3584M",
+        "3328M",
         "--append",
         r#"exterior_run="grep MemTotal /proc/meminfo""#,
     ]));

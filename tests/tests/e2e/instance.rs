@@ -72,6 +72,28 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     let (code, out, _) = run(vmm_in(&rt).args(["exec", "life", "--", "hostname"]));
     assert_eq!((code, out.trim()), (0, "svm"));
 
+    // `shell` gives bash on a terminal in the SVM; here its input is piped.
+    let mut shell = vmm_in(&rt)
+        .args(["shell", "life"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn shell");
+    {
+        use std::io::Write;
+        let mut stdin = shell.stdin.take().unwrap();
+        stdin
+            .write_all(b"tty && echo shell-says-$((6*7)); exit 3\n")
+            .unwrap();
+    }
+    let out = shell.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("--- shell output\n{text}");
+    assert_eq!(out.status.code(), Some(3), "shell exit status");
+    assert!(text.contains("shell-says-42"), "{text}");
+    assert!(text.contains("/dev/pts/"), "not on a terminal: {text}");
+
     let (code, _, err) = run(vmm_in(&rt).args(["stop", "life"]));
     assert_eq!(code, 0, "{err}");
     assert!(!alive(pid), "the VMM process is still there");

@@ -1,0 +1,400 @@
+//! The kernel profile: symbols and struct layouts of the pinned guest kernel.
+//!
+//! The redirect engine edits GVM kernel state by hand (the lent CPU's `current`, a shadow
+//! `task_struct`, GDT/IDT/TSS, syscall MSRs), so it needs field offsets and addresses of the
+//! exact kernel the GVM runs. They come from two sources that describe that kernel:
+//! - the image `images/vmlinux`: its `.BTF` section gives struct layouts and the per-cpu
+//!   variables (the `.data..percpu` DATASEC, whose offsets are per-cpu offsets), its
+//!   `.rodata` the release string; it carries no symbol table;
+//! - `/proc/kallsyms` of the SVM, which runs the identical kernel with `nokaslr`: addresses
+//!   of everything else, and the per-cpu offsets again.
+//!
+//! [`KernelProfile::new`] cross-checks the two (`_stext` and `__start_rodata` against the
+//! image's section addresses, per-cpu offsets against BTF) and fails with a clear
+//! [`ProfileError`] if anything is missing or inconsistent.
+//!
+//! Submodules: [`elf`] (sections of an ELF64 image), [`btf`] (BTF types), [`kallsyms`]
+//! (symbol table). All parse untrusted bytes without panicking.
+
+pub mod btf;
+pub mod elf;
+pub mod kallsyms;
+
+use thiserror::Error;
+
+pub use btf::{Btf, BtfError, Kind, Member, MemberLocation, StructInfo, TypeInfo, VarInfo};
+pub use elf::{find_section, Elf, ElfError, Section};
+pub use kallsyms::{KallsymsError, Symbol, SymbolRef, SymbolTable};
+
+/// Why a kernel profile could not be built.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ProfileError {
+    #[error("vmlinux: {0}")]
+    Elf(#[from] ElfError),
+    #[error("vmlinux .BTF: {0}")]
+    Btf(#[from] BtfError),
+    #[error("kallsyms: {0}")]
+    Kallsyms(#[from] KallsymsError),
+    #[error("vmlinux has no \"Linux version <release>\" banner in .rodata")]
+    NoRelease,
+    #[error("kernel BTF has no struct {0}")]
+    MissingStruct(&'static str),
+    #[error("kernel BTF: struct {structure} has no member {member}")]
+    MissingMember {
+        structure: &'static str,
+        member: &'static str,
+    },
+    #[error("kernel BTF: {structure}.{member} is not byte-aligned or lies outside the struct")]
+    BadMember {
+        structure: &'static str,
+        member: &'static str,
+    },
+    #[error("kernel BTF: {0}")]
+    BadLayout(String),
+    #[error("kallsyms has no symbol {0}")]
+    MissingSymbol(&'static str),
+    #[error("per-cpu variable {name} not found in kallsyms or in BTF{hint}")]
+    MissingPerCpu {
+        name: &'static str,
+        hint: &'static str,
+    },
+    #[error("kallsyms lists {0} with an address, but it must be a per-cpu variable")]
+    NotPerCpu(&'static str),
+    #[error("per-cpu offset of {name} is {kallsyms:#x} in kallsyms but {btf:#x} in BTF: they describe different kernels")]
+    PerCpuMismatch {
+        name: &'static str,
+        kallsyms: u64,
+        btf: u64,
+    },
+    #[error(
+        "kallsyms puts {symbol} at {kallsyms:#x} but vmlinux section {section} is at {image:#x}: \
+         the kallsyms text comes from a different kernel, or KASLR is on (boot the SVM with nokaslr)"
+    )]
+    ImageMismatch {
+        symbol: &'static str,
+        section: &'static str,
+        kallsyms: u64,
+        image: u64,
+    },
+    #[error("kallsyms symbols are out of order: {0}")]
+    BadSymbols(String),
+}
+
+/// Byte offsets in `struct task_struct` (and its size).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskLayout {
+    pub size: u64,
+    pub pid: u64,
+    pub tgid: u64,
+    pub comm: u64,
+    /// Size of the `comm` array (TASK_COMM_LEN, 16).
+    pub comm_len: u64,
+    pub cred: u64,
+    pub real_cred: u64,
+    pub fs: u64,
+    pub files: u64,
+    pub nsproxy: u64,
+    pub mm: u64,
+    pub active_mm: u64,
+    pub flags: u64,
+    /// `thread_info.flags` (TIF_*): with CONFIG_THREAD_INFO_IN_TASK, `thread_info` is the
+    /// first member of task_struct.
+    pub thread_info_flags: u64,
+    pub stack: u64,
+    pub thread_sp: u64,
+    pub thread_fsbase: u64,
+    pub rseq: u64,
+}
+
+/// Byte offsets in `struct cred`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredLayout {
+    pub size: u64,
+    pub uid: u64,
+    pub euid: u64,
+}
+
+/// The struct layouts the redirect engine needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layouts {
+    pub task: TaskLayout,
+    pub cred: CredLayout,
+}
+
+fn struct_size(btf: &Btf, name: &'static str) -> Result<u64, ProfileError> {
+    let s = btf.struct_id(name).and_then(|id| btf.type_size(id));
+    s.filter(|&n| n > 0)
+        .ok_or(ProfileError::MissingStruct(name))
+}
+
+fn offset(btf: &Btf, structure: &'static str, member: &'static str) -> Result<u64, ProfileError> {
+    let size = struct_size(btf, structure)?;
+    let loc = btf
+        .member(structure, member)
+        .ok_or(ProfileError::MissingMember { structure, member })?;
+    loc.byte_offset()
+        .filter(|&off| off < size)
+        .ok_or(ProfileError::BadMember { structure, member })
+}
+
+impl Layouts {
+    /// Computes the layouts from kernel BTF; fails naming the first missing piece.
+    pub fn from_btf(btf: &Btf) -> Result<Layouts, ProfileError> {
+        let t = |m| offset(btf, "task_struct", m);
+        let comm_type = btf
+            .member("task_struct", "comm")
+            .ok_or(ProfileError::MissingMember {
+                structure: "task_struct",
+                member: "comm",
+            })?
+            .type_id;
+        let (_, comm_len) = btf.array_info(comm_type).ok_or_else(|| {
+            ProfileError::BadLayout("task_struct.comm is not an array".to_string())
+        })?;
+        let task = TaskLayout {
+            size: struct_size(btf, "task_struct")?,
+            pid: t("pid")?,
+            tgid: t("tgid")?,
+            comm: t("comm")?,
+            comm_len,
+            cred: t("cred")?,
+            real_cred: t("real_cred")?,
+            fs: t("fs")?,
+            files: t("files")?,
+            nsproxy: t("nsproxy")?,
+            mm: t("mm")?,
+            active_mm: t("active_mm")?,
+            flags: t("flags")?,
+            thread_info_flags: t("thread_info.flags")?,
+            stack: t("stack")?,
+            thread_sp: t("thread.sp")?,
+            thread_fsbase: t("thread.fsbase")?,
+            rseq: t("rseq")?,
+        };
+        if t("thread_info")? != 0 {
+            return Err(ProfileError::BadLayout(
+                "thread_info is not the first member of task_struct \
+                 (CONFIG_THREAD_INFO_IN_TASK expected)"
+                    .to_string(),
+            ));
+        }
+        let c = |m| offset(btf, "cred", m);
+        let cred = CredLayout {
+            size: struct_size(btf, "cred")?,
+            uid: c("uid")?,
+            euid: c("euid")?,
+        };
+        Ok(Layouts { task, cred })
+    }
+}
+
+/// Addresses (kernel virtual, valid with `nokaslr`) and per-cpu offsets the engine needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelSymbols {
+    pub init_task: u64,
+    pub init_top_pgt: u64,
+    /// `__per_cpu_offset[]`: per-cpu base of each CPU.
+    pub per_cpu_offset: u64,
+    pub entry_syscall_64: u64,
+    pub idt_table: u64,
+    pub stext: u64,
+    pub etext: u64,
+    pub start_rodata: u64,
+    pub end_rodata: u64,
+    /// Per-cpu offset of `current_task` (6.1; `pcpu_hot.current_task` from 6.2).
+    pub current_task: u64,
+    /// Per-cpu offset of `cpu_current_top_of_stack` (6.1; `pcpu_hot.top_of_stack` from 6.2).
+    pub cpu_current_top_of_stack: u64,
+    /// Per-cpu offset of `gdt_page`.
+    pub gdt_page: u64,
+    /// Per-cpu offset of `cpu_tss_rw`.
+    pub cpu_tss_rw: u64,
+}
+
+fn address(table: &SymbolTable, name: &'static str) -> Result<u64, ProfileError> {
+    table.address(name).ok_or(ProfileError::MissingSymbol(name))
+}
+
+/// The per-cpu offset of `name` from kallsyms and/or BTF, which must agree.
+fn percpu(table: &SymbolTable, btf: &Btf, name: &'static str) -> Result<Option<u64>, ProfileError> {
+    let from_kallsyms = table.percpu_offset(name);
+    if from_kallsyms.is_none() && table.address(name).is_some() {
+        return Err(ProfileError::NotPerCpu(name));
+    }
+    let from_btf = btf.percpu_var(name).map(|v| v.offset);
+    match (from_kallsyms, from_btf) {
+        (Some(k), Some(b)) if k != b => Err(ProfileError::PerCpuMismatch {
+            name,
+            kallsyms: k,
+            btf: b,
+        }),
+        (k, b) => Ok(k.or(b)),
+    }
+}
+
+/// A per-cpu variable that kernels from 6.2 moved into `struct pcpu_hot`: the old name,
+/// else `pcpu_hot` plus the member's offset.
+fn percpu_hot(
+    table: &SymbolTable,
+    btf: &Btf,
+    name: &'static str,
+    hot_member: &str,
+) -> Result<u64, ProfileError> {
+    if let Some(off) = percpu(table, btf, name)? {
+        return Ok(off);
+    }
+    let hot = percpu(table, btf, "pcpu_hot")?;
+    hot.zip(btf.member_offset("pcpu_hot", hot_member))
+        .and_then(|(base, off)| base.checked_add(off))
+        .ok_or(ProfileError::MissingPerCpu {
+            name,
+            hint: " (nor pcpu_hot, where kernels from 6.2 keep it)",
+        })
+}
+
+fn required_percpu(
+    table: &SymbolTable,
+    btf: &Btf,
+    name: &'static str,
+) -> Result<u64, ProfileError> {
+    percpu(table, btf, name)?.ok_or(ProfileError::MissingPerCpu { name, hint: "" })
+}
+
+impl KernelSymbols {
+    /// Looks the symbols up in kallsyms, per-cpu ones also in BTF (they must agree; BTF
+    /// alone suffices for them).
+    pub fn resolve(table: &SymbolTable, btf: &Btf) -> Result<KernelSymbols, ProfileError> {
+        let syms = KernelSymbols {
+            init_task: address(table, "init_task")?,
+            init_top_pgt: address(table, "init_top_pgt")?,
+            per_cpu_offset: address(table, "__per_cpu_offset")?,
+            entry_syscall_64: address(table, "entry_SYSCALL_64")?,
+            idt_table: address(table, "idt_table")?,
+            stext: address(table, "_stext")?,
+            etext: address(table, "_etext")?,
+            start_rodata: address(table, "__start_rodata")?,
+            end_rodata: address(table, "__end_rodata")?,
+            current_task: percpu_hot(table, btf, "current_task", "current_task")?,
+            cpu_current_top_of_stack: percpu_hot(
+                table,
+                btf,
+                "cpu_current_top_of_stack",
+                "top_of_stack",
+            )?,
+            gdt_page: required_percpu(table, btf, "gdt_page")?,
+            cpu_tss_rw: required_percpu(table, btf, "cpu_tss_rw")?,
+        };
+        if !(syms.stext < syms.etext
+            && syms.etext <= syms.start_rodata
+            && syms.start_rodata < syms.end_rodata)
+        {
+            return Err(ProfileError::BadSymbols(format!(
+                "expected _stext < _etext <= __start_rodata < __end_rodata, got {:#x} {:#x} {:#x} {:#x}",
+                syms.stext, syms.etext, syms.start_rodata, syms.end_rodata
+            )));
+        }
+        if !(syms.stext..syms.etext).contains(&syms.entry_syscall_64) {
+            return Err(ProfileError::BadSymbols(format!(
+                "entry_SYSCALL_64 {:#x} is outside the kernel text",
+                syms.entry_syscall_64
+            )));
+        }
+        Ok(syms)
+    }
+}
+
+/// Finds the kernel release in the `linux_banner` ("Linux version 6.1.0-50-cloud-amd64 (...").
+pub fn release_from_rodata(rodata: &[u8]) -> Option<String> {
+    const PREFIX: &[u8] = b"Linux version ";
+    let mut rest = rodata;
+    while let Some(pos) = rest.iter().position(|&c| c == b'L') {
+        rest = &rest[pos..];
+        if let Some(after) = rest.strip_prefix(PREFIX) {
+            // A release is at most 64 bytes (__NEW_UTS_LEN) of printable text.
+            let end = after
+                .iter()
+                .take(65)
+                .position(|&c| !c.is_ascii_graphic())
+                .unwrap_or(65);
+            if (1..=64).contains(&end) && after[0].is_ascii_digit() && after.get(end) == Some(&b' ')
+            {
+                return std::str::from_utf8(&after[..end]).ok().map(str::to_string);
+            }
+        }
+        rest = &rest[1..];
+    }
+    None
+}
+
+/// Everything the redirect engine needs to know about the pinned guest kernel.
+#[derive(Debug, Clone)]
+pub struct KernelProfile {
+    /// Kernel release, e.g. `6.1.0-50-cloud-amd64`.
+    pub release: String,
+    /// The named addresses and per-cpu offsets.
+    pub symbols: KernelSymbols,
+    /// The named struct offsets.
+    pub layouts: Layouts,
+    /// The whole symbol table (to name addresses, e.g. a hook pointing into a module).
+    pub kallsyms: SymbolTable,
+    /// The kernel's types, for offsets beyond [`Layouts`].
+    pub btf: Btf,
+}
+
+impl KernelProfile {
+    /// Builds the profile from the bytes of `vmlinux` and the text of `/proc/kallsyms` read
+    /// on a machine running that kernel with `nokaslr`.
+    pub fn new(vmlinux: &[u8], kallsyms: &str) -> Result<KernelProfile, ProfileError> {
+        let elf = Elf::parse(vmlinux)?;
+        let btf = Btf::parse(elf.section_data(".BTF")?)?;
+        let release =
+            release_from_rodata(elf.section_data(".rodata")?).ok_or(ProfileError::NoRelease)?;
+        let table = SymbolTable::parse(kallsyms)?;
+        // First, that kallsyms describes this image at its link address: a mismatch here
+        // (KASLR, another kernel) would make every other check fail less clearly.
+        for (symbol, section) in [("_stext", ".text"), ("__start_rodata", ".rodata")] {
+            let value = address(&table, symbol)?;
+            let image = elf
+                .section(section)
+                .ok_or_else(|| ElfError::NoSuchSection(section.to_string()))?
+                .addr;
+            if image != value {
+                return Err(ProfileError::ImageMismatch {
+                    symbol,
+                    section,
+                    kallsyms: value,
+                    image,
+                });
+            }
+        }
+        let profile = Self::from_parts(release, btf, table)?;
+        Ok(profile)
+    }
+
+    /// Builds the profile from already-parsed parts, e.g. the SVM's `/sys/kernel/btf/vmlinux`
+    /// and `/proc/kallsyms` when no image file is at hand.
+    pub fn from_parts(
+        release: String,
+        btf: Btf,
+        kallsyms: SymbolTable,
+    ) -> Result<KernelProfile, ProfileError> {
+        let layouts = Layouts::from_btf(&btf)?;
+        let symbols = KernelSymbols::resolve(&kallsyms, &btf)?;
+        Ok(KernelProfile {
+            release,
+            symbols,
+            layouts,
+            kallsyms,
+            btf,
+        })
+    }
+
+    /// Byte offset of `path` in struct `structure` (see [`Btf::member`]), for fields beyond
+    /// [`Layouts`].
+    pub fn offset_of(&self, structure: &str, path: &str) -> Option<u64> {
+        self.btf.member_offset(structure, path)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -45,6 +45,9 @@ pub enum Kind {
     Console = 13,
     /// V→C: console output; C→V: console input.
     ConsoleData = 14,
+    /// C→V: hold the GVM's vCPUs at a safe point and release them (a diagnostic of the
+    /// redirect's first step); V→C answers with Info, or Error when the guest is busy.
+    Quiesce = 15,
 }
 
 impl Kind {
@@ -65,6 +68,7 @@ impl Kind {
             12 => Info,
             13 => Console,
             14 => ConsoleData,
+            15 => Quiesce,
             _ => return None,
         })
     }

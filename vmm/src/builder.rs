@@ -27,6 +27,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawModeGuard;
 use crate::vstate::memory::{create_guest_memory, MemoryError, SharedMemory};
+use crate::vstate::quiesce::{self, VcpuControl};
 use crate::vstate::vcpu::Vcpu;
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 
@@ -120,6 +121,8 @@ pub struct BuiltVm {
     pub console: Arc<Mutex<ConsoleSerial>>,
     pub link: Option<Arc<Mutex<LinkSerial>>>,
     exit: Arc<ExitSignal>,
+    /// One per vCPU, filled by [`BuiltVm::start`]: how the quiescer holds them.
+    pub controls: Vec<Arc<VcpuControl>>,
 }
 
 fn serial_irq(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
@@ -226,12 +229,14 @@ pub fn build_vm(
         console,
         link,
         exit,
+        controls: Vec::new(),
     })
 }
 
 impl BuiltVm {
     /// Starts one thread per vCPU, each behind the vCPU seccomp filter.
     pub fn start(&mut self, seccomp: bool) -> Result<(), BuildError> {
+        quiesce::install_kick_handler().map_err(host_err("vCPU kick signal handler"))?;
         let prefix = if self.label.is_empty() {
             "vcpu".to_string()
         } else {
@@ -239,6 +244,8 @@ impl BuiltVm {
         };
         for vcpu in self.vcpus.drain(..) {
             let (bus, exit) = (self.bus.clone(), self.exit.clone());
+            let control = Arc::new(VcpuControl::default());
+            self.controls.push(control.clone());
             let label = self.label;
             std::thread::Builder::new()
                 .name(format!("{prefix}{}", vcpu.index))
@@ -249,7 +256,7 @@ impl BuiltVm {
                             return;
                         }
                     }
-                    vcpu.run(bus, exit, label);
+                    vcpu.run(bus, exit, label, control);
                 })
                 .map_err(host_err("spawn vCPU thread"))?;
         }

@@ -21,6 +21,7 @@ pub enum Command {
     Exec(ExecCmd),
     Shell(ShellCmd),
     Console(ConsoleCmd),
+    Quiesce(QuiesceCmd),
     KvmProbe(KvmProbeCmd),
     Bench(crate::bench::BenchCmd),
     Keygen(crate::cli_image::KeygenCmd),
@@ -121,6 +122,17 @@ pub struct ConsoleCmd {
     /// the SVM's console instead of the GVM's
     #[argh(switch)]
     pub svm: bool,
+}
+
+/// Briefly hold an instance's GVM at a safe point (every vCPU halted or in user mode) and
+/// report each vCPU's state: the first step of a redirected call, as a diagnostic. Exit
+/// status 1 when the guest is busy.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "quiesce")]
+pub struct QuiesceCmd {
+    /// instance name
+    #[argh(positional)]
+    pub name: String,
 }
 
 /// Tell whether this host's KVM runs guests natively. Exit status 0: native; 1: emulating

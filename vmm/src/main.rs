@@ -60,6 +60,16 @@ fn main() -> ExitCode {
         Command::Shell(cmd) => with_runtime(|rt| {
             client::exec(rt, &cmd.name, vec!["/bin/bash".into(), "-i".into()], true)
         }),
+        Command::Quiesce(cmd) => with_runtime(|rt| match client::quiesce(rt, &cmd.name)? {
+            Ok(report) => {
+                print!("{report}");
+                Ok(0)
+            }
+            Err(busy) => {
+                eprintln!("exterior-vmm: {busy}");
+                Ok(1)
+            }
+        }),
         Command::Console(cmd) => with_runtime(|rt| {
             client::console(rt, &cmd.name, cmd.svm)?;
             Ok(0)

@@ -72,6 +72,11 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     let (code, out, _) = run(vmm_in(&rt).args(["exec", "life", "--", "hostname"]));
     assert_eq!((code, out.trim()), (0, "svm"));
 
+    // The idle GVM can be held at a safe point (its vCPU halted) and released.
+    let (code, out, err) = run(vmm_in(&rt).args(["quiesce", "life"]));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("vCPU 0 halted"), "{out}");
+
     // `shell` gives bash on a terminal in the SVM; here its input is piped.
     let mut shell = vmm_in(&rt)
         .args(["shell", "life"])
@@ -167,4 +172,47 @@ fn names_are_unique_and_a_killed_instance_can_be_replaced() {
     let (code, out, _) = run(vmm_in(&rt).args(["exec", "dup", "--", "echo", "again"]));
     assert_eq!((code, out.trim()), (0, "again"));
     assert_eq!(run(vmm_in(&rt).args(["stop", "dup"])).0, 0);
+}
+
+/// The highest `tick-N` the GVM has printed on its console.
+fn last_tick(rt: &Path, name: &str) -> u64 {
+    let (code, out, _) = run(vmm_in(rt)
+        .args(["console", name])
+        .stdin(std::process::Stdio::null()));
+    assert_eq!(code, 0);
+    out.split("tick-")
+        .skip(1)
+        .filter_map(|t| t.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_busy_gvm_is_held_in_user_mode_and_keeps_running_afterwards() {
+    let rt = runtime("quiesce");
+    start(
+        &rt,
+        "hold",
+        &[
+            "--append",
+            r#"exterior_run="i=0; while :; do i=$((i+1)); [ $((i % 5000)) = 0 ] && echo tick-$i; done""#,
+        ],
+    );
+    for _ in 0..3 {
+        let (code, out, err) = run(vmm_in(&rt).args(["quiesce", "hold"]));
+        assert_eq!(code, 0, "quiesce failed: {err}");
+        assert!(out.starts_with("quiesced in "), "{out}");
+        assert!(
+            out.contains("vCPU 0 in user mode") || out.contains("vCPU 0 halted"),
+            "{out}"
+        );
+    }
+    let before = last_tick(&rt, "hold");
+    std::thread::sleep(std::time::Duration::from_secs(5));
+    let after = last_tick(&rt, "hold");
+    assert!(
+        after > before,
+        "the GVM stopped making progress: {before} then {after}"
+    );
+    assert_eq!(run(vmm_in(&rt).args(["stop", "hold"])).0, 0);
 }

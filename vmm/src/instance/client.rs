@@ -110,6 +110,23 @@ pub fn info(dir: &RuntimeDir, name: &str) -> Result<String, ClientError> {
     }
 }
 
+/// Holds the GVM's vCPUs at a safe point and releases them; returns the report.
+pub fn quiesce(dir: &RuntimeDir, name: &str) -> Result<Result<String, String>, ClientError> {
+    let mut conn = Connection::open(dir, name)?;
+    conn.send(&Frame::new(Kind::Quiesce, 1, Vec::new()))?;
+    match conn.recv()? {
+        Some(f) if f.kind == Kind::Info => Ok(Ok(String::from_utf8_lossy(&f.payload).into_owned())),
+        Some(f) if f.kind == Kind::Error => {
+            Ok(Err(String::from_utf8_lossy(&f.payload).into_owned()))
+        }
+        Some(f) => Err(ClientError::Protocol {
+            name: name.to_string(),
+            detail: format!("expected a quiesce report, got {:?}", f.kind),
+        }),
+        None => Err(ClientError::Closed(name.to_string())),
+    }
+}
+
 /// Asks the instance to stop and waits until its process is gone.
 pub fn stop(dir: &RuntimeDir, name: &str, timeout: Duration) -> Result<(), ClientError> {
     let pid = dir.pid(name);

@@ -70,6 +70,11 @@ pub fn run_instance(
     let listener = runtime
         .bind(&config.name)
         .map_err(|e| BuildError::Host(e.to_string()))?;
+    if opts.seccomp {
+        seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
+    }
+    gvm.start(opts.seccomp)?;
+    svm.start(opts.seccomp)?;
     let server = ControlServer::new(server::Parts {
         name: config.name.clone(),
         gvm_cpus,
@@ -81,13 +86,8 @@ pub fn run_instance(
         svm_tap,
         gvm_console: gvm.console.clone(),
         svm_console: svm.console.clone(),
+        gvm_vcpus: gvm.controls.clone(),
     });
-
-    if opts.seccomp {
-        seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
-    }
-    gvm.start(opts.seccomp)?;
-    svm.start(opts.seccomp)?;
 
     let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
         .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;

@@ -16,6 +16,7 @@ use crate::builder::{ConsoleSerial, LinkSerial};
 use crate::devices::bus::lock;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
 use crate::exit::{ExitReason, ExitSignal};
+use crate::vstate::quiesce::{quiesce, QuiescePolicy, VcpuControl};
 
 const TOKEN_LISTENER: u32 = 0;
 const TOKEN_EXIT: u32 = 1;
@@ -55,6 +56,8 @@ pub struct Parts {
     pub svm_tap: Arc<ConsoleTap>,
     pub gvm_console: Arc<Mutex<ConsoleSerial>>,
     pub svm_console: Arc<Mutex<ConsoleSerial>>,
+    /// The GVM's vCPUs, for quiescing.
+    pub gvm_vcpus: Vec<Arc<VcpuControl>>,
 }
 
 pub struct ControlServer {
@@ -156,6 +159,26 @@ impl ControlServer {
             }
             Kind::Info => {
                 let reply = Frame::new(Kind::Info, frame.id, self.info().into_bytes());
+                self.send_client(token, &reply);
+            }
+            Kind::Quiesce => {
+                let reply = match quiesce(&self.parts.gvm_vcpus, QuiescePolicy::default()) {
+                    Ok(held) => {
+                        let mut text = format!(
+                            "quiesced in {} us after {} attempt(s)\n",
+                            held.took.as_micros(),
+                            held.attempts
+                        );
+                        for snap in &held.snapshots {
+                            text.push_str(&snap.describe());
+                            text.push('\n');
+                        }
+                        // Dropping `held` releases the vCPUs before the reply is sent.
+                        drop(held);
+                        Frame::new(Kind::Info, frame.id, text.into_bytes())
+                    }
+                    Err(e) => Frame::new(Kind::Error, frame.id, e.to_string().into_bytes()),
+                };
                 self.send_client(token, &reply);
             }
             Kind::Stop => {

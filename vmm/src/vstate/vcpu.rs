@@ -9,10 +9,12 @@ use super::vm::{kvm_err, Vm, VmError};
 use crate::boot::{cpu, cpuid, loader::BootInfo};
 use crate::devices::PioBus;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::vstate::quiesce::{VcpuControl, VcpuSnapshot};
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+const KVM_MP_STATE_HALTED: u32 = 3;
 
 pub struct Vcpu {
     pub fd: VcpuFd,
@@ -63,8 +65,39 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Runs the vCPU until the VM stops; reports why through `exit`.
-    pub fn run(mut self, bus: Arc<PioBus>, exit: Arc<ExitSignal>, label: &str) {
+    /// What this vCPU is doing, for the quiescer (outside KVM_RUN only).
+    fn snapshot(&self) -> VcpuSnapshot {
+        let halted = self
+            .fd
+            .get_mp_state()
+            .map(|s| s.mp_state == KVM_MP_STATE_HALTED)
+            .unwrap_or(false);
+        // On failure report CPL 0: "unsafe", so the quiescer retries instead of trusting it.
+        let cpl = self.fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0);
+        let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        VcpuSnapshot {
+            index: self.index,
+            cpl,
+            halted,
+            rip,
+        }
+    }
+
+    /// Runs the vCPU until the VM stops; reports why through `exit`. Between runs it parks
+    /// when `control` asks (see [`crate::vstate::quiesce`]).
+    pub fn run(
+        mut self,
+        bus: Arc<PioBus>,
+        exit: Arc<ExitSignal>,
+        label: &str,
+        control: Arc<VcpuControl>,
+    ) {
+        control.register_current_thread();
+        self.run_loop(&bus, &exit, label, &control);
+        control.mark_stopped();
+    }
+
+    fn run_loop(&mut self, bus: &PioBus, exit: &ExitSignal, label: &str, control: &VcpuControl) {
         // Messages name the VM when one process runs several ("SVM vCPU 0").
         let index = if label.is_empty() {
             self.index.to_string()
@@ -72,6 +105,7 @@ impl Vcpu {
             format!("{} ({label})", self.index)
         };
         while exit.reason().is_none() {
+            control.park_if_requested(|| self.snapshot(), || exit.reason().is_some());
             match self.fd.run() {
                 Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),

@@ -1,0 +1,341 @@
+//! Quiescing a VM: stop every vCPU outside KVM_RUN at a point where no guest CPU holds a
+//! kernel lock — halted (idle) or running user code (CPL 3) — then let them go again.
+//!
+//! The redirect engine runs GVM kernel code on a lent CPU while the GVM's own CPUs are held
+//! here (DESIGN.md 4.2 step 2). A vCPU caught in the kernel is released and tried again a
+//! bounded number of times; if the guest never reaches a safe point the caller gets
+//! [`QuiesceError::Busy`] rather than a hang.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::devices::bus::lock;
+
+/// What a parked vCPU was doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VcpuSnapshot {
+    pub index: u8,
+    /// Current privilege level (0 kernel, 3 user).
+    pub cpl: u8,
+    /// Halted in HLT, waiting for an interrupt.
+    pub halted: bool,
+    pub rip: u64,
+}
+
+impl VcpuSnapshot {
+    /// Halted or in user mode: it holds no kernel lock and is in no kernel critical section.
+    pub fn at_safe_point(&self) -> bool {
+        self.halted || self.cpl == 3
+    }
+
+    pub fn describe(&self) -> String {
+        let what = if self.halted {
+            "halted".to_string()
+        } else if self.cpl == 3 {
+            "in user mode".to_string()
+        } else {
+            format!("in the kernel (CPL {})", self.cpl)
+        };
+        format!("vCPU {} {what} at rip {:#x}", self.index, self.rip)
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum QuiesceError {
+    #[error("guest busy: {0} after {1} attempts (it never reached an idle or user-mode point)")]
+    Busy(String, u32),
+    #[error("vCPU {0} did not stop within {1:?}")]
+    NoResponse(u8, Duration),
+    #[error("the VM is stopping")]
+    Stopping,
+}
+
+#[derive(Default)]
+struct State {
+    pause: bool,
+    parked: Option<VcpuSnapshot>,
+    thread: Option<libc::pthread_t>,
+    stopped: bool,
+}
+
+/// Shared between one vCPU thread and whoever quiesces its VM.
+#[derive(Default)]
+pub struct VcpuControl {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN (its handler does nothing; the
+/// interrupted ioctl returns EINTR).
+pub fn kick_signal() -> i32 {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the no-op kick handler, without SA_RESTART so KVM_RUN returns EINTR.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    // SAFETY: sigaction is plain data; zeroed means no flags and an empty mask.
+    let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
+    action.sa_sigaction = on_kick as *const () as usize;
+    // SAFETY: `action` is initialised and `on_kick` is a valid handler for one int argument.
+    if unsafe { libc::sigaction(kick_signal(), &action, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl VcpuControl {
+    /// Called by the vCPU thread when it starts.
+    pub fn register_current_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        lock(&self.state).thread = Some(unsafe { libc::pthread_self() });
+    }
+
+    /// Called by the vCPU thread when it ends; quiescers stop waiting for it.
+    pub fn mark_stopped(&self) {
+        let mut s = lock(&self.state);
+        s.stopped = true;
+        s.thread = None;
+        self.changed.notify_all();
+    }
+
+    /// Called by the vCPU thread between KVM_RUN calls: if a pause is requested, record
+    /// the snapshot taken by `snapshot` and wait until released (or `stop` says so).
+    pub fn park_if_requested(
+        &self,
+        snapshot: impl FnOnce() -> VcpuSnapshot,
+        stop: impl Fn() -> bool,
+    ) {
+        let mut s = lock(&self.state);
+        if !s.pause {
+            return;
+        }
+        s.parked = Some(snapshot());
+        self.changed.notify_all();
+        while s.pause && !stop() {
+            s = self
+                .changed
+                .wait_timeout(s, Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        s.parked = None;
+        self.changed.notify_all();
+    }
+
+    fn request(&self, pause: bool) {
+        let mut s = lock(&self.state);
+        s.pause = pause;
+        if !pause {
+            s.parked = None;
+        }
+        self.changed.notify_all();
+    }
+
+    fn kick(&self) {
+        if let Some(thread) = lock(&self.state).thread {
+            // SAFETY: the thread id was registered by a live vCPU thread and is cleared
+            // before that thread exits; the signal's handler does nothing.
+            unsafe { libc::pthread_kill(thread, kick_signal()) };
+        }
+    }
+
+    /// Waits until parked, kicking every millisecond; `None` on timeout.
+    fn wait_parked(&self, timeout: Duration) -> Result<Option<VcpuSnapshot>, QuiesceError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let s = lock(&self.state);
+                if s.stopped {
+                    return Err(QuiesceError::Stopping);
+                }
+                if let Some(snap) = s.parked {
+                    return Ok(Some(snap));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            self.kick();
+            let s = lock(&self.state);
+            let _ = self.changed.wait_timeout(s, Duration::from_millis(1));
+        }
+    }
+}
+
+/// How hard to try.
+#[derive(Debug, Clone, Copy)]
+pub struct QuiescePolicy {
+    pub attempts: u32,
+    pub park_timeout: Duration,
+    pub retry_delay: Duration,
+}
+
+impl Default for QuiescePolicy {
+    fn default() -> Self {
+        Self {
+            attempts: 200,
+            park_timeout: Duration::from_secs(1),
+            retry_delay: Duration::from_millis(2),
+        }
+    }
+}
+
+/// Holds a VM's vCPUs parked; dropping it lets them run again.
+pub struct Quiesced {
+    controls: Vec<Arc<VcpuControl>>,
+    pub snapshots: Vec<VcpuSnapshot>,
+    pub attempts: u32,
+    pub took: Duration,
+}
+
+impl Drop for Quiesced {
+    fn drop(&mut self) {
+        for c in &self.controls {
+            c.request(false);
+        }
+    }
+}
+
+/// The first vCPU that is not at a safe point, if any.
+pub fn first_busy(snapshots: &[VcpuSnapshot]) -> Option<&VcpuSnapshot> {
+    snapshots.iter().find(|s| !s.at_safe_point())
+}
+
+/// Parks every vCPU of a VM at a safe point, or fails after `policy.attempts` tries.
+pub fn quiesce(
+    controls: &[Arc<VcpuControl>],
+    policy: QuiescePolicy,
+) -> Result<Quiesced, QuiesceError> {
+    let start = Instant::now();
+    let mut last_busy = String::new();
+    for attempt in 1..=policy.attempts.max(1) {
+        // The guard releases every vCPU on any early return.
+        let mut held = Quiesced {
+            controls: controls.to_vec(),
+            snapshots: Vec::with_capacity(controls.len()),
+            attempts: attempt,
+            took: Duration::ZERO,
+        };
+        for c in controls {
+            c.request(true);
+        }
+        for (i, c) in controls.iter().enumerate() {
+            match c.wait_parked(policy.park_timeout)? {
+                Some(snap) => held.snapshots.push(snap),
+                None => {
+                    return Err(QuiesceError::NoResponse(
+                        u8::try_from(i).unwrap_or(u8::MAX),
+                        policy.park_timeout,
+                    ))
+                }
+            }
+        }
+        match first_busy(&held.snapshots) {
+            None => {
+                held.took = start.elapsed();
+                return Ok(held);
+            }
+            Some(busy) => last_busy = busy.describe(),
+        }
+        drop(held);
+        std::thread::sleep(policy.retry_delay);
+    }
+    Err(QuiesceError::Busy(last_busy, policy.attempts.max(1)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+
+    fn snap(index: u8, cpl: u8, halted: bool) -> VcpuSnapshot {
+        VcpuSnapshot {
+            index,
+            cpl,
+            halted,
+            rip: 0x1000,
+        }
+    }
+
+    #[test]
+    fn only_halted_or_user_mode_is_safe() {
+        assert!(snap(0, 3, false).at_safe_point());
+        assert!(snap(0, 0, true).at_safe_point());
+        assert!(!snap(0, 0, false).at_safe_point());
+        let all = [snap(0, 3, false), snap(1, 0, false)];
+        assert_eq!(first_busy(&all).map(|s| s.index), Some(1));
+    }
+
+    /// A fake vCPU thread: parks when asked, reporting the CPL in `cpl`.
+    fn fake_vcpu(control: Arc<VcpuControl>, cpl: Arc<AtomicU8>, stop: Arc<AtomicBool>) {
+        std::thread::spawn(move || {
+            control.register_current_thread();
+            while !stop.load(Ordering::Relaxed) {
+                control.park_if_requested(
+                    || snap(0, cpl.load(Ordering::Relaxed), false),
+                    || stop.load(Ordering::Relaxed),
+                );
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            control.mark_stopped();
+        });
+    }
+
+    #[test]
+    fn a_vcpu_in_user_mode_is_held_then_released() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        fake_vcpu(control.clone(), Arc::new(AtomicU8::new(3)), stop.clone());
+        let held = quiesce(std::slice::from_ref(&control), QuiescePolicy::default()).unwrap();
+        assert_eq!(held.snapshots, vec![snap(0, 3, false)]);
+        assert!(lock(&control.state).parked.is_some());
+        drop(held);
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(lock(&control.state).parked.is_none(), "not released");
+        stop.store(true, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_vcpu_stuck_in_the_kernel_makes_the_guest_busy_not_a_hang() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        fake_vcpu(control.clone(), Arc::new(AtomicU8::new(0)), stop.clone());
+        let policy = QuiescePolicy {
+            attempts: 5,
+            ..QuiescePolicy::default()
+        };
+        let err = quiesce(std::slice::from_ref(&control), policy)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, QuiesceError::Busy(ref what, 5) if what.contains("in the kernel")),
+            "{err}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            lock(&control.state).parked.is_none(),
+            "left parked after failing"
+        );
+        stop.store(true, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_vcpu_that_never_parks_is_reported() {
+        let control = Arc::new(VcpuControl::default());
+        let policy = QuiescePolicy {
+            attempts: 1,
+            park_timeout: Duration::from_millis(20),
+            retry_delay: Duration::ZERO,
+        };
+        assert_eq!(
+            quiesce(&[control], policy).err(),
+            Some(QuiesceError::NoResponse(0, Duration::from_millis(20)))
+        );
+    }
+}

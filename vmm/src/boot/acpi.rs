@@ -3,7 +3,8 @@
 //! The pinned Debian cloud kernel is built without `CONFIG_X86_MPPARSE`, so an MP table
 //! is ignored and the MADT is the only way to tell it about more than one CPU. CPUs listed
 //! as present but disabled become *possible* CPUs that never come online, which is how the
-//! redirect engine later gets a spare per-CPU area in the guest (DESIGN.md 4.1).
+//! redirect engine later gets a spare per-CPU area in the guest (DESIGN.md 4.1). They must
+//! be marked online-capable: Linux 6.1 skips disabled entries that are not.
 
 use super::layout::{ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR};
 
@@ -20,6 +21,9 @@ const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
 const MADT_LOCAL_APIC: u8 = 0;
 const MADT_IO_APIC: u8 = 1;
 const MADT_CPU_ENABLED: u32 = 1;
+/// "Online capable": not running now, but may be brought up. Linux 6.1 ignores a disabled
+/// entry without this flag; with it, the CPU counts as possible.
+const MADT_CPU_ONLINE_CAPABLE: u32 = 2;
 
 /// EISA IDs (compressed, as AML stores them) of the legacy devices in the DSDT.
 const EISA_PNP0501_UART: u32 = 0x0105_d041;
@@ -151,8 +155,8 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     sdt(b"FACP", 6, &body)
 }
 
-/// MADT: `cpus` enabled local APICs (APIC ID = CPU index), then `spare_cpus` disabled ones
-/// (possible but never started), then the IOAPIC.
+/// MADT: `cpus` enabled local APICs (APIC ID = CPU index), then `spare_cpus` online-capable
+/// ones (possible but never started), then the IOAPIC.
 fn madt(cpus: u8, spare_cpus: u8) -> Vec<u8> {
     let mut body = Vec::new();
     body.extend_from_slice(&LAPIC_ADDR.to_le_bytes());
@@ -162,7 +166,7 @@ fn madt(cpus: u8, spare_cpus: u8) -> Vec<u8> {
         let flags = if id < u16::from(cpus) {
             MADT_CPU_ENABLED
         } else {
-            0
+            MADT_CPU_ONLINE_CAPABLE
         };
         body.extend_from_slice(&[MADT_LOCAL_APIC, 8, id as u8, id as u8]);
         body.extend_from_slice(&flags.to_le_bytes());
@@ -298,7 +302,7 @@ mod tests {
                 (e[3], u32::from_le_bytes(e[4..8].try_into().unwrap()))
             })
             .collect();
-        assert_eq!(lapics, vec![(0, 1), (1, 1), (2, 0)]);
+        assert_eq!(lapics, vec![(0, 1), (1, 1), (2, MADT_CPU_ONLINE_CAPABLE)]);
         assert_eq!(entries[24], MADT_IO_APIC);
         assert_eq!(entries.len(), 3 * 8 + 12);
     }

@@ -166,20 +166,24 @@ impl VcpuControl {
     }
 }
 
-/// How hard to try.
+/// How hard to try: attempts until `budget` is spent (at least one), releasing the guest
+/// between them for a delay that doubles from `first_delay` up to `max_delay` — so a guest
+/// in a long kernel operation gets time to finish it, on slow (nested) hardware too.
 #[derive(Debug, Clone, Copy)]
 pub struct QuiescePolicy {
-    pub attempts: u32,
+    pub budget: Duration,
     pub park_timeout: Duration,
-    pub retry_delay: Duration,
+    pub first_delay: Duration,
+    pub max_delay: Duration,
 }
 
 impl Default for QuiescePolicy {
     fn default() -> Self {
         Self {
-            attempts: 200,
+            budget: Duration::from_secs(10),
             park_timeout: Duration::from_secs(1),
-            retry_delay: Duration::from_millis(2),
+            first_delay: Duration::from_millis(1),
+            max_delay: Duration::from_millis(100),
         }
     }
 }
@@ -205,14 +209,16 @@ pub fn first_busy(snapshots: &[VcpuSnapshot]) -> Option<&VcpuSnapshot> {
     snapshots.iter().find(|s| !s.at_safe_point())
 }
 
-/// Parks every vCPU of a VM at a safe point, or fails after `policy.attempts` tries.
+/// Parks every vCPU of a VM at a safe point, or fails once `policy.budget` is spent.
 pub fn quiesce(
     controls: &[Arc<VcpuControl>],
     policy: QuiescePolicy,
 ) -> Result<Quiesced, QuiesceError> {
     let start = Instant::now();
-    let mut last_busy = String::new();
-    for attempt in 1..=policy.attempts.max(1) {
+    let mut delay = policy.first_delay;
+    let mut attempt = 0u32;
+    loop {
+        attempt = attempt.saturating_add(1);
         // The guard releases every vCPU on any early return.
         let mut held = Quiesced {
             controls: controls.to_vec(),
@@ -239,12 +245,16 @@ pub fn quiesce(
                 held.took = start.elapsed();
                 return Ok(held);
             }
-            Some(busy) => last_busy = busy.describe(),
+            Some(busy) => {
+                if start.elapsed() + delay > policy.budget {
+                    return Err(QuiesceError::Busy(busy.describe(), attempt));
+                }
+            }
         }
         drop(held);
-        std::thread::sleep(policy.retry_delay);
+        std::thread::sleep(delay);
+        delay = (delay * 2).min(policy.max_delay);
     }
-    Err(QuiesceError::Busy(last_busy, policy.attempts.max(1)))
 }
 
 #[cfg(test)]
@@ -307,14 +317,14 @@ mod tests {
         let stop = Arc::new(AtomicBool::new(false));
         fake_vcpu(control.clone(), Arc::new(AtomicU8::new(0)), stop.clone());
         let policy = QuiescePolicy {
-            attempts: 5,
+            budget: Duration::from_millis(100),
             ..QuiescePolicy::default()
         };
         let err = quiesce(std::slice::from_ref(&control), policy)
             .err()
             .unwrap();
         assert!(
-            matches!(err, QuiesceError::Busy(ref what, 5) if what.contains("in the kernel")),
+            matches!(err, QuiesceError::Busy(ref what, n) if what.contains("in the kernel") && n > 1),
             "{err}"
         );
         std::thread::sleep(Duration::from_millis(50));
@@ -329,9 +339,10 @@ mod tests {
     fn a_vcpu_that_never_parks_is_reported() {
         let control = Arc::new(VcpuControl::default());
         let policy = QuiescePolicy {
-            attempts: 1,
+            budget: Duration::ZERO,
             park_timeout: Duration::from_millis(20),
-            retry_delay: Duration::ZERO,
+            first_delay: Duration::ZERO,
+            max_delay: Duration::ZERO,
         };
         assert_eq!(
             quiesce(&[control], policy).err(),

@@ -289,6 +289,34 @@ pub fn classify(reason: ExitReason, panic_line: Option<String>) -> ExitReason {
     }
 }
 
+/// An event-loop subscriber.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Runs the event loop on this thread, behind the event-loop seccomp filter, until a stop
+/// reason is recorded in `exit`. One of `subscribers` must consume `exit`'s eventfd.
+pub fn run_event_loop(
+    subscribers: Vec<Subscriber>,
+    exit: &ExitSignal,
+    opts: &RunOptions,
+) -> Result<ExitReason, BuildError> {
+    let mut manager = EventManager::<Subscriber>::new()
+        .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;
+    for subscriber in subscribers {
+        manager.add_subscriber(subscriber);
+    }
+    if opts.seccomp {
+        seccomp::install(ThreadKind::EventLoop).map_err(BuildError::Host)?;
+    }
+    loop {
+        if let Some(reason) = exit.reason() {
+            return Ok(reason);
+        }
+        manager
+            .run()
+            .map_err(|e| BuildError::Host(format!("event loop: {e:?}")))?;
+    }
+}
+
 /// Boots `config` and runs it until the guest stops. Returns why it stopped.
 pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildError> {
     let exit = Arc::new(ExitSignal::new().map_err(host_err("exit eventfd"))?);
@@ -306,23 +334,13 @@ pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildEr
     vm.start(opts.seccomp)?;
     let reason = {
         let _raw = RawModeGuard::enable(libc::STDIN_FILENO);
-        let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-            .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;
-        manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })));
-        manager.add_subscriber(Arc::new(Mutex::new(StdinInput {
-            serial: vm.console.clone(),
-        })));
-        if opts.seccomp {
-            seccomp::install(ThreadKind::EventLoop).map_err(BuildError::Host)?;
-        }
-        loop {
-            if let Some(reason) = exit.reason() {
-                break reason;
-            }
-            manager
-                .run()
-                .map_err(|e| BuildError::Host(format!("event loop: {e:?}")))?;
-        }
+        let subscribers: Vec<Subscriber> = vec![
+            Arc::new(Mutex::new(ExitWatcher { exit: exit.clone() })),
+            Arc::new(Mutex::new(StdinInput {
+                serial: vm.console.clone(),
+            })),
+        ];
+        run_event_loop(subscribers, &exit, opts)?
     };
     let reason = classify(reason, vm.panic_line());
     vm.retire();

@@ -8,14 +8,15 @@ pub mod server;
 
 use std::sync::Arc;
 
-use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use std::sync::Mutex;
 
-use crate::builder::{build_vm, classify, host_err, BuildError, RunOptions, VmSpec};
+use crate::builder::{
+    build_vm, classify, host_err, run_event_loop, BuildError, RunOptions, VmSpec,
+};
 use crate::config::VmConfig;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
 use crate::exit::{ExitReason, ExitSignal};
-use crate::seccomp::{self, ThreadKind};
+use crate::seccomp;
 use runtime::{InstanceLock, RuntimeDir};
 use server::ControlServer;
 
@@ -89,20 +90,7 @@ pub fn run_instance(
         gvm_vcpus: gvm.controls.clone(),
     });
 
-    let mut manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| BuildError::Host(format!("event manager: {e:?}")))?;
-    manager.add_subscriber(Arc::new(Mutex::new(server)));
-    if opts.seccomp {
-        seccomp::install(ThreadKind::EventLoop).map_err(BuildError::Host)?;
-    }
-    let reason = loop {
-        if let Some(reason) = exit.reason() {
-            break reason;
-        }
-        manager
-            .run()
-            .map_err(|e| BuildError::Host(format!("event loop: {e:?}")))?;
-    };
+    let reason = run_event_loop(vec![Arc::new(Mutex::new(server))], &exit, opts)?;
     // A panic in either VM is the story; otherwise the reason as reported.
     let reason = match svm.panic_line() {
         Some(line) if reason == ExitReason::Reset => ExitReason::GuestPanic(format!("SVM: {line}")),

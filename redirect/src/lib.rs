@@ -13,7 +13,10 @@
 //! - [`memory`]: bounds-checked guest-physical reads and writes;
 //! - [`paging`]: x86-64 4-level page walks through a guest's own (possibly hostile) page
 //!   tables — single translations, virtual reads and writes that cross pages, bounded C-string
-//!   reads, and a bounded enumeration of all mappings (used to build view page tables).
+//!   reads, and a bounded enumeration of all mappings (used to build view page tables);
+//! - [`profile`]: symbols and struct layouts of the pinned kernel;
+//! - [`view`]: the private window's layout and the view page tables of a redirected call;
+//! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call.
 //!
 //! Everything that reads guest-controlled data is written so that no input can make it panic,
 //! loop forever or touch memory outside the guest: a malicious GVM can make an operation fail,
@@ -24,6 +27,8 @@
 pub mod memory;
 pub mod paging;
 pub mod profile;
+pub mod shadow;
+pub mod view;
 
 pub use memory::{GuestPhysMemory, MemError, MemoryImage};
 pub use paging::{

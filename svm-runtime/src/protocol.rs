@@ -17,7 +17,7 @@ pub const MAX_PAYLOAD: usize = 64 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// A→V: the agent is up.
+    /// A→V: the agent is up (payload: [`profile_symbol_lines`] of its /proc/kallsyms).
     Ready = 1,
     /// C→V→A: run a command ([`ExecRequest`]).
     Exec = 2,
@@ -72,6 +72,44 @@ impl Kind {
             _ => return None,
         })
     }
+}
+
+/// Kernel symbols the agent reports in its `Ready` frame: the lines of the SVM's
+/// `/proc/kallsyms` that name these (the SVM runs the GVM's kernel with `nokaslr`, so its
+/// addresses are the GVM's). The VMM's redirect engine builds its kernel profile from them
+/// plus the image's BTF; an SVM that lies here can only break its own redirected calls.
+pub const PROFILE_SYMBOLS: &[&str] = &[
+    "_stext",
+    "_etext",
+    "__start_rodata",
+    "__end_rodata",
+    "init_task",
+    "init_top_pgt",
+    "__per_cpu_offset",
+    "entry_SYSCALL_64",
+    "idt_table",
+    "__schedule",
+    "current_task",
+    "cpu_current_top_of_stack",
+    "gdt_page",
+    "cpu_tss_rw",
+];
+
+/// The `Ready` payload: the `PROFILE_SYMBOLS` lines of a kallsyms text, in its order.
+pub fn profile_symbol_lines(kallsyms: &str) -> String {
+    let mut out = String::new();
+    for line in kallsyms.lines() {
+        let mut fields = line.split_ascii_whitespace();
+        if let (Some(_), Some(_), Some(name), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        {
+            if PROFILE_SYMBOLS.contains(&name) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,14 +216,20 @@ impl Decoder {
 pub struct ExecRequest {
     /// Run on a pseudo-terminal (interactive shell) instead of pipes.
     pub tty: bool,
+    /// Run without the redirect shim: the command sees the SVM's own kernel.
+    pub local: bool,
     pub argv: Vec<String>,
 }
+
+const FLAG_TTY: u8 = 1;
+const FLAG_LOCAL: u8 = 2;
 
 const MAX_ARGS: usize = 4096;
 
 impl ExecRequest {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = vec![u8::from(self.tty)];
+        let flags = if self.tty { FLAG_TTY } else { 0 } | if self.local { FLAG_LOCAL } else { 0 };
+        let mut out = vec![flags];
         out.extend_from_slice(&(self.argv.len().min(MAX_ARGS) as u16).to_le_bytes());
         for arg in self.argv.iter().take(MAX_ARGS) {
             let bytes = &arg.as_bytes()[..arg.len().min(u16::MAX as usize)];
@@ -210,7 +254,8 @@ impl ExecRequest {
             return None;
         }
         Some(Self {
-            tty: flags & 1 == 1,
+            tty: flags & FLAG_TTY != 0,
+            local: flags & FLAG_LOCAL != 0,
             argv,
         })
     }
@@ -255,6 +300,17 @@ impl ExitStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_lines_keep_only_the_named_symbols() {
+        let text = "ffffffff81000000 T _stext\nffffffff81000010 T _stext_not\n\
+                    000000000001fb80 A current_task\nffffffff81e00000 T _etext [mod]\n\
+                    garbage\nffffffff82000000 D init_task\n";
+        assert_eq!(
+            profile_symbol_lines(text),
+            "ffffffff81000000 T _stext\n000000000001fb80 A current_task\nffffffff82000000 D init_task\n"
+        );
+    }
 
     #[test]
     fn frames_round_trip_through_a_byte_stream() {
@@ -309,6 +365,7 @@ mod tests {
     #[test]
     fn exec_requests_round_trip_and_reject_truncation() {
         let req = ExecRequest {
+            local: true,
             tty: true,
             argv: vec!["ps".into(), "-eo".into(), "pid,comm".into()],
         };

@@ -80,6 +80,7 @@ impl Line {
     /// Runs a command; returns (stdout, stderr, status).
     fn exec(&mut self, id: u32, tty: bool, argv: &[&str]) -> (String, String, ExitStatus) {
         let req = ExecRequest {
+            local: true,
             tty,
             argv: argv.iter().map(|s| s.to_string()).collect(),
         };
@@ -136,6 +137,7 @@ fn a_missing_program_is_an_error_with_status_127() {
 fn stdin_reaches_the_command_and_signals_kill_it() {
     let mut line = Line::start();
     let req = ExecRequest {
+        local: true,
         tty: false,
         argv: vec!["cat".into()],
     };
@@ -150,6 +152,7 @@ fn stdin_reaches_the_command_and_signals_kill_it() {
     assert_eq!(line.next_frame().kind, Kind::Exit);
 
     let req = ExecRequest {
+        local: true,
         tty: false,
         argv: vec!["sleep".into(), "30".into()],
     };

@@ -28,7 +28,7 @@ use crate::seccomp::{self, ThreadKind};
 use crate::terminal::RawModeGuard;
 use crate::vstate::memory::{create_guest_memory, MemoryError, SharedMemory};
 use crate::vstate::quiesce::{self, VcpuControl};
-use crate::vstate::vcpu::Vcpu;
+use crate::vstate::vcpu::{PortHook, Vcpu};
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 
 const I8042_BASE: u16 = 0x60;
@@ -123,6 +123,8 @@ pub struct BuiltVm {
     exit: Arc<ExitSignal>,
     /// One per vCPU, filled by [`BuiltVm::start`]: how the quiescer holds them.
     pub controls: Vec<Arc<VcpuControl>>,
+    /// Handles one I/O port on every vCPU (set before [`BuiltVm::start`]).
+    pub port_hook: Option<Arc<dyn PortHook>>,
 }
 
 fn serial_irq(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
@@ -230,6 +232,7 @@ pub fn build_vm(
         link,
         exit,
         controls: Vec::new(),
+        port_hook: None,
     })
 }
 
@@ -247,6 +250,7 @@ impl BuiltVm {
             let control = Arc::new(VcpuControl::default());
             self.controls.push(control.clone());
             let label = self.label;
+            let hook = self.port_hook.clone();
             std::thread::Builder::new()
                 .name(format!("{prefix}{}", vcpu.index))
                 .spawn(move || {
@@ -256,7 +260,7 @@ impl BuiltVm {
                             return;
                         }
                     }
-                    vcpu.run(bus, exit, label, control);
+                    vcpu.run(bus, exit, label, control, hook);
                 })
                 .map_err(host_err("spawn vCPU thread"))?;
         }
@@ -266,6 +270,11 @@ impl BuiltVm {
     /// This VM's guest-physical memory, through the redirect engine's narrow trait.
     pub fn guest_memory(&self) -> &dyn redirect::GuestPhysMemory {
         &self.memory.mem
+    }
+
+    /// The port-I/O bus of this VM's devices (the redirect vCPU's printk goes to the GVM's).
+    pub fn bus(&self) -> Arc<PioBus> {
+        self.bus.clone()
     }
 
     /// The panic line this VM's kernel printed, if any.

@@ -17,6 +17,7 @@ pub struct Cli {
 pub enum Command {
     Run(RunCmd),
     List(ListCmd),
+    Info(InfoCmd),
     Stop(StopCmd),
     Exec(ExecCmd),
     Shell(ShellCmd),
@@ -81,6 +82,16 @@ pub struct RunCmd {
 #[argh(subcommand, name = "list")]
 pub struct ListCmd {}
 
+/// Describe a running instance: key=value lines, with the redirect engine's counters
+/// (calls, failures, VM exits of the redirect vCPU, time the GVM was held).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "info")]
+pub struct InfoCmd {
+    /// instance name
+    #[argh(positional)]
+    pub name: String,
+}
+
 /// Stop an instance: both of its VMs end and its socket is removed.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "stop")]
@@ -90,25 +101,34 @@ pub struct StopCmd {
     pub name: String,
 }
 
-/// Run a command in an instance's SVM: exterior-vmm exec NAME -- CMD ARGS...
+/// Run a stock command in an instance's SVM against the GVM's kernel: its system calls on
+/// kernel state (/proc, /sys, hostname, signals, modules, netlink...) run in the GVM.
+/// exterior-vmm exec NAME [--local] -- CMD ARGS...
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "exec")]
 pub struct ExecCmd {
     /// instance name
     #[argh(positional)]
     pub name: String,
+    /// run without redirection: the command sees the SVM's own kernel
+    #[argh(switch)]
+    pub local: bool,
     /// the command and its arguments
     #[argh(positional, greedy)]
     pub command: Vec<String>,
 }
 
-/// Interactive shell in an instance's SVM.
+/// Interactive shell in an instance's SVM; every program it starts is redirected to the
+/// GVM's kernel (unless --local).
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "shell")]
 pub struct ShellCmd {
     /// instance name
     #[argh(positional)]
     pub name: String,
+    /// no redirection: a shell on the SVM's own kernel
+    #[argh(switch)]
+    pub local: bool,
 }
 
 /// Attach to an instance's serial console (the GVM's, or the SVM's with --svm); Ctrl-]

@@ -9,6 +9,7 @@ pub mod cli_image;
 pub mod config;
 pub mod devices;
 pub mod event_loop;
+pub mod executor;
 pub mod exit;
 pub mod instance;
 pub mod probe;

@@ -44,6 +44,10 @@ fn main() -> ExitCode {
             }
             Ok(0)
         }),
+        Command::Info(cmd) => with_runtime(|rt| {
+            print!("{}", client::info(rt, &cmd.name)?);
+            Ok(0)
+        }),
         Command::Stop(cmd) => with_runtime(|rt| {
             client::stop(rt, &cmd.name, STOP_TIMEOUT)?;
             Ok(0)
@@ -55,10 +59,16 @@ fn main() -> ExitCode {
                     "exec: no command given (exec NAME -- CMD ARGS...)",
                 );
             }
-            with_runtime(|rt| client::exec(rt, &cmd.name, cmd.command, false))
+            with_runtime(|rt| client::exec(rt, &cmd.name, cmd.command, false, cmd.local))
         }
         Command::Shell(cmd) => with_runtime(|rt| {
-            client::exec(rt, &cmd.name, vec!["/bin/bash".into(), "-i".into()], true)
+            client::exec(
+                rt,
+                &cmd.name,
+                vec!["/bin/bash".into(), "-i".into()],
+                true,
+                cmd.local,
+            )
         }),
         Command::Quiesce(cmd) => with_runtime(|rt| match client::quiesce(rt, &cmd.name)? {
             Ok(report) => {

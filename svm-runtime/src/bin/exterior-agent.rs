@@ -15,10 +15,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use svm_runtime::protocol::{chunks, Decoder, ExecRequest, ExitStatus, Frame, Kind};
+use svm_runtime::protocol::{
+    chunks, profile_symbol_lines, Decoder, ExecRequest, ExitStatus, Frame, Kind,
+};
 
 const DEFAULT_LINE: &str = "/dev/ttyS1";
 const READ_CHUNK: usize = 4096;
+/// The redirect shim, preloaded into every command not run with `--local`.
+const SHIM: &str = "/usr/lib/exterior/libexterior_shim.so";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 struct Session {
@@ -52,9 +56,33 @@ fn main() {
         link,
         sessions: HashMap::new(),
     };
-    agent.send(&Frame::new(Kind::Ready, 0, Vec::new()));
+    raise_pids();
+    // The redirect engine's symbols ride on Ready: reading kallsyms is the slow part of
+    // start-up, and the VMM must not redirect anything before it has them.
+    let symbols = std::fs::read_to_string("/proc/kallsyms")
+        .map(|text| profile_symbol_lines(&text))
+        .unwrap_or_else(|e| {
+            eprintln!("exterior-agent: cannot read /proc/kallsyms: {e}");
+            String::new()
+        });
+    agent.send(&Frame::new(Kind::Ready, 0, symbols.into_bytes()));
     eprintln!("exterior-agent: serving on {line}");
     agent.serve();
+}
+
+/// Programs in the SVM get pids far above any the GVM uses, so `/proc/<own pid>` (which
+/// the shim keeps local, as `/proc/self`) never names a GVM process. Linux's largest
+/// pid_max on 64-bit is 4194304; the GVM's default is 32768 (or 1024 per possible CPU).
+const FIRST_SVM_PID: u32 = 4_000_000;
+
+fn raise_pids() {
+    let write = |path: &str, value: String| {
+        if let Err(e) = std::fs::write(path, value) {
+            eprintln!("exterior-agent: cannot write {path}: {e}");
+        }
+    };
+    write("/proc/sys/kernel/pid_max", "4194304".into());
+    write("/proc/sys/kernel/ns_last_pid", FIRST_SVM_PID.to_string());
 }
 
 /// Raw mode: no echo, no line editing, no output post-processing — the line carries frames.
@@ -219,6 +247,14 @@ impl Agent {
             .env("HOME", "/root")
             .env("TERM", "linux")
             .current_dir("/");
+        if !req.local {
+            // Without the shim the command would show the SVM's own state as if it were
+            // the GVM's: refuse rather than run it.
+            if !std::path::Path::new(SHIM).is_file() {
+                return self.fail(id, &format!("the redirect shim {SHIM} is missing"));
+            }
+            cmd.env("LD_PRELOAD", SHIM);
+        }
         let result = if req.tty {
             spawn_on_pty(&mut cmd)
         } else {

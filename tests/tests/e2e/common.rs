@@ -1,8 +1,11 @@
 //! Helpers shared by the end-to-end tests.
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// The repository root, as set by tools/kvm-run. Panics (fails the test) when the suite is
 /// run any other way: these tests must never pass by not running.
@@ -49,16 +52,112 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// How long one exterior-vmm command may take before the test gives up on it. Nested
+/// TCG guests boot in 10-40 s; several minutes means the guest or L1 is wedged.
+/// EXTERIOR_E2E_DEADLINE (seconds) overrides.
+fn deadline() -> Duration {
+    let secs = std::env::var("EXTERIOR_E2E_DEADLINE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
 /// Runs a command to completion and returns (status code, stdout, stderr), printing both
-/// so a failing test shows what the guest said.
+/// so a failing test shows what the guest said. A command that outlives `deadline()` is
+/// killed and fails the test with what it printed so far and where its threads were
+/// waiting, instead of wedging the whole suite.
 pub fn run(cmd: &mut Command) -> (i32, String, String) {
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = cmd.output().expect("spawn exterior-vmm");
-    let stdout = String::from_utf8_lossy(&stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    run_with_stdin(cmd, None)
+}
+
+/// `run`, with `input` written to the command's stdin (then closed).
+pub fn run_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> (i32, String, String) {
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn exterior-vmm");
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(input).expect("write the command's stdin");
+    }
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
+    let limit = deadline();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for exterior-vmm") {
+            break Some(status);
+        }
+        if started.elapsed() > limit {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let Some(status) = status else {
+        let where_ = thread_states(child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+        let out = stdout.join().unwrap_or_default();
+        let err = stderr.join().unwrap_or_default();
+        panic!(
+            "{cmd:?} did not finish within {limit:?}; killed it.\n--- its threads\n{where_}\
+             --- stdout so far\n{out}\n--- stderr so far\n{err}\n--- kernel log (tail)\n{}",
+            kernel_log_tail()
+        );
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
     println!("--- {cmd:?}\n--- status {status}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
     (status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// Reads a pipe to its end on a thread, so a chatty guest never blocks on a full pipe.
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// One line per thread of `pid`: name, state and kernel wait channel, for a hang report.
+fn thread_states(pid: u32) -> String {
+    let mut report = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "(no /proc entry)\n".into();
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .filter(|l| l.starts_with("Name:") || l.starts_with("State:"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        report.push_str(&format!(
+            "{}: {state} wchan={} stack:\n{}\n",
+            task.file_name().to_string_lossy(),
+            read("wchan"),
+            read("stack")
+        ));
+    }
+    report
+}
+
+/// The last lines of the host (L1) kernel log: soft lockups and KVM complaints show here.
+fn kernel_log_tail() -> String {
+    Command::new("dmesg")
+        .output()
+        .map(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        })
+        .unwrap_or_else(|e| format!("(dmesg: {e})"))
 }

@@ -7,11 +7,11 @@ use std::process::Command;
 use super::common::*;
 
 /// A private runtime directory for one test, so tests cannot see each other's instances.
-fn runtime(tag: &str) -> PathBuf {
+pub fn runtime(tag: &str) -> PathBuf {
     scratch_dir(tag).join("run")
 }
 
-fn vmm_in(rt: &Path) -> Command {
+pub fn vmm_in(rt: &Path) -> Command {
     let mut cmd = vmm();
     cmd.env("EXTERIOR_RUNTIME_DIR", rt);
     cmd
@@ -19,7 +19,7 @@ fn vmm_in(rt: &Path) -> Command {
 
 /// A running instance; stopped (or killed) when dropped, so a failing test does not leave
 /// it running and starving the tests after it.
-struct Instance {
+pub struct Instance {
     rt: PathBuf,
     name: String,
 }
@@ -44,7 +44,7 @@ impl Drop for Instance {
 }
 
 #[must_use]
-fn start(rt: &Path, name: &str, extra: &[&str]) -> Instance {
+pub fn start(rt: &Path, name: &str, extra: &[&str]) -> Instance {
     let (code, _, err) = run(vmm_in(rt)
         .args(["run", "--name", name, "--detach", "--mem", "256M"])
         .args(extra));
@@ -100,7 +100,22 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     let (code, out, _) = run(vmm_in(&rt).args(["exec", "life", "--", "ls", "--version"]));
     assert_eq!(code, 0);
     assert!(out.contains("GNU coreutils"), "{out}");
-    let (code, out, _) = run(vmm_in(&rt).args(["exec", "life", "--", "hostname"]));
+    // Commands are redirected to the GVM's kernel unless --local: the hostname is the one
+    // the GVM's init sets (once it has booted), the SVM's own only with --local.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(180);
+    loop {
+        let (code, out, err) = run(vmm_in(&rt).args(["exec", "life", "--", "hostname"]));
+        assert_eq!(code, 0, "{err}");
+        if out.trim() == "gvm" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the redirected hostname never became the GVM's: {out}"
+        );
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    let (code, out, _) = run(vmm_in(&rt).args(["exec", "life", "--local", "--", "hostname"]));
     assert_eq!((code, out.trim()), (0, "svm"));
 
     // The GVM (a shell waiting on its console) can be held at a safe point — its vCPU
@@ -115,24 +130,11 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     assert!(!out.contains("in the kernel"), "{out}");
 
     // `shell` gives bash on a terminal in the SVM; here its input is piped.
-    let mut shell = vmm_in(&rt)
-        .args(["shell", "life"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn shell");
-    {
-        use std::io::Write;
-        let mut stdin = shell.stdin.take().unwrap();
-        stdin
-            .write_all(b"tty && echo shell-says-$((6*7)); exit 3\n")
-            .unwrap();
-    }
-    let out = shell.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    println!("--- shell output\n{text}");
-    assert_eq!(out.status.code(), Some(3), "shell exit status");
+    let (code, text, _) = run_with_stdin(
+        vmm_in(&rt).args(["shell", "life"]),
+        Some(b"tty && echo shell-says-$((6*7)); exit 3\n"),
+    );
+    assert_eq!(code, 3, "shell exit status");
     assert!(text.contains("shell-says-42"), "{text}");
     assert!(text.contains("/dev/pts/"), "not on a terminal: {text}");
 

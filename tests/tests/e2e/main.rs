@@ -5,3 +5,4 @@ mod boot;
 mod common;
 mod image;
 mod instance;
+mod redirect;

@@ -204,13 +204,14 @@ pub fn exec(
     name: &str,
     argv: Vec<String>,
     tty: bool,
+    local: bool,
 ) -> Result<i32, ClientError> {
     let mut conn = Connection::open(dir, name)?;
     const ID: u32 = 1;
     conn.send(&Frame::new(
         Kind::Exec,
         ID,
-        ExecRequest { tty, argv }.encode(),
+        ExecRequest { tty, local, argv }.encode(),
     ))?;
     let _raw = if tty {
         RawModeGuard::enable(libc::STDIN_FILENO)

@@ -15,6 +15,7 @@ use crate::builder::{
 };
 use crate::config::VmConfig;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
+use crate::executor::{Executor, KernelImage, Parts as ExecutorParts, RedirectPort};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp;
 use runtime::{InstanceLock, RuntimeDir};
@@ -40,6 +41,9 @@ pub fn run_instance(
     let svm_tap = Arc::new(ConsoleTap::new().map_err(host_err("console tap"))?);
     let inbox = Arc::new(LinkInbox::new().map_err(host_err("agent link"))?);
     let gvm_cpus = config.gvm.cpus;
+    // The redirect engine reads BTF and the text's place from the GVM's image (which the
+    // SVM boots too); it needs the ELF vmlinux for that.
+    let image = KernelImage::from_vmlinux(&config.gvm.kernel);
 
     let mut gvm = build_vm(
         VmSpec {
@@ -75,6 +79,20 @@ pub fn run_instance(
         seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
     }
     gvm.start(opts.seccomp)?;
+    let executor = Executor::new(
+        &opts.kvm_device,
+        image,
+        ExecutorParts {
+            gvm_mem: gvm.memory.mem.clone(),
+            svm_mem: svm.memory.mem.clone(),
+            gvm_vcpus: gvm.controls.clone(),
+            gvm_bus: gvm.bus(),
+            spare_cpu: gvm_cpus,
+        },
+        opts.seccomp,
+    )
+    .map_err(host_err("redirect engine"))?;
+    svm.port_hook = Some(Arc::new(RedirectPort(executor.clone())));
     svm.start(opts.seccomp)?;
     let server = ControlServer::new(server::Parts {
         name: config.name.clone(),
@@ -88,6 +106,7 @@ pub fn run_instance(
         gvm_console: gvm.console.clone(),
         svm_console: svm.console.clone(),
         gvm_vcpus: gvm.controls.clone(),
+        executor,
     });
 
     let reason = run_event_loop(vec![Arc::new(Mutex::new(server))], &exit, opts)?;

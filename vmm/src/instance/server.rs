@@ -15,6 +15,7 @@ use vmm_sys_util::epoll::EventSet;
 use crate::builder::{ConsoleSerial, LinkSerial};
 use crate::devices::bus::lock;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
+use crate::executor::Executor;
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::quiesce::{quiesce, QuiescePolicy, VcpuControl};
 
@@ -58,6 +59,8 @@ pub struct Parts {
     pub svm_console: Arc<Mutex<ConsoleSerial>>,
     /// The GVM's vCPUs, for quiescing.
     pub gvm_vcpus: Vec<Arc<VcpuControl>>,
+    /// The redirect engine: it gets the SVM's kernel symbols from the agent's Ready.
+    pub executor: Arc<Executor>,
 }
 
 pub struct ControlServer {
@@ -127,13 +130,23 @@ impl ControlServer {
     }
 
     fn info(&self) -> String {
+        let stats = &self.parts.executor.stats;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
         format!(
-            "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\n",
+            "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\nredirect_ready={}\n\
+             redirect_calls={}\nredirect_failed={}\nredirect_busy={}\nredirect_exits={}\n\
+             redirect_held_us={}\n",
             self.parts.name,
             std::process::id(),
             self.parts.gvm_cpus,
             u8::from(self.agent_ready),
-            self.sessions.len()
+            self.sessions.len(),
+            u8::from(self.parts.executor.is_ready()),
+            get(&stats.calls),
+            get(&stats.failed),
+            get(&stats.busy),
+            get(&stats.exits),
+            get(&stats.held_ns) / 1000,
         )
     }
 
@@ -162,6 +175,9 @@ impl ControlServer {
                 self.send_client(token, &reply);
             }
             Kind::Quiesce => {
+                // Never while a redirected call holds the GVM.
+                let executor = self.parts.executor.clone();
+                let _exclusive = executor.hold_gvm();
                 let reply = match quiesce(&self.parts.gvm_vcpus, QuiescePolicy::default()) {
                     Ok(held) => {
                         let mut text = format!(
@@ -220,6 +236,9 @@ impl ControlServer {
     fn handle_agent_frame(&mut self, frame: Frame) {
         match frame.kind {
             Kind::Ready => {
+                if !self.agent_ready {
+                    self.parts.executor.set_symbols(&frame.payload);
+                }
                 self.agent_ready = true;
                 let queued = std::mem::take(&mut self.queued);
                 for f in queued {

@@ -22,6 +22,28 @@ pub struct VcpuSnapshot {
     /// Halted in HLT, waiting for an interrupt.
     pub halted: bool,
     pub rip: u64,
+    /// Its control state, which the redirect vCPU mirrors.
+    pub control: ControlState,
+}
+
+/// The control registers and MSRs of a parked vCPU that the redirect vCPU must share with
+/// it (DESIGN.md 4.2a: CR0, CR4 and EFER must mirror a GVM vCPU's).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ControlState {
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// XCR0: the XSAVE features the kernel saves and restores.
+    pub xcr0: u64,
+    pub apic_base: u64,
+    /// The system-call MSRs: the redirect vCPU enters the kernel exactly like this CPU.
+    pub star: u64,
+    pub lstar: u64,
+    pub sfmask: u64,
+    /// The time-stamp counter when it parked: the redirect vCPU reads the GVM's clock
+    /// (kvm-clock scales the TSC), so it must count from the same value.
+    pub tsc: u64,
 }
 
 impl VcpuSnapshot {
@@ -229,25 +251,33 @@ pub fn quiesce(
         for c in controls {
             c.request(true);
         }
+        let mut silent = None;
         for (i, c) in controls.iter().enumerate() {
             match c.wait_parked(policy.park_timeout)? {
                 Some(snap) => held.snapshots.push(snap),
                 None => {
-                    return Err(QuiesceError::NoResponse(
-                        u8::try_from(i).unwrap_or(u8::MAX),
-                        policy.park_timeout,
-                    ))
+                    silent = Some(u8::try_from(i).unwrap_or(u8::MAX));
+                    break;
                 }
             }
         }
-        match first_busy(&held.snapshots) {
-            None => {
-                held.took = start.elapsed();
-                return Ok(held);
+        let out_of_time = start.elapsed() + delay > policy.budget;
+        // A vCPU that does not come out of KVM_RUN in time is retried like a busy one
+        // (a guest running without exits cannot be interrupted on some nested setups).
+        if let Some(index) = silent {
+            if out_of_time {
+                return Err(QuiesceError::NoResponse(index, policy.park_timeout));
             }
-            Some(busy) => {
-                if start.elapsed() + delay > policy.budget {
-                    return Err(QuiesceError::Busy(busy.describe(), attempt));
+        } else {
+            match first_busy(&held.snapshots) {
+                None => {
+                    held.took = start.elapsed();
+                    return Ok(held);
+                }
+                Some(busy) => {
+                    if out_of_time {
+                        return Err(QuiesceError::Busy(busy.describe(), attempt));
+                    }
                 }
             }
         }
@@ -268,6 +298,7 @@ mod tests {
             cpl,
             halted,
             rip: 0x1000,
+            control: ControlState::default(),
         }
     }
 

@@ -9,16 +9,30 @@ use super::vm::{kvm_err, Vm, VmError};
 use crate::boot::{cpu, cpuid, loader::BootInfo};
 use crate::devices::PioBus;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::vstate::quiesce::{VcpuControl, VcpuSnapshot};
+use crate::vstate::quiesce::{ControlState, VcpuControl, VcpuSnapshot};
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 const KVM_MP_STATE_HALTED: u32 = 3;
+pub const MSR_IA32_APICBASE: u32 = 0x1b;
+pub const MSR_IA32_TSC: u32 = 0x10;
+pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 
 pub struct Vcpu {
     pub fd: VcpuFd,
     pub index: u8,
+}
+
+/// Handles writes to one I/O port with the whole vCPU at hand (registers in and out), not
+/// just the data byte: the SVM's redirect requests (see `crate::executor`).
+pub trait PortHook: Send + Sync {
+    fn port(&self) -> u16;
+    /// Called after the guest's OUT to `port()` exited, before the vCPU runs again.
+    fn handle(&self, vcpu: &VcpuFd);
 }
 
 impl Vcpu {
@@ -73,13 +87,47 @@ impl Vcpu {
             .map(|s| s.mp_state == KVM_MP_STATE_HALTED)
             .unwrap_or(false);
         // On failure report CPL 0: "unsafe", so the quiescer retries instead of trusting it.
-        let cpl = self.fd.get_sregs().map(|s| s.cs.dpl).unwrap_or(0);
+        let sregs = self.fd.get_sregs().ok();
+        let cpl = sregs.map(|s| s.cs.dpl).unwrap_or(0);
         let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+        let mut control = ControlState::default();
+        if let Some(s) = sregs {
+            (control.cr0, control.cr3, control.cr4, control.efer) = (s.cr0, s.cr3, s.cr4, s.efer);
+        }
+        if let Ok(xcrs) = self.fd.get_xcrs() {
+            let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+            if let Some(x) = xcrs.xcrs[..n].iter().find(|x| x.xcr == 0) {
+                control.xcr0 = x.value;
+            }
+        }
+        let wanted = [
+            MSR_IA32_APICBASE,
+            MSR_STAR,
+            MSR_LSTAR,
+            MSR_SYSCALL_MASK,
+            MSR_IA32_TSC,
+        ]
+        .map(|index| kvm_bindings::kvm_msr_entry {
+            index,
+            ..Default::default()
+        });
+        if let Ok(mut msrs) = Msrs::from_entries(&wanted) {
+            if self.fd.get_msrs(&mut msrs) == Ok(wanted.len()) {
+                if let [apic, star, lstar, mask, tsc] = msrs.as_slice() {
+                    control.apic_base = apic.data;
+                    control.star = star.data;
+                    control.lstar = lstar.data;
+                    control.sfmask = mask.data;
+                    control.tsc = tsc.data;
+                }
+            }
+        }
         VcpuSnapshot {
             index: self.index,
             cpl,
             halted,
             rip,
+            control,
         }
     }
 
@@ -91,13 +139,22 @@ impl Vcpu {
         exit: Arc<ExitSignal>,
         label: &str,
         control: Arc<VcpuControl>,
+        hook: Option<Arc<dyn PortHook>>,
     ) {
         control.register_current_thread();
-        self.run_loop(&bus, &exit, label, &control);
+        self.run_loop(&bus, &exit, label, &control, hook.as_deref());
         control.mark_stopped();
     }
 
-    fn run_loop(&mut self, bus: &PioBus, exit: &ExitSignal, label: &str, control: &VcpuControl) {
+    fn run_loop(
+        &mut self,
+        bus: &PioBus,
+        exit: &ExitSignal,
+        label: &str,
+        control: &VcpuControl,
+        hook: Option<&dyn PortHook>,
+    ) {
+        let hook_port = hook.map(|h| h.port());
         // Messages name the VM when one process runs several ("SVM vCPU 0").
         let index = if label.is_empty() {
             self.index.to_string()
@@ -106,7 +163,9 @@ impl Vcpu {
         };
         while exit.reason().is_none() {
             control.park_if_requested(|| self.snapshot(), || exit.reason().is_some());
+            let mut hooked = false;
             match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, _)) if Some(port) == hook_port => hooked = true,
                 Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
                 // No MMIO devices yet: reads see zeros, writes are dropped.
@@ -143,6 +202,9 @@ impl Vcpu {
                 Err(e) => exit.signal(ExitReason::VmmError(format!(
                     "vCPU {index}: KVM_RUN failed: {e}"
                 ))),
+            }
+            if let (true, Some(hook)) = (hooked, hook) {
+                hook.handle(&self.fd);
             }
         }
     }

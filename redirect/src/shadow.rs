@@ -1,0 +1,311 @@
+//! The shadow task (DESIGN.md 4.2 step 4): the `current` of the lent CPU while it runs a
+//! redirected call.
+//!
+//! It is a copy of the GVM's `init_task` placed in the private window, edited into a
+//! plain user task that borrows the GVM's root credentials, root fs, namespaces, signal
+//! structures and cgroups (so paths, /proc and hostnames resolve as in the GVM's init),
+//! and owns what must not touch the GVM's tasks: its own kernel stack, its own
+//! `files_struct` (fds opened by redirected calls live there, not in any GVM process), its
+//! own FPU state. It is never linked into the GVM's task list, so no GVM tool sees it.
+//!
+//! Copies are rebased: every 8-byte word that points into the original object is moved to
+//! the copy's address, which fixes every self-referencing list head, the embedded FPU
+//! state pointer, and `group_leader`/`real_parent` (the idle task is its own leader).
+
+use thiserror::Error;
+
+use crate::profile::KernelProfile;
+
+/// TIF_NEED_FPU_LOAD (x86, 6.1): restore the task's FPU state before returning to user.
+const TIF_NEED_FPU_LOAD: u64 = 14;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum ShadowError {
+    #[error("kernel BTF has no {0}, needed for the shadow task")]
+    MissingField(&'static str),
+    #[error("{what} is {size:#x} bytes, more than the {room:#x} the window has for it")]
+    TooLarge {
+        what: &'static str,
+        size: u64,
+        room: u64,
+    },
+    #[error("the template {0} is shorter than its struct")]
+    ShortTemplate(&'static str),
+}
+
+/// Field offsets the shadow needs beyond [`crate::profile::Layouts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowLayout {
+    pub task_size: u64,
+    pub flags: u64,
+    pub ti_flags: u64,
+    pub ti_syscall_work: u64,
+    pub ti_cpu: u64,
+    pub state: u64,
+    pub stack: u64,
+    pub mm: u64,
+    pub files: u64,
+    pub rseq: u64,
+    pub comm: u64,
+    pub fpstate_ptr: u64,
+    /// `thread.fpu.last_cpu`: -1 means no CPU holds this task's FPU registers.
+    pub fpu_last_cpu: u64,
+    pub fsbase: u64,
+    pub gsbase: u64,
+    pub files_size: u64,
+    pub files_count: u64,
+}
+
+impl ShadowLayout {
+    pub fn from_profile(p: &KernelProfile) -> Result<ShadowLayout, ShadowError> {
+        let t = &p.layouts.task;
+        let off = |s: &str, m: &'static str| p.offset_of(s, m).ok_or(ShadowError::MissingField(m));
+        let files_size = p
+            .btf
+            .struct_id("files_struct")
+            .and_then(|id| p.btf.type_size(id))
+            .ok_or(ShadowError::MissingField("struct files_struct"))?;
+        Ok(ShadowLayout {
+            task_size: t.size,
+            flags: t.flags,
+            ti_flags: t.thread_info_flags,
+            ti_syscall_work: off("task_struct", "thread_info.syscall_work")?,
+            ti_cpu: off("task_struct", "thread_info.cpu")?,
+            state: off("task_struct", "__state")?,
+            stack: t.stack,
+            mm: t.mm,
+            files: t.files,
+            rseq: t.rseq,
+            comm: t.comm,
+            fpstate_ptr: off("task_struct", "thread.fpu.fpstate")?,
+            fpu_last_cpu: off("task_struct", "thread.fpu.last_cpu")?,
+            fsbase: t.thread_fsbase,
+            gsbase: off("task_struct", "thread.gsbase")?,
+            files_size,
+            files_count: off("files_struct", "count")?,
+        })
+    }
+}
+
+/// Moves every aligned 8-byte word of `bytes` that points into `[from, from + len)` to the
+/// same offset from `to`.
+pub fn rebase_self_pointers(bytes: &mut [u8], from: u64, to: u64) {
+    let len = bytes.len() as u64;
+    for word in bytes.chunks_exact_mut(8) {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(word);
+        let v = u64::from_le_bytes(raw);
+        if v >= from && v - from < len {
+            word.copy_from_slice(&(to + (v - from)).to_le_bytes());
+        }
+    }
+}
+
+fn put(bytes: &mut [u8], off: u64, value: &[u8]) -> Result<(), ShadowError> {
+    let start = usize::try_from(off).map_err(|_| ShadowError::ShortTemplate("task_struct"))?;
+    bytes
+        .get_mut(start..start + value.len())
+        .ok_or(ShadowError::ShortTemplate("task_struct"))?
+        .copy_from_slice(value);
+    Ok(())
+}
+
+/// Where the shadow's parts live (kernel-virtual addresses in the window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowPlace {
+    pub task: u64,
+    pub stack: u64,
+    pub files: u64,
+    /// The lent CPU's number (the GVM's spare CPU).
+    pub cpu: u32,
+}
+
+/// Makes the shadow `task_struct` from the GVM's `init_task` bytes (at `template_va`).
+pub fn shadow_task(
+    template: &[u8],
+    template_va: u64,
+    layout: &ShadowLayout,
+    place: &ShadowPlace,
+    room: u64,
+) -> Result<Vec<u8>, ShadowError> {
+    if layout.task_size > room {
+        return Err(ShadowError::TooLarge {
+            what: "task_struct",
+            size: layout.task_size,
+            room,
+        });
+    }
+    let size =
+        usize::try_from(layout.task_size).map_err(|_| ShadowError::ShortTemplate("task_struct"))?;
+    let mut task = template
+        .get(..size)
+        .ok_or(ShadowError::ShortTemplate("task_struct"))?
+        .to_vec();
+    rebase_self_pointers(&mut task, template_va, place.task);
+    // A user task that is not the idle task: no PF_KTHREAD (whose FPU handling warns on the
+    // way back to user mode), no PF_IDLE.
+    put(&mut task, layout.flags, &0u32.to_le_bytes())?;
+    put(
+        &mut task,
+        layout.ti_flags,
+        &(1u64 << TIF_NEED_FPU_LOAD).to_le_bytes(),
+    )?;
+    // No seccomp, tracing or syscall user dispatch work on its calls.
+    put(&mut task, layout.ti_syscall_work, &0u64.to_le_bytes())?;
+    put(&mut task, layout.ti_cpu, &place.cpu.to_le_bytes())?;
+    put(&mut task, layout.state, &0u32.to_le_bytes())?;
+    put(&mut task, layout.stack, &place.stack.to_le_bytes())?;
+    // No mm: a fault on a user address the view does not map ends in -EFAULT through the
+    // uaccess fixup, never in the GVM's fault handler "fixing" someone's page tables.
+    put(&mut task, layout.mm, &0u64.to_le_bytes())?;
+    put(&mut task, layout.files, &place.files.to_le_bytes())?;
+    put(&mut task, layout.rseq, &0u64.to_le_bytes())?;
+    put(&mut task, layout.fsbase, &0u64.to_le_bytes())?;
+    put(&mut task, layout.gsbase, &0u64.to_le_bytes())?;
+    put(&mut task, layout.comm, b"exterior\0\0\0\0\0\0\0\0")?;
+    put(&mut task, layout.fpu_last_cpu, &u32::MAX.to_le_bytes())?;
+    // fpstate already points into the copy when the template's pointed at its own embedded
+    // state (rebased above); anything else would share FPU state with a GVM task.
+    let fp = read_u64(&task, layout.fpstate_ptr)?;
+    if !(place.task..place.task + layout.task_size).contains(&fp) {
+        return Err(ShadowError::MissingField(
+            "an embedded FPU state in init_task (thread.fpu.fpstate points elsewhere)",
+        ));
+    }
+    Ok(task)
+}
+
+/// Makes the shadow `files_struct` from the GVM's `init_files` bytes (at `template_va`):
+/// its fd table is the embedded one, empty (kernel threads open nothing), count 1.
+pub fn shadow_files(
+    template: &[u8],
+    template_va: u64,
+    layout: &ShadowLayout,
+    files_va: u64,
+    room: u64,
+) -> Result<Vec<u8>, ShadowError> {
+    if layout.files_size > room {
+        return Err(ShadowError::TooLarge {
+            what: "files_struct",
+            size: layout.files_size,
+            room,
+        });
+    }
+    let size = usize::try_from(layout.files_size)
+        .map_err(|_| ShadowError::ShortTemplate("files_struct"))?;
+    let mut files = template
+        .get(..size)
+        .ok_or(ShadowError::ShortTemplate("files_struct"))?
+        .to_vec();
+    rebase_self_pointers(&mut files, template_va, files_va);
+    put(&mut files, layout.files_count, &1u32.to_le_bytes())
+        .map_err(|_| ShadowError::ShortTemplate("files_struct"))?;
+    Ok(files)
+}
+
+fn read_u64(bytes: &[u8], off: u64) -> Result<u64, ShadowError> {
+    let start = usize::try_from(off).map_err(|_| ShadowError::ShortTemplate("task_struct"))?;
+    let raw: [u8; 8] = bytes
+        .get(start..start + 8)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(ShadowError::ShortTemplate("task_struct"))?;
+    Ok(u64::from_le_bytes(raw))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> ShadowLayout {
+        ShadowLayout {
+            task_size: 0x200,
+            flags: 0x2c,
+            ti_flags: 0,
+            ti_syscall_work: 8,
+            ti_cpu: 0x18,
+            state: 0x1c,
+            stack: 0x20,
+            mm: 0x28,
+            files: 0x30,
+            rseq: 0x38,
+            comm: 0x40,
+            fpstate_ptr: 0x50,
+            fpu_last_cpu: 0x68,
+            fsbase: 0x58,
+            gsbase: 0x60,
+            files_size: 0x40,
+            files_count: 0,
+        }
+    }
+
+    #[test]
+    fn self_pointers_move_with_the_copy_and_others_stay() {
+        let mut bytes = vec![0u8; 32];
+        bytes[0..8].copy_from_slice(&0x1000u64.to_le_bytes()); // the start
+        bytes[8..16].copy_from_slice(&0x101fu64.to_le_bytes()); // last byte
+        bytes[16..24].copy_from_slice(&0x1020u64.to_le_bytes()); // one past: outside
+        bytes[24..32].copy_from_slice(&0xfffu64.to_le_bytes());
+        rebase_self_pointers(&mut bytes, 0x1000, 0x9000);
+        let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
+        assert_eq!(
+            [word(0), word(1), word(2), word(3)],
+            [0x9000, 0x901f, 0x1020, 0xfff]
+        );
+    }
+
+    #[test]
+    fn the_shadow_is_a_user_task_with_its_own_stack_files_and_fpu_state() {
+        let l = layout();
+        let mut template = vec![0xaau8; 0x200];
+        let template_va: u64 = 0xffff_ffff_8260_0000;
+        // list head pointing to itself, fpstate embedded, a pointer outside (cred).
+        template[0x100..0x108].copy_from_slice(&(template_va + 0x100).to_le_bytes());
+        template[0x50..0x58].copy_from_slice(&(template_va + 0x180).to_le_bytes());
+        template[0x108..0x110].copy_from_slice(&0xffff_ffff_8270_0000u64.to_le_bytes());
+        let place = ShadowPlace {
+            task: 0xffff_f800_0001_0000,
+            stack: 0xffff_f800_0002_0000,
+            files: 0xffff_f800_0005_0000,
+            cpu: 1,
+        };
+        let t = shadow_task(&template, template_va, &l, &place, 0x1000).unwrap();
+        let r = |off: u64| read_u64(&t, off).unwrap();
+        assert_eq!(r(0x100), place.task + 0x100);
+        assert_eq!(r(0x108), 0xffff_ffff_8270_0000);
+        assert_eq!(r(l.fpstate_ptr), place.task + 0x180);
+        assert_eq!(r(l.stack), place.stack);
+        assert_eq!(r(l.files), place.files);
+        assert_eq!(r(l.mm), 0);
+        assert_eq!(r(l.ti_flags), 1 << TIF_NEED_FPU_LOAD);
+        assert_eq!(u32::from_le_bytes(t[0x2c..0x30].try_into().unwrap()), 0);
+        assert_eq!(u32::from_le_bytes(t[0x18..0x1c].try_into().unwrap()), 1);
+        assert_eq!(&t[0x40..0x48], b"exterior");
+    }
+
+    #[test]
+    fn bad_templates_are_errors() {
+        let l = layout();
+        let place = ShadowPlace {
+            task: 0x1000,
+            stack: 0,
+            files: 0,
+            cpu: 1,
+        };
+        assert_eq!(
+            shadow_task(&[0u8; 0x10], 0, &l, &place, 0x1000),
+            Err(ShadowError::ShortTemplate("task_struct"))
+        );
+        assert!(matches!(
+            shadow_task(&[0u8; 0x200], 0, &l, &place, 0x100),
+            Err(ShadowError::TooLarge { .. })
+        ));
+        // fpstate pointing outside the task.
+        assert!(matches!(
+            shadow_task(&[0u8; 0x200], 0x5000, &l, &place, 0x1000),
+            Err(ShadowError::MissingField(_))
+        ));
+        let files = shadow_files(&[0u8; 0x40], 0, &l, 0x2000, 0x1000).unwrap();
+        assert_eq!(&files[..4], &1u32.to_le_bytes());
+        assert!(shadow_files(&[0u8; 0x8], 0, &l, 0x2000, 0x1000).is_err());
+    }
+}

@@ -1,0 +1,497 @@
+//! The redirect view's private window and its page tables (DESIGN.md 4.1 and 4.2 step 3).
+//!
+//! The redirect vCPU runs in a guest-physical space composed of memslots: GVM RAM at its own
+//! addresses, the kernel text from the SVM, SVM RAM at a high offset `svm_base` and a private
+//! window owned by the VMM. This module lays out the window and builds, in it, the page tables
+//! the redirect vCPU runs on:
+//! - kernel half (PML4 entries 256..511): the GVM's own kernel entries, copied from a GVM
+//!   vCPU's CR3, so the GVM kernel sees its usual address space;
+//! - PML4 entry [`WINDOW_SLOT`]: the whole window at [`WINDOW_KVA`] (supervisor, no-execute),
+//!   where the shadow task, its stacks and its file table live;
+//! - user half: the calling SVM program's present mappings, each rebased to
+//!   `svm_base + its SVM physical address`, so user pointers in the call reach the program's
+//!   own pages in SVM memory and nothing else of the SVM;
+//! - one free user PML4 slot: the stub page (`syscall`, then a store to the *sentinel* page,
+//!   whose guest-physical address no memslot backs, so the store exits to the VMM with RAX).
+//!
+//! Everything read from the GVM or the SVM is bounded: the user-half walk goes through
+//! [`for_each_mapping`] with a table budget, and tables come from a fixed pool in the window.
+
+use std::ops::ControlFlow;
+
+use thiserror::Error;
+
+use crate::memory::{GuestPhysMemory, MemError};
+use crate::paging::{for_each_mapping, PageSize, PagingMode, WalkError};
+
+/// PML4 slot of the window's kernel mapping: 0xffff_f800_0000_0000, inside the range x86-64
+/// Linux reserves for KASAN shadow memory, which the pinned (non-KASAN) kernel leaves empty.
+pub const WINDOW_SLOT: usize = 0x1f0;
+/// Kernel-virtual address of the window's first byte.
+pub const WINDOW_KVA: u64 = 0xffff_0000_0000_0000 | ((WINDOW_SLOT as u64) << 39);
+/// Size of the window: two 2 MiB pages.
+pub const WINDOW_SIZE: u64 = 4 << 20;
+/// A kernel-virtual page right after the window that maps [`ViewLayout::trap_gpa`], which no
+/// memslot backs: a store there from patched kernel code exits to the VMM (the executor's
+/// trap for calls that would sleep).
+pub const TRAP_KVA: u64 = WINDOW_KVA + WINDOW_SIZE;
+
+/// Where things live in the window (offsets from its start).
+pub mod offsets {
+    /// The view's PML4.
+    pub const PML4: u64 = 0;
+    /// The user stub page: `syscall`, then the store to the sentinel.
+    pub const STUB: u64 = 0x1000;
+    /// The shadow `task_struct` (the pinned kernel's is 0x2600 bytes).
+    pub const SHADOW_TASK: u64 = 0x1_0000;
+    /// Room for the shadow task.
+    pub const SHADOW_TASK_MAX: u64 = 0x1_0000;
+    /// The shadow task's kernel stacks (THREAD_SIZE, 16 KiB, aligned to their size): one
+    /// in use; a call abandoned in the middle (it tried to sleep) leaves its stack to the
+    /// GVM, whose wait queues may still point into it, and the next call takes a fresh one.
+    pub const SHADOW_STACKS: u64 = 0x2_0000;
+    pub const STACK_SIZE: u64 = 0x4000;
+    pub const STACK_COUNT: u64 = 12;
+    /// The shadow task's `files_struct`.
+    pub const SHADOW_FILES: u64 = 0x5_0000;
+    pub const SHADOW_FILES_MAX: u64 = 0x1_0000;
+    /// Page-table pages for the view, to the end of the window.
+    pub const TABLES: u64 = 0x10_0000;
+}
+
+/// Highest canonical user address.
+const USER_TOP: u64 = 0x0000_7fff_ffff_ffff;
+const ENTRY_P: u64 = 1;
+const ENTRY_RW: u64 = 1 << 1;
+const ENTRY_US: u64 = 1 << 2;
+const ENTRY_A: u64 = 1 << 5;
+const ENTRY_D: u64 = 1 << 6;
+const ENTRY_PS: u64 = 1 << 7;
+const ENTRY_NX: u64 = 1 << 63;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Most SVM page-table pages one view walk may read.
+const MAX_SVM_TABLES: usize = 4096;
+
+/// Where the window, the SVM alias and the sentinel sit in the redirect VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewLayout {
+    /// Guest-physical start of the window (2 MiB aligned).
+    pub window_gpa: u64,
+    /// SVM guest-physical address `a` appears at `svm_base + a`.
+    pub svm_base: u64,
+    /// A guest-physical page no memslot backs: the stub's store there exits with RAX.
+    pub sentinel_gpa: u64,
+}
+
+impl ViewLayout {
+    /// Guest-physical address of window offset `off`.
+    pub fn gpa(&self, off: u64) -> u64 {
+        self.window_gpa + off
+    }
+
+    /// The unbacked page [`TRAP_KVA`] maps.
+    pub fn trap_gpa(&self) -> u64 {
+        self.sentinel_gpa + 0x1000
+    }
+
+    /// Kernel-virtual address of window offset `off`.
+    pub fn kva(off: u64) -> u64 {
+        WINDOW_KVA + off
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ViewError {
+    #[error("the window: {0}")]
+    Window(MemError),
+    #[error("the GVM's page tables at {cr3:#x}: {source}")]
+    GvmTables { cr3: u64, source: MemError },
+    #[error(
+        "the GVM kernel uses PML4 slot {WINDOW_SLOT:#x}, which the view reserves for its window"
+    )]
+    SlotInUse,
+    #[error("the SVM program's page tables: {0}")]
+    SvmTables(WalkError),
+    #[error(
+        "the SVM program maps too much memory for the view ({0} page-table pages are not enough)"
+    )]
+    PoolExhausted(u64),
+    #[error("the SVM program uses every user PML4 slot: no room for the stub")]
+    NoStubSlot,
+}
+
+/// What [`build_view`] made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct View {
+    /// CR3 for the redirect vCPU.
+    pub cr3: u64,
+    /// User-virtual address of the stub (`syscall` is its first instruction).
+    pub stub_va: u64,
+    /// User-virtual address the stub stores RAX to (maps `sentinel_gpa`).
+    pub sentinel_va: u64,
+    /// User mappings taken from the SVM program.
+    pub user_mappings: usize,
+    /// Page-table pages used from the pool.
+    pub tables: u64,
+}
+
+/// The stub: `syscall; movabs %rax, (sentinel); jmp .` — the jump is never reached.
+pub fn stub_code(sentinel_va: u64) -> [u8; 14] {
+    let mut code = [0u8; 14];
+    code[..2].copy_from_slice(&[0x0f, 0x05]);
+    code[2..4].copy_from_slice(&[0x48, 0xa3]);
+    code[4..12].copy_from_slice(&sentinel_va.to_le_bytes());
+    code[12..].copy_from_slice(&[0xeb, 0xfe]);
+    code
+}
+
+/// Bump allocator of zeroed page-table pages in the window.
+struct Pool<'a> {
+    window: &'a dyn GuestPhysMemory,
+    next: u64,
+    end: u64,
+    used: u64,
+}
+
+impl Pool<'_> {
+    fn alloc(&mut self) -> Result<u64, ViewError> {
+        if self.next >= self.end {
+            return Err(ViewError::PoolExhausted(self.used));
+        }
+        let gpa = self.next;
+        self.window
+            .write_phys(gpa, &[0u8; 4096])
+            .map_err(ViewError::Window)?;
+        self.next += 4096;
+        self.used += 1;
+        Ok(gpa)
+    }
+
+    /// The table that entry `index` of table `table` points to, made if absent.
+    fn child(&mut self, table: u64, index: u64, user: bool) -> Result<u64, ViewError> {
+        let slot = table + index * 8;
+        let entry = self.window.read_u64(slot).map_err(ViewError::Window)?;
+        if entry & ENTRY_P != 0 && entry & ENTRY_PS == 0 {
+            return Ok(entry & ADDR_MASK);
+        }
+        // Absent (or a large page we overwrite: mappings never overlap, so this is not hit
+        // for well-formed input; a hostile SVM table only breaks its own view).
+        let child = self.alloc()?;
+        let flags = ENTRY_P | ENTRY_RW | ENTRY_A | if user { ENTRY_US } else { 0 };
+        self.window
+            .write_u64(slot, child | flags)
+            .map_err(ViewError::Window)?;
+        Ok(child)
+    }
+
+    /// Maps `va` → `pa` with a leaf of `size` under the PML4 at `pml4`.
+    fn map(
+        &mut self,
+        pml4: u64,
+        va: u64,
+        pa: u64,
+        size: PageSize,
+        leaf_flags: u64,
+    ) -> Result<(), ViewError> {
+        let user = leaf_flags & ENTRY_US != 0;
+        let idx = |shift: u32| (va >> shift) & 0x1ff;
+        let pdpt = self.child(pml4, idx(39), user)?;
+        let (table, index, ps) = match size {
+            PageSize::Size1G => (pdpt, idx(30), ENTRY_PS),
+            PageSize::Size2M => (self.child(pdpt, idx(30), user)?, idx(21), ENTRY_PS),
+            PageSize::Size4K => {
+                let pd = self.child(pdpt, idx(30), user)?;
+                (self.child(pd, idx(21), user)?, idx(12), 0)
+            }
+        };
+        self.window
+            .write_u64(table + index * 8, (pa & ADDR_MASK) | leaf_flags | ps)
+            .map_err(ViewError::Window)
+    }
+}
+
+/// Builds the view page tables in `window` (see the module docs). `gvm_cr3` is any GVM
+/// vCPU's CR3 (every process shares the kernel half); `svm_cr3` and `svm_mode` are the
+/// calling program's.
+pub fn build_view(
+    window: &dyn GuestPhysMemory,
+    layout: &ViewLayout,
+    gvm: &dyn GuestPhysMemory,
+    gvm_cr3: u64,
+    svm: &dyn GuestPhysMemory,
+    svm_mode: &PagingMode,
+    svm_cr3: u64,
+) -> Result<View, ViewError> {
+    let pml4 = layout.gpa(offsets::PML4);
+    let mut top = [0u8; 4096];
+    let gvm_pml4 = gvm_cr3 & ADDR_MASK;
+    gvm.read_phys(gvm_pml4 + 256 * 8, &mut top[256 * 8..])
+        .map_err(|source| ViewError::GvmTables {
+            cr3: gvm_cr3,
+            source,
+        })?;
+    let slot = WINDOW_SLOT * 8;
+    if top[slot..slot + 8] != [0u8; 8] {
+        return Err(ViewError::SlotInUse);
+    }
+    window.write_phys(pml4, &top).map_err(ViewError::Window)?;
+    let mut pool = Pool {
+        window,
+        next: layout.gpa(offsets::TABLES),
+        end: layout.gpa(WINDOW_SIZE),
+        used: 0,
+    };
+
+    // The window itself, in the kernel half.
+    let mut off = 0;
+    while off < WINDOW_SIZE {
+        pool.map(
+            pml4,
+            ViewLayout::kva(off),
+            layout.gpa(off),
+            PageSize::Size2M,
+            ENTRY_P | ENTRY_RW | ENTRY_A | ENTRY_D | ENTRY_NX,
+        )?;
+        off += 2 << 20;
+    }
+
+    pool.map(
+        pml4,
+        TRAP_KVA,
+        layout.trap_gpa(),
+        PageSize::Size4K,
+        ENTRY_P | ENTRY_RW | ENTRY_A | ENTRY_D | ENTRY_NX,
+    )?;
+
+    // The program's user half, rebased into the SVM alias.
+    let mut user_mappings = 0usize;
+    let mut failure = None;
+    for_each_mapping(svm, svm_mode, svm_cr3, 0..=USER_TOP, MAX_SVM_TABLES, |m| {
+        if !m.user {
+            return ControlFlow::Continue(());
+        }
+        let flags = ENTRY_P
+            | ENTRY_US
+            | ENTRY_A
+            | ENTRY_D
+            | if m.writable { ENTRY_RW } else { 0 }
+            | if m.nx { ENTRY_NX } else { 0 };
+        match pool.map(pml4, m.gva, layout.svm_base + m.gpa, m.page_size, flags) {
+            Ok(()) => {
+                user_mappings += 1;
+                ControlFlow::Continue(())
+            }
+            Err(e) => {
+                failure = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })
+    .map_err(ViewError::SvmTables)?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+
+    // The stub, in the first user slot the program leaves empty.
+    let mut stub_slot = None;
+    for i in 1..256u64 {
+        if window.read_u64(pml4 + i * 8).map_err(ViewError::Window)? == 0 {
+            stub_slot = Some(i);
+            break;
+        }
+    }
+    let stub_va = stub_slot.ok_or(ViewError::NoStubSlot)? << 39;
+    let sentinel_va = stub_va + 0x1000;
+    pool.map(
+        pml4,
+        stub_va,
+        layout.gpa(offsets::STUB),
+        PageSize::Size4K,
+        ENTRY_P | ENTRY_US | ENTRY_A,
+    )?;
+    pool.map(
+        pml4,
+        sentinel_va,
+        layout.sentinel_gpa,
+        PageSize::Size4K,
+        ENTRY_P | ENTRY_US | ENTRY_RW | ENTRY_A | ENTRY_D | ENTRY_NX,
+    )?;
+    window
+        .write_phys(layout.gpa(offsets::STUB), &stub_code(sentinel_va))
+        .map_err(ViewError::Window)?;
+    Ok(View {
+        cr3: pml4,
+        stub_va,
+        sentinel_va,
+        user_mappings,
+        tables: pool.used,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::MemoryImage;
+    use crate::paging::{translate, Access};
+
+    const WINDOW_GPA: u64 = 0x4000_0000;
+    const SVM_BASE: u64 = 0x80_0000_0000;
+
+    fn layout() -> ViewLayout {
+        ViewLayout {
+            window_gpa: WINDOW_GPA,
+            svm_base: SVM_BASE,
+            sentinel_gpa: WINDOW_GPA + WINDOW_SIZE,
+        }
+    }
+
+    /// A guest with a PML4 at 0x1000 whose kernel slot 511 maps 0xffffffff80000000 → 0
+    /// (2 MiB page) and whose user half maps 0x400000 → 0x200000 (4 KiB, writable).
+    fn guest() -> MemoryImage {
+        let mem = MemoryImage::new(0x40_0000);
+        // PML4 0x1000: [0] → PDPT 0x2000, [511] → PDPT 0x3000.
+        mem.write_u64(0x1000, 0x2000 | 7).unwrap();
+        mem.write_u64(0x1000 + 511 * 8, 0x3000 | 3).unwrap();
+        // Kernel: PDPT 0x3000 [510] → PD 0x4000 [0] → 2 MiB at 0.
+        mem.write_u64(0x3000 + 510 * 8, 0x4000 | 3).unwrap();
+        mem.write_u64(0x4000, 0x83).unwrap();
+        // User: PDPT 0x2000 [0] → PD 0x5000 [2] → PT 0x6000 [0] → 0x200000.
+        mem.write_u64(0x2000, 0x5000 | 7).unwrap();
+        mem.write_u64(0x5000 + 2 * 8, 0x6000 | 7).unwrap();
+        mem.write_u64(0x6000, 0x20_0000 | 7).unwrap();
+        mem
+    }
+
+    #[test]
+    fn the_view_has_the_gvm_kernel_the_program_rebased_the_window_and_the_stub() {
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let gvm = guest();
+        let svm = guest();
+        let mode = PagingMode::default();
+        let view = build_view(&window, &layout(), &gvm, 0x1000, &svm, &mode, 0x1000).unwrap();
+        assert_eq!(view.cr3, WINDOW_GPA);
+        assert_eq!(view.user_mappings, 1);
+        // The walk through the view needs the window and the GVM's kernel tables: compose
+        // them in one image like the redirect VM does.
+        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
+        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
+        let mut low = vec![0u8; 0x40_0000];
+        gvm.read_phys(0, &mut low).unwrap();
+        regions.insert(0, (0, low));
+        let composed = MemoryImage::from_regions(regions).unwrap();
+        let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+        assert_eq!(
+            walk(0xffff_ffff_8000_1234, Access::READ).unwrap().gpa,
+            0x1234
+        );
+        assert_eq!(
+            walk(0x40_0010, Access::USER_WRITE).unwrap().gpa,
+            SVM_BASE + 0x20_0010
+        );
+        assert_eq!(
+            walk(TRAP_KVA, Access::WRITE).unwrap().gpa,
+            WINDOW_GPA + WINDOW_SIZE + 0x1000
+        );
+        let t = walk(WINDOW_KVA + 0x2_0008, Access::WRITE).unwrap();
+        assert_eq!(t.gpa, WINDOW_GPA + 0x2_0008);
+        assert!(walk(WINDOW_KVA, Access::EXECUTE).is_err(), "window is NX");
+        assert!(
+            walk(WINDOW_KVA, Access::USER_READ).is_err(),
+            "window is kernel-only"
+        );
+        assert_eq!(view.stub_va, 1 << 39, "first free user slot");
+        assert_eq!(
+            walk(view.stub_va, Access::USER_EXECUTE).unwrap().gpa,
+            WINDOW_GPA + offsets::STUB
+        );
+        assert_eq!(
+            walk(view.sentinel_va, Access::USER_WRITE).unwrap().gpa,
+            WINDOW_GPA + WINDOW_SIZE
+        );
+        let mut code = [0u8; 14];
+        window
+            .read_phys(WINDOW_GPA + offsets::STUB, &mut code)
+            .unwrap();
+        assert_eq!(code, stub_code(view.sentinel_va));
+    }
+
+    #[test]
+    fn a_gvm_using_the_window_slot_is_refused() {
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let gvm = guest();
+        gvm.write_u64(0x1000 + (WINDOW_SLOT as u64) * 8, 0x7000 | 3)
+            .unwrap();
+        let err = build_view(
+            &window,
+            &layout(),
+            &gvm,
+            0x1000,
+            &guest(),
+            &PagingMode::default(),
+            0x1000,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ViewError::SlotInUse), "{err}");
+    }
+
+    #[test]
+    fn unreadable_tables_are_errors_not_panics() {
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let mode = PagingMode::default();
+        let err = build_view(
+            &window,
+            &layout(),
+            &guest(),
+            0x7fff_f000,
+            &guest(),
+            &mode,
+            0x1000,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ViewError::GvmTables { .. }), "{err}");
+        let err = build_view(
+            &window,
+            &layout(),
+            &guest(),
+            0x1000,
+            &guest(),
+            &mode,
+            0x7fff_f000,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ViewError::SvmTables(_)), "{err}");
+    }
+
+    #[test]
+    fn a_program_mapping_more_than_the_pool_holds_is_an_error() {
+        // A hostile SVM table: PT 0x6000 full of present 4 KiB pages in 512 PDs that all
+        // alias — each PD entry needs its own PT page in the view.
+        let svm = guest();
+        for i in 0..512u64 {
+            svm.write_u64(0x5000 + i * 8, 0x6000 | 7).unwrap();
+            svm.write_u64(0x6000 + i * 8, 0x20_0000 | 7).unwrap();
+        }
+        for i in 0..512u64 {
+            svm.write_u64(0x2000 + i * 8, 0x5000 | 7).unwrap();
+        }
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let err = build_view(
+            &window,
+            &layout(),
+            &guest(),
+            0x1000,
+            &svm,
+            &PagingMode::default(),
+            0x1000,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(err, ViewError::PoolExhausted(_) | ViewError::SvmTables(_)),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,1545 @@
+//! Which system calls of a diverted SVM program run in the GVM, and how (x86-64 only).
+//!
+//! This is the pure half of the preload shim (`shim/`, `libexterior_shim.so`): the shim's
+//! SIGSYS handler hands every diverted call to [`decide`] and carries out the [`Decision`].
+//! Nothing here allocates, blocks or panics on any input, so it is safe to call from a signal
+//! handler; every loop is bounded by a constant or by the length of a slice.
+//!
+//! # What runs in the GVM
+//!
+//! - Kernel-wide state: `uname`, `sethostname`, `setdomainname`, `sysinfo`, `init_module`,
+//!   `finit_module` (on a redirected fd; on a local one it fails with `ENOSYS`, so kmod
+//!   falls back to `init_module` with the image in memory), `delete_module`.
+//! - Other processes: `kill` unless it names the program itself or its own process group
+//!   (pid 0); `setpriority`/`getpriority` unless `who` is 0 or the program's own pid. So
+//!   `kill 1234` and `renice -p 1234` act in the GVM while `nice cmd` acts on itself.
+//!   `tkill`/`tgkill` stay local: their only stock users signal their own threads. The price:
+//!   a program signalling its own SVM children (a shell's `kill %1`, `kill $!`) signals the
+//!   GVM's process of that number instead.
+//! - Paths under `/proc` and `/sys` (exactly `/proc`, `/sys`, or below `/proc/` or `/sys/`,
+//!   after lexical `.`/`..`/`//` clean-up) for `open`, `openat`, `openat2`, `stat`, `lstat`,
+//!   `newfstatat`, `statx`, `access`, `faccessat`, `faccessat2`, `readlink`, `readlinkat`;
+//!   relative paths when their dirfd is itself redirected.
+//! - `socket(AF_NETLINK, …)`.
+//! - Calls on a redirected fd (see [`FdTable`]): `read`, `pread64`, `readv`, `preadv`,
+//!   `write`, `pwrite64`, `writev`, `pwritev`, `lseek`, `fstat`, `fstatfs`, `getdents64`,
+//!   `close`, `fcntl` (`F_GETFL`, `F_SETFL`, `F_GETFD`, `F_SETFD`; `F_DUPFD*` as a dup; other
+//!   commands fail with `EINVAL`), `ioctl`, `sendto`, `recvfrom`, `sendmsg`, `recvmsg`, `bind`,
+//!   `connect`, `shutdown`, `getsockname`, `getpeername`, `setsockopt`, `getsockopt`,
+//!   `fadvise64`, `dup`, `dup2`, `dup3`, and the `*at` calls above with it as dirfd
+//!   (`AT_EMPTY_PATH` included). `mmap` of it fails with `ENODEV`. Any other call on it runs
+//!   locally on the placeholder (`/dev/null`).
+//!
+//! # `/proc/self` stays local
+//!
+//! `/proc/self/…` and `/proc/thread-self/…` (and `/proc/self` itself) describe the calling
+//! program: the dynamic loader and libc read `/proc/self/maps`, `exe`, `fd/`, `status`, and
+//! the GVM's shadow task that would answer them is not the program. They run in the SVM.
+//! `/proc/<the program's own pid>` is *not* special: it names whatever the GVM has at that
+//! pid, as any other pid would. Known gaps of this lexical rule: `openat(<redirected /proc
+//! fd>, "self/…")` is redirected, and a symlink outside `/proc` into it (`/etc/mtab`,
+//! `/dev/fd`) stays local; so does everything relative to the working directory, even after
+//! `chdir("/proc")`.
+//!
+//! # Everything else is local
+//!
+//! Local calls are re-issued unchanged, with rewrites that keep the shim alive and the
+//! re-issue correct (see the variants of [`Decision`]): SIGSYS can never be blocked or get
+//! another handler ([`sanitize_sigset`], [`sigprocmask`]); `fork`-like calls run so that the
+//! child re-arms (`vfork` runs as `fork`); `clone3` fails with `ENOSYS` (glibc then falls back
+//! to `clone`); `clone` with a new stack (threads, `posix_spawn`) is told where to return in
+//! the child, which is not diverted; `execve` gets the surviving placeholders added to its
+//! environment ([`FDS_ENV`]).
+
+use core::sync::atomic::{AtomicI32, Ordering};
+
+use crate::redirect_abi::{MAX_MODULE_TOUCH, MAX_TOUCH};
+
+/// Placeholder fds the shim can track: a placeholder numbered at or above this is refused
+/// with `EMFILE`.
+pub const FD_TABLE_SIZE: usize = 4096;
+
+/// Longest path (with its NUL) the shim copies; longer ones are `ENAMETOOLONG` in the kernel.
+pub const PATH_MAX: usize = 4096;
+
+/// x86-64 system call numbers the policy looks at.
+pub mod nr {
+    macro_rules! nrs {
+        ($($name:ident = $sys:ident),* $(,)?) => { $(pub const $name: u64 = libc::$sys as u64;)* };
+    }
+    nrs! {
+        READ = SYS_read, WRITE = SYS_write, OPEN = SYS_open, CLOSE = SYS_close,
+        STAT = SYS_stat, FSTAT = SYS_fstat, LSTAT = SYS_lstat, LSEEK = SYS_lseek,
+        MMAP = SYS_mmap, RT_SIGACTION = SYS_rt_sigaction, RT_SIGPROCMASK = SYS_rt_sigprocmask,
+        RT_SIGRETURN = SYS_rt_sigreturn, IOCTL = SYS_ioctl, PREAD64 = SYS_pread64,
+        PWRITE64 = SYS_pwrite64, READV = SYS_readv, WRITEV = SYS_writev, ACCESS = SYS_access,
+        DUP = SYS_dup, DUP2 = SYS_dup2, SOCKET = SYS_socket, CONNECT = SYS_connect,
+        SENDTO = SYS_sendto, RECVFROM = SYS_recvfrom, SENDMSG = SYS_sendmsg,
+        RECVMSG = SYS_recvmsg, SHUTDOWN = SYS_shutdown, BIND = SYS_bind,
+        GETSOCKNAME = SYS_getsockname, GETPEERNAME = SYS_getpeername,
+        SETSOCKOPT = SYS_setsockopt, GETSOCKOPT = SYS_getsockopt, CLONE = SYS_clone,
+        FORK = SYS_fork, VFORK = SYS_vfork, KILL = SYS_kill, UNAME = SYS_uname,
+        FCNTL = SYS_fcntl, READLINK = SYS_readlink, SYSINFO = SYS_sysinfo,
+        RT_SIGSUSPEND = SYS_rt_sigsuspend, FSTATFS = SYS_fstatfs,
+        GETPRIORITY = SYS_getpriority, SETPRIORITY = SYS_setpriority,
+        SETHOSTNAME = SYS_sethostname, SETDOMAINNAME = SYS_setdomainname,
+        INIT_MODULE = SYS_init_module, DELETE_MODULE = SYS_delete_module,
+        GETDENTS64 = SYS_getdents64, FADVISE64 = SYS_fadvise64, OPENAT = SYS_openat,
+        NEWFSTATAT = SYS_newfstatat, READLINKAT = SYS_readlinkat, FACCESSAT = SYS_faccessat,
+        PSELECT6 = SYS_pselect6, PPOLL = SYS_ppoll, EPOLL_PWAIT = SYS_epoll_pwait,
+        DUP3 = SYS_dup3, PREADV = SYS_preadv, PWRITEV = SYS_pwritev,
+        FINIT_MODULE = SYS_finit_module, STATX = SYS_statx, CLONE3 = SYS_clone3,
+        CLOSE_RANGE = SYS_close_range, OPENAT2 = SYS_openat2, FACCESSAT2 = SYS_faccessat2,
+        EPOLL_PWAIT2 = SYS_epoll_pwait2, GETPID = SYS_getpid, EXECVE = SYS_execve,
+        EXECVEAT = SYS_execveat,
+    }
+}
+
+/// The bit of SIGSYS in a kernel `sigset_t` word.
+pub const SIGSYS_BIT: u64 = 1 << (libc::SIGSYS - 1);
+const UNBLOCKABLE: u64 = SIGSYS_BIT | 1 << (libc::SIGKILL - 1) | 1 << (libc::SIGSTOP - 1);
+
+/// A signal set with SIGSYS removed: the shim's SIGSYS must stay deliverable, or the next
+/// diverted system call kills the program.
+pub fn sanitize_sigset(set: u64) -> u64 {
+    set & !SIGSYS_BIT
+}
+
+/// `rt_sigprocmask(how, set)` applied to the mask `current`: the new mask (SIGSYS, SIGKILL
+/// and SIGSTOP never in it), or the errno for an invalid `how`.
+pub fn sigprocmask(how: u64, current: u64, set: u64) -> Result<u64, i32> {
+    let new = match how {
+        h if h == libc::SIG_BLOCK as u64 => current | set,
+        h if h == libc::SIG_UNBLOCK as u64 => current & !set,
+        h if h == libc::SIG_SETMASK as u64 => set,
+        _ => return Err(libc::EINVAL),
+    };
+    Ok(new & !UNBLOCKABLE)
+}
+
+/// Rewrites, in place, a NUL-terminated absolute path about to be redirected so that it
+/// means in the GVM what it means to the program: `/proc/net` and `/proc/mounts` are
+/// symlinks to `self/…`, and the shadow task that runs redirected calls is nobody's
+/// `self` (pid 0, so `/proc/self` fails there). They become `/proc/1/net`,
+/// `/proc/1/mounts`: the network namespace and mounts of the GVM's init. Returns whether
+/// it changed anything (false also when the result would not fit).
+pub fn rewrite_for_gvm(path: &mut [u8; PATH_MAX]) -> bool {
+    const SELF_LINKS: [&[u8]; 2] = [b"/proc/net", b"/proc/mounts"];
+    let len = path.iter().position(|&b| b == 0).unwrap_or(PATH_MAX);
+    let linked = SELF_LINKS
+        .iter()
+        .any(|p| path[..len].starts_with(p) && matches!(path.get(p.len()), Some(b'/') | Some(0)));
+    if !linked || len + 2 >= PATH_MAX {
+        return false;
+    }
+    // "/proc" + "/1" + the rest.
+    path.copy_within(5..=len, 7);
+    path[5..7].copy_from_slice(b"/1");
+    true
+}
+
+/// `NETLINK_SOCK_DIAG`, the netlink protocol of `ss`.
+const NETLINK_SOCK_DIAG: u64 = 4;
+
+/// Where a path's object lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    Svm,
+    Gvm,
+}
+
+/// Classifies an absolute path (bytes without the NUL) by its first two components after
+/// lexical clean-up; a relative path is [`Place::Svm`] (its dirfd decides, see [`decide`]).
+pub fn classify_path(path: &[u8]) -> Place {
+    classify_path_for(path, None)
+}
+
+/// [`classify_path`] for a program whose pid is `own_pid`: `/proc/<own_pid>` is the program
+/// itself, like `/proc/self` (procps looks itself up that way). The SVM's agent starts
+/// programs with pids far above any the GVM uses (see `exterior-agent`), so this never
+/// hides a GVM process.
+pub fn classify_path_for(path: &[u8], own_pid: Option<i32>) -> Place {
+    if path.first() != Some(&b'/') {
+        return Place::Svm;
+    }
+    // Only the first two components of the cleaned path matter, so track the depth and
+    // those two: a `..` that climbs back to depth 1 or 2 uncovers the recorded component.
+    let (mut depth, mut first, mut second): (usize, &[u8], &[u8]) = (0, b"", b"");
+    for comp in path.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => depth = depth.saturating_sub(1),
+            _ => {
+                depth += 1;
+                match depth {
+                    1 => first = comp,
+                    2 => second = comp,
+                    _ => {}
+                }
+            }
+        }
+    }
+    match (depth, first) {
+        (0, _) => Place::Svm,
+        (_, b"sys") => Place::Gvm,
+        (1, b"proc") => Place::Gvm,
+        (_, b"proc") if second == b"self" || second == b"thread-self" => Place::Svm,
+        (_, b"proc") if own_pid.is_some_and(|pid| is_decimal(second, pid)) => Place::Svm,
+        (_, b"proc") => Place::Gvm,
+        _ => Place::Svm,
+    }
+}
+
+/// True if `text` is the decimal form of `n` (no sign, no leading zeros).
+fn is_decimal(text: &[u8], n: i32) -> bool {
+    let mut buf = [0u8; 12];
+    let mut i = buf.len();
+    let mut v = n.unsigned_abs();
+    if n < 0 {
+        return false;
+    }
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    text == &buf[i..]
+}
+
+/// Placeholder fd (in the SVM) → the GVM's fd. Lock-free and allocation-free, so the SIGSYS
+/// handler can use a `static` one.
+pub struct FdTable {
+    remote: [AtomicI32; FD_TABLE_SIZE],
+}
+
+impl Default for FdTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FdTable {
+    pub const fn new() -> FdTable {
+        FdTable {
+            remote: [const { AtomicI32::new(-1) }; FD_TABLE_SIZE],
+        }
+    }
+
+    fn slot(&self, fd: i64) -> Option<&AtomicI32> {
+        usize::try_from(fd).ok().and_then(|i| self.remote.get(i))
+    }
+
+    /// The GVM fd behind a register holding an `int` fd (only its low 32 bits count, as in
+    /// the kernel), if it is a placeholder.
+    pub fn remote(&self, reg: u64) -> Option<i32> {
+        let r = self
+            .slot(i64::from(reg as u32 as i32))?
+            .load(Ordering::Relaxed);
+        (r >= 0).then_some(r)
+    }
+
+    /// Records `placeholder → remote`; false (nothing recorded) when the placeholder is out
+    /// of the table's range or either number is negative.
+    pub fn insert(&self, placeholder: i32, remote: i32) -> bool {
+        match self.slot(i64::from(placeholder)) {
+            Some(s) if remote >= 0 => {
+                s.store(remote, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets a placeholder, returning its GVM fd.
+    pub fn take(&self, placeholder: i32) -> Option<i32> {
+        let r = self
+            .slot(i64::from(placeholder))?
+            .swap(-1, Ordering::Relaxed);
+        (r >= 0).then_some(r)
+    }
+
+    /// Whether any placeholder lies in `[first, last]` (fd numbers as the kernel reads them).
+    pub fn any_in(&self, first: u32, last: u32) -> bool {
+        let end = (last as usize).min(FD_TABLE_SIZE - 1);
+        (first as usize..=end).any(|fd| self.remote[fd].load(Ordering::Relaxed) >= 0)
+    }
+}
+
+/// Environment variable that hands placeholders across `execve`: `EXTERIOR_SHIM_FDS=` then
+/// `placeholder:remote` pairs separated by commas (decimal).
+pub const FDS_ENV: &str = "EXTERIOR_SHIM_FDS";
+
+/// Parses the value of [`FDS_ENV`] into `(placeholder, remote)` pairs, calling `each` for every
+/// well-formed pair (at most [`FD_TABLE_SIZE`]); malformed pairs are skipped.
+pub fn parse_fds_env(value: &[u8], mut each: impl FnMut(i32, i32)) {
+    let num = |s: &[u8]| -> Option<i32> {
+        if s.is_empty() || s.len() > 10 || !s.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        s.iter().try_fold(0i32, |n, &d| {
+            n.checked_mul(10)?.checked_add(i32::from(d - b'0'))
+        })
+    };
+    for pair in value.split(|&b| b == b',').take(FD_TABLE_SIZE) {
+        let mut it = pair.splitn(2, |&b| b == b':');
+        if let (Some(Some(p)), Some(Some(r))) = (it.next().map(num), it.next().map(num)) {
+            each(p, r);
+        }
+    }
+}
+
+/// Writes the value of [`FDS_ENV`] for `pairs` into `out`; returns the length used. Stops
+/// before a pair that would not fit.
+pub fn format_fds_env(pairs: impl Iterator<Item = (i32, i32)>, out: &mut [u8]) -> usize {
+    let mut len = 0;
+    for (p, r) in pairs {
+        let mut item = [0u8; 24];
+        let mut n = 0;
+        if len > 0 {
+            item[0] = b',';
+            n = 1;
+        }
+        for (i, v) in [p, r].into_iter().enumerate() {
+            if i == 1 {
+                item[n] = b':';
+                n += 1;
+            }
+            let mut digits = [0u8; 10];
+            let mut d = digits.len();
+            let mut v = v.max(0) as u32;
+            loop {
+                d -= 1;
+                digits[d] = b'0' + (v % 10) as u8;
+                v /= 10;
+                if v == 0 || d == 0 {
+                    break;
+                }
+            }
+            item[n..n + digits.len() - d].copy_from_slice(&digits[d..]);
+            n += digits.len() - d;
+        }
+        match out.get_mut(len..len + n) {
+            Some(dst) => dst.copy_from_slice(&item[..n]),
+            None => break,
+        }
+        len += n;
+    }
+    len
+}
+
+/// A string argument as the shim copied it from the program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Str<'a> {
+    /// The call has no string argument.
+    None,
+    /// The bytes before the NUL.
+    Ok(&'a [u8]),
+    /// The pointer could not be read.
+    Fault,
+    /// No NUL within [`PATH_MAX`] bytes.
+    TooLong,
+}
+
+/// The index of the call's string argument (a path, a module name or module parameters),
+/// which the shim copies before calling [`decide`].
+pub fn string_arg(nr: u64) -> Option<usize> {
+    use nr::*;
+    match nr {
+        OPEN | STAT | LSTAT | ACCESS | READLINK | DELETE_MODULE => Some(0),
+        OPENAT | OPENAT2 | NEWFSTATAT | STATX | FACCESSAT | FACCESSAT2 | READLINKAT
+        | FINIT_MODULE => Some(1),
+        INIT_MODULE => Some(2),
+        _ => None,
+    }
+}
+
+/// The length of a user buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Len {
+    Const(usize),
+    /// The value of this argument.
+    Arg(usize),
+    /// The `u32` (a `socklen_t`) this argument points to.
+    ArgPtr(usize),
+}
+
+/// How a user buffer is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// `len` bytes at the pointer.
+    Flat,
+    /// An iovec array; `len` is the entry count.
+    Iov,
+    /// A `struct msghdr` with its name, iovecs and control data.
+    Msg,
+}
+
+/// A user buffer the redirected call reads (`write == false`) or writes; the shim makes its
+/// pages present (and writable) before the `out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buf {
+    /// The argument holding the pointer.
+    pub arg: usize,
+    pub len: Len,
+    pub write: bool,
+    pub shape: Shape,
+}
+
+/// What the shim does with the GVM's result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Hand it to the program.
+    Result,
+    /// It is a new GVM fd: reserve a placeholder (`/dev/null`) and return that.
+    NewFd { cloexec: bool },
+    /// The placeholder's GVM fd was closed: close the placeholder and forget it (whatever
+    /// the result).
+    Close { placeholder: i32 },
+    /// The call was rewritten to a `dup` of the placeholder's GVM fd: run the program's
+    /// original call locally on the placeholder, map the fd it returns to the new GVM fd (a
+    /// placeholder it replaced is released), or close the new GVM fd if the local call fails.
+    Dup,
+    /// Also run the original call locally on the placeholder (`F_SETFD`).
+    AlsoLocal,
+}
+
+/// A call to run in the GVM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Redirect {
+    pub nr: u64,
+    /// Arguments with placeholders translated and lengths clamped.
+    pub args: [u64; 6],
+    /// Point this argument at the shim's NUL-terminated copy of the string argument.
+    pub string_arg: Option<usize>,
+    pub bufs: [Option<Buf>; 3],
+    /// Most bytes to fault in per buffer.
+    pub touch_limit: usize,
+    /// Whether a buffer that cannot be touched fails the call with `EFAULT` (false for
+    /// `ioctl`, whose argument may not be a pointer at all).
+    pub strict: bool,
+    pub then: Then,
+}
+
+impl Redirect {
+    fn new(nr: u64, args: [u64; 6]) -> Redirect {
+        Redirect {
+            nr,
+            args,
+            string_arg: None,
+            bufs: [None; 3],
+            touch_limit: MAX_TOUCH,
+            strict: true,
+            then: Then::Result,
+        }
+    }
+    fn buf(mut self, arg: usize, len: Len, write: bool, shape: Shape) -> Redirect {
+        if let Some(slot) = self.bufs.iter_mut().find(|b| b.is_none()) {
+            *slot = Some(Buf {
+                arg,
+                len,
+                write,
+                shape,
+            });
+        }
+        self
+    }
+    fn input(self, arg: usize, len: Len) -> Redirect {
+        self.buf(arg, len, false, Shape::Flat)
+    }
+    fn output(self, arg: usize, len: Len) -> Redirect {
+        self.buf(arg, len, true, Shape::Flat)
+    }
+    fn then(mut self, then: Then) -> Redirect {
+        self.then = then;
+        self
+    }
+    fn string(mut self, arg: usize) -> Redirect {
+        self.string_arg = Some(arg);
+        self
+    }
+    fn clamp(mut self, arg: usize) -> Redirect {
+        self.args[arg] = self.args[arg].min(MAX_TOUCH as u64);
+        self
+    }
+}
+
+/// What the shim does with one diverted call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Re-issue it in the SVM unchanged.
+    Local,
+    /// A new process that does not share memory: run `nr(args)` from the handler, so that the
+    /// child, which starts as a copy of the handler's frame, re-arms dispatch for itself before
+    /// it returns to the program (dispatch is not inherited). `vfork` runs as `fork` (its
+    /// child would otherwise run on, and overwrite, the parent's frame).
+    Fork { nr: u64, args: [u64; 6] },
+    /// `clone` with a new stack: the child must find its way back on that stack.
+    CloneNewStack,
+    /// `execve`/`execveat`: run it locally, with the placeholders that survive the exec
+    /// described to the new image in its environment (argument `envp`), see
+    /// [`FDS_ENV`].
+    Exec { envp: usize },
+    /// The program's own `rt_sigreturn`: resume at the shim's restorer with the program's
+    /// stack untouched.
+    SigReturn,
+    /// Emulate `rt_sigprocmask` on the mask the handler's return restores.
+    SigProcMask,
+    /// `rt_sigaction`: pretend for SIGSYS, clear SIGSYS from `sa_mask` otherwise.
+    SigAction,
+    /// Re-issue it locally with the signal mask at argument `idx` sanitised; `indirect`: the
+    /// argument points to `{ const sigset_t *, size_t }` (`pselect6`).
+    MaskArg { idx: usize, indirect: bool },
+    /// Run it locally, then (if it succeeded) close the GVM fds of the placeholders in
+    /// `[first, last]` and forget them: `dup2`/`dup3` onto a placeholder, `close_range`.
+    LocalThenRelease { first: u32, last: u32 },
+    /// Do not run it; return this (`-errno`).
+    Fail(i64),
+    /// Run it in the GVM.
+    Redirect(Redirect),
+}
+
+const STAT_SIZE: usize = 144;
+const STATX_SIZE: usize = 256;
+const STATFS_SIZE: usize = 120;
+const UTSNAME_SIZE: usize = 6 * 65;
+const SYSINFO_SIZE: usize = 112;
+const IFREQ_SIZE: usize = 40;
+const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+
+fn fail(errno: i32) -> Decision {
+    Decision::Fail(-i64::from(errno))
+}
+
+/// Decides one diverted call. `own_pid` is the program's pid in the SVM; `s` is its string
+/// argument as copied by the shim ([`string_arg`]).
+pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Decision {
+    use nr::*;
+    let redirect = |r: Redirect| Decision::Redirect(r);
+    let call = Redirect::new(nr, a);
+    let int = |i: usize| a[i] as u32 as i32;
+    match nr {
+        RT_SIGRETURN => return Decision::SigReturn,
+        RT_SIGPROCMASK => return Decision::SigProcMask,
+        RT_SIGACTION => return Decision::SigAction,
+        RT_SIGSUSPEND | PPOLL | EPOLL_PWAIT | EPOLL_PWAIT2 | PSELECT6 => {
+            let (idx, indirect) = match nr {
+                RT_SIGSUSPEND => (0, false),
+                PPOLL => (3, false),
+                PSELECT6 => (5, true),
+                _ => (4, false),
+            };
+            return if a[idx] == 0 {
+                Decision::Local
+            } else {
+                Decision::MaskArg { idx, indirect }
+            };
+        }
+        FORK => return Decision::Fork { nr, args: a },
+        VFORK => return Decision::Fork { nr: FORK, args: a },
+        CLONE3 => return fail(libc::ENOSYS),
+        EXECVE => return Decision::Exec { envp: 2 },
+        EXECVEAT => return Decision::Exec { envp: 3 },
+        CLONE => {
+            let (vm, vfork) = (libc::CLONE_VM as u64, libc::CLONE_VFORK as u64);
+            return if a[1] != 0 {
+                Decision::CloneNewStack
+            } else if a[0] & vm == 0 {
+                Decision::Fork { nr, args: a }
+            } else if a[0] & vfork != 0 {
+                let mut args = a;
+                args[0] &= !(vm | vfork);
+                Decision::Fork { nr, args }
+            } else {
+                // Two threads on one stack: nothing sane to preserve.
+                Decision::Local
+            };
+        }
+        UNAME => return redirect(call.output(0, Len::Const(UTSNAME_SIZE))),
+        SYSINFO => return redirect(call.output(0, Len::Const(SYSINFO_SIZE))),
+        SETHOSTNAME | SETDOMAINNAME => return redirect(call.input(0, Len::Arg(1))),
+        KILL => {
+            let pid = int(0);
+            return if pid == 0 || pid == own_pid {
+                Decision::Local
+            } else {
+                redirect(call)
+            };
+        }
+        SETPRIORITY | GETPRIORITY => {
+            let who = int(1);
+            let own = a[0] == libc::PRIO_PROCESS as u64 && who == own_pid;
+            return if who == 0 || own {
+                Decision::Local
+            } else {
+                redirect(call)
+            };
+        }
+        INIT_MODULE => {
+            return match s {
+                Str::Ok(_) => {
+                    let mut r = call.input(0, Len::Arg(1)).string(2);
+                    r.touch_limit = MAX_MODULE_TOUCH;
+                    redirect(r)
+                }
+                Str::TooLong => fail(libc::E2BIG),
+                _ => fail(libc::EFAULT),
+            }
+        }
+        DELETE_MODULE => {
+            return match s {
+                Str::Ok(_) => redirect(call.string(0)),
+                Str::TooLong => fail(libc::ENOENT),
+                _ => fail(libc::EFAULT),
+            }
+        }
+        // sock_diag (`ss`): its first request in a GVM without inet_diag loaded autoloads
+        // the module through a usermode helper and sleeps, holding sock_diag_mutex; a call
+        // that sleeps is stopped, which would leave that mutex held. Refused here, `ss`
+        // falls back to /proc/net/*, which is redirected (docs/LIMITS.md).
+        SOCKET if a[0] == libc::AF_NETLINK as u64 && a[2] == NETLINK_SOCK_DIAG => {
+            return fail(libc::EPROTONOSUPPORT);
+        }
+        SOCKET if a[0] == libc::AF_NETLINK as u64 => {
+            let cloexec = a[1] & libc::SOCK_CLOEXEC as u64 != 0;
+            return redirect(call.then(Then::NewFd { cloexec }));
+        }
+        DUP2 | DUP3 => {
+            let (old, new) = (fds.remote(a[0]), int(1));
+            if a[0] as u32 == new as u32 {
+                // Nothing to duplicate: dup2 checks the fd, dup3 fails with EINVAL.
+                return Decision::Local;
+            }
+            if old.is_some() && !(0..FD_TABLE_SIZE as i32).contains(&new) {
+                return fail(libc::EMFILE);
+            }
+            if old.is_none() {
+                return if fds.remote(a[1]).is_some() {
+                    Decision::LocalThenRelease {
+                        first: new as u32,
+                        last: new as u32,
+                    }
+                } else {
+                    Decision::Local
+                };
+            }
+        }
+        // A module file in the SVM cannot be loaded by the GVM: ENOSYS makes kmod fall back
+        // to init_module with the image in memory, which is redirected.
+        FINIT_MODULE if fds.remote(a[0]).is_none() => return fail(libc::ENOSYS),
+        CLOSE_RANGE => {
+            let (first, last) = (a[0] as u32, a[1] as u32);
+            let release = a[2] & CLOSE_RANGE_CLOEXEC == 0 && fds.any_in(first, last);
+            return if release {
+                Decision::LocalThenRelease { first, last }
+            } else {
+                Decision::Local
+            };
+        }
+        MMAP => {
+            let anon = a[3] & libc::MAP_ANONYMOUS as u64 != 0;
+            return if !anon && fds.remote(a[4]).is_some() {
+                fail(libc::ENODEV)
+            } else {
+                Decision::Local
+            };
+        }
+        _ => {}
+    }
+
+    // Path calls: (dirfd argument, path argument).
+    let at = match nr {
+        OPEN | STAT | LSTAT | ACCESS | READLINK => Some((None, 0)),
+        OPENAT | OPENAT2 | NEWFSTATAT | STATX | FACCESSAT | FACCESSAT2 | READLINKAT => {
+            Some((Some(0), 1))
+        }
+        _ => None,
+    };
+    if let Some((dirfd, path)) = at {
+        let Str::Ok(p) = s else {
+            return Decision::Local;
+        };
+        let mut call = call.string(path);
+        if p.first() == Some(&b'/') {
+            if classify_path_for(p, Some(own_pid)) == Place::Svm {
+                return Decision::Local;
+            }
+        } else {
+            match dirfd.and_then(|i| fds.remote(a[i]).map(|r| (i, r))) {
+                Some((i, r)) => call.args[i] = r as u64,
+                None => return Decision::Local,
+            }
+        }
+        let call = match nr {
+            OPEN => call.then(Then::NewFd {
+                cloexec: a[1] & libc::O_CLOEXEC as u64 != 0,
+            }),
+            OPENAT => call.then(Then::NewFd {
+                cloexec: a[2] & libc::O_CLOEXEC as u64 != 0,
+            }),
+            // The flags are in user memory: an inherited placeholder is useless anyway.
+            OPENAT2 => call
+                .input(2, Len::Arg(3))
+                .then(Then::NewFd { cloexec: true }),
+            STAT | LSTAT => call.output(1, Len::Const(STAT_SIZE)),
+            NEWFSTATAT => call.output(2, Len::Const(STAT_SIZE)),
+            STATX => call.output(4, Len::Const(STATX_SIZE)),
+            READLINK => call.output(1, Len::Arg(2)),
+            READLINKAT => call.output(2, Len::Arg(3)),
+            _ => call,
+        };
+        return redirect(call);
+    }
+
+    // Calls on a redirected fd (argument 0).
+    let Some(remote) = fds.remote(a[0]) else {
+        return Decision::Local;
+    };
+    let placeholder = int(0);
+    let mut call = call;
+    call.args[0] = remote as u64;
+    let dup = |mut c: Redirect| {
+        c.nr = DUP;
+        c.args = [remote as u64, 0, 0, 0, 0, 0];
+        redirect(c.then(Then::Dup))
+    };
+    let iov = |c: Redirect, write: bool| c.buf(1, Len::Arg(2), write, Shape::Iov);
+    let socklen_out = |c: Redirect, buf: usize, len: usize| {
+        c.output(buf, Len::ArgPtr(len)).output(len, Len::Const(4))
+    };
+    redirect(match nr {
+        READ | PREAD64 | GETDENTS64 => call.clamp(2).output(1, Len::Arg(2)),
+        WRITE | PWRITE64 => call.clamp(2).input(1, Len::Arg(2)),
+        READV | PREADV => iov(call, true),
+        WRITEV | PWRITEV => iov(call, false),
+        LSEEK | FADVISE64 | SHUTDOWN => call,
+        FSTAT => call.output(1, Len::Const(STAT_SIZE)),
+        FSTATFS => call.output(1, Len::Const(STATFS_SIZE)),
+        CLOSE => call.then(Then::Close { placeholder }),
+        FINIT_MODULE => match s {
+            Str::Ok(_) => call.string(1),
+            Str::TooLong => return fail(libc::E2BIG),
+            _ => return fail(libc::EFAULT),
+        },
+        FCNTL => match a[1] as u32 as i32 {
+            libc::F_GETFL | libc::F_SETFL | libc::F_GETFD => call,
+            libc::F_SETFD => call.then(Then::AlsoLocal),
+            libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => return dup(call),
+            _ => return fail(libc::EINVAL),
+        },
+        DUP | DUP2 | DUP3 => return dup(call),
+        IOCTL => {
+            // Sized ioctls say how much they move; the old socket ioctls take a struct ifreq.
+            let cmd = a[1] as u32;
+            let (dir, size) = (cmd >> 30, ((cmd >> 16) & 0x3fff) as usize);
+            let (len, write) = if dir == 0 {
+                (IFREQ_SIZE, true)
+            } else {
+                (size, dir & 2 != 0)
+            };
+            let mut c = call.buf(2, Len::Const(len), write, Shape::Flat);
+            c.strict = false;
+            c
+        }
+        SENDTO => call.input(1, Len::Arg(2)).input(4, Len::Arg(5)),
+        RECVFROM => socklen_out(call.output(1, Len::Arg(2)), 4, 5),
+        SENDMSG => call.buf(1, Len::Const(0), false, Shape::Msg),
+        RECVMSG => call.buf(1, Len::Const(0), true, Shape::Msg),
+        BIND | CONNECT => call.input(1, Len::Arg(2)),
+        GETSOCKNAME | GETPEERNAME => socklen_out(call, 1, 2),
+        SETSOCKOPT => call.input(3, Len::Arg(4)),
+        GETSOCKOPT => socklen_out(call, 3, 4),
+        _ => return Decision::Local,
+    })
+}
+
+/// Name of a system call the policy may redirect, for the shim's notices.
+pub fn syscall_name(nr: u64) -> Option<&'static str> {
+    use nr::*;
+    Some(match nr {
+        READ => "read",
+        WRITE => "write",
+        OPEN => "open",
+        CLOSE => "close",
+        STAT => "stat",
+        FSTAT => "fstat",
+        LSTAT => "lstat",
+        LSEEK => "lseek",
+        IOCTL => "ioctl",
+        PREAD64 => "pread64",
+        PWRITE64 => "pwrite64",
+        READV => "readv",
+        WRITEV => "writev",
+        ACCESS => "access",
+        DUP => "dup",
+        DUP2 => "dup2",
+        DUP3 => "dup3",
+        SOCKET => "socket",
+        CONNECT => "connect",
+        SENDTO => "sendto",
+        RECVFROM => "recvfrom",
+        SENDMSG => "sendmsg",
+        RECVMSG => "recvmsg",
+        SHUTDOWN => "shutdown",
+        BIND => "bind",
+        GETSOCKNAME => "getsockname",
+        GETPEERNAME => "getpeername",
+        SETSOCKOPT => "setsockopt",
+        GETSOCKOPT => "getsockopt",
+        KILL => "kill",
+        UNAME => "uname",
+        FCNTL => "fcntl",
+        READLINK => "readlink",
+        SYSINFO => "sysinfo",
+        FSTATFS => "fstatfs",
+        GETPRIORITY => "getpriority",
+        SETPRIORITY => "setpriority",
+        SETHOSTNAME => "sethostname",
+        SETDOMAINNAME => "setdomainname",
+        INIT_MODULE => "init_module",
+        DELETE_MODULE => "delete_module",
+        GETDENTS64 => "getdents64",
+        FADVISE64 => "fadvise64",
+        OPENAT => "openat",
+        NEWFSTATAT => "newfstatat",
+        READLINKAT => "readlinkat",
+        FACCESSAT => "faccessat",
+        PREADV => "preadv",
+        PWRITEV => "pwritev",
+        FINIT_MODULE => "finit_module",
+        STATX => "statx",
+        OPENAT2 => "openat2",
+        FACCESSAT2 => "faccessat2",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nr::*;
+    use super::*;
+
+    #[test]
+    fn self_links_of_proc_point_at_the_gvms_init() {
+        let rewrite = |p: &str| {
+            let mut buf = [0u8; PATH_MAX];
+            buf[..p.len()].copy_from_slice(p.as_bytes());
+            let changed = rewrite_for_gvm(&mut buf);
+            let end = buf.iter().position(|&b| b == 0).unwrap();
+            (changed, String::from_utf8(buf[..end].to_vec()).unwrap())
+        };
+        assert_eq!(rewrite("/proc/net/tcp"), (true, "/proc/1/net/tcp".into()));
+        assert_eq!(rewrite("/proc/net"), (true, "/proc/1/net".into()));
+        assert_eq!(rewrite("/proc/mounts"), (true, "/proc/1/mounts".into()));
+        assert_eq!(rewrite("/proc/netstat"), (false, "/proc/netstat".into()));
+        assert_eq!(rewrite("/proc/version"), (false, "/proc/version".into()));
+        let mut full = [b'x'; PATH_MAX];
+        full[..9].copy_from_slice(b"/proc/net");
+        full[9] = b'/';
+        full[PATH_MAX - 1] = 0;
+        assert!(!rewrite_for_gvm(&mut full), "no room: left alone");
+    }
+
+    #[test]
+    fn sock_diag_sockets_are_refused_so_ss_reads_proc_net() {
+        let fds = FdTable::new();
+        let d = decide(
+            nr::SOCKET,
+            [
+                libc::AF_NETLINK as u64,
+                libc::SOCK_RAW as u64,
+                NETLINK_SOCK_DIAG,
+                0,
+                0,
+                0,
+            ],
+            &fds,
+            1,
+            Str::None,
+        );
+        assert_eq!(d, Decision::Fail(-i64::from(libc::EPROTONOSUPPORT)));
+    }
+
+    const ME: i32 = 4242;
+    const AT_FDCWD: u64 = libc::AT_FDCWD as i64 as u64;
+
+    fn d(nr: u64, a: [u64; 6], fds: &FdTable, s: Str) -> Decision {
+        decide(nr, a, fds, ME, s)
+    }
+
+    fn redirected(dec: Decision) -> Redirect {
+        match dec {
+            Decision::Redirect(r) => r,
+            other => panic!("expected a redirect, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn paths_under_proc_and_sys_are_the_gvms() {
+        for p in [
+            "/proc",
+            "/proc/",
+            "/sys",
+            "/sys/class/net",
+            "/proc/1/stat",
+            "//proc//version",
+            "/./proc/./meminfo",
+            "/proc/self/../1/status",
+            "/etc/../proc/cpuinfo",
+            "/proc/sys/kernel/hostname",
+            "/proc/selfish",
+            "/proc/4242/status",
+            "/../../sys/kernel",
+            "/sys/self",
+        ] {
+            assert_eq!(classify_path(p.as_bytes()), Place::Gvm, "{p}");
+        }
+    }
+
+    #[test]
+    fn the_programs_own_pid_directory_is_the_svms() {
+        for p in [
+            "/proc/4000123",
+            "/proc/4000123/stat",
+            "/proc//4000123/status",
+        ] {
+            assert_eq!(
+                classify_path_for(p.as_bytes(), Some(4000123)),
+                Place::Svm,
+                "{p}"
+            );
+            assert_eq!(classify_path(p.as_bytes()), Place::Gvm, "{p}");
+        }
+        for p in [
+            "/proc/40001230",
+            "/proc/400012",
+            "/proc/04000123",
+            "/proc/1/stat",
+        ] {
+            assert_eq!(
+                classify_path_for(p.as_bytes(), Some(4000123)),
+                Place::Gvm,
+                "{p}"
+            );
+        }
+        assert!(is_decimal(b"0", 0) && !is_decimal(b"", 0) && !is_decimal(b"-1", -1));
+    }
+
+    #[test]
+    fn other_paths_and_proc_self_are_the_svms() {
+        for p in [
+            "/",
+            "",
+            "proc/version",
+            "./proc",
+            "/procfs",
+            "/system",
+            "/etc/passwd",
+            "/proc/self",
+            "/proc/self/",
+            "/proc/self/maps",
+            "/proc/thread-self/status",
+            "//proc/./self/fd/3",
+            "/proc/1/../self/exe",
+            "/proc/..",
+            "/sys/..",
+            "/proc/../etc",
+            "/proc/1/../../etc/shadow",
+            "/dev/null",
+            "/sysfs/x",
+            "/usr/proc/1",
+        ] {
+            assert_eq!(classify_path(p.as_bytes()), Place::Svm, "{p}");
+        }
+    }
+
+    #[test]
+    fn deep_paths_are_bounded_and_climb_back_correctly() {
+        let mut deep = b"/proc".to_vec();
+        for _ in 0..2000 {
+            deep.extend_from_slice(b"/a");
+        }
+        assert_eq!(classify_path(&deep), Place::Gvm);
+        for _ in 0..2001 {
+            deep.extend_from_slice(b"/..");
+        }
+        deep.extend_from_slice(b"/etc");
+        assert_eq!(classify_path(&deep), Place::Svm);
+    }
+
+    #[test]
+    fn fd_table_maps_takes_and_refuses_out_of_range() {
+        let t = FdTable::new();
+        assert_eq!(t.remote(3), None);
+        assert!(t.insert(3, 7));
+        assert_eq!(t.remote(3), Some(7));
+        // Only the low 32 bits of the register name the fd.
+        assert_eq!(t.remote(0xffff_ffff_0000_0003), Some(7));
+        assert!(t.insert(0, 0));
+        assert_eq!(t.remote(0), Some(0));
+        assert!(t.insert(FD_TABLE_SIZE as i32 - 1, 1));
+        assert!(!t.insert(FD_TABLE_SIZE as i32, 1));
+        assert!(!t.insert(-1, 1));
+        assert!(!t.insert(5, -1));
+        assert_eq!(t.remote(FD_TABLE_SIZE as u64), None);
+        assert_eq!(t.remote(AT_FDCWD), None);
+        assert!(t.any_in(2, 3) && t.any_in(0, u32::MAX) && !t.any_in(4, 100));
+        assert_eq!(t.take(3), Some(7));
+        assert_eq!(t.take(3), None);
+        assert_eq!(t.remote(3), None);
+        assert_eq!(t.take(-5), None);
+        assert_eq!(t.take(i32::MAX), None);
+    }
+
+    #[test]
+    fn fds_env_round_trips() {
+        let mut buf = [0u8; 64];
+        let pairs = [(0, 5), (3, 12), (4095, 2_000_000_000)];
+        let n = format_fds_env(pairs.into_iter(), &mut buf);
+        assert_eq!(&buf[..n], b"0:5,3:12,4095:2000000000");
+        let mut got = vec![];
+        parse_fds_env(&buf[..n], |p, r| got.push((p, r)));
+        assert_eq!(got, pairs);
+        // Too small: whole pairs only.
+        let n = format_fds_env(pairs.into_iter(), &mut buf[..10]);
+        assert_eq!(&buf[..n], b"0:5,3:12");
+        assert_eq!(format_fds_env([].into_iter(), &mut buf), 0);
+        let mut got = vec![];
+        parse_fds_env(
+            b"1:2,x:3,4:,:5,6:7:8,9999999999:1,12345678901:1,-1:2,,10:11",
+            |p, r| got.push((p, r)),
+        );
+        assert_eq!(got, [(1, 2), (10, 11)]);
+    }
+
+    #[test]
+    fn exec_passes_placeholders_on() {
+        let t = FdTable::new();
+        assert_eq!(
+            d(EXECVE, [1, 2, 3, 0, 0, 0], &t, Str::None),
+            Decision::Exec { envp: 2 }
+        );
+        assert_eq!(
+            d(EXECVEAT, [1, 2, 3, 4, 0, 0], &t, Str::None),
+            Decision::Exec { envp: 3 }
+        );
+    }
+
+    #[test]
+    fn sigsets_never_block_sigsys() {
+        assert_eq!(SIGSYS_BIT, 1 << 30);
+        assert_eq!(sanitize_sigset(u64::MAX), !(1 << 30));
+        assert_eq!(sanitize_sigset(0b101), 0b101);
+        let sig = |n: i32| 1u64 << (n - 1);
+        let (block, unblock, set) = (
+            libc::SIG_BLOCK as u64,
+            libc::SIG_UNBLOCK as u64,
+            libc::SIG_SETMASK as u64,
+        );
+        assert_eq!(sigprocmask(block, sig(2), u64::MAX), Ok(!UNBLOCKABLE));
+        assert_eq!(sigprocmask(block, sig(2), sig(10)), Ok(sig(2) | sig(10)));
+        assert_eq!(sigprocmask(unblock, sig(2) | sig(10), sig(2)), Ok(sig(10)));
+        assert_eq!(sigprocmask(set, sig(2), sig(31) | sig(15)), Ok(sig(15)));
+        assert_eq!(sigprocmask(3, 0, 0), Err(libc::EINVAL));
+    }
+
+    #[test]
+    fn signal_calls_are_guarded() {
+        let t = FdTable::new();
+        let none = [0; 6];
+        assert_eq!(
+            d(RT_SIGPROCMASK, none, &t, Str::None),
+            Decision::SigProcMask
+        );
+        assert_eq!(d(RT_SIGACTION, none, &t, Str::None), Decision::SigAction);
+        assert_eq!(d(RT_SIGRETURN, none, &t, Str::None), Decision::SigReturn);
+        assert_eq!(
+            d(RT_SIGSUSPEND, [8, 8, 0, 0, 0, 0], &t, Str::None),
+            Decision::MaskArg {
+                idx: 0,
+                indirect: false
+            }
+        );
+        assert_eq!(d(PPOLL, [1, 1, 0, 0, 8, 0], &t, Str::None), Decision::Local);
+        assert_eq!(
+            d(PPOLL, [1, 1, 0, 9, 8, 0], &t, Str::None),
+            Decision::MaskArg {
+                idx: 3,
+                indirect: false
+            }
+        );
+        assert_eq!(
+            d(PSELECT6, [1, 0, 0, 0, 0, 9], &t, Str::None),
+            Decision::MaskArg {
+                idx: 5,
+                indirect: true
+            }
+        );
+        assert_eq!(
+            d(EPOLL_PWAIT, [1, 2, 3, 4, 5, 8], &t, Str::None),
+            Decision::MaskArg {
+                idx: 4,
+                indirect: false
+            }
+        );
+    }
+
+    #[test]
+    fn process_creation_is_rewritten_to_be_safe() {
+        let t = FdTable::new();
+        assert_eq!(
+            d(FORK, [0; 6], &t, Str::None),
+            Decision::Fork {
+                nr: FORK,
+                args: [0; 6]
+            }
+        );
+        assert_eq!(
+            d(VFORK, [0; 6], &t, Str::None),
+            Decision::Fork {
+                nr: FORK,
+                args: [0; 6]
+            }
+        );
+        assert_eq!(
+            d(CLONE3, [0; 6], &t, Str::None),
+            Decision::Fail(-(libc::ENOSYS as i64))
+        );
+        // Threads and posix_spawn children get a stack of their own.
+        let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+        assert_eq!(
+            d(CLONE, [thread, 0x7000, 0, 0, 0, 0], &t, Str::None),
+            Decision::CloneNewStack
+        );
+        // glibc's fork(): clone(SIGCHLD | CLONE_CHILD_*, 0, ...).
+        let fork = 17 | (libc::CLONE_CHILD_SETTID | libc::CLONE_CHILD_CLEARTID) as u64;
+        let a = [fork, 0, 0, 0x1000, 0, 0];
+        assert_eq!(
+            d(CLONE, a, &t, Str::None),
+            Decision::Fork { nr: CLONE, args: a }
+        );
+        let vfork = (libc::CLONE_VM | libc::CLONE_VFORK) as u64 | 17;
+        assert_eq!(
+            d(CLONE, [vfork, 0, 0, 0, 0, 0], &t, Str::None),
+            Decision::Fork {
+                nr: CLONE,
+                args: [17, 0, 0, 0, 0, 0]
+            }
+        );
+        assert_eq!(
+            d(CLONE, [libc::CLONE_VM as u64, 0, 0, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+    }
+
+    #[test]
+    fn kernel_state_calls_go_to_the_gvm() {
+        let t = FdTable::new();
+        for nr in [UNAME, SYSINFO, SETHOSTNAME, SETDOMAINNAME] {
+            assert!(matches!(
+                d(nr, [0x1000, 5, 0, 0, 0, 0], &t, Str::None),
+                Decision::Redirect(_)
+            ));
+        }
+        let u = redirected(d(UNAME, [0x1000, 0, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            u.bufs[0],
+            Some(Buf {
+                arg: 0,
+                len: Len::Const(390),
+                write: true,
+                shape: Shape::Flat
+            })
+        );
+        let h = redirected(d(SETHOSTNAME, [0x1000, 5, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            h.bufs[0].map(|b| (b.len, b.write)),
+            Some((Len::Arg(1), false))
+        );
+        for nr in [
+            GETPID,
+            libc::SYS_tgkill as u64,
+            libc::SYS_tkill as u64,
+            libc::SYS_getuid as u64,
+            MMAP,
+        ] {
+            assert_eq!(
+                d(nr, [1, 2, 3, 4, 5, 6], &t, Str::None),
+                Decision::Local,
+                "{nr}"
+            );
+        }
+    }
+
+    #[test]
+    fn kill_and_priority_spare_the_program_itself() {
+        let t = FdTable::new();
+        let kill = |pid: i32| d(KILL, [pid as i64 as u64, 9, 0, 0, 0, 0], &t, Str::None);
+        assert_eq!(kill(ME), Decision::Local);
+        assert_eq!(kill(0), Decision::Local);
+        assert!(matches!(kill(1), Decision::Redirect(_)));
+        assert!(matches!(kill(-1), Decision::Redirect(_)));
+        assert!(matches!(kill(-77), Decision::Redirect(_)));
+        let prio = |nr: u64, which: i32, who: i32| {
+            d(nr, [which as u64, who as u64, 5, 0, 0, 0], &t, Str::None)
+        };
+        for nr in [SETPRIORITY, GETPRIORITY] {
+            assert_eq!(prio(nr, libc::PRIO_PROCESS as i32, 0), Decision::Local);
+            assert_eq!(prio(nr, libc::PRIO_PROCESS as i32, ME), Decision::Local);
+            assert_eq!(prio(nr, libc::PRIO_PGRP as i32, 0), Decision::Local);
+            assert!(matches!(
+                prio(nr, libc::PRIO_PROCESS as i32, 1),
+                Decision::Redirect(_)
+            ));
+            assert!(matches!(
+                prio(nr, libc::PRIO_PGRP as i32, ME),
+                Decision::Redirect(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn modules() {
+        let t = FdTable::new();
+        let r = redirected(d(
+            INIT_MODULE,
+            [0x1000, 1 << 22, 0x2000, 0, 0, 0],
+            &t,
+            Str::Ok(b""),
+        ));
+        assert_eq!((r.string_arg, r.touch_limit), (Some(2), MAX_MODULE_TOUCH));
+        assert_eq!(r.bufs[0].map(|b| (b.arg, b.len)), Some((0, Len::Arg(1))));
+        assert_eq!(d(INIT_MODULE, [0; 6], &t, Str::Fault), Decision::Fail(-14));
+        let r = redirected(d(
+            DELETE_MODULE,
+            [0x1000, 0, 0, 0, 0, 0],
+            &t,
+            Str::Ok(b"dummy"),
+        ));
+        assert_eq!(r.string_arg, Some(0));
+        // finit_module of a local file: ENOSYS makes kmod fall back to init_module.
+        assert_eq!(
+            d(FINIT_MODULE, [3, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"")),
+            Decision::Fail(-38)
+        );
+        t.insert(3, 11);
+        let r = redirected(d(FINIT_MODULE, [3, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"")));
+        assert_eq!((r.args[0], r.string_arg), (11, Some(1)));
+    }
+
+    #[test]
+    fn path_calls_follow_the_path_and_the_dirfd() {
+        let t = FdTable::new();
+        let open = |path: &str| {
+            d(
+                OPEN,
+                [0x1000, libc::O_CLOEXEC as u64, 0, 0, 0, 0],
+                &t,
+                Str::Ok(path.as_bytes()),
+            )
+        };
+        let r = redirected(open("/proc/version"));
+        assert_eq!(
+            (r.string_arg, r.then),
+            (Some(0), Then::NewFd { cloexec: true })
+        );
+        assert_eq!(open("/etc/passwd"), Decision::Local);
+        assert_eq!(open("/proc/self/maps"), Decision::Local);
+        assert_eq!(open("version"), Decision::Local);
+        assert_eq!(d(OPEN, [0; 6], &t, Str::Fault), Decision::Local);
+        assert_eq!(d(OPEN, [0; 6], &t, Str::TooLong), Decision::Local);
+
+        let r = redirected(d(
+            OPENAT,
+            [AT_FDCWD, 0x1000, 0, 0, 0, 0],
+            &t,
+            Str::Ok(b"/sys/class"),
+        ));
+        assert_eq!(
+            (r.args[0], r.then),
+            (AT_FDCWD, Then::NewFd { cloexec: false })
+        );
+        assert_eq!(
+            d(OPENAT, [AT_FDCWD, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"stat")),
+            Decision::Local
+        );
+        assert_eq!(
+            d(OPENAT, [5, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"stat")),
+            Decision::Local
+        );
+        t.insert(5, 9);
+        let r = redirected(d(OPENAT, [5, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"1/stat")));
+        assert_eq!(r.args[0], 9);
+        // An absolute local path ignores a redirected dirfd.
+        assert_eq!(
+            d(OPENAT, [5, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"/etc/hosts")),
+            Decision::Local
+        );
+
+        // fstat through newfstatat(fd, "", AT_EMPTY_PATH) and statx.
+        let flags = libc::AT_EMPTY_PATH as u64;
+        let r = redirected(d(
+            NEWFSTATAT,
+            [5, 0x1000, 0x2000, flags, 0, 0],
+            &t,
+            Str::Ok(b""),
+        ));
+        assert_eq!(r.args[0], 9);
+        assert_eq!(
+            r.bufs[0],
+            Some(Buf {
+                arg: 2,
+                len: Len::Const(144),
+                write: true,
+                shape: Shape::Flat
+            })
+        );
+        let r = redirected(d(
+            STATX,
+            [5, 0x1000, flags, 0xfff, 0x2000, 0],
+            &t,
+            Str::Ok(b""),
+        ));
+        assert_eq!(
+            r.bufs[0].map(|b| (b.arg, b.len)),
+            Some((4, Len::Const(256)))
+        );
+        assert_eq!(
+            d(
+                STATX,
+                [4, 0x1000, flags, 0xfff, 0x2000, 0],
+                &t,
+                Str::Ok(b"")
+            ),
+            Decision::Local
+        );
+
+        let r = redirected(d(
+            READLINKAT,
+            [AT_FDCWD, 1, 0x2000, 100, 0, 0],
+            &t,
+            Str::Ok(b"/proc/1/exe"),
+        ));
+        assert_eq!(
+            r.bufs[0].map(|b| (b.arg, b.len, b.write)),
+            Some((2, Len::Arg(3), true))
+        );
+        for nr in [STAT, LSTAT, ACCESS, READLINK] {
+            assert!(matches!(
+                d(nr, [1, 2, 3, 0, 0, 0], &t, Str::Ok(b"/sys")),
+                Decision::Redirect(_)
+            ));
+            assert_eq!(
+                d(nr, [1, 2, 3, 0, 0, 0], &t, Str::Ok(b"/tmp")),
+                Decision::Local
+            );
+        }
+        for nr in [FACCESSAT, FACCESSAT2, OPENAT2] {
+            assert!(matches!(
+                d(nr, [AT_FDCWD, 2, 3, 8, 0, 0], &t, Str::Ok(b"/proc/1")),
+                Decision::Redirect(_)
+            ));
+        }
+    }
+
+    #[test]
+    fn netlink_sockets_only() {
+        let t = FdTable::new();
+        let ty = (libc::SOCK_RAW | libc::SOCK_CLOEXEC) as u64;
+        let r = redirected(d(
+            SOCKET,
+            [libc::AF_NETLINK as u64, ty, 0, 0, 0, 0],
+            &t,
+            Str::None,
+        ));
+        assert_eq!(r.then, Then::NewFd { cloexec: true });
+        assert_eq!(
+            d(SOCKET, [libc::AF_INET as u64, 2, 0, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+        assert_eq!(
+            d(SOCKET, [libc::AF_UNIX as u64, 1, 0, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+    }
+
+    #[test]
+    fn calls_on_placeholders_are_translated() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        let r = redirected(d(READ, [3, 0x1000, 1 << 30, 0, 0, 0], &t, Str::None));
+        assert_eq!(r.args, [40, 0x1000, MAX_TOUCH as u64, 0, 0, 0]);
+        assert_eq!(
+            r.bufs[0],
+            Some(Buf {
+                arg: 1,
+                len: Len::Arg(2),
+                write: true,
+                shape: Shape::Flat
+            })
+        );
+        assert_eq!(
+            d(READ, [4, 0x1000, 10, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+        let r = redirected(d(WRITE, [3, 0x1000, 10, 0, 0, 0], &t, Str::None));
+        assert_eq!(r.bufs[0].map(|b| b.write), Some(false));
+        let r = redirected(d(READV, [3, 0x1000, 2, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            r.bufs[0].map(|b| (b.shape, b.len, b.write)),
+            Some((Shape::Iov, Len::Arg(2), true))
+        );
+        let r = redirected(d(RECVMSG, [3, 0x1000, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            r.bufs[0].map(|b| (b.shape, b.write)),
+            Some((Shape::Msg, true))
+        );
+        let r = redirected(d(RECVFROM, [3, 1, 2, 0, 5, 6], &t, Str::None));
+        assert_eq!(r.bufs.iter().flatten().count(), 3);
+        assert_eq!(r.bufs[1].map(|b| (b.arg, b.len)), Some((4, Len::ArgPtr(5))));
+        let r = redirected(d(GETSOCKOPT, [3, 1, 2, 0x1000, 0x2000, 0], &t, Str::None));
+        assert_eq!(r.bufs[0].map(|b| (b.arg, b.len)), Some((3, Len::ArgPtr(4))));
+        let r = redirected(d(IOCTL, [3, 0x8912, 0x1000, 0, 0, 0], &t, Str::None));
+        assert!(!r.strict);
+        assert_eq!(r.bufs[0].map(|b| b.len), Some(Len::Const(IFREQ_SIZE)));
+        // _IOR('T', 1, u32): the kernel writes 4 bytes.
+        let r = redirected(d(IOCTL, [3, 0x8004_5401, 0x1000, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            r.bufs[0].map(|b| (b.len, b.write)),
+            Some((Len::Const(4), true))
+        );
+        for nr in [
+            LSEEK,
+            FSTAT,
+            GETDENTS64,
+            SENDTO,
+            SENDMSG,
+            BIND,
+            GETSOCKNAME,
+            SETSOCKOPT,
+            FADVISE64,
+            PWRITE64,
+            PREAD64,
+            WRITEV,
+        ] {
+            assert_eq!(
+                redirected(d(nr, [3, 1, 2, 3, 4, 5], &t, Str::None)).args[0],
+                40,
+                "{nr}"
+            );
+        }
+        // mmap of a placeholder cannot work; anonymous mappings ignore the fd.
+        assert_eq!(
+            d(MMAP, [0, 4096, 1, 2, 3, 0], &t, Str::None),
+            Decision::Fail(-(libc::ENODEV as i64))
+        );
+        let anon = (libc::MAP_ANONYMOUS | libc::MAP_PRIVATE) as u64;
+        assert_eq!(
+            d(MMAP, [0, 4096, 1, anon, 3, 0], &t, Str::None),
+            Decision::Local
+        );
+        // Calls the policy does not know run on the placeholder.
+        assert_eq!(
+            d(libc::SYS_fsync as u64, [3, 0, 0, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+    }
+
+    #[test]
+    fn fcntl_on_placeholders() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        let f = |cmd: i32| d(FCNTL, [3, cmd as u64, 1, 0, 0, 0], &t, Str::None);
+        assert_eq!(redirected(f(libc::F_GETFL)).then, Then::Result);
+        assert_eq!(redirected(f(libc::F_SETFD)).then, Then::AlsoLocal);
+        let r = redirected(f(libc::F_DUPFD_CLOEXEC));
+        assert_eq!((r.nr, r.args[0], r.then), (DUP, 40, Then::Dup));
+        assert_eq!(f(libc::F_SETLK), Decision::Fail(-(libc::EINVAL as i64)));
+        assert_eq!(
+            d(FCNTL, [4, libc::F_SETLK as u64, 0, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+    }
+
+    #[test]
+    fn close_and_dup() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        t.insert(6, 41);
+        assert_eq!(
+            redirected(d(CLOSE, [3, 0, 0, 0, 0, 0], &t, Str::None)).then,
+            Then::Close { placeholder: 3 }
+        );
+        assert_eq!(d(CLOSE, [4, 0, 0, 0, 0, 0], &t, Str::None), Decision::Local);
+        let r = redirected(d(DUP, [3, 0, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            (r.nr, r.args, r.then),
+            (DUP, [40, 0, 0, 0, 0, 0], Then::Dup)
+        );
+        let r = redirected(d(DUP2, [3, 10, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(
+            (r.nr, r.args[0], r.args[1], r.then),
+            (DUP, 40, 0, Then::Dup)
+        );
+        assert!(matches!(
+            d(DUP3, [3, 6, 0, 0, 0, 0], &t, Str::None),
+            Decision::Redirect(_)
+        ));
+        // Same fd: nothing to duplicate.
+        assert_eq!(d(DUP2, [3, 3, 0, 0, 0, 0], &t, Str::None), Decision::Local);
+        // Onto a number the table cannot hold.
+        assert_eq!(
+            d(DUP2, [3, 5000, 0, 0, 0, 0], &t, Str::None),
+            Decision::Fail(-(libc::EMFILE as i64))
+        );
+        // A local fd onto a placeholder releases the placeholder.
+        assert_eq!(
+            d(DUP2, [1, 6, 0, 0, 0, 0], &t, Str::None),
+            Decision::LocalThenRelease { first: 6, last: 6 }
+        );
+        assert_eq!(d(DUP3, [1, 7, 0, 0, 0, 0], &t, Str::None), Decision::Local);
+        assert_eq!(
+            d(CLOSE_RANGE, [4, u32::MAX as u64, 0, 0, 0, 0], &t, Str::None),
+            Decision::LocalThenRelease {
+                first: 4,
+                last: u32::MAX
+            }
+        );
+        assert_eq!(
+            d(CLOSE_RANGE, [7, 100, 0, 0, 0, 0], &t, Str::None),
+            Decision::Local
+        );
+        assert_eq!(
+            d(
+                CLOSE_RANGE,
+                [0, 100, CLOSE_RANGE_CLOEXEC, 0, 0, 0],
+                &t,
+                Str::None
+            ),
+            Decision::Local
+        );
+    }
+
+    #[test]
+    fn names_cover_every_redirectable_call() {
+        assert_eq!(syscall_name(OPENAT), Some("openat"));
+        assert_eq!(syscall_name(GETPID), None);
+        let t = FdTable::new();
+        t.insert(3, 40);
+        for nr in 0..460u64 {
+            for s in [Str::Ok(b"/proc/1".as_slice()), Str::None] {
+                let a = if nr == SOCKET {
+                    [libc::AF_NETLINK as u64, 0, 0, 0, 0, 0]
+                } else {
+                    [3, 1, 2, 3, 4, 5]
+                };
+                if let Decision::Redirect(r) = d(nr, a, &t, s) {
+                    assert!(syscall_name(nr).is_some(), "no name for {nr}");
+                    assert!(syscall_name(r.nr).is_some(), "no name for {}", r.nr);
+                }
+            }
+        }
+    }
+}

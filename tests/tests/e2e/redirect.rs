@@ -1,0 +1,214 @@
+//! Redirected system calls (DESIGN.md 4.2–4.3): stock tools run in the SVM and read the
+//! GVM's kernel state. Every claim is checked against ground truth the GVM prints itself,
+//! on its own console, with its own (busybox) tools — nothing of ours runs in the GVM.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use super::common::*;
+use super::instance::{runtime, start, vmm_in};
+
+/// The GVM's serial console, driven through `exterior-vmm console` with piped input: the
+/// shell there is the GVM's own root shell (the test image's /init starts one when no
+/// `exterior_run` is given). Piped, `console` sends its input, prints the console backlog
+/// and what follows, and leaves after two quiet seconds; so a command's output is
+/// collected by attaching again until its end marker shows.
+struct GvmConsole {
+    rt: PathBuf,
+    name: String,
+    seq: u32,
+}
+
+impl GvmConsole {
+    fn attach(rt: &Path, name: &str) -> GvmConsole {
+        GvmConsole {
+            rt: rt.to_path_buf(),
+            name: name.to_string(),
+            seq: 0,
+        }
+    }
+
+    fn console(&self, input: &[u8]) -> String {
+        let mut child = vmm_in(&self.rt)
+            .args(["console", &self.name])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn exterior-vmm console");
+        let mut stdin = child.stdin.take().expect("console stdin");
+        stdin.write_all(input).expect("type into the GVM console");
+        drop(stdin);
+        let mut out = Vec::new();
+        child
+            .stdout
+            .take()
+            .expect("console stdout")
+            .read_to_end(&mut out)
+            .expect("read the GVM console");
+        let _ = child.wait();
+        String::from_utf8_lossy(&out).replace('\r', "")
+    }
+
+    /// Runs `script` in the GVM's shell and returns what it printed. The markers are
+    /// computed by the shell, so the echo of the typed line never matches them.
+    fn run(&mut self, script: &str) -> String {
+        self.seq += 1;
+        let base = self.seq * 1000;
+        // busybox ash's line editing asks the terminal for the cursor position at each
+        // prompt and eats the first typed characters as the answer: leading blanks absorb
+        // that.
+        let line =
+            format!("        echo @@B$(({base} + 3))@@; {script}; echo @@E$(({base} + 7))@@\n");
+        let (b, e) = (format!("@@B{}@@\n", base + 3), format!("@@E{}@@", base + 7));
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let mut out = self.console(line.as_bytes());
+        loop {
+            if let Some(start) = out.rfind(&b) {
+                if let Some(len) = out[start..].find(&e) {
+                    return out[start + b.len()..start + len].to_string();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the GVM's shell did not answer `{script}`; console:\n{out}"
+            );
+            out = self.console(b"");
+        }
+    }
+}
+
+/// (pid, comm) pairs of a `ps` listing; kernel workers come and go, so they are left out.
+/// Names are cut to 15 characters: busybox prints a task's `comm` (TASK_COMM_LEN), procps
+/// the longer name the kernel keeps for its threads.
+fn processes(listing: &str) -> BTreeSet<(u32, String)> {
+    listing
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let pid = f.next()?.parse().ok()?;
+            let comm: String = f.next()?.chars().take(15).collect();
+            Some((pid, comm))
+        })
+        .filter(|(_, c)| !c.starts_with("kworker/"))
+        .collect()
+}
+
+fn module_names(listing: &str) -> BTreeSet<String> {
+    listing
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| *n != "Module")
+        .map(str::to_string)
+        .collect()
+}
+
+fn info(rt: &Path, name: &str, key: &str) -> u64 {
+    let (code, out, err) = run(vmm_in(rt).args(["info", name]));
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("info has no {key}: {out}"))
+}
+
+/// `exec` of a stock command, which must succeed; its stdout.
+fn exterior(rt: &Path, name: &str, argv: &[&str]) -> String {
+    let (code, out, err) = run(vmm_in(rt).args(["exec", name, "--"]).args(argv));
+    assert_eq!(code, 0, "`{}` failed in the SVM: {err}", argv.join(" "));
+    out
+}
+
+fn local(rt: &Path, name: &str, argv: &[&str]) -> String {
+    let (code, out, err) = run(vmm_in(rt).args(["exec", name, "--local", "--"]).args(argv));
+    assert_eq!(
+        code,
+        0,
+        "`{}` failed locally in the SVM: {err}",
+        argv.join(" ")
+    );
+    out
+}
+
+#[test]
+fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
+    let rt = runtime("redirect");
+    let _instance = start(&rt, "rd", &[]);
+    let mut gvm = GvmConsole::attach(&rt, "rd");
+
+    // Ground truth, set up and printed by the GVM itself.
+    gvm.run(
+        "hostname exterior-target; modprobe dummy; \
+         printf '#!/bin/sh\\nwhile :; do sleep 3600; done\\n' >/tmp/xmarker; chmod +x /tmp/xmarker; \
+         /tmp/xmarker & nc -l -p 7777 >/dev/null 2>&1 & sleep 1",
+    );
+    let gvm_ps = processes(&gvm.run("ps -o pid,comm"));
+    let gvm_modules = module_names(&gvm.run("cat /proc/modules"));
+    let gvm_version = gvm.run("cat /proc/version");
+    let gvm_cmdline = gvm.run("cat /proc/cmdline");
+    let gvm_links = gvm.run("ls /sys/class/net");
+    let gvm_files = gvm.run("ls /; ls -la /tmp /root");
+    assert!(gvm_ps.iter().any(|(_, c)| c == "xmarker"), "{gvm_ps:?}");
+    assert!(gvm_modules.contains("dummy"), "{gvm_modules:?}");
+    let calls_before = info(&rt, "rd", "redirect_calls");
+
+    // ps: exactly the GVM's processes (less the GVM's own `ps`), none of the SVM's.
+    let ps = processes(&exterior(&rt, "rd", &["ps", "-eo", "pid,comm"]));
+    let expected: BTreeSet<_> = gvm_ps.iter().filter(|(_, c)| c != "ps").cloned().collect();
+    assert_eq!(ps, expected, "exterior ps differs from the GVM's own ps");
+    assert!(!ps.iter().any(|(_, c)| c.starts_with("exterior")), "{ps:?}");
+    let svm_ps = processes(&local(&rt, "rd", &["ps", "-eo", "pid,comm"]));
+    assert!(
+        svm_ps.iter().any(|(_, c)| c == "exterior-agent"),
+        "{svm_ps:?}"
+    );
+
+    // lsmod: the GVM's modules; the SVM itself has no dummy loaded.
+    let lsmod = module_names(&exterior(&rt, "rd", &["lsmod"]));
+    assert_eq!(lsmod, gvm_modules);
+    assert!(!module_names(&local(&rt, "rd", &["lsmod"])).contains("dummy"));
+
+    // Files of /proc, the hostname, links and listening sockets agree with the GVM.
+    assert_eq!(exterior(&rt, "rd", &["cat", "/proc/version"]), gvm_version);
+    assert_eq!(exterior(&rt, "rd", &["cat", "/proc/cmdline"]), gvm_cmdline);
+    assert_ne!(local(&rt, "rd", &["cat", "/proc/cmdline"]), gvm_cmdline);
+    assert_eq!(
+        exterior(&rt, "rd", &["uname", "-n"]).trim(),
+        "exterior-target"
+    );
+    assert_eq!(exterior(&rt, "rd", &["hostname"]).trim(), "exterior-target");
+    assert_eq!(local(&rt, "rd", &["uname", "-n"]).trim(), "svm");
+    let links = exterior(&rt, "rd", &["ip", "-br", "link"]);
+    for link in gvm_links.split_whitespace() {
+        assert!(links.contains(link), "ip -br link misses {link}: {links}");
+    }
+    assert!(links.contains("dummy0"), "{links}");
+    assert!(!local(&rt, "rd", &["ip", "-br", "link"]).contains("dummy0"));
+    let ss = exterior(&rt, "rd", &["ss", "-ltn"]);
+    assert!(
+        ss.contains(":7777"),
+        "ss -ltn does not show the GVM's listener: {ss}"
+    );
+
+    // The session left nothing behind in the GVM: same processes, modules and files.
+    let after_ps: BTreeSet<_> = processes(&gvm.run("ps -o pid,comm"))
+        .into_iter()
+        .filter(|(_, c)| c != "ps")
+        .collect();
+    assert_eq!(after_ps, expected, "the GVM's processes changed");
+    assert_eq!(module_names(&gvm.run("cat /proc/modules")), gvm_modules);
+    assert_eq!(gvm.run("ls /; ls -la /tmp /root"), gvm_files);
+
+    // One VM exit per redirected call: the final store, nothing inside the call.
+    let calls = info(&rt, "rd", "redirect_calls") - calls_before;
+    assert!(calls > 100, "only {calls} calls were redirected");
+    assert_eq!(info(&rt, "rd", "redirect_failed"), 0);
+    assert_eq!(
+        info(&rt, "rd", "redirect_exits"),
+        info(&rt, "rd", "redirect_calls"),
+        "VM exits of the redirect vCPU differ from the number of calls"
+    );
+}

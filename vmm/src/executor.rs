@@ -1,0 +1,1079 @@
+//! The redirect executor (DESIGN.md 4.2): runs one system call of an SVM program on the
+//! GVM's kernel, natively, on a redirect vCPU that borrows the GVM's spare CPU.
+//!
+//! ```text
+//!  SVM program ──SIGSYS──▶ shim ──OUT 0xE7──▶ SVM vCPU thread ──▶ Executor::call
+//!                                                   │ 1 quiesce GVM vCPUs (HLT / CPL 3)
+//!                                                   │ 2 view page tables in the window
+//!                                                   │ 3 lent CPU: current = shadow task
+//!                                                   │ 4 KVM_RUN redirect vCPU at CPL 3:
+//!                                                   │     syscall ─▶ GVM kernel (native)
+//!                                                   │     sysret ─▶ store to sentinel (exit)
+//!  RAX, RCX (status) ◀─────────────────────────────┘ 5 release the GVM
+//! ```
+//!
+//! The redirect vCPU lives in its own KVM VM whose memslots compose the view: GVM RAM at
+//! its own addresses except the kernel text, which comes from the SVM (read-only: code run
+//! for the operator is the trusted image's, never the GVM's), the private window, and SVM
+//! RAM at `svm_base`. Only this module touches KVM; the pure parts (view tables, shadow
+//! task) are in the `redirect` crate.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
+use redirect::profile::{Btf, Elf, KernelProfile, SymbolTable};
+use redirect::shadow::{shadow_files, shadow_task, ShadowLayout, ShadowPlace};
+use redirect::view::{build_view, offsets, ViewLayout, TRAP_KVA, WINDOW_SIZE};
+use redirect::GuestPhysMemory;
+use svm_runtime::redirect_abi::{Status, PORT};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::boot::{cpu, cpuid};
+use crate::devices::bus::lock;
+use crate::devices::PioBus;
+use crate::vstate::memory::{create_guest_memory, GuestMemory, SharedMemory};
+use crate::vstate::quiesce::{
+    self, kick_signal, ControlState, QuiesceError, QuiescePolicy, VcpuControl,
+};
+use crate::vstate::vcpu::{
+    PortHook, MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK,
+};
+use crate::vstate::vm::{kvm_err, Vm, VmError};
+
+/// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
+/// (the loader puts the image at its link address; `nokaslr`).
+const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+/// How long one redirected call may run on the lent CPU.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long to try to quiesce the GVM for one call.
+const QUIESCE_BUDGET: Duration = Duration::from_secs(10);
+/// How long one attempt waits for a GVM vCPU to leave KVM_RUN.
+const PARK_TIMEOUT: Duration = Duration::from_secs(1);
+const ERRNO_EBUSY: i64 = 16;
+const ERRNO_EIO: i64 = 5;
+const ERRNO_ENOSYS: i64 = 38;
+const GDT_LIMIT: u16 = 16 * 8 - 1;
+const IDT_LIMIT: u16 = 256 * 16 - 1;
+const TSS_LIMIT: u32 = 0x67;
+const KVM_MP_STATE_RUNNABLE: u32 = 0;
+/// The shadow's thread flags at the start of every call: only TIF_NEED_FPU_LOAD (14).
+const TIF_NEED_FPU_LOAD_ONLY: u64 = 1 << 14;
+
+/// Counters, readable while calls run (`exterior-vmm info`).
+#[derive(Default)]
+pub struct Stats {
+    pub calls: AtomicU64,
+    pub failed: AtomicU64,
+    pub busy: AtomicU64,
+    /// VM exits of the redirect vCPU, the final store included.
+    pub exits: AtomicU64,
+    /// Nanoseconds the GVM was held, summed.
+    pub held_ns: AtomicU64,
+}
+
+/// What the image gives before the SVM is up: BTF, release, where the text is.
+pub struct KernelImage {
+    btf: Btf,
+    release: String,
+    /// Guest-physical [start, end) of `.text`, page-aligned.
+    text: (u64, u64),
+}
+
+impl KernelImage {
+    /// Reads a vmlinux (ELF) image; bzImages carry no BTF section we can reach.
+    pub fn from_vmlinux(bytes: &[u8]) -> Result<KernelImage, String> {
+        let elf = Elf::parse(bytes).map_err(|e| {
+            format!("the redirect engine needs the kernel as an ELF vmlinux (with .BTF): {e}")
+        })?;
+        let btf = Btf::parse(elf.section_data(".BTF").map_err(|e| e.to_string())?)
+            .map_err(|e| format!("kernel .BTF: {e}"))?;
+        let rodata = elf.section_data(".rodata").map_err(|e| e.to_string())?;
+        let release = redirect::profile::release_from_rodata(rodata)
+            .ok_or("kernel .rodata has no Linux version banner")?;
+        let text = elf.section(".text").ok_or("kernel has no .text section")?;
+        let start = text
+            .addr
+            .checked_sub(START_KERNEL_MAP)
+            .ok_or("kernel .text is not in the kernel-image range")?;
+        let end = start
+            .checked_add(text.size)
+            .map(|e| (e + 0xfff) & !0xfff)
+            .ok_or("kernel .text size overflows")?;
+        Ok(KernelImage {
+            btf,
+            release,
+            text: (start & !0xfff, end),
+        })
+    }
+}
+
+struct Profile {
+    kernel: KernelProfile,
+    shadow: ShadowLayout,
+    /// Per-cpu offset of the preempt count (`__preempt_count`; `pcpu_hot` from 6.2).
+    preempt_count: u64,
+    /// Per-cpu offset of `fpu_fpregs_owner_ctx`: whose FPU state the CPU's registers hold.
+    fpregs_owner: u64,
+    /// `__schedule`: where a call that would sleep is stopped.
+    schedule: u64,
+}
+
+/// Hands the vCPU thread a kick if a call overruns (KVM_RUN then returns EINTR).
+struct Watchdog {
+    armed: Mutex<Option<(libc::pthread_t, Instant)>>,
+    changed: Condvar,
+}
+
+impl Watchdog {
+    fn spawn(seccomp: bool) -> std::io::Result<Arc<Watchdog>> {
+        let dog = Arc::new(Watchdog {
+            armed: Mutex::new(None),
+            changed: Condvar::new(),
+        });
+        let me = dog.clone();
+        std::thread::Builder::new()
+            .name("redirect-watchdog".into())
+            .spawn(move || {
+                if seccomp {
+                    if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+                        log::error!("redirect watchdog: {e}");
+                        return;
+                    }
+                }
+                me.watch()
+            })?;
+        Ok(dog)
+    }
+
+    fn watch(&self) {
+        let mut armed = lock(&self.armed);
+        loop {
+            let wait = match *armed {
+                None => Duration::from_secs(3600),
+                Some((thread, deadline)) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        // SAFETY: the thread id belongs to the vCPU thread that armed us and
+                        // disarms before it can exit; the kick handler does nothing.
+                        unsafe { libc::pthread_kill(thread, kick_signal()) };
+                        Duration::from_millis(20)
+                    } else {
+                        deadline - now
+                    }
+                }
+            };
+            armed = self
+                .changed
+                .wait_timeout(armed, wait)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+
+    fn arm(&self, timeout: Duration) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        *lock(&self.armed) = Some((me, Instant::now() + timeout));
+        self.changed.notify_all();
+    }
+
+    fn disarm(&self) {
+        *lock(&self.armed) = None;
+        self.changed.notify_all();
+    }
+}
+
+/// The parts of an instance the executor works with.
+pub struct Parts {
+    pub gvm_mem: GuestMemory,
+    pub svm_mem: GuestMemory,
+    pub gvm_vcpus: Vec<Arc<VcpuControl>>,
+    pub gvm_bus: Arc<PioBus>,
+    /// The GVM's spare CPU (its number = the GVM's vCPU count).
+    pub spare_cpu: u8,
+}
+
+struct Engine {
+    _vm: Vm,
+    vcpu: VcpuFd,
+    window: SharedMemory,
+    layout: ViewLayout,
+    parts: Parts,
+    /// The kernel text the redirect vCPU runs.
+    text: TextSlot,
+    /// The shadow task as first built, to restore after an abandoned call.
+    shadow_image: Option<Vec<u8>>,
+    /// Which of the window's shadow stacks is in use (see `offsets::SHADOW_STACKS`).
+    stack_index: u64,
+    /// The last call was abandoned on the lent CPU (it tried to sleep, faulted, overran).
+    abandoned: bool,
+    /// A spare one-page slot, deleted and re-added before every call: deleting a memslot
+    /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
+    /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
+    /// back, so nothing it cached from the last call may survive.
+    flush_slot: (u32, u64, u64),
+}
+
+impl Engine {
+    fn forget_cached_translations(&self) -> Result<(), String> {
+        let (slot, gpa, host) = self.flush_slot;
+        set_slot(&self._vm, slot, gpa, 0, host, false)
+            .and_then(|()| set_slot(&self._vm, slot, gpa, 0x1000, host, false))
+            .map_err(|e| format!("flushing the redirect VM's MMU: {e}"))
+    }
+}
+
+/// The executor of one instance; the SVM's vCPU threads call it through [`PortHook`].
+pub struct Executor {
+    engine: Mutex<Result<Engine, String>>,
+    image: Mutex<Option<KernelImage>>,
+    profile: OnceLock<Result<Profile, String>>,
+    watchdog: Arc<Watchdog>,
+    /// Taken by whoever holds the GVM's vCPUs (a call, or `exterior-vmm quiesce`).
+    gvm_hold: Mutex<()>,
+    pub stats: Stats,
+}
+
+fn set_slot(
+    vm: &Vm,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+    readonly: bool,
+) -> Result<(), VmError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: if readonly { KVM_MEM_READONLY } else { 0 },
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: `host..host+size` lies inside a mapping of GVM, SVM or window memory that the
+    // executor keeps alive (it owns clones of the memory objects, and guest memory is never
+    // unmapped before the process exits); the slots do not overlap (built below from
+    // disjoint ranges).
+    unsafe { vm.fd.set_user_memory_region(region) }.map_err(kvm_err("set redirect memory slot"))
+}
+
+fn host_ranges(mem: &GuestMemory) -> Result<Vec<(u64, u64, u64)>, VmError> {
+    mem.iter()
+        .map(|r| {
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| VmError::Host(format!("guest memory: {e}")))?;
+            Ok((r.start_addr().raw_value(), r.len(), host as u64))
+        })
+        .collect()
+}
+
+impl Engine {
+    fn new(vm: Vm, image_text: (u64, u64), parts: Parts) -> Result<Engine, VmError> {
+        vm.fd
+            .set_tss_address(crate::boot::layout::KVM_TSS_ADDR)
+            .map_err(kvm_err("set TSS address"))?;
+        // A LAPIC so that what the lent CPU does to its APIC (IPIs, EOIs) goes nowhere.
+        vm.fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let gvm = host_ranges(&parts.gvm_mem)?;
+        let svm = host_ranges(&parts.svm_mem)?;
+        let (text_lo, text_hi) = image_text;
+        let gvm_end = gvm.iter().map(|(g, l, _)| g + l).max().unwrap_or(0);
+        let align = |v: u64, a: u64| (v + a - 1) & !(a - 1);
+        let window_gpa = align(gvm_end, 1 << 30);
+        let layout = ViewLayout {
+            window_gpa,
+            sentinel_gpa: window_gpa + WINDOW_SIZE,
+            svm_base: align(window_gpa + WINDOW_SIZE + 0x1000, 1 << 36),
+        };
+        let mut slot = 0u32;
+        // Returns the slot number it used.
+        let mut add = |gpa: u64, size: u64, host: u64, ro: bool| -> Result<u32, VmError> {
+            if size > 0 {
+                set_slot(&vm, slot, gpa, size, host, ro)?;
+                slot += 1;
+            }
+            Ok(slot.saturating_sub(1))
+        };
+        let mut text_mapped = false;
+        let mut text_slot = (0, 0, 0, 0);
+        for &(gpa, len, host) in &gvm {
+            let end = gpa + len;
+            if text_lo >= gpa && text_hi <= end {
+                add(gpa, text_lo - gpa, host, false)?;
+                let (_, _, svm_host) = svm
+                    .iter()
+                    .find(|(g, l, _)| text_lo >= *g && text_hi <= g + l)
+                    .copied()
+                    .ok_or_else(|| VmError::Host("the SVM's memory has no kernel text".into()))?;
+                let svm_gpa = svm
+                    .iter()
+                    .find(|(g, l, _)| text_lo >= *g && text_hi <= g + l)
+                    .map(|(g, _, _)| *g)
+                    .unwrap_or(0);
+                text_slot = (
+                    add(
+                        text_lo,
+                        text_hi - text_lo,
+                        svm_host + (text_lo - svm_gpa),
+                        true,
+                    )?,
+                    text_lo,
+                    text_hi - text_lo,
+                    svm_host + (text_lo - svm_gpa),
+                );
+                add(text_hi, end - text_hi, host + (text_hi - gpa), false)?;
+                text_mapped = true;
+            } else {
+                add(gpa, len, host, false)?;
+            }
+        }
+        if !text_mapped {
+            return Err(VmError::Host(format!(
+                "the kernel text {text_lo:#x}..{text_hi:#x} is not in GVM memory"
+            )));
+        }
+        let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)
+            .map_err(|e| VmError::Host(e.to_string()))?;
+        let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)
+            .map_err(|e| VmError::Host(e.to_string()))?;
+        let window_host = host_ranges(&window.mem)?;
+        for &(_, len, host) in &window_host {
+            add(window_gpa, len, host, false)?;
+        }
+        for &(gpa, len, host) in &svm {
+            add(layout.svm_base + gpa, len, host, false)?;
+        }
+        let flush_gpa = layout.sentinel_gpa + (2 << 20);
+        let flush_host = window_host.first().map(|r| r.2).unwrap_or(0);
+        let flush_slot = (
+            add(flush_gpa, 0x1000, flush_host, false)?,
+            flush_gpa,
+            flush_host,
+        );
+        // The window's memory object is relocated: vm-memory regions start at 0, the
+        // redirect VM sees it at window_gpa. Reads and writes below go through `window_at`.
+        let vcpu = vm
+            .fd
+            .create_vcpu(u64::from(parts.spare_cpu))
+            .map_err(kvm_err("create redirect vCPU"))?;
+        let mut supported: CpuId = vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        cpuid::patch_entries(
+            supported.as_mut_slice(),
+            parts.spare_cpu,
+            parts.spare_cpu.saturating_add(1),
+        );
+        vcpu.set_cpuid2(&supported).map_err(kvm_err("set CPUID"))?;
+        vcpu.set_fpu(&cpu::boot_fpu()).map_err(kvm_err("set FPU"))?;
+        Ok(Engine {
+            _vm: vm,
+            vcpu,
+            window,
+            layout,
+            parts,
+            text: TextSlot {
+                slot: text_slot.0,
+                gpa: text_slot.1,
+                size: text_slot.2,
+                svm_host: text_slot.3,
+                copy: text_copy,
+                private: false,
+            },
+            shadow_image: None,
+            stack_index: 0,
+            abandoned: false,
+            flush_slot,
+        })
+    }
+}
+
+/// The kernel text of the view. It starts as the SVM's own pages (read-only); before the
+/// first call it becomes a private copy of them in which `__schedule` is patched to exit:
+/// a call that would sleep must stop before it switches the borrowed CPU to another task
+/// (hardware breakpoints would do too, but nested TCG does not deliver them).
+struct TextSlot {
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    svm_host: u64,
+    copy: SharedMemory,
+    private: bool,
+}
+
+impl Engine {
+    /// Switches the text slot to the private copy with the scheduler trap (once).
+    fn private_text(&mut self, schedule_va: u64, trap: &[u8]) -> Result<(), String> {
+        if self.text.private {
+            return Ok(());
+        }
+        let t = &self.text;
+        let size = usize::try_from(t.size).map_err(|e| e.to_string())?;
+        let mut bytes = vec![0u8; size];
+        self.parts
+            .svm_mem
+            .read_phys(t.gpa, &mut bytes)
+            .map_err(|e| format!("the SVM's kernel text: {e}"))?;
+        let at = schedule_va
+            .checked_sub(START_KERNEL_MAP + t.gpa)
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|o| o + trap.len() <= size)
+            .ok_or_else(|| format!("__schedule {schedule_va:#x} is outside the kernel text"))?;
+        bytes[at..at + trap.len()].copy_from_slice(trap);
+        t.copy
+            .mem
+            .write_phys(0, &bytes)
+            .map_err(|e| format!("the private kernel text: {e}"))?;
+        let host = host_ranges(&t.copy.mem)
+            .map_err(|e| e.to_string())?
+            .first()
+            .map(|r| r.2)
+            .ok_or("the private kernel text has no mapping")?;
+        set_slot(&self._vm, t.slot, t.gpa, 0, t.svm_host, true)
+            .and_then(|()| set_slot(&self._vm, t.slot, t.gpa, t.size, host, true))
+            .map_err(|e| format!("switching to the private kernel text: {e}"))?;
+        self.text.private = true;
+        Ok(())
+    }
+}
+
+/// The window as the redirect VM sees it: guest-physical `window_gpa + off` is byte `off`
+/// of the window's memory.
+struct WindowAt<'a> {
+    mem: &'a GuestMemory,
+    base: u64,
+}
+
+impl GuestPhysMemory for WindowAt<'_> {
+    fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_sub(self.base)
+            .is_some_and(|off| self.mem.contains(off, len))
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), redirect::MemError> {
+        let off = gpa
+            .checked_sub(self.base)
+            .ok_or(redirect::MemError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })?;
+        self.mem.read_phys(off, buf)
+    }
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), redirect::MemError> {
+        let off = gpa
+            .checked_sub(self.base)
+            .ok_or(redirect::MemError::OutOfRange {
+                gpa,
+                len: buf.len() as u64,
+            })?;
+        self.mem.write_phys(off, buf)
+    }
+}
+
+/// One call's outcome: RAX for the program, and the status for the shim.
+pub struct Outcome {
+    pub result: i64,
+    pub status: Status,
+}
+
+impl Executor {
+    /// Creates the redirect VM for an instance. Failures do not stop the instance: they
+    /// are reported, and every redirected call then fails with the reason.
+    pub fn new(
+        kvm_device: &std::path::Path,
+        image: Result<KernelImage, String>,
+        parts: Parts,
+        seccomp: bool,
+    ) -> std::io::Result<Arc<Executor>> {
+        let engine = image.as_ref().map_err(String::clone).and_then(|img| {
+            Vm::new(kvm_device)
+                .and_then(|vm| Engine::new(vm, img.text, parts))
+                .map_err(|e| format!("cannot create the redirect VM: {e}"))
+        });
+        if let Err(e) = &engine {
+            log::error!("redirect engine unavailable: {e}");
+        }
+        Ok(Arc::new(Executor {
+            engine: Mutex::new(engine),
+            image: Mutex::new(image.ok()),
+            profile: OnceLock::new(),
+            watchdog: Watchdog::spawn(seccomp)?,
+            gvm_hold: Mutex::new(()),
+            stats: Stats::default(),
+        }))
+    }
+
+    /// True once calls can run: the redirect VM exists and the profile is complete.
+    pub fn is_ready(&self) -> bool {
+        matches!(self.profile.get(), Some(Ok(_))) && lock(&self.engine).is_ok()
+    }
+
+    /// Excludes redirected calls while the guard lives (for other users of quiescing).
+    pub fn hold_gvm(&self) -> std::sync::MutexGuard<'_, ()> {
+        lock(&self.gvm_hold)
+    }
+
+    /// Completes the kernel profile with the SVM's symbols (its agent's `Ready` payload).
+    pub fn set_symbols(&self, kallsyms: &[u8]) {
+        let Some(image) = lock(&self.image).take() else {
+            return;
+        };
+        let profile = SymbolTable::parse_bytes(kallsyms)
+            .map_err(|e| format!("the SVM's kallsyms: {e}"))
+            .and_then(|table| {
+                KernelProfile::from_parts(image.release, image.btf, table)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|kernel| {
+                let stext = kernel.symbols.stext - START_KERNEL_MAP;
+                if stext != image.text.0 {
+                    return Err(format!(
+                        "the SVM's _stext {:#x} is not the image's .text {:#x}: different kernels",
+                        kernel.symbols.stext, image.text.0
+                    ));
+                }
+                let shadow = ShadowLayout::from_profile(&kernel).map_err(|e| e.to_string())?;
+                let preempt_count = kernel
+                    .btf
+                    .percpu_var("__preempt_count")
+                    .map(|v| v.offset)
+                    .or_else(|| {
+                        let hot = kernel.btf.percpu_var("pcpu_hot")?.offset;
+                        hot.checked_add(kernel.btf.member_offset("pcpu_hot", "preempt_count")?)
+                    })
+                    .ok_or("kernel BTF has no per-cpu __preempt_count (nor pcpu_hot)")?;
+                let fpregs_owner = kernel
+                    .btf
+                    .percpu_var("fpu_fpregs_owner_ctx")
+                    .map(|v| v.offset)
+                    .ok_or("kernel BTF has no per-cpu fpu_fpregs_owner_ctx")?;
+                let schedule = kernel
+                    .kallsyms
+                    .address("__schedule")
+                    .ok_or("the SVM's kallsyms has no __schedule")?;
+                Ok(Profile {
+                    kernel,
+                    shadow,
+                    preempt_count,
+                    fpregs_owner,
+                    schedule,
+                })
+            });
+        match &profile {
+            Ok(p) => log::info!("redirect engine ready: kernel {}", p.kernel.release),
+            Err(e) => log::error!("redirect engine unavailable: {e}"),
+        }
+        let _ = self.profile.set(profile);
+    }
+
+    /// Runs the system call in `regs` (RAX = number, RDI RSI RDX R10 R8 R9 = arguments) of
+    /// the SVM program whose control registers are `sregs`.
+    pub fn call(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Outcome {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let fail = |status: Status, errno: i64, why: String| {
+            log::warn!("redirected syscall {} failed: {why}", regs.rax);
+            Outcome {
+                result: -errno,
+                status,
+            }
+        };
+        let profile = match self.profile.get() {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => return fail(Status::NotReady, ERRNO_ENOSYS, e.clone()),
+            None => {
+                return fail(
+                    Status::NotReady,
+                    ERRNO_ENOSYS,
+                    "the SVM has not reported its kernel symbols yet".into(),
+                )
+            }
+        };
+        let mut guard = lock(&self.engine);
+        let engine = match guard.as_mut() {
+            Ok(e) => e,
+            Err(e) => return fail(Status::NotReady, ERRNO_ENOSYS, e.clone()),
+        };
+        let policy = QuiescePolicy {
+            budget: QUIESCE_BUDGET,
+            park_timeout: PARK_TIMEOUT,
+            ..QuiescePolicy::default()
+        };
+        let _exclusive = self.hold_gvm();
+        let started = Instant::now();
+        let held = match quiesce::quiesce(&engine.parts.gvm_vcpus, policy) {
+            Ok(h) => h,
+            Err(e @ QuiesceError::Busy(..)) => {
+                self.stats.busy.fetch_add(1, Ordering::Relaxed);
+                return fail(Status::Busy, ERRNO_EBUSY, e.to_string());
+            }
+            Err(e) => return fail(Status::Failed, ERRNO_EIO, e.to_string()),
+        };
+        // Borrow a held CPU, an idle one if there is one (see `run_on_lent_cpu`).
+        let Some(lent) = held
+            .snapshots
+            .iter()
+            .find(|s| s.halted)
+            .or(held.snapshots.first())
+            .copied()
+        else {
+            return fail(Status::Failed, ERRNO_EIO, "the GVM has no vCPU".into());
+        };
+        let outcome = self.run_on_lent_cpu(engine, profile, lent.index, &lent.control, regs, sregs);
+        drop(held);
+        self.stats
+            .held_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match outcome {
+            Ok(result) => Outcome {
+                result,
+                status: Status::Done,
+            },
+            Err(why) => {
+                self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                fail(Status::Failed, ERRNO_EIO, why)
+            }
+        }
+    }
+
+    /// Runs the call as GVM CPU `cpu`, which is held at a safe point: its per-cpu
+    /// `current_task` and top of stack point at the shadow task for the call, its preempt
+    /// count is raised by one (the call must not schedule on a borrowed CPU), and all
+    /// three are put back afterwards, whatever happened.
+    fn run_on_lent_cpu(
+        &self,
+        engine: &mut Engine,
+        profile: &Profile,
+        cpu: u8,
+        control: &ControlState,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> Result<i64, String> {
+        if engine.stack_index >= offsets::STACK_COUNT {
+            return Err(format!(
+                "{} calls were abandoned on the lent CPU; the redirect engine is stopped to keep \
+                 the GVM safe (restart the instance)",
+                engine.stack_index
+            ));
+        }
+        let syms = &profile.kernel.symbols;
+        let layout = engine.layout;
+        let gvm_mem = engine.parts.gvm_mem.clone();
+        let gvm: &dyn GuestPhysMemory = &gvm_mem;
+        let mode = PagingMode::from_control_regs(
+            control.cr0,
+            control.cr4,
+            control.efer,
+            DEFAULT_MAX_PHYS_BITS,
+        )
+        .map_err(|e| format!("GVM vCPU 0: {e}"))?;
+        let kernel = AddressSpace::new(gvm, mode, control.cr3);
+        if control.lstar != syms.entry_syscall_64 {
+            return Err(format!(
+                "the GVM's LSTAR {:#x} is not entry_SYSCALL_64 {:#x}: its syscall entry is hooked or it runs another kernel",
+                control.lstar, syms.entry_syscall_64
+            ));
+        }
+        {
+            let window = WindowAt {
+                mem: &engine.window.mem,
+                base: layout.window_gpa,
+            };
+            if engine.shadow_image.is_none() {
+                let image = self.install_shadow(engine, profile, &kernel, &window)?;
+                engine.shadow_image = Some(image);
+            }
+            // Per call: the shadow runs on `cpu`, and its FPU state is not in any CPU's
+            // registers (the kernel restores it on the way out, as for any task).
+            let lay = &profile.shadow;
+            let task = |off| layout.gpa(offsets::SHADOW_TASK + off);
+            let werr = |e: redirect::MemError| format!("window: {e}");
+            window
+                .write_phys(task(lay.ti_cpu), &u32::from(cpu).to_le_bytes())
+                .map_err(werr)?;
+            window
+                .write_phys(task(lay.ti_flags), &TIF_NEED_FPU_LOAD_ONLY.to_le_bytes())
+                .map_err(werr)?;
+            window
+                .write_phys(task(lay.fpu_last_cpu), &u32::MAX.to_le_bytes())
+                .map_err(werr)?;
+        }
+        let read_u64 = |va: u64| {
+            let mut raw = [0u8; 8];
+            kernel
+                .read(va, &mut raw, Privilege::Supervisor)
+                .map(|()| u64::from_le_bytes(raw))
+                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
+        };
+        let write_u64 = |va: u64, v: u64| {
+            kernel
+                .write(va, &v.to_le_bytes(), Privilege::Supervisor)
+                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
+        };
+        let pcpu_base = read_u64(syms.per_cpu_offset + 8 * u64::from(cpu))?;
+        let current_va = pcpu_base + syms.current_task;
+        let top_va = pcpu_base + syms.cpu_current_top_of_stack;
+        let preempt_va = pcpu_base + profile.preempt_count;
+        let owner_va = pcpu_base + profile.fpregs_owner;
+        let saved: Vec<(u64, u64)> = [current_va, top_va, preempt_va, owner_va]
+            .into_iter()
+            .map(|va| read_u64(va).map(|v| (va, v)))
+            .collect::<Result<_, _>>()?;
+        let shadow = ViewLayout::kva(offsets::SHADOW_TASK);
+        let stack_top = ViewLayout::kva(
+            offsets::SHADOW_STACKS + (engine.stack_index + 1) * offsets::STACK_SIZE,
+        );
+        // preempt_count is an int; the word's upper half is the next per-cpu variable.
+        let preempt = saved[2].1;
+        let raised = (preempt & !0xffff_ffff) | u64::from((preempt as u32).wrapping_add(1));
+        let result = write_u64(current_va, shadow)
+            .and_then(|()| write_u64(top_va, stack_top))
+            .and_then(|()| write_u64(preempt_va, raised))
+            .and_then(|()| self.enter(engine, profile, control, regs, sregs, pcpu_base));
+        // Give the CPU back as it was (the shadow's own state stays in the window); the
+        // FPU owner too, which the way out of the call made the shadow.
+        let restored = saved.iter().try_for_each(|&(va, v)| write_u64(va, v));
+        if engine.abandoned {
+            self.retire_stack(engine, profile)?;
+        }
+        match (result, restored) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(format!("giving CPU {cpu} back: {e}")),
+        }
+    }
+
+    /// After an abandoned call: its stack may still be linked into GVM wait queues, so it
+    /// is never used again; the shadow task is restored as first built, on the next stack.
+    fn retire_stack(&self, engine: &mut Engine, profile: &Profile) -> Result<(), String> {
+        engine.abandoned = false;
+        engine.stack_index += 1;
+        let Some(mut image) = engine.shadow_image.clone() else {
+            return Ok(());
+        };
+        if engine.stack_index >= offsets::STACK_COUNT {
+            let why = format!(
+                "{} calls were abandoned on the lent CPU; the redirect engine stops here to \
+                 keep the GVM safe (restart the instance)",
+                engine.stack_index
+            );
+            return Err(why);
+        }
+        let stack =
+            ViewLayout::kva(offsets::SHADOW_STACKS + engine.stack_index * offsets::STACK_SIZE);
+        let off = usize::try_from(profile.shadow.stack).map_err(|e| e.to_string())?;
+        image
+            .get_mut(off..off + 8)
+            .ok_or("shadow task shorter than its layout")?
+            .copy_from_slice(&stack.to_le_bytes());
+        let window = WindowAt {
+            mem: &engine.window.mem,
+            base: engine.layout.window_gpa,
+        };
+        window
+            .write_phys(engine.layout.gpa(offsets::SHADOW_TASK), &image)
+            .map_err(|e| format!("window: {e}"))?;
+        log::warn!(
+            "redirect: call abandoned; shadow task reset on stack {}",
+            engine.stack_index
+        );
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn enter(
+        &self,
+        engine: &mut Engine,
+        profile: &Profile,
+        control: &ControlState,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+        pcpu_base: u64,
+    ) -> Result<i64, String> {
+        // The last call ended in an MMIO exit that KVM still means to complete; let it do
+        // that now, without entering the guest, so the state set below is what runs.
+        engine.vcpu.set_kvm_immediate_exit(1);
+        let _ = engine.vcpu.run();
+        engine.vcpu.set_kvm_immediate_exit(0);
+        let syms = &profile.kernel.symbols;
+        let layout = engine.layout;
+        let window = WindowAt {
+            mem: &engine.window.mem,
+            base: layout.window_gpa,
+        };
+        let gvm: &dyn GuestPhysMemory = &engine.parts.gvm_mem;
+        let svm_mode =
+            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
+                .map_err(|e| format!("SVM program: {e}"))?;
+        let view = build_view(
+            &window,
+            &layout,
+            gvm,
+            control.cr3,
+            &engine.parts.svm_mem,
+            &svm_mode,
+            sregs.cr3,
+        )
+        .map_err(|e| e.to_string())?;
+        // `movabs %rax, TRAP_KVA` at __schedule: a store to an unbacked page, so it exits.
+        let mut trap = vec![0x48, 0xa3];
+        trap.extend_from_slice(&TRAP_KVA.to_le_bytes());
+        engine.private_text(profile.schedule, &trap)?;
+        engine.forget_cached_translations()?;
+        let vcpu = &engine.vcpu;
+
+        let mut s = vcpu
+            .get_sregs()
+            .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
+        s.cr0 = control.cr0;
+        s.cr3 = view.cr3;
+        s.cr4 = control.cr4;
+        s.efer = control.efer;
+        s.apic_base = control.apic_base;
+        let user = |selector: u16, code: bool, base: u64| kvm_segment {
+            base,
+            limit: 0xffff_ffff,
+            selector,
+            type_: if code { 11 } else { 3 },
+            present: 1,
+            dpl: 3,
+            db: u8::from(!code),
+            s: 1,
+            l: u8::from(code),
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        s.cs = user(0x33, true, 0);
+        s.ss = user(0x2b, false, 0);
+        s.ds = user(0x2b, false, 0);
+        s.es = user(0x2b, false, 0);
+        s.fs = user(0, false, sregs.fs.base);
+        s.gs = user(0, false, 0);
+        s.gdt = kvm_dtable {
+            base: pcpu_base + syms.gdt_page,
+            limit: GDT_LIMIT,
+            padding: [0; 3],
+        };
+        s.idt = kvm_dtable {
+            base: syms.idt_table,
+            limit: IDT_LIMIT,
+            padding: [0; 3],
+        };
+        s.tr = kvm_segment {
+            base: pcpu_base + syms.cpu_tss_rw,
+            limit: TSS_LIMIT,
+            selector: 0x40,
+            type_: 11,
+            present: 1,
+            ..Default::default()
+        };
+        vcpu.set_sregs(&s)
+            .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
+        let msrs = [
+            (MSR_STAR, control.star),
+            (MSR_LSTAR, control.lstar),
+            (MSR_SYSCALL_MASK, control.sfmask),
+            (MSR_KERNEL_GS_BASE, pcpu_base),
+            (MSR_IA32_TSC, control.tsc),
+        ]
+        .map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        });
+        let msrs = Msrs::from_entries(&msrs).map_err(|e| format!("MSR list: {e:?}"))?;
+        match vcpu.set_msrs(&msrs) {
+            Ok(5) => {}
+            other => return Err(format!("redirect vCPU MSRs: {other:?}")),
+        }
+        let mut xcrs = kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = control.xcr0.max(1);
+        vcpu.set_xcrs(&xcrs)
+            .map_err(|e| format!("redirect vCPU XCR0: {e}"))?;
+        let r = kvm_regs {
+            rax: regs.rax,
+            rdi: regs.rdi,
+            rsi: regs.rsi,
+            rdx: regs.rdx,
+            r10: regs.r10,
+            r8: regs.r8,
+            r9: regs.r9,
+            rsp: regs.rsp,
+            rip: view.stub_va,
+            rflags: 0x202,
+            ..Default::default()
+        };
+        vcpu.set_regs(&r)
+            .map_err(|e| format!("redirect vCPU registers: {e}"))?;
+
+        // Not the BSP: KVM starts it waiting for INIT/SIPI; and a failed call may leave it
+        // halted. Either way, it runs now.
+        vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
+            mp_state: KVM_MP_STATE_RUNNABLE,
+        })
+        .map_err(|e| format!("redirect vCPU state: {e}"))?;
+        self.run_until_sentinel(engine, layout.sentinel_gpa)
+    }
+
+    fn run_until_sentinel(&self, engine: &mut Engine, sentinel: u64) -> Result<i64, String> {
+        let trap = engine.layout.trap_gpa();
+        let started = Instant::now();
+        self.watchdog.arm(CALL_TIMEOUT);
+        let bus = engine.parts.gvm_bus.clone();
+        let result = loop {
+            let exit = engine.vcpu.run();
+            self.stats.exits.fetch_add(1, Ordering::Relaxed);
+            match exit {
+                Ok(VcpuExit::MmioWrite(addr, data)) if addr == sentinel => {
+                    let mut raw = [0u8; 8];
+                    let n = data.len().min(8);
+                    raw[..n].copy_from_slice(&data[..n]);
+                    break Ok(i64::from_le_bytes(raw));
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) if addr == trap => {
+                    break Err("the call would sleep: it entered the GVM's scheduler \
+                               (__schedule) on a borrowed CPU and was stopped there"
+                        .into())
+                }
+                // The lent CPU's printk reaches the GVM's own serial port.
+                Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
+                Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+                Ok(VcpuExit::MmioWrite(addr, _)) => {
+                    break Err(format!(
+                        "the call wrote to guest-physical {addr:#x}, which the view does not back \
+                         (kernel text is read-only there)"
+                    ))
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0xff);
+                    break Err(format!(
+                        "the call read guest-physical {addr:#x}, which the view does not back"
+                    ));
+                }
+                Ok(VcpuExit::Hlt) => break Err("the call halted the lent CPU".into()),
+                Ok(VcpuExit::Shutdown) => {
+                    break Err("the lent CPU triple-faulted during the call".into())
+                }
+                Ok(other) => break Err(format!("unexpected exit of the lent CPU: {other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if started.elapsed() >= CALL_TIMEOUT {
+                        break Err(format!(
+                            "the call did not return within {CALL_TIMEOUT:?} (it may have tried to sleep)"
+                        ));
+                    }
+                }
+                Err(e) => break Err(format!("KVM_RUN on the lent CPU: {e}")),
+            }
+        };
+        self.watchdog.disarm();
+        engine.abandoned = result.is_err();
+        if let Err(e) = &result {
+            let rip = engine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+            return Err(format!("{e} (lent CPU at rip {rip:#x})"));
+        }
+        result
+    }
+
+    /// Puts the shadow task, its stacks and file table in the window, and points the lent
+    /// CPU's per-cpu `current_task`, top of stack and TSS at them. Returns its per-cpu base.
+    fn install_shadow(
+        &self,
+        engine: &Engine,
+        profile: &Profile,
+        kernel: &AddressSpace<'_>,
+        window: &WindowAt<'_>,
+    ) -> Result<Vec<u8>, String> {
+        let syms = &profile.kernel.symbols;
+        let lay = &profile.shadow;
+        let read = |va: u64, buf: &mut [u8]| {
+            kernel
+                .read(va, buf, Privilege::Supervisor)
+                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
+        };
+        let size = usize::try_from(lay.task_size).map_err(|e| e.to_string())?;
+        let mut template = vec![0u8; size];
+        read(syms.init_task, &mut template)?;
+        let files_ptr = {
+            let off = usize::try_from(lay.files).map_err(|e| e.to_string())?;
+            let bytes: [u8; 8] = template
+                .get(off..off + 8)
+                .and_then(|b| b.try_into().ok())
+                .ok_or("init_task is shorter than its layout")?;
+            u64::from_le_bytes(bytes)
+        };
+        let kva = ViewLayout::kva;
+        let place = ShadowPlace {
+            task: kva(offsets::SHADOW_TASK),
+            stack: kva(offsets::SHADOW_STACKS),
+            files: kva(offsets::SHADOW_FILES),
+            cpu: 0,
+        };
+        let task = shadow_task(
+            &template,
+            syms.init_task,
+            lay,
+            &place,
+            offsets::SHADOW_TASK_MAX,
+        )
+        .map_err(|e| e.to_string())?;
+        let mut files_template =
+            vec![0u8; usize::try_from(lay.files_size).map_err(|e| e.to_string())?];
+        read(files_ptr, &mut files_template)?;
+        let files = shadow_files(
+            &files_template,
+            files_ptr,
+            lay,
+            place.files,
+            offsets::SHADOW_FILES_MAX,
+        )
+        .map_err(|e| e.to_string())?;
+        let gpa = |off| engine.layout.gpa(off);
+        let werr = |e: redirect::MemError| format!("window: {e}");
+        window
+            .write_phys(gpa(offsets::SHADOW_TASK), &task)
+            .map_err(werr)?;
+        window
+            .write_phys(gpa(offsets::SHADOW_FILES), &files)
+            .map_err(werr)?;
+        log::info!("redirect: shadow task at {:#x}", place.task);
+        Ok(task)
+    }
+}
+
+/// The SVM's redirect port: every vCPU of the SVM hands its OUTs to the executor.
+pub struct RedirectPort(pub Arc<Executor>);
+
+impl PortHook for RedirectPort {
+    fn port(&self) -> u16 {
+        PORT
+    }
+
+    fn handle(&self, vcpu: &VcpuFd) {
+        let (Ok(mut regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
+            log::error!("redirect: cannot read the SVM vCPU's registers");
+            return;
+        };
+        // Only user programs (the shim) ask; the SVM kernel has no business on this port.
+        if sregs.cs.dpl != 3 {
+            return;
+        }
+        let outcome = self.0.call(&regs, &sregs);
+        regs.rax = outcome.result as u64;
+        regs.rcx = outcome.status as u64;
+        if let Err(e) = vcpu.set_regs(&regs) {
+            log::error!("redirect: cannot write the SVM vCPU's registers: {e}");
+        }
+    }
+}

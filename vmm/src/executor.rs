@@ -452,28 +452,27 @@ struct WindowAt<'a> {
     base: u64,
 }
 
+impl WindowAt<'_> {
+    /// Offset in the window's memory of guest-physical `gpa`.
+    fn offset(&self, gpa: u64, len: usize) -> Result<u64, redirect::MemError> {
+        gpa.checked_sub(self.base)
+            .ok_or(redirect::MemError::OutOfRange {
+                gpa,
+                len: len as u64,
+            })
+    }
+}
+
 impl GuestPhysMemory for WindowAt<'_> {
     fn contains(&self, gpa: u64, len: u64) -> bool {
         gpa.checked_sub(self.base)
             .is_some_and(|off| self.mem.contains(off, len))
     }
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), redirect::MemError> {
-        let off = gpa
-            .checked_sub(self.base)
-            .ok_or(redirect::MemError::OutOfRange {
-                gpa,
-                len: buf.len() as u64,
-            })?;
-        self.mem.read_phys(off, buf)
+        self.mem.read_phys(self.offset(gpa, buf.len())?, buf)
     }
     fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), redirect::MemError> {
-        let off = gpa
-            .checked_sub(self.base)
-            .ok_or(redirect::MemError::OutOfRange {
-                gpa,
-                len: buf.len() as u64,
-            })?;
-        self.mem.write_phys(off, buf)
+        self.mem.write_phys(self.offset(gpa, buf.len())?, buf)
     }
 }
 

@@ -8,7 +8,7 @@
 //! - [`redirect_abi`]: the port and registers of one redirected system call (SVM program ⇄
 //!   VMM).
 //! - `policy` (x86-64): which system calls of a diverted program run in the GVM; used by the
-//!   preload shim (`shim/`, `libexterior_shim.so`).
+//!   preload shim (`svm-runtime/shim/`, `libexterior_shim.so`).
 
 pub mod protocol;
 pub mod redirect_abi;

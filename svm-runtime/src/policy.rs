@@ -1,6 +1,6 @@
 //! Which system calls of a diverted SVM program run in the GVM, and how (x86-64 only).
 //!
-//! This is the pure half of the preload shim (`shim/`, `libexterior_shim.so`): the shim's
+//! This is the pure half of the preload shim (`svm-runtime/shim/`, `libexterior_shim.so`): the shim's
 //! SIGSYS handler hands every diverted call to [`decide`] and carries out the [`Decision`].
 //! Nothing here allocates, blocks or panics on any input, so it is safe to call from a signal
 //! handler; every loop is bounded by a constant or by the length of a slice.

@@ -1,6 +1,6 @@
 //! The redirect ABI between a diverted program in the SVM and the VMM.
 //!
-//! The preload library (`shim/`, `libexterior_shim.so`) asks for this one I/O port with
+//! The preload library (`svm-runtime/shim/`, `libexterior_shim.so`) asks for this one I/O port with
 //! `ioperm(PORT, 1, 1)` when it loads. To run a system call in the GVM it executes, from its
 //! SIGSYS handler, `out %al, $PORT` (one byte: `ioperm` grants exactly one port) with the call in the registers exactly as the `syscall`
 //! instruction would take it:

@@ -141,7 +141,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
 
     // Ground truth, set up and printed by the GVM itself.
     gvm.run(
-        "hostname exterior-target; modprobe dummy; \
+        "hostname exterior-target; modprobe dummy; ip addr add 10.9.8.7/24 dev dummy0; \
          printf '#!/bin/sh\\nwhile :; do sleep 3600; done\\n' >/tmp/xmarker; chmod +x /tmp/xmarker; \
          /tmp/xmarker & nc -l -p 7777 >/dev/null 2>&1 & sleep 1",
     );
@@ -187,6 +187,12 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     }
     assert!(links.contains("dummy0"), "{links}");
     assert!(!local(&rt, "rd", &["ip", "-br", "link"]).contains("dummy0"));
+    let addrs = exterior(&rt, "rd", &["ip", "-br", "addr"]);
+    assert!(
+        addrs.contains("dummy0") && addrs.contains("10.9.8.7/24") && addrs.contains("127.0.0.1/8"),
+        "ip -br addr does not show the GVM's addresses: {addrs}"
+    );
+    assert!(!local(&rt, "rd", &["ip", "-br", "addr"]).contains("10.9.8.7"));
     let ss = exterior(&rt, "rd", &["ss", "-ltn"]);
     assert!(
         ss.contains(":7777"),

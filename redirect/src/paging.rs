@@ -36,13 +36,13 @@ pub const DEFAULT_MAX_PHYS_BITS: u8 = 52;
 pub const DEFAULT_MAX_TABLES: usize = 1 << 16;
 
 const ENTRIES: usize = 512;
-const PTE_P: u64 = 1 << 0;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
-const PTE_PS: u64 = 1 << 7;
-const PTE_XD: u64 = 1 << 63;
+pub(crate) const PTE_P: u64 = 1 << 0;
+pub(crate) const PTE_RW: u64 = 1 << 1;
+pub(crate) const PTE_US: u64 = 1 << 2;
+pub(crate) const PTE_PS: u64 = 1 << 7;
+pub(crate) const PTE_XD: u64 = 1 << 63;
 /// Bits 12..51: the largest possible address field.
-const ADDR_FIELD: u64 = ((1 << 52) - 1) & !(PAGE_SIZE - 1);
+pub(crate) const ADDR_FIELD: u64 = ((1 << 52) - 1) & !(PAGE_SIZE - 1);
 /// Canonical 48-bit addresses, mapped onto a contiguous "linear" range 0..2^48.
 const LINEAR_MASK: u64 = (1 << 48) - 1;
 const UPPER_HALF_START: u64 = 0xffff_8000_0000_0000;

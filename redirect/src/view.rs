@@ -22,7 +22,10 @@ use std::ops::ControlFlow;
 use thiserror::Error;
 
 use crate::memory::{GuestPhysMemory, MemError};
-use crate::paging::{for_each_mapping, PageSize, PagingMode, WalkError};
+use crate::paging::{
+    for_each_mapping, PageSize, PagingMode, WalkError, ADDR_FIELD, PTE_P, PTE_PS, PTE_RW, PTE_US,
+    PTE_XD,
+};
 
 /// PML4 slot of the window's kernel mapping: 0xffff_f800_0000_0000, inside the range x86-64
 /// Linux reserves for KASAN shadow memory, which the pinned (non-KASAN) kernel leaves empty.
@@ -61,14 +64,9 @@ pub mod offsets {
 
 /// Highest canonical user address.
 const USER_TOP: u64 = 0x0000_7fff_ffff_ffff;
-const ENTRY_P: u64 = 1;
-const ENTRY_RW: u64 = 1 << 1;
-const ENTRY_US: u64 = 1 << 2;
-const ENTRY_A: u64 = 1 << 5;
-const ENTRY_D: u64 = 1 << 6;
-const ENTRY_PS: u64 = 1 << 7;
-const ENTRY_NX: u64 = 1 << 63;
-const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Accessed and dirty: set up front, so the CPU never writes them back into the window.
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
 /// Most SVM page-table pages one view walk may read.
 const MAX_SVM_TABLES: usize = 4096;
 
@@ -171,13 +169,13 @@ impl Pool<'_> {
     fn child(&mut self, table: u64, index: u64, user: bool) -> Result<u64, ViewError> {
         let slot = table + index * 8;
         let entry = self.window.read_u64(slot).map_err(ViewError::Window)?;
-        if entry & ENTRY_P != 0 && entry & ENTRY_PS == 0 {
-            return Ok(entry & ADDR_MASK);
+        if entry & PTE_P != 0 && entry & PTE_PS == 0 {
+            return Ok(entry & ADDR_FIELD);
         }
         // Absent (or a large page we overwrite: mappings never overlap, so this is not hit
         // for well-formed input; a hostile SVM table only breaks its own view).
         let child = self.alloc()?;
-        let flags = ENTRY_P | ENTRY_RW | ENTRY_A | if user { ENTRY_US } else { 0 };
+        let flags = PTE_P | PTE_RW | PTE_A | if user { PTE_US } else { 0 };
         self.window
             .write_u64(slot, child | flags)
             .map_err(ViewError::Window)?;
@@ -193,19 +191,19 @@ impl Pool<'_> {
         size: PageSize,
         leaf_flags: u64,
     ) -> Result<(), ViewError> {
-        let user = leaf_flags & ENTRY_US != 0;
+        let user = leaf_flags & PTE_US != 0;
         let idx = |shift: u32| (va >> shift) & 0x1ff;
         let pdpt = self.child(pml4, idx(39), user)?;
         let (table, index, ps) = match size {
-            PageSize::Size1G => (pdpt, idx(30), ENTRY_PS),
-            PageSize::Size2M => (self.child(pdpt, idx(30), user)?, idx(21), ENTRY_PS),
+            PageSize::Size1G => (pdpt, idx(30), PTE_PS),
+            PageSize::Size2M => (self.child(pdpt, idx(30), user)?, idx(21), PTE_PS),
             PageSize::Size4K => {
                 let pd = self.child(pdpt, idx(30), user)?;
                 (self.child(pd, idx(21), user)?, idx(12), 0)
             }
         };
         self.window
-            .write_u64(table + index * 8, (pa & ADDR_MASK) | leaf_flags | ps)
+            .write_u64(table + index * 8, (pa & ADDR_FIELD) | leaf_flags | ps)
             .map_err(ViewError::Window)
     }
 }
@@ -224,7 +222,7 @@ pub fn build_view(
 ) -> Result<View, ViewError> {
     let pml4 = layout.gpa(offsets::PML4);
     let mut top = [0u8; 4096];
-    let gvm_pml4 = gvm_cr3 & ADDR_MASK;
+    let gvm_pml4 = gvm_cr3 & ADDR_FIELD;
     gvm.read_phys(gvm_pml4 + 256 * 8, &mut top[256 * 8..])
         .map_err(|source| ViewError::GvmTables {
             cr3: gvm_cr3,
@@ -250,7 +248,7 @@ pub fn build_view(
             ViewLayout::kva(off),
             layout.gpa(off),
             PageSize::Size2M,
-            ENTRY_P | ENTRY_RW | ENTRY_A | ENTRY_D | ENTRY_NX,
+            PTE_P | PTE_RW | PTE_A | PTE_D | PTE_XD,
         )?;
         off += 2 << 20;
     }
@@ -260,7 +258,7 @@ pub fn build_view(
         TRAP_KVA,
         layout.trap_gpa(),
         PageSize::Size4K,
-        ENTRY_P | ENTRY_RW | ENTRY_A | ENTRY_D | ENTRY_NX,
+        PTE_P | PTE_RW | PTE_A | PTE_D | PTE_XD,
     )?;
 
     // The program's user half, rebased into the SVM alias.
@@ -270,12 +268,12 @@ pub fn build_view(
         if !m.user {
             return ControlFlow::Continue(());
         }
-        let flags = ENTRY_P
-            | ENTRY_US
-            | ENTRY_A
-            | ENTRY_D
-            | if m.writable { ENTRY_RW } else { 0 }
-            | if m.nx { ENTRY_NX } else { 0 };
+        let flags = PTE_P
+            | PTE_US
+            | PTE_A
+            | PTE_D
+            | if m.writable { PTE_RW } else { 0 }
+            | if m.nx { PTE_XD } else { 0 };
         match pool.map(pml4, m.gva, layout.svm_base + m.gpa, m.page_size, flags) {
             Ok(()) => {
                 user_mappings += 1;
@@ -307,14 +305,14 @@ pub fn build_view(
         stub_va,
         layout.gpa(offsets::STUB),
         PageSize::Size4K,
-        ENTRY_P | ENTRY_US | ENTRY_A,
+        PTE_P | PTE_US | PTE_A,
     )?;
     pool.map(
         pml4,
         sentinel_va,
         layout.sentinel_gpa,
         PageSize::Size4K,
-        ENTRY_P | ENTRY_US | ENTRY_RW | ENTRY_A | ENTRY_D | ENTRY_NX,
+        PTE_P | PTE_US | PTE_RW | PTE_A | PTE_D | PTE_XD,
     )?;
     window
         .write_phys(layout.gpa(offsets::STUB), &stub_code(sentinel_va))

@@ -28,7 +28,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
-use redirect::profile::{Btf, Elf, KernelProfile, SymbolTable};
+use redirect::profile::{KernelImage, KernelProfile, SymbolTable};
 use redirect::shadow::{shadow_files, shadow_task, ShadowLayout, ShadowPlace};
 use redirect::view::{build_view, offsets, ViewLayout, TRAP_KVA, WINDOW_SIZE};
 use redirect::GuestPhysMemory;
@@ -78,40 +78,18 @@ pub struct Stats {
     pub held_ns: AtomicU64,
 }
 
-/// What the image gives before the SVM is up: BTF, release, where the text is.
-pub struct KernelImage {
-    btf: Btf,
-    release: String,
-    /// Guest-physical [start, end) of `.text`, page-aligned.
-    text: (u64, u64),
-}
-
-impl KernelImage {
-    /// Reads a vmlinux (ELF) image; bzImages carry no BTF section we can reach.
-    pub fn from_vmlinux(bytes: &[u8]) -> Result<KernelImage, String> {
-        let elf = Elf::parse(bytes).map_err(|e| {
-            format!("the redirect engine needs the kernel as an ELF vmlinux (with .BTF): {e}")
-        })?;
-        let btf = Btf::parse(elf.section_data(".BTF").map_err(|e| e.to_string())?)
-            .map_err(|e| format!("kernel .BTF: {e}"))?;
-        let rodata = elf.section_data(".rodata").map_err(|e| e.to_string())?;
-        let release = redirect::profile::release_from_rodata(rodata)
-            .ok_or("kernel .rodata has no Linux version banner")?;
-        let text = elf.section(".text").ok_or("kernel has no .text section")?;
-        let start = text
-            .addr
-            .checked_sub(START_KERNEL_MAP)
-            .ok_or("kernel .text is not in the kernel-image range")?;
-        let end = start
-            .checked_add(text.size)
-            .map(|e| (e + 0xfff) & !0xfff)
-            .ok_or("kernel .text size overflows")?;
-        Ok(KernelImage {
-            btf,
-            release,
-            text: (start & !0xfff, end),
-        })
-    }
+/// The image's `.text` as guest-physical [start, end), page-aligned.
+fn text_range(image: &KernelImage) -> Result<(u64, u64), String> {
+    let (addr, size) = image.text;
+    let start = addr
+        .checked_sub(START_KERNEL_MAP)
+        .ok_or("kernel .text is not in the kernel-image range")?;
+    let end = start
+        .checked_add(size)
+        .and_then(|e| e.checked_add(0xfff))
+        .map(|e| e & !0xfff)
+        .ok_or("kernel .text size overflows")?;
+    Ok((start & !0xfff, end))
 }
 
 struct Profile {
@@ -222,6 +200,14 @@ struct Engine {
 }
 
 impl Engine {
+    /// The window, at the guest-physical address the redirect VM sees it.
+    fn window(&self) -> WindowAt<'_> {
+        WindowAt {
+            mem: &self.window.mem,
+            base: self.layout.window_gpa,
+        }
+    }
+
     fn forget_cached_translations(&self) -> Result<(), String> {
         let (slot, gpa, host) = self.flush_slot;
         set_slot(&self._vm, slot, gpa, 0, host, false)
@@ -307,16 +293,11 @@ impl Engine {
             let end = gpa + len;
             if text_lo >= gpa && text_hi <= end {
                 add(gpa, text_lo - gpa, host, false)?;
-                let (_, _, svm_host) = svm
+                let (svm_gpa, _, svm_host) = svm
                     .iter()
                     .find(|(g, l, _)| text_lo >= *g && text_hi <= g + l)
                     .copied()
                     .ok_or_else(|| VmError::Host("the SVM's memory has no kernel text".into()))?;
-                let svm_gpa = svm
-                    .iter()
-                    .find(|(g, l, _)| text_lo >= *g && text_hi <= g + l)
-                    .map(|(g, _, _)| *g)
-                    .unwrap_or(0);
                 text_slot = (
                     add(
                         text_lo,
@@ -492,8 +473,9 @@ impl Executor {
         seccomp: bool,
     ) -> std::io::Result<Arc<Executor>> {
         let engine = image.as_ref().map_err(String::clone).and_then(|img| {
+            let text = text_range(img)?;
             Vm::new(kvm_device)
-                .and_then(|vm| Engine::new(vm, img.text, parts))
+                .and_then(|vm| Engine::new(vm, text, parts))
                 .map_err(|e| format!("cannot create the redirect VM: {e}"))
         });
         if let Err(e) = &engine {
@@ -526,18 +508,8 @@ impl Executor {
         };
         let profile = SymbolTable::parse_bytes(kallsyms)
             .map_err(|e| format!("the SVM's kallsyms: {e}"))
-            .and_then(|table| {
-                KernelProfile::from_parts(image.release, image.btf, table)
-                    .map_err(|e| e.to_string())
-            })
+            .and_then(|table| image.into_profile(table).map_err(|e| e.to_string()))
             .and_then(|kernel| {
-                let stext = kernel.symbols.stext - START_KERNEL_MAP;
-                if stext != image.text.0 {
-                    return Err(format!(
-                        "the SVM's _stext {:#x} is not the image's .text {:#x}: different kernels",
-                        kernel.symbols.stext, image.text.0
-                    ));
-                }
                 let shadow = ShadowLayout::from_profile(&kernel).map_err(|e| e.to_string())?;
                 let preempt_count = kernel
                     .btf
@@ -655,11 +627,7 @@ impl Executor {
         sregs: &kvm_sregs,
     ) -> Result<i64, String> {
         if engine.stack_index >= offsets::STACK_COUNT {
-            return Err(format!(
-                "{} calls were abandoned on the lent CPU; the redirect engine is stopped to keep \
-                 the GVM safe (restart the instance)",
-                engine.stack_index
-            ));
+            return Err(engine_stopped(engine.stack_index));
         }
         let syms = &profile.kernel.symbols;
         let layout = engine.layout;
@@ -679,15 +647,12 @@ impl Executor {
                 control.lstar, syms.entry_syscall_64
             ));
         }
+        if engine.shadow_image.is_none() {
+            let image = self.install_shadow(engine, profile, &kernel)?;
+            engine.shadow_image = Some(image);
+        }
         {
-            let window = WindowAt {
-                mem: &engine.window.mem,
-                base: layout.window_gpa,
-            };
-            if engine.shadow_image.is_none() {
-                let image = self.install_shadow(engine, profile, &kernel, &window)?;
-                engine.shadow_image = Some(image);
-            }
+            let window = engine.window();
             // Per call: the shadow runs on `cpu`, and its FPU state is not in any CPU's
             // registers (the kernel restores it on the way out, as for any task).
             let lay = &profile.shadow;
@@ -757,12 +722,7 @@ impl Executor {
             return Ok(());
         };
         if engine.stack_index >= offsets::STACK_COUNT {
-            let why = format!(
-                "{} calls were abandoned on the lent CPU; the redirect engine stops here to \
-                 keep the GVM safe (restart the instance)",
-                engine.stack_index
-            );
-            return Err(why);
+            return Err(engine_stopped(engine.stack_index));
         }
         let stack =
             ViewLayout::kva(offsets::SHADOW_STACKS + engine.stack_index * offsets::STACK_SIZE);
@@ -771,11 +731,8 @@ impl Executor {
             .get_mut(off..off + 8)
             .ok_or("shadow task shorter than its layout")?
             .copy_from_slice(&stack.to_le_bytes());
-        let window = WindowAt {
-            mem: &engine.window.mem,
-            base: engine.layout.window_gpa,
-        };
-        window
+        engine
+            .window()
             .write_phys(engine.layout.gpa(offsets::SHADOW_TASK), &image)
             .map_err(|e| format!("window: {e}"))?;
         log::warn!(
@@ -802,10 +759,7 @@ impl Executor {
         engine.vcpu.set_kvm_immediate_exit(0);
         let syms = &profile.kernel.symbols;
         let layout = engine.layout;
-        let window = WindowAt {
-            mem: &engine.window.mem,
-            base: layout.window_gpa,
-        };
+        let window = engine.window();
         let gvm: &dyn GuestPhysMemory = &engine.parts.gvm_mem;
         let svm_mode =
             PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
@@ -992,7 +946,6 @@ impl Executor {
         engine: &Engine,
         profile: &Profile,
         kernel: &AddressSpace<'_>,
-        window: &WindowAt<'_>,
     ) -> Result<Vec<u8>, String> {
         let syms = &profile.kernel.symbols;
         let lay = &profile.shadow;
@@ -1038,6 +991,7 @@ impl Executor {
             offsets::SHADOW_FILES_MAX,
         )
         .map_err(|e| e.to_string())?;
+        let window = engine.window();
         let gpa = |off| engine.layout.gpa(off);
         let werr = |e: redirect::MemError| format!("window: {e}");
         window
@@ -1049,6 +1003,14 @@ impl Executor {
         log::info!("redirect: shadow task at {:#x}", place.task);
         Ok(task)
     }
+}
+
+/// Why calls fail once every shadow stack has been retired.
+fn engine_stopped(abandoned: u64) -> String {
+    format!(
+        "{abandoned} calls were abandoned on the lent CPU; the redirect engine is stopped to \
+         keep the GVM safe (restart the instance)"
+    )
 }
 
 /// The SVM's redirect port: every vCPU of the SVM hands its OUTs to the executor.

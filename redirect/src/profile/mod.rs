@@ -341,23 +341,49 @@ pub struct KernelProfile {
     pub btf: Btf,
 }
 
-impl KernelProfile {
-    /// Builds the profile from the bytes of `vmlinux` and the text of `/proc/kallsyms` read
-    /// on a machine running that kernel with `nokaslr`.
-    pub fn new(vmlinux: &[u8], kallsyms: &str) -> Result<KernelProfile, ProfileError> {
+/// What the image itself tells, before a kallsyms text is at hand: its types, its release
+/// and where its `.text` and `.rodata` sections are linked. The VMM keeps this (not the
+/// 50 MiB image) until the SVM has reported its symbols.
+#[derive(Debug, Clone)]
+pub struct KernelImage {
+    pub release: String,
+    pub btf: Btf,
+    /// `.text`: link address and size.
+    pub text: (u64, u64),
+    /// Link address of `.rodata`.
+    pub rodata: u64,
+}
+
+impl KernelImage {
+    /// Reads an ELF vmlinux: `.BTF`, the release banner in `.rodata`, the section addresses.
+    pub fn parse(vmlinux: &[u8]) -> Result<KernelImage, ProfileError> {
         let elf = Elf::parse(vmlinux)?;
         let btf = Btf::parse(elf.section_data(".BTF")?)?;
         let release =
             release_from_rodata(elf.section_data(".rodata")?).ok_or(ProfileError::NoRelease)?;
-        let table = SymbolTable::parse(kallsyms)?;
+        let section = |name: &str| {
+            elf.section(name)
+                .map(|s| (s.addr, s.size))
+                .ok_or_else(|| ElfError::NoSuchSection(name.to_string()))
+        };
+        Ok(KernelImage {
+            release,
+            btf,
+            text: section(".text")?,
+            rodata: section(".rodata")?.0,
+        })
+    }
+
+    /// Completes the profile with `table`, the kallsyms of a machine running this image
+    /// with `nokaslr`; fails if the table describes another kernel or a relocated one.
+    pub fn into_profile(self, table: SymbolTable) -> Result<KernelProfile, ProfileError> {
         // First, that kallsyms describes this image at its link address: a mismatch here
         // (KASLR, another kernel) would make every other check fail less clearly.
-        for (symbol, section) in [("_stext", ".text"), ("__start_rodata", ".rodata")] {
+        for (symbol, section, image) in [
+            ("_stext", ".text", self.text.0),
+            ("__start_rodata", ".rodata", self.rodata),
+        ] {
             let value = address(&table, symbol)?;
-            let image = elf
-                .section(section)
-                .ok_or_else(|| ElfError::NoSuchSection(section.to_string()))?
-                .addr;
             if image != value {
                 return Err(ProfileError::ImageMismatch {
                     symbol,
@@ -367,8 +393,16 @@ impl KernelProfile {
                 });
             }
         }
-        let profile = Self::from_parts(release, btf, table)?;
-        Ok(profile)
+        KernelProfile::from_parts(self.release, self.btf, table)
+    }
+}
+
+impl KernelProfile {
+    /// Builds the profile from the bytes of `vmlinux` and the text of `/proc/kallsyms` read
+    /// on a machine running that kernel with `nokaslr`.
+    pub fn new(vmlinux: &[u8], kallsyms: &str) -> Result<KernelProfile, ProfileError> {
+        let image = KernelImage::parse(vmlinux)?;
+        image.into_profile(SymbolTable::parse(kallsyms)?)
     }
 
     /// Builds the profile from already-parsed parts, e.g. the SVM's `/sys/kernel/btf/vmlinux`

@@ -15,9 +15,10 @@ use crate::builder::{
 };
 use crate::config::VmConfig;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
-use crate::executor::{Executor, KernelImage, Parts as ExecutorParts, RedirectPort};
+use crate::executor::{Executor, Parts as ExecutorParts, RedirectPort};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp;
+use redirect::profile::KernelImage;
 use runtime::{InstanceLock, RuntimeDir};
 use server::ControlServer;
 
@@ -43,7 +44,9 @@ pub fn run_instance(
     let gvm_cpus = config.gvm.cpus;
     // The redirect engine reads BTF and the text's place from the GVM's image (which the
     // SVM boots too); it needs the ELF vmlinux for that.
-    let image = KernelImage::from_vmlinux(&config.gvm.kernel);
+    let image = KernelImage::parse(&config.gvm.kernel).map_err(|e| {
+        format!("the redirect engine needs the kernel as an ELF vmlinux with .BTF: {e}")
+    });
 
     let mut gvm = build_vm(
         VmSpec {

@@ -192,21 +192,23 @@ pub fn classify_path_for(path: &[u8], own_pid: Option<i32>) -> Place {
 
 /// True if `text` is the decimal form of `n` (no sign, no leading zeros).
 fn is_decimal(text: &[u8], n: i32) -> bool {
-    let mut buf = [0u8; 12];
+    let mut buf = [0u8; 20];
+    n >= 0 && text == decimal(n as u64, &mut buf)
+}
+
+/// `n` in decimal, written at the end of `buf` without allocating (the SIGSYS handler
+/// formats with it); returns the digits.
+pub fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     let mut i = buf.len();
-    let mut v = n.unsigned_abs();
-    if n < 0 {
-        return false;
-    }
     loop {
         i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || i == 0 {
             break;
         }
     }
-    text == &buf[i..]
+    &buf[i..]
 }
 
 /// Placeholder fd (in the SVM) → the GVM's fd. Lock-free and allocation-free, so the SIGSYS
@@ -307,19 +309,10 @@ pub fn format_fds_env(pairs: impl Iterator<Item = (i32, i32)>, out: &mut [u8]) -
                 item[n] = b':';
                 n += 1;
             }
-            let mut digits = [0u8; 10];
-            let mut d = digits.len();
-            let mut v = v.max(0) as u32;
-            loop {
-                d -= 1;
-                digits[d] = b'0' + (v % 10) as u8;
-                v /= 10;
-                if v == 0 || d == 0 {
-                    break;
-                }
-            }
-            item[n..n + digits.len() - d].copy_from_slice(&digits[d..]);
-            n += digits.len() - d;
+            let mut buf = [0u8; 20];
+            let digits = decimal(u64::from(v.max(0) as u32), &mut buf);
+            item[n..n + digits.len()].copy_from_slice(digits);
+            n += digits.len();
         }
         match out.get_mut(len..len + n) {
             Some(dst) => dst.copy_from_slice(&item[..n]),

@@ -220,18 +220,9 @@ impl Line {
         }
         self
     }
-    fn num(&mut self, mut n: u64) -> &mut Line {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 || i == 0 {
-                break;
-            }
-        }
-        self.push(&digits[i..])
+    fn num(&mut self, n: u64) -> &mut Line {
+        let mut buf = [0u8; 20];
+        self.push(policy::decimal(n, &mut buf))
     }
     fn errno(&mut self, errno: i64) -> &mut Line {
         let name: &[u8] = match errno as i32 {

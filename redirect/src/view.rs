@@ -11,6 +11,11 @@
 //! - user half: the calling SVM program's present mappings, each rebased to
 //!   `svm_base + its SVM physical address`, so user pointers in the call reach the program's
 //!   own pages in SVM memory and nothing else of the SVM;
+//! - execution is confined to the trusted kernel text ([`ViewLayout::exec_text`]): every
+//!   other kernel-half range (modules, heap, direct map, vmalloc) is no-execute in the view,
+//!   set at the highest table level that covers only untrusted memory (the PML4 for most
+//!   slots; a copied PDPT and PD for slot 511, which holds the image and the modules), so
+//!   a hook that jumps out of the image faults on NX instead of running;
 //! - one free user PML4 slot: the stub page (`syscall`, then a store to the *sentinel* page,
 //!   whose guest-physical address no memslot backs, so the store exits to the VMM with RAX).
 //!
@@ -49,12 +54,11 @@ pub mod offsets {
     pub const SHADOW_TASK: u64 = 0x1_0000;
     /// Room for the shadow task.
     pub const SHADOW_TASK_MAX: u64 = 0x1_0000;
-    /// The shadow task's kernel stacks (THREAD_SIZE, 16 KiB, aligned to their size): one
-    /// in use; a call abandoned in the middle (it tried to sleep) leaves its stack to the
-    /// GVM, whose wait queues may still point into it, and the next call takes a fresh one.
+    /// The shadow task's kernel stack (THREAD_SIZE, 16 KiB, aligned to its size). Every
+    /// call uses it: a call that is stopped is rolled back, so nothing in the GVM can point
+    /// into it afterwards. The rest of the region up to the file table is spare.
     pub const SHADOW_STACKS: u64 = 0x2_0000;
     pub const STACK_SIZE: u64 = 0x4000;
-    pub const STACK_COUNT: u64 = 12;
     /// The shadow task's `files_struct`.
     pub const SHADOW_FILES: u64 = 0x5_0000;
     pub const SHADOW_FILES_MAX: u64 = 0x1_0000;
@@ -79,6 +83,9 @@ pub struct ViewLayout {
     pub svm_base: u64,
     /// A guest-physical page no memslot backs: the stub's store there exits with RAX.
     pub sentinel_gpa: u64,
+    /// The kernel-virtual range [start, end) the view leaves executable: the trusted
+    /// image's `.text`. Rounded out to the 2 MiB entries that cover it.
+    pub exec_text: (u64, u64),
 }
 
 impl ViewLayout {
@@ -208,6 +215,82 @@ impl Pool<'_> {
     }
 }
 
+/// Kernel-virtual address of PML4 slot 511's first byte.
+const SLOT_511_KVA: u64 = 0xffff_ff80_0000_0000;
+
+/// Whether [lo, lo + size) meets [start, end).
+fn meets(lo: u64, size: u64, (start, end): (u64, u64)) -> bool {
+    lo < end && lo.saturating_add(size) > start
+}
+
+/// Copies the GVM table at `gpa` into a pool page; returns the copy and its entries.
+fn copy_table(
+    pool: &mut Pool<'_>,
+    gvm: &dyn GuestPhysMemory,
+    cr3: u64,
+    gpa: u64,
+) -> Result<(u64, [u64; 512]), ViewError> {
+    let mut raw = [0u8; 4096];
+    gvm.read_phys(gpa, &mut raw)
+        .map_err(|source| ViewError::GvmTables { cr3, source })?;
+    let mut entries = [0u64; 512];
+    for (e, b) in entries.iter_mut().zip(raw.chunks_exact(8)) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(b);
+        *e = u64::from_le_bytes(w);
+    }
+    Ok((pool.alloc()?, entries))
+}
+
+fn write_table(pool: &Pool<'_>, gpa: u64, entries: &[u64; 512]) -> Result<(), ViewError> {
+    let mut raw = [0u8; 4096];
+    for (b, e) in raw.chunks_exact_mut(8).zip(entries) {
+        b.copy_from_slice(&e.to_le_bytes());
+    }
+    pool.window.write_phys(gpa, &raw).map_err(ViewError::Window)
+}
+
+/// Makes PML4 slot 511 no-execute outside `text`: its PDPT, and the PD of each 1 GiB that
+/// meets `text`, are copied into the pool with NX on every entry that does not meet it.
+fn confine_execution(
+    pool: &mut Pool<'_>,
+    pml4: u64,
+    gvm: &dyn GuestPhysMemory,
+    cr3: u64,
+    text: (u64, u64),
+) -> Result<(), ViewError> {
+    let top = pool
+        .window
+        .read_u64(pml4 + 511 * 8)
+        .map_err(ViewError::Window)?;
+    if top & PTE_P == 0 {
+        return Ok(());
+    }
+    let (pdpt_copy, mut pdpt) = copy_table(pool, gvm, cr3, top & ADDR_FIELD)?;
+    for (i, entry) in (0u64..).zip(pdpt.iter_mut()) {
+        let gib = SLOT_511_KVA + (i << 30);
+        if *entry & PTE_P == 0 {
+            continue;
+        }
+        if !meets(gib, 1 << 30, text) {
+            *entry |= PTE_XD;
+        } else if *entry & PTE_PS == 0 {
+            let (pd_copy, mut pd) = copy_table(pool, gvm, cr3, *entry & ADDR_FIELD)?;
+            for (j, e) in (0u64..).zip(pd.iter_mut()) {
+                if *e & PTE_P != 0 && !meets(gib + (j << 21), 1 << 21, text) {
+                    *e |= PTE_XD;
+                }
+            }
+            write_table(pool, pd_copy, &pd)?;
+            *entry = pd_copy | (*entry & !ADDR_FIELD);
+        }
+    }
+    write_table(pool, pdpt_copy, &pdpt)?;
+    pool.window
+        .write_u64(pml4 + 511 * 8, pdpt_copy | (top & !ADDR_FIELD))
+        .map_err(ViewError::Window)
+}
+
 /// Builds the view page tables in `window` (see the module docs). `gvm_cr3` is any GVM
 /// vCPU's CR3 (every process shares the kernel half); `svm_cr3` and `svm_mode` are the
 /// calling program's.
@@ -232,6 +315,15 @@ pub fn build_view(
     if top[slot..slot + 8] != [0u8; 8] {
         return Err(ViewError::SlotInUse);
     }
+    // Slots 256..510 hold no kernel text: no-execute as a whole.
+    for entry in top[256 * 8..511 * 8].chunks_exact_mut(8) {
+        let mut raw = [0u8; 8];
+        raw.copy_from_slice(entry);
+        let value = u64::from_le_bytes(raw);
+        if value & PTE_P != 0 {
+            entry.copy_from_slice(&(value | PTE_XD).to_le_bytes());
+        }
+    }
     window.write_phys(pml4, &top).map_err(ViewError::Window)?;
     let mut pool = Pool {
         window,
@@ -239,6 +331,7 @@ pub fn build_view(
         end: layout.gpa(WINDOW_SIZE),
         used: 0,
     };
+    confine_execution(&mut pool, pml4, gvm, gvm_cr3, layout.exec_text)?;
 
     // The window itself, in the kernel half.
     let mut off = 0;
@@ -340,6 +433,7 @@ mod tests {
             window_gpa: WINDOW_GPA,
             svm_base: SVM_BASE,
             sentinel_gpa: WINDOW_GPA + WINDOW_SIZE,
+            exec_text: (0xffff_ffff_8000_0000, 0xffff_ffff_8000_3000),
         }
     }
 
@@ -412,6 +506,45 @@ mod tests {
             .read_phys(WINDOW_GPA + offsets::STUB, &mut code)
             .unwrap();
         assert_eq!(code, stub_code(view.sentinel_va));
+    }
+
+    #[test]
+    fn only_the_trusted_text_is_executable_in_the_kernel_half() {
+        let gvm = guest();
+        // Image PD [1]: 0xffffffff80200000 → 2 MiB at 0x200000 (past the text).
+        gvm.write_u64(0x4000 + 8, 0x20_0000 | 0x83).unwrap();
+        // Modules: PDPT [511] → PD 0x7000 [0] → 2 MiB at 0 (0xffffffffc0000000).
+        gvm.write_u64(0x3000 + 511 * 8, 0x7000 | 3).unwrap();
+        gvm.write_u64(0x7000, 0x83).unwrap();
+        // Direct map: PML4 [273] → PDPT 0x8000 [0] → 1 GiB at 0.
+        gvm.write_u64(0x1000 + 273 * 8, 0x8000 | 3).unwrap();
+        gvm.write_u64(0x8000, 0x83).unwrap();
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let mode = PagingMode::default();
+        let view = build_view(&window, &layout(), &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
+        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
+        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
+        let mut low = vec![0u8; 0x40_0000];
+        gvm.read_phys(0, &mut low).unwrap();
+        regions.insert(0, (0, low));
+        let composed = MemoryImage::from_regions(regions).unwrap();
+        let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+        assert_eq!(
+            walk(0xffff_ffff_8000_1000, Access::EXECUTE).unwrap().gpa,
+            0x1000
+        );
+        for va in [
+            0xffff_ffff_8020_0000u64,
+            0xffff_ffff_c000_0000,
+            0xffff_8880_0000_0000,
+        ] {
+            assert!(walk(va, Access::READ).is_ok(), "{va:#x} stays readable");
+            assert!(walk(va, Access::EXECUTE).is_err(), "{va:#x} is no-execute");
+        }
+        // The GVM's own tables are untouched: the copies are in the window.
+        assert_eq!(gvm.read_u64(0x3000 + 510 * 8).unwrap(), 0x4000 | 3);
+        assert_eq!(gvm.read_u64(0x1000 + 273 * 8).unwrap(), 0x8000 | 3);
     }
 
     #[test]

@@ -1,5 +1,8 @@
 //! The redirect executor (DESIGN.md 4.2): runs one system call of an SVM program on the
-//! GVM's kernel, natively, on a redirect vCPU that borrows the GVM's spare CPU.
+//! GVM's kernel, natively, on a redirect vCPU that borrows a held GVM CPU's identity.
+//! A call's stores reach the GVM only if it returns (`cow`); what it must not do on a
+//! borrowed CPU — sleep, fault, run code outside the trusted image — is trapped (`traps`)
+//! and the call is rolled back.
 //!
 //! ```text
 //!  SVM program ──SIGSYS──▶ shim ──OUT 0xE7──▶ SVM vCPU thread ──▶ Executor::call
@@ -9,7 +12,7 @@
 //!                                                   │ 4 KVM_RUN redirect vCPU at CPL 3:
 //!                                                   │     syscall ─▶ GVM kernel (native)
 //!                                                   │     sysret ─▶ store to sentinel (exit)
-//!  RAX, RCX (status) ◀─────────────────────────────┘ 5 release the GVM
+//!  RAX, RCX (status) ◀─────────────────────────────┘ 5 commit or roll back, release
 //! ```
 //!
 //! The redirect vCPU lives in its own KVM VM whose memslots compose the view: GVM RAM at
@@ -22,15 +25,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+mod cow;
+mod traps;
+
 use kvm_bindings::{
-    kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
-    kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_MEM_READONLY,
+    kvm_dtable, kvm_msi, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
+    kvm_userspace_memory_region, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
 use redirect::profile::{KernelImage, KernelProfile, SymbolTable};
 use redirect::shadow::{shadow_files, shadow_task, ShadowLayout, ShadowPlace};
-use redirect::view::{build_view, offsets, ViewLayout, TRAP_KVA, WINDOW_SIZE};
+use redirect::view::{build_view, offsets, ViewLayout, WINDOW_KVA, WINDOW_SIZE};
 use redirect::GuestPhysMemory;
 use svm_runtime::redirect_abi::{Status, PORT};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
@@ -46,6 +53,8 @@ use crate::vstate::vcpu::{
     PortHook, MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK,
 };
 use crate::vstate::vm::{kvm_err, Vm, VmError};
+use cow::CowRam;
+use traps::{Args, CallMemory, ModuleLayout, Trap, TRAPS};
 
 /// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
 /// (the loader puts the image at its link address; `nokaslr`).
@@ -65,6 +74,10 @@ const TSS_LIMIT: u32 = 0x67;
 const KVM_MP_STATE_RUNNABLE: u32 = 0;
 /// The shadow's thread flags at the start of every call: only TIF_NEED_FPU_LOAD (14).
 const TIF_NEED_FPU_LOAD_ONLY: u64 = 1 << 14;
+/// x86 Linux's reschedule IPI vector (`RESCHEDULE_VECTOR`).
+const RESCHEDULE_VECTOR: u32 = 0xfd;
+/// MSI address of the local APICs (destination APIC id in bits 12..19).
+const MSI_APIC_BASE: u32 = 0xfee0_0000;
 
 /// Counters, readable while calls run (`exterior-vmm info`).
 #[derive(Default)]
@@ -76,6 +89,39 @@ pub struct Stats {
     pub exits: AtomicU64,
     /// Nanoseconds the GVM was held, summed.
     pub held_ns: AtomicU64,
+    /// Calls stopped at a trap and rolled back (would sleep, faulted, ran outside the image).
+    pub rolled_back: AtomicU64,
+    /// GVM pages written by committed calls.
+    pub committed_pages: AtomicU64,
+    /// Why the last failed call failed (one line).
+    pub last_error: Mutex<String>,
+    /// How long the GVM was held for each of the last [`HOLD_SAMPLES`] calls, in µs.
+    pub recent_holds_us: Mutex<std::collections::VecDeque<u64>>,
+}
+
+/// Calls whose hold time `info` summarises.
+const HOLD_SAMPLES: usize = 4096;
+
+impl Stats {
+    fn record_hold(&self, held: Duration) {
+        let ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+        self.held_ns.fetch_add(ns, Ordering::Relaxed);
+        let mut recent = lock(&self.recent_holds_us);
+        if recent.len() == HOLD_SAMPLES {
+            recent.pop_front();
+        }
+        recent.push_back(ns / 1000);
+    }
+
+    /// (median, maximum) of the recent per-call hold times in µs; zeros before any call.
+    pub fn hold_summary_us(&self) -> (u64, u64) {
+        let mut v: Vec<u64> = lock(&self.recent_holds_us).iter().copied().collect();
+        v.sort_unstable();
+        (
+            v.get(v.len() / 2).copied().unwrap_or(0),
+            v.last().copied().unwrap_or(0),
+        )
+    }
 }
 
 /// The image's `.text` as guest-physical [start, end), page-aligned.
@@ -99,8 +145,10 @@ struct Profile {
     preempt_count: u64,
     /// Per-cpu offset of `fpu_fpregs_owner_ctx`: whose FPU state the CPU's registers hold.
     fpregs_owner: u64,
-    /// `__schedule`: where a call that would sleep is stopped.
-    schedule: u64,
+    /// (index in [`TRAPS`], address) of every trap the SVM's symbols let us place.
+    traps: Vec<(usize, u64)>,
+    /// Where loaded modules are listed, to name the one an address falls in.
+    modules: Option<ModuleLayout>,
 }
 
 /// Hands the vCPU thread a kick if a call overruns (KVM_RUN then returns EINTR).
@@ -174,6 +222,8 @@ pub struct Parts {
     pub svm_mem: GuestMemory,
     pub gvm_vcpus: Vec<Arc<VcpuControl>>,
     pub gvm_bus: Arc<PioBus>,
+    /// The GVM's VM (its own descriptor): for the IPIs a call owes the GVM's CPUs.
+    pub gvm_vm: VmFd,
     /// The GVM's spare CPU (its number = the GVM's vCPU count).
     pub spare_cpu: u8,
 }
@@ -186,12 +236,10 @@ struct Engine {
     parts: Parts,
     /// The kernel text the redirect vCPU runs.
     text: TextSlot,
-    /// The shadow task as first built, to restore after an abandoned call.
-    shadow_image: Option<Vec<u8>>,
-    /// Which of the window's shadow stacks is in use (see `offsets::SHADOW_STACKS`).
-    stack_index: u64,
-    /// The last call was abandoned on the lent CPU (it tried to sleep, faulted, overran).
-    abandoned: bool,
+    /// GVM RAM, mapped copy-on-write: a call's stores are committed or dropped as a whole.
+    cow: CowRam,
+    /// The shadow task has been built in the window.
+    shadow_installed: bool,
     /// A spare one-page slot, deleted and re-added before every call: deleting a memslot
     /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
     /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
@@ -210,8 +258,8 @@ impl Engine {
 
     fn forget_cached_translations(&self) -> Result<(), String> {
         let (slot, gpa, host) = self.flush_slot;
-        set_slot(&self._vm, slot, gpa, 0, host, false)
-            .and_then(|()| set_slot(&self._vm, slot, gpa, 0x1000, host, false))
+        set_slot(&self._vm, slot, gpa, 0, host, 0)
+            .and_then(|()| set_slot(&self._vm, slot, gpa, 0x1000, host, 0))
             .map_err(|e| format!("flushing the redirect VM's MMU: {e}"))
     }
 }
@@ -227,17 +275,10 @@ pub struct Executor {
     pub stats: Stats,
 }
 
-fn set_slot(
-    vm: &Vm,
-    slot: u32,
-    gpa: u64,
-    size: u64,
-    host: u64,
-    readonly: bool,
-) -> Result<(), VmError> {
+fn set_slot(vm: &Vm, slot: u32, gpa: u64, size: u64, host: u64, flags: u32) -> Result<(), VmError> {
     let region = kvm_userspace_memory_region {
         slot,
-        flags: if readonly { KVM_MEM_READONLY } else { 0 },
+        flags,
         guest_phys_addr: gpa,
         memory_size: size,
         userspace_addr: host,
@@ -276,23 +317,40 @@ impl Engine {
         let layout = ViewLayout {
             window_gpa,
             sentinel_gpa: window_gpa + WINDOW_SIZE,
+            exec_text: (START_KERNEL_MAP + text_lo, START_KERNEL_MAP + text_hi),
             svm_base: align(window_gpa + WINDOW_SIZE + 0x1000, 1 << 36),
         };
+        let mut cow = CowRam::map(&parts.gvm_mem).map_err(VmError::Host)?;
         let mut slot = 0u32;
         // Returns the slot number it used.
-        let mut add = |gpa: u64, size: u64, host: u64, ro: bool| -> Result<u32, VmError> {
+        let mut add = |gpa: u64, size: u64, host: u64, flags: u32| -> Result<u32, VmError> {
             if size > 0 {
-                set_slot(&vm, slot, gpa, size, host, ro)?;
+                set_slot(&vm, slot, gpa, size, host, flags)?;
                 slot += 1;
             }
             Ok(slot.saturating_sub(1))
         };
+        // GVM RAM: the private mapping, with dirty logging (see `cow.rs`).
+        let mut add_ram = |add: &mut dyn FnMut(u64, u64, u64, u32) -> Result<u32, VmError>,
+                           gpa: u64,
+                           size: u64|
+         -> Result<(), VmError> {
+            if size == 0 {
+                return Ok(());
+            }
+            let (private, _) = cow
+                .host(gpa)
+                .ok_or_else(|| VmError::Host(format!("GVM RAM at {gpa:#x} is not mapped")))?;
+            let used = add(gpa, size, private, KVM_MEM_LOG_DIRTY_PAGES)?;
+            cow.add_piece(used, gpa, size).map_err(VmError::Host)?;
+            Ok(())
+        };
         let mut text_mapped = false;
         let mut text_slot = (0, 0, 0, 0);
-        for &(gpa, len, host) in &gvm {
+        for &(gpa, len, _) in &gvm {
             let end = gpa + len;
             if text_lo >= gpa && text_hi <= end {
-                add(gpa, text_lo - gpa, host, false)?;
+                add_ram(&mut add, gpa, text_lo - gpa)?;
                 let (svm_gpa, _, svm_host) = svm
                     .iter()
                     .find(|(g, l, _)| text_lo >= *g && text_hi <= g + l)
@@ -303,16 +361,16 @@ impl Engine {
                         text_lo,
                         text_hi - text_lo,
                         svm_host + (text_lo - svm_gpa),
-                        true,
+                        KVM_MEM_READONLY,
                     )?,
                     text_lo,
                     text_hi - text_lo,
                     svm_host + (text_lo - svm_gpa),
                 );
-                add(text_hi, end - text_hi, host + (text_hi - gpa), false)?;
+                add_ram(&mut add, text_hi, end - text_hi)?;
                 text_mapped = true;
             } else {
-                add(gpa, len, host, false)?;
+                add_ram(&mut add, gpa, len)?;
             }
         }
         if !text_mapped {
@@ -326,15 +384,15 @@ impl Engine {
             .map_err(|e| VmError::Host(e.to_string()))?;
         let window_host = host_ranges(&window.mem)?;
         for &(_, len, host) in &window_host {
-            add(window_gpa, len, host, false)?;
+            add(window_gpa, len, host, 0)?;
         }
         for &(gpa, len, host) in &svm {
-            add(layout.svm_base + gpa, len, host, false)?;
+            add(layout.svm_base + gpa, len, host, 0)?;
         }
         let flush_gpa = layout.sentinel_gpa + (2 << 20);
         let flush_host = window_host.first().map(|r| r.2).unwrap_or(0);
         let flush_slot = (
-            add(flush_gpa, 0x1000, flush_host, false)?,
+            add(flush_gpa, 0x1000, flush_host, 0)?,
             flush_gpa,
             flush_host,
         );
@@ -369,9 +427,8 @@ impl Engine {
                 copy: text_copy,
                 private: false,
             },
-            shadow_image: None,
-            stack_index: 0,
-            abandoned: false,
+            cow,
+            shadow_installed: false,
             flush_slot,
         })
     }
@@ -391,8 +448,8 @@ struct TextSlot {
 }
 
 impl Engine {
-    /// Switches the text slot to the private copy with the scheduler trap (once).
-    fn private_text(&mut self, schedule_va: u64, trap: &[u8]) -> Result<(), String> {
+    /// Switches the text slot to the private copy with the traps patched in (once).
+    fn private_text(&mut self, traps: &[(usize, u64)]) -> Result<(), String> {
         if self.text.private {
             return Ok(());
         }
@@ -403,12 +460,16 @@ impl Engine {
             .svm_mem
             .read_phys(t.gpa, &mut bytes)
             .map_err(|e| format!("the SVM's kernel text: {e}"))?;
-        let at = schedule_va
-            .checked_sub(START_KERNEL_MAP + t.gpa)
-            .and_then(|o| usize::try_from(o).ok())
-            .filter(|o| o + trap.len() <= size)
-            .ok_or_else(|| format!("__schedule {schedule_va:#x} is outside the kernel text"))?;
-        bytes[at..at + trap.len()].copy_from_slice(trap);
+        for &(index, va) in traps {
+            let code = traps::trap_code(index);
+            let name = TRAPS.get(index).map_or("?", |t| t.1);
+            let at = va
+                .checked_sub(START_KERNEL_MAP + t.gpa)
+                .and_then(|o| usize::try_from(o).ok())
+                .filter(|o| o + code.len() <= size)
+                .ok_or_else(|| format!("{name} {va:#x} is outside the kernel text"))?;
+            bytes[at..at + code.len()].copy_from_slice(&code);
+        }
         t.copy
             .mem
             .write_phys(0, &bytes)
@@ -418,8 +479,8 @@ impl Engine {
             .first()
             .map(|r| r.2)
             .ok_or("the private kernel text has no mapping")?;
-        set_slot(&self._vm, t.slot, t.gpa, 0, t.svm_host, true)
-            .and_then(|()| set_slot(&self._vm, t.slot, t.gpa, t.size, host, true))
+        set_slot(&self._vm, t.slot, t.gpa, 0, t.svm_host, KVM_MEM_READONLY)
+            .and_then(|()| set_slot(&self._vm, t.slot, t.gpa, t.size, host, KVM_MEM_READONLY))
             .map_err(|e| format!("switching to the private kernel text: {e}"))?;
         self.text.private = true;
         Ok(())
@@ -525,16 +586,29 @@ impl Executor {
                     .percpu_var("fpu_fpregs_owner_ctx")
                     .map(|v| v.offset)
                     .ok_or("kernel BTF has no per-cpu fpu_fpregs_owner_ctx")?;
-                let schedule = kernel
-                    .kallsyms
-                    .address("__schedule")
-                    .ok_or("the SVM's kallsyms has no __schedule")?;
+                let mut traps = Vec::new();
+                for (index, (_, name, required)) in TRAPS.iter().enumerate() {
+                    match kernel.kallsyms.address(name) {
+                        Some(va) => traps.push((index, va)),
+                        None if *required => {
+                            return Err(format!("the SVM's kallsyms has no {name}"))
+                        }
+                        None => log::warn!(
+                            "redirect: the SVM's kallsyms has no {name}; that trap is not set"
+                        ),
+                    }
+                }
+                let modules = ModuleLayout::from_profile(&kernel);
+                if modules.is_none() {
+                    log::warn!("redirect: cannot locate the GVM's module list; faults in modules are reported without the module's name");
+                }
                 Ok(Profile {
                     kernel,
                     shadow,
                     preempt_count,
                     fpregs_owner,
-                    schedule,
+                    traps,
+                    modules,
                 })
             });
         match &profile {
@@ -550,6 +624,8 @@ impl Executor {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let fail = |status: Status, errno: i64, why: String| {
             log::warn!("redirected syscall {} failed: {why}", regs.rax);
+            *lock(&self.stats.last_error) =
+                format!("syscall {}: {}", regs.rax, why.replace('\n', " "));
             Outcome {
                 result: -errno,
                 status,
@@ -598,9 +674,7 @@ impl Executor {
         };
         let outcome = self.run_on_lent_cpu(engine, profile, lent.index, &lent.control, regs, sregs);
         drop(held);
-        self.stats
-            .held_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        self.stats.record_hold(started.elapsed());
         match outcome {
             Ok(result) => Outcome {
                 result,
@@ -626,9 +700,6 @@ impl Executor {
         regs: &kvm_regs,
         sregs: &kvm_sregs,
     ) -> Result<i64, String> {
-        if engine.stack_index >= offsets::STACK_COUNT {
-            return Err(engine_stopped(engine.stack_index));
-        }
         let syms = &profile.kernel.symbols;
         let layout = engine.layout;
         let gvm_mem = engine.parts.gvm_mem.clone();
@@ -647,9 +718,9 @@ impl Executor {
                 control.lstar, syms.entry_syscall_64
             ));
         }
-        if engine.shadow_image.is_none() {
-            let image = self.install_shadow(engine, profile, &kernel)?;
-            engine.shadow_image = Some(image);
+        if !engine.shadow_installed {
+            self.install_shadow(engine, profile, &kernel)?;
+            engine.shadow_installed = true;
         }
         {
             let window = engine.window();
@@ -690,22 +761,61 @@ impl Executor {
             .map(|va| read_u64(va).map(|v| (va, v)))
             .collect::<Result<_, _>>()?;
         let shadow = ViewLayout::kva(offsets::SHADOW_TASK);
-        let stack_top = ViewLayout::kva(
-            offsets::SHADOW_STACKS + (engine.stack_index + 1) * offsets::STACK_SIZE,
-        );
+        let stack_top = ViewLayout::kva(offsets::SHADOW_STACKS + offsets::STACK_SIZE);
         // preempt_count is an int; the word's upper half is the next per-cpu variable.
         let preempt = saved[2].1;
         let raised = (preempt & !0xffff_ffff) | u64::from((preempt as u32).wrapping_add(1));
+        // The shadow's task and file table as they were, for a call that is rolled back.
+        let before = ShadowSnapshot::take(&engine.window(), &layout)?;
         let result = write_u64(current_va, shadow)
             .and_then(|()| write_u64(top_va, stack_top))
             .and_then(|()| write_u64(preempt_va, raised))
+            .map_err(Stop::Failed)
             .and_then(|()| self.enter(engine, profile, control, regs, sregs, pcpu_base));
-        // Give the CPU back as it was (the shadow's own state stays in the window); the
-        // FPU owner too, which the way out of the call made the shadow.
+        // Commit the call's stores to GVM RAM if it returned, drop them if not; then give
+        // the CPU back as it was (its per-cpu words were written in the GVM's own pages,
+        // which the commit may have overwritten with the call's values).
+        let settled = engine.cow.settle(&engine._vm.fd, result.is_ok());
         let restored = saved.iter().try_for_each(|&(va, v)| write_u64(va, v));
-        if engine.abandoned {
-            self.retire_stack(engine, profile)?;
-        }
+        let result = match result {
+            Ok(v) => {
+                let pages = settled
+                    .map_err(|e| format!("committing the call: {e}"))?
+                    .pages;
+                self.stats
+                    .committed_pages
+                    .fetch_add(pages, Ordering::Relaxed);
+                // Wake-ups the call made (a signal, a released lock) take effect now, not
+                // at the GVM CPUs' next interrupt.
+                self.kick_gvm_cpus(engine);
+                Ok(v)
+            }
+            Err(stop) => {
+                self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                before.restore(&engine.window(), &layout)?;
+                let window = engine.window();
+                let read_window = |va: u64, buf: &mut [u8]| {
+                    va.checked_sub(WINDOW_KVA)
+                        .filter(|off| off + buf.len() as u64 <= WINDOW_SIZE)
+                        .is_some_and(|off| window.read_phys(layout.gpa(off), buf).is_ok())
+                };
+                let memory = CallMemory {
+                    kernel: &kernel,
+                    window: &read_window,
+                };
+                let why = match stop {
+                    Stop::Trap(trap, args) => {
+                        traps::describe(trap, args, &memory, profile.modules.as_ref())
+                    }
+                    Stop::Failed(why) => why,
+                };
+                let dropped = match settled {
+                    Ok(_) => "it was rolled back: the GVM is unchanged".to_string(),
+                    Err(e) => format!("rolling it back failed: {e}"),
+                };
+                Err(format!("{why}; {dropped}"))
+            }
+        };
         match (result, restored) {
             (Ok(v), Ok(())) => Ok(v),
             (Err(e), _) => Err(e),
@@ -713,33 +823,18 @@ impl Executor {
         }
     }
 
-    /// After an abandoned call: its stack may still be linked into GVM wait queues, so it
-    /// is never used again; the shadow task is restored as first built, on the next stack.
-    fn retire_stack(&self, engine: &mut Engine, profile: &Profile) -> Result<(), String> {
-        engine.abandoned = false;
-        engine.stack_index += 1;
-        let Some(mut image) = engine.shadow_image.clone() else {
-            return Ok(());
-        };
-        if engine.stack_index >= offsets::STACK_COUNT {
-            return Err(engine_stopped(engine.stack_index));
+    /// Sends every GVM CPU a reschedule IPI.
+    fn kick_gvm_cpus(&self, engine: &Engine) {
+        for cpu in 0..engine.parts.gvm_vcpus.len() as u32 {
+            let msi = kvm_msi {
+                address_lo: MSI_APIC_BASE | (cpu << 12),
+                data: RESCHEDULE_VECTOR,
+                ..Default::default()
+            };
+            if let Err(e) = engine.parts.gvm_vm.signal_msi(msi) {
+                log::warn!("redirect: reschedule IPI to GVM CPU {cpu}: {e}");
+            }
         }
-        let stack =
-            ViewLayout::kva(offsets::SHADOW_STACKS + engine.stack_index * offsets::STACK_SIZE);
-        let off = usize::try_from(profile.shadow.stack).map_err(|e| e.to_string())?;
-        image
-            .get_mut(off..off + 8)
-            .ok_or("shadow task shorter than its layout")?
-            .copy_from_slice(&stack.to_le_bytes());
-        engine
-            .window()
-            .write_phys(engine.layout.gpa(offsets::SHADOW_TASK), &image)
-            .map_err(|e| format!("window: {e}"))?;
-        log::warn!(
-            "redirect: call abandoned; shadow task reset on stack {}",
-            engine.stack_index
-        );
-        Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -751,7 +846,7 @@ impl Executor {
         regs: &kvm_regs,
         sregs: &kvm_sregs,
         pcpu_base: u64,
-    ) -> Result<i64, String> {
+    ) -> Result<i64, Stop> {
         // The last call ended in an MMIO exit that KVM still means to complete; let it do
         // that now, without entering the guest, so the state set below is what runs.
         engine.vcpu.set_kvm_immediate_exit(1);
@@ -774,10 +869,7 @@ impl Executor {
             sregs.cr3,
         )
         .map_err(|e| e.to_string())?;
-        // `movabs %rax, TRAP_KVA` at __schedule: a store to an unbacked page, so it exits.
-        let mut trap = vec![0x48, 0xa3];
-        trap.extend_from_slice(&TRAP_KVA.to_le_bytes());
-        engine.private_text(profile.schedule, &trap)?;
+        engine.private_text(&profile.traps)?;
         engine.forget_cached_translations()?;
         let vcpu = &engine.vcpu;
 
@@ -845,7 +937,7 @@ impl Executor {
         let msrs = Msrs::from_entries(&msrs).map_err(|e| format!("MSR list: {e:?}"))?;
         match vcpu.set_msrs(&msrs) {
             Ok(5) => {}
-            other => return Err(format!("redirect vCPU MSRs: {other:?}")),
+            other => return Err(format!("redirect vCPU MSRs: {other:?}").into()),
         }
         let mut xcrs = kvm_xcrs {
             nr_xcrs: 1,
@@ -880,8 +972,8 @@ impl Executor {
         self.run_until_sentinel(engine, layout.sentinel_gpa)
     }
 
-    fn run_until_sentinel(&self, engine: &mut Engine, sentinel: u64) -> Result<i64, String> {
-        let trap = engine.layout.trap_gpa();
+    fn run_until_sentinel(&self, engine: &mut Engine, sentinel: u64) -> Result<i64, Stop> {
+        let trap_page = engine.layout.trap_gpa();
         let started = Instant::now();
         self.watchdog.arm(CALL_TIMEOUT);
         let bus = engine.parts.gvm_bus.clone();
@@ -895,48 +987,64 @@ impl Executor {
                     raw[..n].copy_from_slice(&data[..n]);
                     break Ok(i64::from_le_bytes(raw));
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) if addr == trap => {
-                    break Err("the call would sleep: it entered the GVM's scheduler \
-                               (__schedule) on a borrowed CPU and was stopped there"
-                        .into())
+                Ok(VcpuExit::MmioWrite(addr, _)) if addr.wrapping_sub(trap_page) < 0x1000 => {
+                    break match traps::trap_at(addr - trap_page) {
+                        Some(trap) => {
+                            let r = engine.vcpu.get_regs().unwrap_or_default();
+                            Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx])))
+                        }
+                        None => Err(Stop::Failed(format!(
+                            "the call stored to the trap page at {addr:#x}, which no trap uses"
+                        ))),
+                    }
                 }
                 // The lent CPU's printk reaches the GVM's own serial port.
                 Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
                 Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
                 Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    break Err(format!(
+                    break Err(Stop::Failed(format!(
                         "the call wrote to guest-physical {addr:#x}, which the view does not back \
                          (kernel text is read-only there)"
-                    ))
+                    )))
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
                     data.fill(0xff);
-                    break Err(format!(
+                    break Err(Stop::Failed(format!(
                         "the call read guest-physical {addr:#x}, which the view does not back"
-                    ));
+                    )));
                 }
-                Ok(VcpuExit::Hlt) => break Err("the call halted the lent CPU".into()),
+                Ok(VcpuExit::Hlt) => {
+                    break Err(Stop::Failed("the call halted the lent CPU".into()))
+                }
                 Ok(VcpuExit::Shutdown) => {
-                    break Err("the lent CPU triple-faulted during the call".into())
+                    break Err(Stop::Failed(
+                        "the lent CPU triple-faulted during the call".into(),
+                    ))
                 }
-                Ok(other) => break Err(format!("unexpected exit of the lent CPU: {other:?}")),
+                Ok(other) => {
+                    break Err(Stop::Failed(format!(
+                        "unexpected exit of the lent CPU: {other:?}"
+                    )))
+                }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     if started.elapsed() >= CALL_TIMEOUT {
-                        break Err(format!(
-                            "the call did not return within {CALL_TIMEOUT:?} (it may have tried to sleep)"
-                        ));
+                        break Err(Stop::Failed(format!(
+                            "the call did not return within {CALL_TIMEOUT:?} (it may be waiting \
+                             for another CPU, and those are held while it runs)"
+                        )));
                     }
                 }
-                Err(e) => break Err(format!("KVM_RUN on the lent CPU: {e}")),
+                Err(e) => break Err(Stop::Failed(format!("KVM_RUN on the lent CPU: {e}"))),
             }
         };
         self.watchdog.disarm();
-        engine.abandoned = result.is_err();
-        if let Err(e) = &result {
-            let rip = engine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-            return Err(format!("{e} (lent CPU at rip {rip:#x})"));
+        match result {
+            Err(Stop::Failed(e)) => {
+                let rip = engine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                Err(Stop::Failed(format!("{e} (lent CPU at rip {rip:#x})")))
+            }
+            other => other,
         }
-        result
     }
 
     /// Puts the shadow task, its stacks and file table in the window, and points the lent
@@ -946,7 +1054,7 @@ impl Executor {
         engine: &Engine,
         profile: &Profile,
         kernel: &AddressSpace<'_>,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<(), String> {
         let syms = &profile.kernel.symbols;
         let lay = &profile.shadow;
         let read = |va: u64, buf: &mut [u8]| {
@@ -1001,16 +1109,49 @@ impl Executor {
             .write_phys(gpa(offsets::SHADOW_FILES), &files)
             .map_err(werr)?;
         log::info!("redirect: shadow task at {:#x}", place.task);
-        Ok(task)
+        Ok(())
     }
 }
 
-/// Why calls fail once every shadow stack has been retired.
-fn engine_stopped(abandoned: u64) -> String {
-    format!(
-        "{abandoned} calls were abandoned on the lent CPU; the redirect engine is stopped to \
-         keep the GVM safe (restart the instance)"
-    )
+/// How a call ended when it did not return.
+enum Stop {
+    /// At a trap, with the trapped function's first four arguments.
+    Trap(Trap, Args),
+    Failed(String),
+}
+
+impl From<String> for Stop {
+    fn from(why: String) -> Stop {
+        Stop::Failed(why)
+    }
+}
+
+/// The shadow task and file table, saved before a call and put back if it is rolled back
+/// (the call's own stores there are in the window, outside the copy-on-write RAM).
+struct ShadowSnapshot {
+    task: Vec<u8>,
+    files: Vec<u8>,
+}
+
+impl ShadowSnapshot {
+    fn take(window: &WindowAt<'_>, layout: &ViewLayout) -> Result<ShadowSnapshot, String> {
+        let mut snap = ShadowSnapshot {
+            task: vec![0; offsets::SHADOW_TASK_MAX as usize],
+            files: vec![0; offsets::SHADOW_FILES_MAX as usize],
+        };
+        window
+            .read_phys(layout.gpa(offsets::SHADOW_TASK), &mut snap.task)
+            .and_then(|()| window.read_phys(layout.gpa(offsets::SHADOW_FILES), &mut snap.files))
+            .map_err(|e| format!("window: {e}"))?;
+        Ok(snap)
+    }
+
+    fn restore(&self, window: &WindowAt<'_>, layout: &ViewLayout) -> Result<(), String> {
+        window
+            .write_phys(layout.gpa(offsets::SHADOW_TASK), &self.task)
+            .and_then(|()| window.write_phys(layout.gpa(offsets::SHADOW_FILES), &self.files))
+            .map_err(|e| format!("window: {e}"))
+    }
 }
 
 /// The SVM's redirect port: every vCPU of the SVM hands its OUTs to the executor.

@@ -82,6 +82,7 @@ pub fn run_instance(
         seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
     }
     gvm.start(opts.seccomp)?;
+    let gvm_vm = duplicate_vm_fd(&gvm.vm)?;
     let executor = Executor::new(
         &opts.kvm_device,
         image,
@@ -90,6 +91,7 @@ pub fn run_instance(
             svm_mem: svm.memory.mem.clone(),
             gvm_vcpus: gvm.controls.clone(),
             gvm_bus: gvm.bus(),
+            gvm_vm,
             spare_cpu: gvm_cpus,
         },
         opts.seccomp,
@@ -122,4 +124,19 @@ pub fn run_instance(
     gvm.retire();
     svm.retire();
     Ok(reason)
+}
+
+/// A second descriptor of the GVM's VM, for the redirect engine (its IPIs to the GVM).
+fn duplicate_vm_fd(vm: &crate::vstate::vm::Vm) -> Result<kvm_ioctls::VmFd, BuildError> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: dup of a descriptor we own; the result is checked before use.
+    let fd = unsafe { libc::dup(vm.fd.as_raw_fd()) };
+    if fd < 0 {
+        return Err(host_err("duplicate the GVM's VM descriptor")(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` is a fresh duplicate of a KVM VM descriptor, owned by the VmFd from now.
+    unsafe { vm.kvm.create_vmfd_from_rawfd(fd) }
+        .map_err(|e| host_err("adopt the GVM's VM descriptor")(std::io::Error::from(e)))
 }

@@ -135,7 +135,8 @@ impl ControlServer {
         format!(
             "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\nredirect_ready={}\n\
              redirect_calls={}\nredirect_failed={}\nredirect_busy={}\nredirect_exits={}\n\
-             redirect_held_us={}\n",
+             redirect_held_us={}\nredirect_held_median_us={}\nredirect_held_max_us={}\n\
+             redirect_rolled_back={}\nredirect_committed_pages={}\nredirect_last_error={}\n",
             self.parts.name,
             std::process::id(),
             self.parts.gvm_cpus,
@@ -147,6 +148,11 @@ impl ControlServer {
             get(&stats.busy),
             get(&stats.exits),
             get(&stats.held_ns) / 1000,
+            stats.hold_summary_us().0,
+            stats.hold_summary_us().1,
+            get(&stats.rolled_back),
+            get(&stats.committed_pages),
+            crate::devices::bus::lock(&stats.last_error),
         )
     }
 

@@ -1,0 +1,234 @@
+//! GVM RAM as the redirect VM maps it: private (copy-on-write) mappings of the GVM's memfd.
+//!
+//! A redirected call's stores land in private copies of the pages it writes; the GVM's own
+//! pages do not change while it runs. KVM logs which pages the call dirtied. When the call
+//! returns, [`CowRam::settle`] copies exactly those pages into the GVM (commit); when it
+//! fails — it would sleep, it faulted, it ran too long — the copies are dropped (rollback)
+//! and the GVM is as it was before the call, byte for byte. Either way the private copies
+//! are then discarded, so the next call starts from the GVM's current memory.
+
+use std::os::fd::AsRawFd;
+
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::GuestMemory;
+
+const PAGE: u64 = 4096;
+
+/// One private mapping of a GVM RAM region; unmapped on drop.
+struct Mapping {
+    addr: u64,
+    len: usize,
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: `addr..addr+len` is a mapping this struct made and nothing else unmaps;
+        // KVM slots that pointed into it are gone with the redirect VM, dropped first.
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// A piece of GVM RAM behind one KVM memslot with dirty logging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Piece {
+    pub slot: u32,
+    pub gpa: u64,
+    pub len: u64,
+    /// Host address of the piece in the private mapping (what the memslot points at).
+    pub private: u64,
+    /// Host address of the piece in the GVM's own mapping.
+    pub shared: u64,
+}
+
+/// What one call changed in the GVM.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Settled {
+    pub pages: u64,
+    pub committed: bool,
+}
+
+pub struct CowRam {
+    mappings: Vec<(u64, u64, Mapping, u64)>,
+    pieces: Vec<Piece>,
+}
+
+impl CowRam {
+    /// Maps every region of `gvm` (memfd-backed) privately.
+    pub fn map(gvm: &GuestMemory) -> Result<CowRam, String> {
+        let mut mappings = Vec::new();
+        for region in gvm.iter() {
+            let file = region.file_offset().ok_or(
+                "GVM RAM is not backed by a file; the redirect view needs its memfd to map it \
+                 copy-on-write",
+            )?;
+            let len = usize::try_from(region.len()).map_err(|e| e.to_string())?;
+            let offset = libc::off_t::try_from(file.start()).map_err(|e| e.to_string())?;
+            // SAFETY: a fresh private mapping of a file we hold open; it aliases no Rust
+            // object, and only this module and KVM (through memslots) access it.
+            let addr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+                    file.file().as_raw_fd(),
+                    offset,
+                )
+            };
+            if addr == libc::MAP_FAILED {
+                return Err(format!(
+                    "mapping GVM RAM copy-on-write: {}",
+                    std::io::Error::last_os_error()
+                ));
+            }
+            let shared = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|e| format!("GVM RAM: {e}"))? as u64;
+            mappings.push((
+                region.start_addr().raw_value(),
+                region.len(),
+                Mapping {
+                    addr: addr as u64,
+                    len,
+                },
+                shared,
+            ));
+        }
+        Ok(CowRam {
+            mappings,
+            pieces: Vec::new(),
+        })
+    }
+
+    /// Host addresses (private, shared) of GVM-physical `gpa`, if it is RAM.
+    pub fn host(&self, gpa: u64) -> Option<(u64, u64)> {
+        self.mappings
+            .iter()
+            .find(|(start, len, _, _)| gpa >= *start && gpa - start < *len)
+            .map(|(start, _, m, shared)| (m.addr + (gpa - start), shared + (gpa - start)))
+    }
+
+    /// Records that memslot `slot` maps [gpa, gpa+len) of the private mapping.
+    pub fn add_piece(&mut self, slot: u32, gpa: u64, len: u64) -> Result<Piece, String> {
+        let (private, shared) = self
+            .host(gpa)
+            .filter(|_| self.host(gpa + len - 1).is_some())
+            .ok_or_else(|| format!("{gpa:#x}+{len:#x} is not GVM RAM"))?;
+        let piece = Piece {
+            slot,
+            gpa,
+            len,
+            private,
+            shared,
+        };
+        self.pieces.push(piece);
+        Ok(piece)
+    }
+
+    /// After a call: fetches each piece's dirty log from `vm` (which also clears it),
+    /// copies the dirty pages into the GVM if `commit`, and drops the private copies.
+    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<Settled, String> {
+        let mut settled = Settled {
+            pages: 0,
+            committed: commit,
+        };
+        for piece in &self.pieces {
+            let len = usize::try_from(piece.len).map_err(|e| e.to_string())?;
+            let bitmap = vm
+                .get_dirty_log(piece.slot, len)
+                .map_err(|e| format!("dirty log of GVM RAM slot {}: {e}", piece.slot))?;
+            for (first, count) in dirty_runs(&bitmap, piece.len / PAGE) {
+                let off = first * PAGE;
+                let bytes = count * PAGE;
+                let n = usize::try_from(bytes).map_err(|e| e.to_string())?;
+                if commit {
+                    // SAFETY: both ranges lie inside the piece (the runs are bounded by its
+                    // page count), in two different live mappings of the same file: the
+                    // private copy and the GVM's own. The GVM is quiesced and the redirect
+                    // vCPU stopped, so nobody else writes either range now.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            (piece.private + off) as *const u8,
+                            (piece.shared + off) as *mut u8,
+                            n,
+                        )
+                    };
+                }
+                // SAFETY: the range lies in the private mapping; dropping its private copies
+                // makes it show the file (the GVM's current pages) again.
+                let rc = unsafe {
+                    libc::madvise(
+                        (piece.private + off) as *mut libc::c_void,
+                        n,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    return Err(format!(
+                        "dropping the call's private pages: {}",
+                        std::io::Error::last_os_error()
+                    ));
+                }
+                settled.pages += count;
+            }
+        }
+        Ok(settled)
+    }
+}
+
+/// Runs of set bits in a KVM dirty bitmap, as (first page, page count), over `pages` bits.
+pub fn dirty_runs(bitmap: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (word_index, &word) in (0u64..).zip(bitmap) {
+        let mut bits = word;
+        while bits != 0 {
+            let page = word_index * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            if page >= pages {
+                return runs;
+            }
+            match runs.last_mut() {
+                Some((first, count)) if *first + *count == page => *count += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::memory::create_guest_memory;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn dirty_bits_become_runs_within_the_piece() {
+        assert_eq!(dirty_runs(&[], 10), vec![]);
+        assert_eq!(dirty_runs(&[0b1011], 64), vec![(0, 2), (3, 1)]);
+        // A run across a word boundary.
+        assert_eq!(dirty_runs(&[1 << 63, 1], 128), vec![(63, 2)]);
+        // Bits past the piece (a hostile or stale bitmap) are ignored.
+        assert_eq!(dirty_runs(&[u64::MAX], 3), vec![(0, 3)]);
+    }
+
+    #[test]
+    fn the_private_mapping_sees_the_gvm_until_written_and_writes_stay_private() {
+        let gvm = create_guest_memory("cow-test", 1 << 20).unwrap();
+        gvm.mem.write_obj(0x1234u64, GuestAddress(0x2000)).unwrap();
+        let cow = CowRam::map(&gvm.mem).unwrap();
+        let (private, shared) = cow.host(0x2000).unwrap();
+        // SAFETY: both addresses are inside live 1 MiB mappings made above.
+        unsafe {
+            assert_eq!(*(private as *const u64), 0x1234);
+            *(private as *mut u64) = 0x5678;
+            assert_eq!(*(shared as *const u64), 0x1234);
+        }
+        assert_eq!(
+            gvm.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(),
+            0x1234
+        );
+        assert!(cow.host(1 << 20).is_none());
+    }
+}

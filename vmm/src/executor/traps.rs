@@ -1,0 +1,354 @@
+//! Traps in the redirect view's private kernel text: the entry of each function below is
+//! replaced by `movabs %rax, TRAP_KVA + 8 * index`, a store to a page no memslot backs, so
+//! reaching it exits to the VMM, which stops the call there. The call's stores to GVM RAM
+//! are then dropped (see `cow.rs`): a call that would sleep, or that faults, leaves the
+//! GVM exactly as it was, and nothing of the GVM's oops path runs.
+
+use redirect::paging::{AddressSpace, Privilege};
+use redirect::profile::KernelProfile;
+use redirect::view::TRAP_KVA;
+
+/// x86 page-fault error code: the access was an instruction fetch.
+const PF_INSTR: u64 = 1 << 4;
+/// x86 page-fault error code: the page was present (a protection fault).
+const PF_PROT: u64 = 1 << 0;
+/// `pt_regs.ip`: after r15..r8, ax, cx, dx, si, di, orig_ax (16 words).
+const PT_REGS_IP: u64 = 16 * 8;
+/// Most modules a name lookup walks (the list lives in GVM memory: hostile input).
+const MAX_MODULES: usize = 4096;
+/// `MODULE_NAME_LEN` on x86-64.
+const MODULE_NAME_LEN: usize = 56;
+
+/// Why a call stopped at a trap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trap {
+    /// `__schedule`: the call would sleep (or be preempted) on a borrowed CPU.
+    Sleep,
+    /// `spurious_kernel_fault`: the first stop of a protection fault on a kernel address,
+    /// such as an instruction fetch from a no-execute page of the view (code outside the
+    /// trusted image), before the kernel decides the fault is fatal.
+    KernelProtectionFault,
+    /// `page_fault_oops`: an unhandled page fault in kernel mode.
+    PageFaultOops,
+    /// `die`: a fatal exception (BUG, invalid opcode, ...).
+    Die,
+    /// `die_addr`: a fatal general-protection fault.
+    DieAddr,
+    /// `oops_begin`: anything else on its way to an oops.
+    OopsBegin,
+    /// `panic`.
+    Panic,
+}
+
+/// Every trap, with the kernel function it is patched into and whether the engine may run
+/// without it.
+pub const TRAPS: [(Trap, &str, bool); 7] = [
+    (Trap::Sleep, "__schedule", true),
+    (Trap::KernelProtectionFault, "spurious_kernel_fault", false),
+    (Trap::PageFaultOops, "page_fault_oops", false),
+    (Trap::Die, "die", false),
+    (Trap::DieAddr, "die_addr", false),
+    (Trap::OopsBegin, "oops_begin", false),
+    (Trap::Panic, "panic", false),
+];
+
+/// The patched-in instruction of trap `index`: `movabs %rax, TRAP_KVA + 8 * index`.
+pub fn trap_code(index: usize) -> [u8; 10] {
+    let mut code = [0u8; 10];
+    code[..2].copy_from_slice(&[0x48, 0xa3]);
+    code[2..].copy_from_slice(&(TRAP_KVA + 8 * index as u64).to_le_bytes());
+    code
+}
+
+/// The trap whose store hit `offset` bytes into the trap page.
+pub fn trap_at(offset: u64) -> Option<Trap> {
+    if !offset.is_multiple_of(8) {
+        return None;
+    }
+    TRAPS
+        .get(usize::try_from(offset / 8).ok()?)
+        .map(|(trap, _, _)| *trap)
+}
+
+/// The function arguments at the trap (System V: RDI, RSI, RDX, RCX).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Args(pub [u64; 4]);
+
+/// Reads kernel memory as the call saw it: the window (shadow stack, pt_regs) through
+/// `window`, everything else through the GVM's kernel address space.
+pub struct CallMemory<'a> {
+    pub kernel: &'a AddressSpace<'a>,
+    pub window: &'a dyn Fn(u64, &mut [u8]) -> bool,
+}
+
+impl CallMemory<'_> {
+    fn read(&self, va: u64, buf: &mut [u8]) -> bool {
+        (self.window)(va, buf) || self.kernel.read(va, buf, Privilege::Supervisor).is_ok()
+    }
+
+    fn u64(&self, va: u64) -> Option<u64> {
+        let mut raw = [0u8; 8];
+        self.read(va, &mut raw).then(|| u64::from_le_bytes(raw))
+    }
+
+    /// A NUL-terminated string of at most `max` bytes, printable ASCII only.
+    fn string(&self, va: u64, max: usize) -> Option<String> {
+        let mut raw = vec![0u8; max];
+        if !self.read(va, &mut raw) {
+            // The string may end near a page boundary: try the bytes up to it.
+            let room = usize::try_from(0x1000 - (va & 0xfff)).ok()?.min(max);
+            raw.truncate(room);
+            if !self.read(va, &mut raw) {
+                return None;
+            }
+        }
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+        Some(
+            raw[..end]
+                .iter()
+                .map(|&b| {
+                    if b.is_ascii_graphic() || b == b' ' {
+                        char::from(b)
+                    } else {
+                        '?'
+                    }
+                })
+                .collect::<String>()
+                .trim_end()
+                .to_string(),
+        )
+    }
+}
+
+/// Where to find loaded modules in GVM memory (`modules` list and `struct module`).
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleLayout {
+    pub list_head: u64,
+    pub list: u64,
+    pub name: u64,
+    pub base: u64,
+    pub size: u64,
+}
+
+impl ModuleLayout {
+    pub fn from_profile(kernel: &KernelProfile) -> Option<ModuleLayout> {
+        let btf = &kernel.btf;
+        Some(ModuleLayout {
+            list_head: kernel.kallsyms.address("modules")?,
+            list: btf.member_offset("module", "list")?,
+            name: btf.member_offset("module", "name")?,
+            base: btf.member_offset("module", "core_layout.base")?,
+            size: btf.member_offset("module", "core_layout.size")?,
+        })
+    }
+
+    /// The name of the GVM module whose core image holds `addr`, walking at most
+    /// [`MAX_MODULES`] list entries.
+    pub fn module_at(&self, mem: &CallMemory<'_>, addr: u64) -> Option<String> {
+        let mut node = mem.u64(self.list_head)?;
+        for _ in 0..MAX_MODULES {
+            if node == self.list_head {
+                return None;
+            }
+            let module = node.checked_sub(self.list)?;
+            let base = mem.u64(module.checked_add(self.base)?)?;
+            let size = mem.u64(module.checked_add(self.size)?)? & 0xffff_ffff;
+            if addr >= base && addr - base < size {
+                return mem.string(module.checked_add(self.name)?, MODULE_NAME_LEN);
+            }
+            node = mem.u64(node)?;
+        }
+        None
+    }
+}
+
+/// " (in module NAME)" when `addr` lies in a loaded module.
+fn in_module(modules: Option<&ModuleLayout>, mem: &CallMemory<'_>, addr: u64) -> String {
+    modules
+        .and_then(|m| m.module_at(mem, addr))
+        .map(|name| format!(" (in module {name})"))
+        .unwrap_or_default()
+}
+
+/// What to tell the operator about a call stopped at `trap` with `args`.
+pub fn describe(
+    trap: Trap,
+    args: Args,
+    mem: &CallMemory<'_>,
+    modules: Option<&ModuleLayout>,
+) -> String {
+    let [a0, a1, a2, a3] = args.0;
+    let ip_of = |regs: u64| regs.checked_add(PT_REGS_IP).and_then(|va| mem.u64(va));
+    let at_ip = |regs: u64| match ip_of(regs) {
+        Some(ip) => format!(" at rip {ip:#x}{}", in_module(modules, mem, ip)),
+        None => String::new(),
+    };
+    match trap {
+        Trap::Sleep => "the call would sleep: it entered the GVM's scheduler (__schedule), which \
+                        a borrowed CPU must not do"
+            .into(),
+        Trap::KernelProtectionFault if a0 & (PF_INSTR | PF_PROT) == PF_INSTR | PF_PROT => format!(
+            "the call tried to execute code outside the trusted kernel image at {a1:#x}{}; \
+             the view maps it no-execute",
+            in_module(modules, mem, a1)
+        ),
+        Trap::KernelProtectionFault => {
+            format!("the call faulted on a protected kernel page at {a1:#x} (error code {a0:#x})")
+        }
+        Trap::PageFaultOops => format!(
+            "the call faulted in the GVM kernel: page fault at {a2:#x} (error code {a1:#x}){}",
+            at_ip(a0)
+        ),
+        Trap::Die | Trap::DieAddr => {
+            let what = mem.string(a0, 64).unwrap_or_else(|| "exception".into());
+            let addr = if trap == Trap::DieAddr && a3 != 0 {
+                format!(" (address {a3:#x})")
+            } else {
+                String::new()
+            };
+            format!(
+                "the call hit a fatal exception in the GVM kernel: {what}{addr}{}",
+                at_ip(a1)
+            )
+        }
+        Trap::OopsBegin => "the call reached the GVM kernel's oops path".into(),
+        Trap::Panic => format!(
+            "the call made the GVM kernel panic: {}",
+            mem.string(a0, 96).unwrap_or_default()
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redirect::memory::{GuestPhysMemory, MemoryImage};
+    use redirect::paging::PagingMode;
+
+    #[test]
+    fn each_trap_has_its_own_slot_in_the_trap_page() {
+        for (i, (trap, _, _)) in TRAPS.iter().enumerate() {
+            let code = trap_code(i);
+            assert_eq!(&code[..2], &[0x48, 0xa3]);
+            let target = u64::from_le_bytes(code[2..].try_into().unwrap());
+            assert_eq!(trap_at(target - TRAP_KVA), Some(*trap));
+        }
+        assert_eq!(trap_at(3), None);
+        assert_eq!(trap_at(8 * TRAPS.len() as u64), None);
+        assert_eq!(
+            TRAPS[0].1, "__schedule",
+            "the sleep trap is the required one"
+        );
+    }
+
+    /// A kernel half mapping 0xffffffff80000000.. → 0 (2 MiB pages) over a 4 MiB image.
+    fn kernel_image() -> MemoryImage {
+        let mem = MemoryImage::new(0x40_0000);
+        mem.write_u64(0x1000 + 511 * 8, 0x3000 | 3).unwrap();
+        mem.write_u64(0x3000 + 510 * 8, 0x4000 | 3).unwrap();
+        mem.write_u64(0x4000, 0x83).unwrap();
+        mem.write_u64(0x4008, 0x20_0000 | 0x83).unwrap();
+        mem
+    }
+
+    const K: u64 = 0xffff_ffff_8000_0000;
+
+    fn layout() -> ModuleLayout {
+        ModuleLayout {
+            list_head: K + 0x10_0000,
+            list: 8,
+            name: 0x18,
+            base: 0x100,
+            size: 0x108,
+        }
+    }
+
+    /// Adds a module at physical `at` with core image [base, base+size) after `prev`.
+    fn add_module(mem: &MemoryImage, at: u64, name: &str, base: u64, size: u64, next: u64) {
+        mem.write_u64(at + 8, next).unwrap();
+        let mut raw = name.as_bytes().to_vec();
+        raw.push(0);
+        mem.write_phys(at + 0x18, &raw).unwrap();
+        mem.write_u64(at + 0x100, base).unwrap();
+        mem.write_u64(at + 0x108, size).unwrap();
+    }
+
+    #[test]
+    fn an_address_is_named_by_the_module_that_holds_it() {
+        let mem = kernel_image();
+        let l = layout();
+        // head → dummy (0x20000) → evil (0x30000) → head
+        mem.write_u64(0x10_0000, K + 0x2_0008).unwrap();
+        add_module(
+            &mem,
+            0x2_0000,
+            "dummy",
+            0xffff_ffff_c000_0000,
+            0x3000,
+            K + 0x3_0008,
+        );
+        add_module(
+            &mem,
+            0x3_0000,
+            "evil\x07",
+            0xffff_ffff_c001_0000,
+            0x1000,
+            l.list_head,
+        );
+        let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
+        let no_window = |_: u64, _: &mut [u8]| false;
+        let call = CallMemory {
+            kernel: &kernel,
+            window: &no_window,
+        };
+        assert_eq!(
+            l.module_at(&call, 0xffff_ffff_c000_2fff).as_deref(),
+            Some("dummy")
+        );
+        assert_eq!(
+            l.module_at(&call, 0xffff_ffff_c001_0000).as_deref(),
+            Some("evil?")
+        );
+        assert_eq!(l.module_at(&call, 0xffff_ffff_c000_3000), None);
+        let text = describe(
+            Trap::KernelProtectionFault,
+            Args([0x11, 0xffff_ffff_c000_0010, 0, 0]),
+            &call,
+            Some(&l),
+        );
+        assert!(
+            text.contains("outside the trusted kernel image at 0xffffffffc0000010"),
+            "{text}"
+        );
+        assert!(text.contains("(in module dummy)"), "{text}");
+    }
+
+    #[test]
+    fn a_module_list_that_loops_or_points_nowhere_ends_the_walk() {
+        let mem = kernel_image();
+        let l = layout();
+        // A cycle that never returns to the head.
+        mem.write_u64(0x10_0000, K + 0x2_0008).unwrap();
+        add_module(&mem, 0x2_0000, "a", 0x1000, 0x10, K + 0x2_0008);
+        let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
+        let no_window = |_: u64, _: &mut [u8]| false;
+        let call = CallMemory {
+            kernel: &kernel,
+            window: &no_window,
+        };
+        assert_eq!(l.module_at(&call, 0xffff_ffff_c000_0000), None);
+        // A pointer to unmapped memory.
+        mem.write_u64(0x10_0000, 0xdead_0000_0000).unwrap();
+        assert_eq!(l.module_at(&call, 0xffff_ffff_c000_0000), None);
+        let text = describe(
+            Trap::PageFaultOops,
+            Args([0xbad, 2, 0x10, 0]),
+            &call,
+            Some(&l),
+        );
+        assert!(
+            text.contains("page fault at 0x10 (error code 0x2)"),
+            "{text}"
+        );
+    }
+}

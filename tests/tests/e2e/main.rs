@@ -5,4 +5,5 @@ mod boot;
 mod common;
 mod image;
 mod instance;
+mod recovery;
 mod redirect;

@@ -1,0 +1,226 @@
+//! Writes, recovery and safety (DESIGN.md section 4): stock tools in the SVM change the
+//! GVM's kernel state; what the trusted kernel image cannot do on a borrowed CPU (sleep,
+//! run a module's code) is refused with a reason and rolled back. Every effect is checked
+//! from inside the GVM, on its own console, with its own tools.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::common::*;
+use super::instance::{runtime, start, vmm_in};
+use super::redirect::{exterior, info, module_names, processes, GvmConsole};
+
+/// `exec` of a command that must fail; its stderr.
+fn refused(rt: &Path, name: &str, argv: &[&str]) -> String {
+    let (code, out, err) = run(vmm_in(rt).args(["exec", name, "--"]).args(argv));
+    assert_ne!(
+        code,
+        0,
+        "`{}` was expected to be refused: {out}{err}",
+        argv.join(" ")
+    );
+    assert!(err.contains("exterior:"), "no word from the shim: {err}");
+    err
+}
+
+/// The `redirect_last_error=` line of `info`.
+fn last_error(rt: &Path, name: &str) -> String {
+    let (code, out, err) = run(vmm_in(rt).args(["info", name]));
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .find_map(|l| l.strip_prefix("redirect_last_error="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The GVM's console log after its init started: no oops, BUG, panic or warning.
+fn assert_no_oops(rt: &Path, name: &str) {
+    let log = std::fs::read_to_string(rt.join(format!("{name}.gvm.log"))).expect("GVM log");
+    let after_init = log.split("Run /init").nth(1).expect("the GVM ran its init");
+    for bad in [
+        "Oops",
+        "BUG:",
+        "Kernel panic",
+        "cut here",
+        "general protection",
+    ] {
+        assert!(
+            !after_init.contains(bad),
+            "the GVM's console shows {bad:?}:\n{after_init}"
+        );
+    }
+}
+
+fn nice_of(gvm: &mut GvmConsole, pid: &str) -> String {
+    gvm.run(&format!("cut -d' ' -f19 /proc/{pid}/stat"))
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn an_operator_recovers_a_misbehaving_gvm_from_outside() {
+    let rt = runtime("recovery");
+    let _instance = start(&rt, "rc", &[]);
+    let mut gvm = GvmConsole::attach(&rt, "rc");
+
+    // The GVM misbehaves: a process spinning in a loop and a module nobody asked for
+    // (dummy, from the kernel package, stands in for a malicious one).
+    gvm.run(
+        "modprobe dummy; printf '#!/bin/sh\\nwhile :; do :; done\\n' >/tmp/runaway; \
+         chmod +x /tmp/runaway; /tmp/runaway & sleep 3600 & echo $! >/tmp/sleeper; sleep 1",
+    );
+    assert!(processes(&gvm.run("ps -o pid,comm"))
+        .iter()
+        .any(|(_, c)| c == "runaway"));
+    let calls_before = info(&rt, "rc", "redirect_calls");
+
+    // ps finds the runaway; kill -9 ends it.
+    let ps = processes(&exterior(&rt, "rc", &["ps", "-eo", "pid,comm"]));
+    let (pid, _) = ps
+        .iter()
+        .find(|(_, c)| c == "runaway")
+        .cloned()
+        .unwrap_or_else(|| panic!("exterior ps does not show the runaway: {ps:?}"));
+    exterior(&rt, "rc", &["kill", "-9", &pid.to_string()]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes(&gvm.run("ps -o pid,comm"))
+        .iter()
+        .any(|(_, c)| c == "runaway")
+    {
+        assert!(Instant::now() < deadline, "the runaway survived kill -9");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+
+    // sysctl -w and hostname change the GVM's names; renice its priorities.
+    exterior(&rt, "rc", &["sysctl", "-w", "kernel.hostname=recovered"]);
+    assert_eq!(gvm.run("hostname").trim(), "recovered");
+    exterior(
+        &rt,
+        "rc",
+        &["sysctl", "-w", "kernel.domainname=exterior.test"],
+    );
+    assert_eq!(
+        gvm.run("cat /proc/sys/kernel/domainname").trim(),
+        "exterior.test"
+    );
+    let sleeper = gvm.run("cat /tmp/sleeper").trim().to_string();
+    assert_eq!(nice_of(&mut gvm, &sleeper), "0");
+    exterior(&rt, "rc", &["renice", "-n", "7", "-p", &sleeper]);
+    assert_eq!(nice_of(&mut gvm, &sleeper), "7");
+
+    // lsmod finds the module. rmmod would run the module's own exit code, which is not
+    // the trusted image's: it faults on NX, is named, and is rolled back.
+    assert!(module_names(&exterior(&rt, "rc", &["lsmod"])).contains("dummy"));
+    refused(&rt, "rc", &["rmmod", "dummy"]);
+    let why = last_error(&rt, "rc");
+    assert!(
+        why.contains("outside the trusted kernel image") && why.contains("(in module dummy)"),
+        "{why}"
+    );
+    assert!(why.contains("rolled back"), "{why}");
+    assert!(module_names(&gvm.run("cat /proc/modules")).contains("dummy"));
+    // Listing the dummy device runs the module's statistics hook: the same refusal.
+    refused(&rt, "rc", &["ip", "link", "show", "dummy0"]);
+    assert!(last_error(&rt, "rc").contains("(in module dummy)"));
+
+    // Taking a link down waits for an RCU grace period, that is, it would sleep on a
+    // borrowed CPU: refused and rolled back, the link stays up.
+    refused(&rt, "rc", &["ip", "link", "set", "lo", "down"]);
+    let why = last_error(&rt, "rc");
+    assert!(
+        why.contains("would sleep") && why.contains("rolled back"),
+        "{why}"
+    );
+    assert!(
+        gvm.run("ip link show lo").contains(",UP,"),
+        "lo changed in the GVM"
+    );
+    assert!(
+        gvm.run("ip link show dummy0").contains("dummy0"),
+        "dummy0 changed in the GVM"
+    );
+
+    // The GVM keeps running and answering for a further minute, without an oops.
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut round = 0;
+    while Instant::now() < until {
+        round += 1;
+        let out = gvm.run(&format!("echo alive-$(({round} * 2))"));
+        assert!(out.contains(&format!("alive-{}", round * 2)), "{out}");
+        std::thread::sleep(Duration::from_secs(10));
+    }
+    assert_eq!(gvm.run("hostname").trim(), "recovered");
+    assert_no_oops(&rt, "rc");
+    // rmmod, ip link show dummy0, ip link set lo down: at least one refused call each.
+    let rolled_back = info(&rt, "rc", "redirect_rolled_back");
+    assert!(
+        rolled_back >= 3,
+        "only {rolled_back} calls were rolled back"
+    );
+    assert!(info(&rt, "rc", "redirect_calls") > calls_before);
+    assert_eq!(
+        info(&rt, "rc", "redirect_exits"),
+        info(&rt, "rc", "redirect_calls"),
+        "a refused call must not cost more than its one trap exit"
+    );
+}
+
+#[test]
+fn a_thousand_mixed_calls_against_a_busy_gvm() {
+    let rt = runtime("soak");
+    let _instance = start(&rt, "sk", &[]);
+    let mut gvm = GvmConsole::attach(&rt, "sk");
+    // The GVM is busy with its own work: a shell loop writing files and reading procfs.
+    gvm.run(
+        "printf '#!/bin/sh\\nwhile :; do cat /proc/meminfo >/tmp/m; ls /proc >/dev/null; done\\n' \
+         >/tmp/busy; chmod +x /tmp/busy; /tmp/busy & sleep 3600 & echo $! >/tmp/sleeper; sleep 1",
+    );
+    let sleeper = gvm.run("cat /tmp/sleeper").trim().to_string();
+    let start_calls = info(&rt, "sk", "redirect_calls");
+    let mut round = 0u32;
+    while info(&rt, "sk", "redirect_calls") - start_calls < 1000 {
+        round += 1;
+        assert!(round <= 100, "fewer than 1,000 calls in 100 rounds");
+        let script = format!(
+            "for i in 1 2 3 4 5; do hostname soak-{round}-$i; \
+             sysctl -q -w kernel.domainname=dom-{round}-$i; \
+             renice -n $((i + {round} % 5)) -p {sleeper} >/dev/null; \
+             kill -0 {sleeper}; cat /proc/loadavg /proc/uptime >/dev/null; done; \
+             ps -eo pid,comm >/dev/null; uname -n"
+        );
+        let out = exterior(&rt, "sk", &["sh", "-c", &script]);
+        assert_eq!(out.trim(), format!("soak-{round}-5"));
+    }
+    let calls = info(&rt, "sk", "redirect_calls") - start_calls;
+    eprintln!("soak: {calls} redirected calls in {round} rounds");
+    assert_eq!(
+        info(&rt, "sk", "redirect_failed"),
+        0,
+        "{}",
+        last_error(&rt, "sk")
+    );
+
+    // The GVM's own view agrees with the final state, and its processes with ps outside.
+    assert_eq!(gvm.run("hostname").trim(), format!("soak-{round}-5"));
+    assert_eq!(
+        gvm.run("cat /proc/sys/kernel/domainname").trim(),
+        format!("dom-{round}-5")
+    );
+    assert_eq!(
+        nice_of(&mut gvm, &sleeper),
+        (5 + round % 5).min(19).to_string()
+    );
+    let outside = processes(&exterior(&rt, "sk", &["ps", "-eo", "pid,comm"]));
+    let inside = processes(&gvm.run("ps -o pid,comm"));
+    let stable = |set: &std::collections::BTreeSet<(u32, String)>| {
+        set.iter()
+            .filter(|(_, c)| !["ps", "cat", "ls", "busy"].contains(&c.as_str()))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(stable(&outside), stable(&inside));
+    assert_no_oops(&rt, "sk");
+    // No VMM panic: the instance still answers, and its log has none.
+    let vmm_log = std::fs::read_to_string(rt.join("sk.vmm.log")).expect("VMM log");
+    assert!(!vmm_log.contains("panicked"), "{vmm_log}");
+}

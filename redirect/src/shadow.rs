@@ -42,6 +42,9 @@ pub struct ShadowLayout {
     pub ti_syscall_work: u64,
     pub ti_cpu: u64,
     pub state: u64,
+    /// `on_cpu`: 1 in the idle-task template; 0 in the shadow, so GVM tasks contending
+    /// for a lock it holds sleep instead of spinning on it.
+    pub on_cpu: u64,
     pub stack: u64,
     pub mm: u64,
     pub files: u64,
@@ -72,6 +75,7 @@ impl ShadowLayout {
             ti_syscall_work: off("task_struct", "thread_info.syscall_work")?,
             ti_cpu: off("task_struct", "thread_info.cpu")?,
             state: off("task_struct", "__state")?,
+            on_cpu: off("task_struct", "on_cpu")?,
             stack: t.stack,
             mm: t.mm,
             files: t.files,
@@ -154,6 +158,7 @@ pub fn shadow_task(
     put(&mut task, layout.ti_syscall_work, &0u64.to_le_bytes())?;
     put(&mut task, layout.ti_cpu, &place.cpu.to_le_bytes())?;
     put(&mut task, layout.state, &0u32.to_le_bytes())?;
+    put(&mut task, layout.on_cpu, &0u32.to_le_bytes())?;
     put(&mut task, layout.stack, &place.stack.to_le_bytes())?;
     // No mm: a fault on a user address the view does not map ends in -EFAULT through the
     // uaccess fixup, never in the GVM's fault handler "fixing" someone's page tables.
@@ -224,6 +229,7 @@ mod tests {
             ti_syscall_work: 8,
             ti_cpu: 0x18,
             state: 0x1c,
+            on_cpu: 0x6c,
             stack: 0x20,
             mm: 0x28,
             files: 0x30,
@@ -280,6 +286,8 @@ mod tests {
         assert_eq!(u32::from_le_bytes(t[0x2c..0x30].try_into().unwrap()), 0);
         assert_eq!(u32::from_le_bytes(t[0x18..0x1c].try_into().unwrap()), 1);
         assert_eq!(&t[0x40..0x48], b"exterior");
+        // The template (filled with 0xaa) was "on a CPU"; the shadow is not.
+        assert_eq!(u32::from_le_bytes(t[0x6c..0x70].try_into().unwrap()), 0);
     }
 
     #[test]

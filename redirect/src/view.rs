@@ -7,7 +7,8 @@
 //! - kernel half (PML4 entries 256..511): the GVM's own kernel entries, copied from a GVM
 //!   vCPU's CR3, so the GVM kernel sees its usual address space;
 //! - PML4 entry [`WINDOW_SLOT`]: the whole window at [`WINDOW_KVA`] (supervisor, no-execute),
-//!   where the shadow task, its stacks and its file table live;
+//!   with these tables, the stubs and a scratch stack; then the trap page and the kernel
+//!   stub page ([`KSTUB_KVA`]);
 //! - user half: the calling SVM program's present mappings, each rebased to
 //!   `svm_base + its SVM physical address`, so user pointers in the call reach the program's
 //!   own pages in SVM memory and nothing else of the SVM;
@@ -43,6 +44,13 @@ pub const WINDOW_SIZE: u64 = 4 << 20;
 /// memslot backs: a store there from patched kernel code exits to the VMM (the executor's
 /// trap for calls that would sleep).
 pub const TRAP_KVA: u64 = WINDOW_KVA + WINDOW_SIZE;
+/// Offset in the trap page that [`kstub_code`] stores to: "the kernel function returned".
+pub const KERNEL_RETURN_SLOT: u64 = 0x800;
+/// A supervisor-executable page after the trap page: the return address of kernel
+/// functions the executor calls itself (it maps window offset [`offsets::KSTUB`]). The one
+/// kernel-half page outside the trusted text the view lets execute; it holds only
+/// [`kstub_code`].
+pub const KSTUB_KVA: u64 = TRAP_KVA + 0x1000;
 
 /// Where things live in the window (offsets from its start).
 pub mod offsets {
@@ -50,18 +58,12 @@ pub mod offsets {
     pub const PML4: u64 = 0;
     /// The user stub page: `syscall`, then the store to the sentinel.
     pub const STUB: u64 = 0x1000;
-    /// The shadow `task_struct` (the pinned kernel's is 0x2600 bytes).
-    pub const SHADOW_TASK: u64 = 0x1_0000;
-    /// Room for the shadow task.
-    pub const SHADOW_TASK_MAX: u64 = 0x1_0000;
-    /// The shadow task's kernel stack (THREAD_SIZE, 16 KiB, aligned to its size). Every
-    /// call uses it: a call that is stopped is rolled back, so nothing in the GVM can point
-    /// into it afterwards. The rest of the region up to the file table is spare.
-    pub const SHADOW_STACKS: u64 = 0x2_0000;
+    /// The kernel stub page ([`super::KSTUB_KVA`]).
+    pub const KSTUB: u64 = 0x2000;
+    /// The stack the executor's own kernel-function calls run on (16 KiB). The shadow
+    /// task, its stack and its file table live in GVM memory (see the executor).
+    pub const SCRATCH_STACK: u64 = 0x2_0000;
     pub const STACK_SIZE: u64 = 0x4000;
-    /// The shadow task's `files_struct`.
-    pub const SHADOW_FILES: u64 = 0x5_0000;
-    pub const SHADOW_FILES_MAX: u64 = 0x1_0000;
     /// Page-table pages for the view, to the end of the window.
     pub const TABLES: u64 = 0x10_0000;
 }
@@ -86,6 +88,9 @@ pub struct ViewLayout {
     /// The kernel-virtual range [start, end) the view leaves executable: the trusted
     /// image's `.text`. Rounded out to the 2 MiB entries that cover it.
     pub exec_text: (u64, u64),
+    /// One more range left executable, to 4 KiB pages, for one call: the text of the
+    /// module that a `delete_module` removes (its exit function runs in the call).
+    pub also_exec: Option<(u64, u64)>,
 }
 
 impl ViewLayout {
@@ -147,6 +152,16 @@ pub fn stub_code(sentinel_va: u64) -> [u8; 14] {
     code[2..4].copy_from_slice(&[0x48, 0xa3]);
     code[4..12].copy_from_slice(&sentinel_va.to_le_bytes());
     code[12..].copy_from_slice(&[0xeb, 0xfe]);
+    code
+}
+
+/// The kernel stub: `movabs %rax, TRAP_KVA + KERNEL_RETURN_SLOT; jmp .` — a kernel
+/// function the executor called returns here, and the store exits with its result.
+pub fn kstub_code() -> [u8; 12] {
+    let mut code = [0u8; 12];
+    code[..2].copy_from_slice(&[0x48, 0xa3]);
+    code[2..10].copy_from_slice(&(TRAP_KVA + KERNEL_RETURN_SLOT).to_le_bytes());
+    code[10..].copy_from_slice(&[0xeb, 0xfe]);
     code
 }
 
@@ -257,8 +272,11 @@ fn confine_execution(
     pml4: u64,
     gvm: &dyn GuestPhysMemory,
     cr3: u64,
-    text: (u64, u64),
+    layout: &ViewLayout,
 ) -> Result<(), ViewError> {
+    let text = layout.exec_text;
+    let extra = layout.also_exec.unwrap_or((0, 0));
+    let meets_any = |lo, size| meets(lo, size, text) || meets(lo, size, extra);
     let top = pool
         .window
         .read_u64(pml4 + 511 * 8)
@@ -272,13 +290,27 @@ fn confine_execution(
         if *entry & PTE_P == 0 {
             continue;
         }
-        if !meets(gib, 1 << 30, text) {
+        if !meets_any(gib, 1 << 30) {
             *entry |= PTE_XD;
         } else if *entry & PTE_PS == 0 {
             let (pd_copy, mut pd) = copy_table(pool, gvm, cr3, *entry & ADDR_FIELD)?;
             for (j, e) in (0u64..).zip(pd.iter_mut()) {
-                if *e & PTE_P != 0 && !meets(gib + (j << 21), 1 << 21, text) {
+                let mib2 = gib + (j << 21);
+                if *e & PTE_P == 0 || meets(mib2, 1 << 21, text) {
+                    continue;
+                }
+                if !meets(mib2, 1 << 21, extra) {
                     *e |= PTE_XD;
+                } else if *e & PTE_PS == 0 {
+                    // The extra range, to the page: a PT of its own, NX outside it.
+                    let (pt_copy, mut pt) = copy_table(pool, gvm, cr3, *e & ADDR_FIELD)?;
+                    for (k, pte) in (0u64..).zip(pt.iter_mut()) {
+                        if !meets(mib2 + (k << 12), 1 << 12, extra) {
+                            *pte |= PTE_XD;
+                        }
+                    }
+                    write_table(pool, pt_copy, &pt)?;
+                    *e = pt_copy | (*e & !ADDR_FIELD);
                 }
             }
             write_table(pool, pd_copy, &pd)?;
@@ -331,7 +363,7 @@ pub fn build_view(
         end: layout.gpa(WINDOW_SIZE),
         used: 0,
     };
-    confine_execution(&mut pool, pml4, gvm, gvm_cr3, layout.exec_text)?;
+    confine_execution(&mut pool, pml4, gvm, gvm_cr3, layout)?;
 
     // The window itself, in the kernel half.
     let mut off = 0;
@@ -353,6 +385,16 @@ pub fn build_view(
         PageSize::Size4K,
         PTE_P | PTE_RW | PTE_A | PTE_D | PTE_XD,
     )?;
+    pool.map(
+        pml4,
+        KSTUB_KVA,
+        layout.gpa(offsets::KSTUB),
+        PageSize::Size4K,
+        PTE_P | PTE_A,
+    )?;
+    window
+        .write_phys(layout.gpa(offsets::KSTUB), &kstub_code())
+        .map_err(ViewError::Window)?;
 
     // The program's user half, rebased into the SVM alias.
     let mut user_mappings = 0usize;
@@ -434,6 +476,7 @@ mod tests {
             svm_base: SVM_BASE,
             sentinel_gpa: WINDOW_GPA + WINDOW_SIZE,
             exec_text: (0xffff_ffff_8000_0000, 0xffff_ffff_8000_3000),
+            also_exec: None,
         }
     }
 
@@ -485,6 +528,15 @@ mod tests {
             walk(TRAP_KVA, Access::WRITE).unwrap().gpa,
             WINDOW_GPA + WINDOW_SIZE + 0x1000
         );
+        assert_eq!(
+            walk(KSTUB_KVA, Access::EXECUTE).unwrap().gpa,
+            WINDOW_GPA + offsets::KSTUB
+        );
+        assert!(
+            walk(KSTUB_KVA, Access::WRITE).is_err(),
+            "the kernel stub is read-only"
+        );
+        assert!(walk(KSTUB_KVA, Access::USER_EXECUTE).is_err());
         let t = walk(WINDOW_KVA + 0x2_0008, Access::WRITE).unwrap();
         assert_eq!(t.gpa, WINDOW_GPA + 0x2_0008);
         assert!(walk(WINDOW_KVA, Access::EXECUTE).is_err(), "window is NX");
@@ -545,6 +597,43 @@ mod tests {
         // The GVM's own tables are untouched: the copies are in the window.
         assert_eq!(gvm.read_u64(0x3000 + 510 * 8).unwrap(), 0x4000 | 3);
         assert_eq!(gvm.read_u64(0x1000 + 273 * 8).unwrap(), 0x8000 | 3);
+    }
+
+    #[test]
+    fn one_more_range_can_be_left_executable_to_the_page() {
+        let gvm = guest();
+        // Modules: PDPT [511] → PD 0x7000 [0] → PT 0x9000: two 4 KiB pages, at 0x1000 and
+        // 0x2000 (0xffffffffc0000000 and ..1000).
+        gvm.write_u64(0x3000 + 511 * 8, 0x7000 | 3).unwrap();
+        gvm.write_u64(0x7000, 0x9000 | 3).unwrap();
+        gvm.write_u64(0x9000, 0x1000 | 3).unwrap();
+        gvm.write_u64(0x9008, 0x2000 | 3).unwrap();
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let mode = PagingMode::default();
+        let layout = ViewLayout {
+            also_exec: Some((0xffff_ffff_c000_1000, 0xffff_ffff_c000_2000)),
+            ..layout()
+        };
+        let view = build_view(&window, &layout, &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
+        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
+        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
+        let mut low = vec![0u8; 0x40_0000];
+        gvm.read_phys(0, &mut low).unwrap();
+        regions.insert(0, (0, low));
+        let composed = MemoryImage::from_regions(regions).unwrap();
+        let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+        assert!(walk(0xffff_ffff_c000_0000, Access::EXECUTE).is_err());
+        assert_eq!(
+            walk(0xffff_ffff_c000_1000, Access::EXECUTE).unwrap().gpa,
+            0x2000
+        );
+        assert!(walk(0xffff_ffff_c000_0000, Access::READ).is_ok());
+        assert_eq!(
+            gvm.read_u64(0x9000).unwrap(),
+            0x1000 | 3,
+            "GVM tables untouched"
+        );
     }
 
     #[test]

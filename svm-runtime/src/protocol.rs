@@ -101,6 +101,8 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     "oops_begin",
     "panic",
     "modules",
+    // The executor allocates the shadow task from the GVM's page allocator.
+    "__get_free_pages",
 ];
 
 /// The `Ready` payload: the `PROFILE_SYMBOLS` lines of a kallsyms text, in its order.

@@ -109,6 +109,24 @@ impl CowRam {
             .map(|(start, _, m, shared)| (m.addr + (gpa - start), shared + (gpa - start)))
     }
 
+    /// The u32 at kernel-virtual `va` as the running call sees it (its private copy if it
+    /// wrote the page), translated through the GVM's kernel tables `kernel`.
+    pub fn read_private_u32(
+        &self,
+        kernel: &redirect::paging::AddressSpace<'_>,
+        va: u64,
+    ) -> Option<u32> {
+        let t = kernel.translate(va, redirect::paging::Access::READ).ok()?;
+        if t.gpa % PAGE > PAGE - 4 {
+            return None;
+        }
+        let (private, _) = self.host(t.gpa)?;
+        // SAFETY: `private` lies in a live private mapping of GVM RAM (checked by `host`)
+        // and the four bytes do not cross its page (checked above), so they are mapped;
+        // the redirect vCPU is stopped, so nothing writes them now. Unaligned is fine.
+        Some(unsafe { std::ptr::read_unaligned(private as *const u32) })
+    }
+
     /// Records that memslot `slot` maps [gpa, gpa+len) of the private mapping.
     pub fn add_piece(&mut self, slot: u32, gpa: u64, len: u64) -> Result<Piece, String> {
         let (private, shared) = self

@@ -25,19 +25,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+mod call;
 mod cow;
 mod traps;
 
 use kvm_bindings::{
-    kvm_dtable, kvm_msi, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs,
-    kvm_userspace_memory_region, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
-    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
 };
-use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
-use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
+use kvm_ioctls::{VcpuFd, VmFd};
 use redirect::profile::{KernelImage, KernelProfile, SymbolTable};
-use redirect::shadow::{shadow_files, shadow_task, ShadowLayout, ShadowPlace};
-use redirect::view::{build_view, offsets, ViewLayout, WINDOW_KVA, WINDOW_SIZE};
+use redirect::shadow::ShadowLayout;
+use redirect::view::{ViewLayout, WINDOW_SIZE};
 use redirect::GuestPhysMemory;
 use svm_runtime::redirect_abi::{Status, PORT};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
@@ -46,15 +45,11 @@ use crate::boot::{cpu, cpuid};
 use crate::devices::bus::lock;
 use crate::devices::PioBus;
 use crate::vstate::memory::{create_guest_memory, GuestMemory, SharedMemory};
-use crate::vstate::quiesce::{
-    self, kick_signal, ControlState, QuiesceError, QuiescePolicy, VcpuControl,
-};
-use crate::vstate::vcpu::{
-    PortHook, MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK,
-};
+use crate::vstate::quiesce::{kick_signal, VcpuControl};
+use crate::vstate::vcpu::PortHook;
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 use cow::CowRam;
-use traps::{Args, CallMemory, ModuleLayout, Trap, TRAPS};
+use traps::{ModuleLayout, TRAPS};
 
 /// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
 /// (the loader puts the image at its link address; `nokaslr`).
@@ -85,14 +80,19 @@ pub struct Stats {
     pub calls: AtomicU64,
     pub failed: AtomicU64,
     pub busy: AtomicU64,
-    /// VM exits of the redirect vCPU, the final store included.
+    /// VM exits of the redirect vCPU in redirected calls, the final store included (a call
+    /// that sleeps has one more per time it is parked).
     pub exits: AtomicU64,
+    /// VM exits of the executor's own kernel-function calls (allocating the shadow).
+    pub setup_exits: AtomicU64,
     /// Nanoseconds the GVM was held, summed.
     pub held_ns: AtomicU64,
     /// Calls stopped at a trap and rolled back (would sleep, faulted, ran outside the image).
     pub rolled_back: AtomicU64,
     /// GVM pages written by committed calls.
     pub committed_pages: AtomicU64,
+    /// Times a call slept in the GVM kernel and was parked (then resumed).
+    pub parked: AtomicU64,
     /// Why the last failed call failed (one line).
     pub last_error: Mutex<String>,
     /// How long the GVM was held for each of the last [`HOLD_SAMPLES`] calls, in µs.
@@ -149,6 +149,8 @@ struct Profile {
     traps: Vec<(usize, u64)>,
     /// Where loaded modules are listed, to name the one an address falls in.
     modules: Option<ModuleLayout>,
+    /// `__get_free_pages`: where the shadow's memory comes from.
+    get_free_pages: u64,
 }
 
 /// Hands the vCPU thread a kick if a call overruns (KVM_RUN then returns EINTR).
@@ -238,8 +240,10 @@ struct Engine {
     text: TextSlot,
     /// GVM RAM, mapped copy-on-write: a call's stores are committed or dropped as a whole.
     cow: CowRam,
-    /// The shadow task has been built in the window.
-    shadow_installed: bool,
+    /// Where the shadow task lives in GVM memory, once made (at the first call).
+    shadow: Option<call::ShadowAt>,
+    /// Set when a call was left parked in the GVM kernel: why calls are refused now.
+    stuck: Option<String>,
     /// A spare one-page slot, deleted and re-added before every call: deleting a memslot
     /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
     /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
@@ -318,6 +322,7 @@ impl Engine {
             window_gpa,
             sentinel_gpa: window_gpa + WINDOW_SIZE,
             exec_text: (START_KERNEL_MAP + text_lo, START_KERNEL_MAP + text_hi),
+            also_exec: None,
             svm_base: align(window_gpa + WINDOW_SIZE + 0x1000, 1 << 36),
         };
         let mut cow = CowRam::map(&parts.gvm_mem).map_err(VmError::Host)?;
@@ -428,7 +433,8 @@ impl Engine {
                 private: false,
             },
             cow,
-            shadow_installed: false,
+            shadow: None,
+            stuck: None,
             flush_slot,
         })
     }
@@ -598,6 +604,10 @@ impl Executor {
                         ),
                     }
                 }
+                let get_free_pages = kernel
+                    .kallsyms
+                    .address("__get_free_pages")
+                    .ok_or("the SVM's kallsyms has no __get_free_pages")?;
                 let modules = ModuleLayout::from_profile(&kernel);
                 if modules.is_none() {
                     log::warn!("redirect: cannot locate the GVM's module list; faults in modules are reported without the module's name");
@@ -609,6 +619,7 @@ impl Executor {
                     fpregs_owner,
                     traps,
                     modules,
+                    get_free_pages,
                 })
             });
         match &profile {
@@ -616,541 +627,6 @@ impl Executor {
             Err(e) => log::error!("redirect engine unavailable: {e}"),
         }
         let _ = self.profile.set(profile);
-    }
-
-    /// Runs the system call in `regs` (RAX = number, RDI RSI RDX R10 R8 R9 = arguments) of
-    /// the SVM program whose control registers are `sregs`.
-    pub fn call(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Outcome {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let fail = |status: Status, errno: i64, why: String| {
-            log::warn!("redirected syscall {} failed: {why}", regs.rax);
-            *lock(&self.stats.last_error) =
-                format!("syscall {}: {}", regs.rax, why.replace('\n', " "));
-            Outcome {
-                result: -errno,
-                status,
-            }
-        };
-        let profile = match self.profile.get() {
-            Some(Ok(p)) => p,
-            Some(Err(e)) => return fail(Status::NotReady, ERRNO_ENOSYS, e.clone()),
-            None => {
-                return fail(
-                    Status::NotReady,
-                    ERRNO_ENOSYS,
-                    "the SVM has not reported its kernel symbols yet".into(),
-                )
-            }
-        };
-        let mut guard = lock(&self.engine);
-        let engine = match guard.as_mut() {
-            Ok(e) => e,
-            Err(e) => return fail(Status::NotReady, ERRNO_ENOSYS, e.clone()),
-        };
-        let policy = QuiescePolicy {
-            budget: QUIESCE_BUDGET,
-            park_timeout: PARK_TIMEOUT,
-            ..QuiescePolicy::default()
-        };
-        let _exclusive = self.hold_gvm();
-        let started = Instant::now();
-        let held = match quiesce::quiesce(&engine.parts.gvm_vcpus, policy) {
-            Ok(h) => h,
-            Err(e @ QuiesceError::Busy(..)) => {
-                self.stats.busy.fetch_add(1, Ordering::Relaxed);
-                return fail(Status::Busy, ERRNO_EBUSY, e.to_string());
-            }
-            Err(e) => return fail(Status::Failed, ERRNO_EIO, e.to_string()),
-        };
-        // Borrow a held CPU, an idle one if there is one (see `run_on_lent_cpu`).
-        let Some(lent) = held
-            .snapshots
-            .iter()
-            .find(|s| s.halted)
-            .or(held.snapshots.first())
-            .copied()
-        else {
-            return fail(Status::Failed, ERRNO_EIO, "the GVM has no vCPU".into());
-        };
-        let outcome = self.run_on_lent_cpu(engine, profile, lent.index, &lent.control, regs, sregs);
-        drop(held);
-        self.stats.record_hold(started.elapsed());
-        match outcome {
-            Ok(result) => Outcome {
-                result,
-                status: Status::Done,
-            },
-            Err(why) => {
-                self.stats.failed.fetch_add(1, Ordering::Relaxed);
-                fail(Status::Failed, ERRNO_EIO, why)
-            }
-        }
-    }
-
-    /// Runs the call as GVM CPU `cpu`, which is held at a safe point: its per-cpu
-    /// `current_task` and top of stack point at the shadow task for the call, its preempt
-    /// count is raised by one (the call must not schedule on a borrowed CPU), and all
-    /// three are put back afterwards, whatever happened.
-    fn run_on_lent_cpu(
-        &self,
-        engine: &mut Engine,
-        profile: &Profile,
-        cpu: u8,
-        control: &ControlState,
-        regs: &kvm_regs,
-        sregs: &kvm_sregs,
-    ) -> Result<i64, String> {
-        let syms = &profile.kernel.symbols;
-        let layout = engine.layout;
-        let gvm_mem = engine.parts.gvm_mem.clone();
-        let gvm: &dyn GuestPhysMemory = &gvm_mem;
-        let mode = PagingMode::from_control_regs(
-            control.cr0,
-            control.cr4,
-            control.efer,
-            DEFAULT_MAX_PHYS_BITS,
-        )
-        .map_err(|e| format!("GVM vCPU 0: {e}"))?;
-        let kernel = AddressSpace::new(gvm, mode, control.cr3);
-        if control.lstar != syms.entry_syscall_64 {
-            return Err(format!(
-                "the GVM's LSTAR {:#x} is not entry_SYSCALL_64 {:#x}: its syscall entry is hooked or it runs another kernel",
-                control.lstar, syms.entry_syscall_64
-            ));
-        }
-        if !engine.shadow_installed {
-            self.install_shadow(engine, profile, &kernel)?;
-            engine.shadow_installed = true;
-        }
-        {
-            let window = engine.window();
-            // Per call: the shadow runs on `cpu`, and its FPU state is not in any CPU's
-            // registers (the kernel restores it on the way out, as for any task).
-            let lay = &profile.shadow;
-            let task = |off| layout.gpa(offsets::SHADOW_TASK + off);
-            let werr = |e: redirect::MemError| format!("window: {e}");
-            window
-                .write_phys(task(lay.ti_cpu), &u32::from(cpu).to_le_bytes())
-                .map_err(werr)?;
-            window
-                .write_phys(task(lay.ti_flags), &TIF_NEED_FPU_LOAD_ONLY.to_le_bytes())
-                .map_err(werr)?;
-            window
-                .write_phys(task(lay.fpu_last_cpu), &u32::MAX.to_le_bytes())
-                .map_err(werr)?;
-        }
-        let read_u64 = |va: u64| {
-            let mut raw = [0u8; 8];
-            kernel
-                .read(va, &mut raw, Privilege::Supervisor)
-                .map(|()| u64::from_le_bytes(raw))
-                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
-        };
-        let write_u64 = |va: u64, v: u64| {
-            kernel
-                .write(va, &v.to_le_bytes(), Privilege::Supervisor)
-                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
-        };
-        let pcpu_base = read_u64(syms.per_cpu_offset + 8 * u64::from(cpu))?;
-        let current_va = pcpu_base + syms.current_task;
-        let top_va = pcpu_base + syms.cpu_current_top_of_stack;
-        let preempt_va = pcpu_base + profile.preempt_count;
-        let owner_va = pcpu_base + profile.fpregs_owner;
-        let saved: Vec<(u64, u64)> = [current_va, top_va, preempt_va, owner_va]
-            .into_iter()
-            .map(|va| read_u64(va).map(|v| (va, v)))
-            .collect::<Result<_, _>>()?;
-        let shadow = ViewLayout::kva(offsets::SHADOW_TASK);
-        let stack_top = ViewLayout::kva(offsets::SHADOW_STACKS + offsets::STACK_SIZE);
-        // preempt_count is an int; the word's upper half is the next per-cpu variable.
-        let preempt = saved[2].1;
-        let raised = (preempt & !0xffff_ffff) | u64::from((preempt as u32).wrapping_add(1));
-        // The shadow's task and file table as they were, for a call that is rolled back.
-        let before = ShadowSnapshot::take(&engine.window(), &layout)?;
-        let result = write_u64(current_va, shadow)
-            .and_then(|()| write_u64(top_va, stack_top))
-            .and_then(|()| write_u64(preempt_va, raised))
-            .map_err(Stop::Failed)
-            .and_then(|()| self.enter(engine, profile, control, regs, sregs, pcpu_base));
-        // Commit the call's stores to GVM RAM if it returned, drop them if not; then give
-        // the CPU back as it was (its per-cpu words were written in the GVM's own pages,
-        // which the commit may have overwritten with the call's values).
-        let settled = engine.cow.settle(&engine._vm.fd, result.is_ok());
-        let restored = saved.iter().try_for_each(|&(va, v)| write_u64(va, v));
-        let result = match result {
-            Ok(v) => {
-                let pages = settled
-                    .map_err(|e| format!("committing the call: {e}"))?
-                    .pages;
-                self.stats
-                    .committed_pages
-                    .fetch_add(pages, Ordering::Relaxed);
-                // Wake-ups the call made (a signal, a released lock) take effect now, not
-                // at the GVM CPUs' next interrupt.
-                self.kick_gvm_cpus(engine);
-                Ok(v)
-            }
-            Err(stop) => {
-                self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
-                before.restore(&engine.window(), &layout)?;
-                let window = engine.window();
-                let read_window = |va: u64, buf: &mut [u8]| {
-                    va.checked_sub(WINDOW_KVA)
-                        .filter(|off| off + buf.len() as u64 <= WINDOW_SIZE)
-                        .is_some_and(|off| window.read_phys(layout.gpa(off), buf).is_ok())
-                };
-                let memory = CallMemory {
-                    kernel: &kernel,
-                    window: &read_window,
-                };
-                let why = match stop {
-                    Stop::Trap(trap, args) => {
-                        traps::describe(trap, args, &memory, profile.modules.as_ref())
-                    }
-                    Stop::Failed(why) => why,
-                };
-                let dropped = match settled {
-                    Ok(_) => "it was rolled back: the GVM is unchanged".to_string(),
-                    Err(e) => format!("rolling it back failed: {e}"),
-                };
-                Err(format!("{why}; {dropped}"))
-            }
-        };
-        match (result, restored) {
-            (Ok(v), Ok(())) => Ok(v),
-            (Err(e), _) => Err(e),
-            (Ok(_), Err(e)) => Err(format!("giving CPU {cpu} back: {e}")),
-        }
-    }
-
-    /// Sends every GVM CPU a reschedule IPI.
-    fn kick_gvm_cpus(&self, engine: &Engine) {
-        for cpu in 0..engine.parts.gvm_vcpus.len() as u32 {
-            let msi = kvm_msi {
-                address_lo: MSI_APIC_BASE | (cpu << 12),
-                data: RESCHEDULE_VECTOR,
-                ..Default::default()
-            };
-            if let Err(e) = engine.parts.gvm_vm.signal_msi(msi) {
-                log::warn!("redirect: reschedule IPI to GVM CPU {cpu}: {e}");
-            }
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn enter(
-        &self,
-        engine: &mut Engine,
-        profile: &Profile,
-        control: &ControlState,
-        regs: &kvm_regs,
-        sregs: &kvm_sregs,
-        pcpu_base: u64,
-    ) -> Result<i64, Stop> {
-        // The last call ended in an MMIO exit that KVM still means to complete; let it do
-        // that now, without entering the guest, so the state set below is what runs.
-        engine.vcpu.set_kvm_immediate_exit(1);
-        let _ = engine.vcpu.run();
-        engine.vcpu.set_kvm_immediate_exit(0);
-        let syms = &profile.kernel.symbols;
-        let layout = engine.layout;
-        let window = engine.window();
-        let gvm: &dyn GuestPhysMemory = &engine.parts.gvm_mem;
-        let svm_mode =
-            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
-                .map_err(|e| format!("SVM program: {e}"))?;
-        let view = build_view(
-            &window,
-            &layout,
-            gvm,
-            control.cr3,
-            &engine.parts.svm_mem,
-            &svm_mode,
-            sregs.cr3,
-        )
-        .map_err(|e| e.to_string())?;
-        engine.private_text(&profile.traps)?;
-        engine.forget_cached_translations()?;
-        let vcpu = &engine.vcpu;
-
-        let mut s = vcpu
-            .get_sregs()
-            .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
-        s.cr0 = control.cr0;
-        s.cr3 = view.cr3;
-        s.cr4 = control.cr4;
-        s.efer = control.efer;
-        s.apic_base = control.apic_base;
-        let user = |selector: u16, code: bool, base: u64| kvm_segment {
-            base,
-            limit: 0xffff_ffff,
-            selector,
-            type_: if code { 11 } else { 3 },
-            present: 1,
-            dpl: 3,
-            db: u8::from(!code),
-            s: 1,
-            l: u8::from(code),
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        s.cs = user(0x33, true, 0);
-        s.ss = user(0x2b, false, 0);
-        s.ds = user(0x2b, false, 0);
-        s.es = user(0x2b, false, 0);
-        s.fs = user(0, false, sregs.fs.base);
-        s.gs = user(0, false, 0);
-        s.gdt = kvm_dtable {
-            base: pcpu_base + syms.gdt_page,
-            limit: GDT_LIMIT,
-            padding: [0; 3],
-        };
-        s.idt = kvm_dtable {
-            base: syms.idt_table,
-            limit: IDT_LIMIT,
-            padding: [0; 3],
-        };
-        s.tr = kvm_segment {
-            base: pcpu_base + syms.cpu_tss_rw,
-            limit: TSS_LIMIT,
-            selector: 0x40,
-            type_: 11,
-            present: 1,
-            ..Default::default()
-        };
-        vcpu.set_sregs(&s)
-            .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
-        let msrs = [
-            (MSR_STAR, control.star),
-            (MSR_LSTAR, control.lstar),
-            (MSR_SYSCALL_MASK, control.sfmask),
-            (MSR_KERNEL_GS_BASE, pcpu_base),
-            (MSR_IA32_TSC, control.tsc),
-        ]
-        .map(|(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        });
-        let msrs = Msrs::from_entries(&msrs).map_err(|e| format!("MSR list: {e:?}"))?;
-        match vcpu.set_msrs(&msrs) {
-            Ok(5) => {}
-            other => return Err(format!("redirect vCPU MSRs: {other:?}").into()),
-        }
-        let mut xcrs = kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
-        xcrs.xcrs[0].xcr = 0;
-        xcrs.xcrs[0].value = control.xcr0.max(1);
-        vcpu.set_xcrs(&xcrs)
-            .map_err(|e| format!("redirect vCPU XCR0: {e}"))?;
-        let r = kvm_regs {
-            rax: regs.rax,
-            rdi: regs.rdi,
-            rsi: regs.rsi,
-            rdx: regs.rdx,
-            r10: regs.r10,
-            r8: regs.r8,
-            r9: regs.r9,
-            rsp: regs.rsp,
-            rip: view.stub_va,
-            rflags: 0x202,
-            ..Default::default()
-        };
-        vcpu.set_regs(&r)
-            .map_err(|e| format!("redirect vCPU registers: {e}"))?;
-
-        // Not the BSP: KVM starts it waiting for INIT/SIPI; and a failed call may leave it
-        // halted. Either way, it runs now.
-        vcpu.set_mp_state(kvm_bindings::kvm_mp_state {
-            mp_state: KVM_MP_STATE_RUNNABLE,
-        })
-        .map_err(|e| format!("redirect vCPU state: {e}"))?;
-        self.run_until_sentinel(engine, layout.sentinel_gpa)
-    }
-
-    fn run_until_sentinel(&self, engine: &mut Engine, sentinel: u64) -> Result<i64, Stop> {
-        let trap_page = engine.layout.trap_gpa();
-        let started = Instant::now();
-        self.watchdog.arm(CALL_TIMEOUT);
-        let bus = engine.parts.gvm_bus.clone();
-        let result = loop {
-            let exit = engine.vcpu.run();
-            self.stats.exits.fetch_add(1, Ordering::Relaxed);
-            match exit {
-                Ok(VcpuExit::MmioWrite(addr, data)) if addr == sentinel => {
-                    let mut raw = [0u8; 8];
-                    let n = data.len().min(8);
-                    raw[..n].copy_from_slice(&data[..n]);
-                    break Ok(i64::from_le_bytes(raw));
-                }
-                Ok(VcpuExit::MmioWrite(addr, _)) if addr.wrapping_sub(trap_page) < 0x1000 => {
-                    break match traps::trap_at(addr - trap_page) {
-                        Some(trap) => {
-                            let r = engine.vcpu.get_regs().unwrap_or_default();
-                            Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx])))
-                        }
-                        None => Err(Stop::Failed(format!(
-                            "the call stored to the trap page at {addr:#x}, which no trap uses"
-                        ))),
-                    }
-                }
-                // The lent CPU's printk reaches the GVM's own serial port.
-                Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-                Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    break Err(Stop::Failed(format!(
-                        "the call wrote to guest-physical {addr:#x}, which the view does not back \
-                         (kernel text is read-only there)"
-                    )))
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    data.fill(0xff);
-                    break Err(Stop::Failed(format!(
-                        "the call read guest-physical {addr:#x}, which the view does not back"
-                    )));
-                }
-                Ok(VcpuExit::Hlt) => {
-                    break Err(Stop::Failed("the call halted the lent CPU".into()))
-                }
-                Ok(VcpuExit::Shutdown) => {
-                    break Err(Stop::Failed(
-                        "the lent CPU triple-faulted during the call".into(),
-                    ))
-                }
-                Ok(other) => {
-                    break Err(Stop::Failed(format!(
-                        "unexpected exit of the lent CPU: {other:?}"
-                    )))
-                }
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                    if started.elapsed() >= CALL_TIMEOUT {
-                        break Err(Stop::Failed(format!(
-                            "the call did not return within {CALL_TIMEOUT:?} (it may be waiting \
-                             for another CPU, and those are held while it runs)"
-                        )));
-                    }
-                }
-                Err(e) => break Err(Stop::Failed(format!("KVM_RUN on the lent CPU: {e}"))),
-            }
-        };
-        self.watchdog.disarm();
-        match result {
-            Err(Stop::Failed(e)) => {
-                let rip = engine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                Err(Stop::Failed(format!("{e} (lent CPU at rip {rip:#x})")))
-            }
-            other => other,
-        }
-    }
-
-    /// Puts the shadow task, its stacks and file table in the window, and points the lent
-    /// CPU's per-cpu `current_task`, top of stack and TSS at them. Returns its per-cpu base.
-    fn install_shadow(
-        &self,
-        engine: &Engine,
-        profile: &Profile,
-        kernel: &AddressSpace<'_>,
-    ) -> Result<(), String> {
-        let syms = &profile.kernel.symbols;
-        let lay = &profile.shadow;
-        let read = |va: u64, buf: &mut [u8]| {
-            kernel
-                .read(va, buf, Privilege::Supervisor)
-                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
-        };
-        let size = usize::try_from(lay.task_size).map_err(|e| e.to_string())?;
-        let mut template = vec![0u8; size];
-        read(syms.init_task, &mut template)?;
-        let files_ptr = {
-            let off = usize::try_from(lay.files).map_err(|e| e.to_string())?;
-            let bytes: [u8; 8] = template
-                .get(off..off + 8)
-                .and_then(|b| b.try_into().ok())
-                .ok_or("init_task is shorter than its layout")?;
-            u64::from_le_bytes(bytes)
-        };
-        let kva = ViewLayout::kva;
-        let place = ShadowPlace {
-            task: kva(offsets::SHADOW_TASK),
-            stack: kva(offsets::SHADOW_STACKS),
-            files: kva(offsets::SHADOW_FILES),
-            cpu: 0,
-        };
-        let task = shadow_task(
-            &template,
-            syms.init_task,
-            lay,
-            &place,
-            offsets::SHADOW_TASK_MAX,
-        )
-        .map_err(|e| e.to_string())?;
-        let mut files_template =
-            vec![0u8; usize::try_from(lay.files_size).map_err(|e| e.to_string())?];
-        read(files_ptr, &mut files_template)?;
-        let files = shadow_files(
-            &files_template,
-            files_ptr,
-            lay,
-            place.files,
-            offsets::SHADOW_FILES_MAX,
-        )
-        .map_err(|e| e.to_string())?;
-        let window = engine.window();
-        let gpa = |off| engine.layout.gpa(off);
-        let werr = |e: redirect::MemError| format!("window: {e}");
-        window
-            .write_phys(gpa(offsets::SHADOW_TASK), &task)
-            .map_err(werr)?;
-        window
-            .write_phys(gpa(offsets::SHADOW_FILES), &files)
-            .map_err(werr)?;
-        log::info!("redirect: shadow task at {:#x}", place.task);
-        Ok(())
-    }
-}
-
-/// How a call ended when it did not return.
-enum Stop {
-    /// At a trap, with the trapped function's first four arguments.
-    Trap(Trap, Args),
-    Failed(String),
-}
-
-impl From<String> for Stop {
-    fn from(why: String) -> Stop {
-        Stop::Failed(why)
-    }
-}
-
-/// The shadow task and file table, saved before a call and put back if it is rolled back
-/// (the call's own stores there are in the window, outside the copy-on-write RAM).
-struct ShadowSnapshot {
-    task: Vec<u8>,
-    files: Vec<u8>,
-}
-
-impl ShadowSnapshot {
-    fn take(window: &WindowAt<'_>, layout: &ViewLayout) -> Result<ShadowSnapshot, String> {
-        let mut snap = ShadowSnapshot {
-            task: vec![0; offsets::SHADOW_TASK_MAX as usize],
-            files: vec![0; offsets::SHADOW_FILES_MAX as usize],
-        };
-        window
-            .read_phys(layout.gpa(offsets::SHADOW_TASK), &mut snap.task)
-            .and_then(|()| window.read_phys(layout.gpa(offsets::SHADOW_FILES), &mut snap.files))
-            .map_err(|e| format!("window: {e}"))?;
-        Ok(snap)
-    }
-
-    fn restore(&self, window: &WindowAt<'_>, layout: &ViewLayout) -> Result<(), String> {
-        window
-            .write_phys(layout.gpa(offsets::SHADOW_TASK), &self.task)
-            .and_then(|()| window.write_phys(layout.gpa(offsets::SHADOW_FILES), &self.files))
-            .map_err(|e| format!("window: {e}"))
     }
 }
 

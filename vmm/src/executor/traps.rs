@@ -17,7 +17,7 @@ const PT_REGS_IP: u64 = 16 * 8;
 /// Most modules a name lookup walks (the list lives in GVM memory: hostile input).
 const MAX_MODULES: usize = 4096;
 /// `MODULE_NAME_LEN` on x86-64.
-const MODULE_NAME_LEN: usize = 56;
+pub const MODULE_NAME_LEN: usize = 56;
 
 /// Why a call stopped at a trap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,6 +128,7 @@ pub struct ModuleLayout {
     pub name: u64,
     pub base: u64,
     pub size: u64,
+    pub text_size: u64,
 }
 
 impl ModuleLayout {
@@ -139,26 +140,52 @@ impl ModuleLayout {
             name: btf.member_offset("module", "name")?,
             base: btf.member_offset("module", "core_layout.base")?,
             size: btf.member_offset("module", "core_layout.size")?,
+            text_size: btf.member_offset("module", "core_layout.text_size")?,
         })
     }
 
-    /// The name of the GVM module whose core image holds `addr`, walking at most
-    /// [`MAX_MODULES`] list entries.
-    pub fn module_at(&self, mem: &CallMemory<'_>, addr: u64) -> Option<String> {
+    /// Visits loaded modules (at most [`MAX_MODULES`]) until `found` says stop; returns
+    /// what it returned.
+    fn find<T>(&self, mem: &CallMemory<'_>, mut found: impl FnMut(u64) -> Option<T>) -> Option<T> {
         let mut node = mem.u64(self.list_head)?;
         for _ in 0..MAX_MODULES {
             if node == self.list_head {
                 return None;
             }
             let module = node.checked_sub(self.list)?;
-            let base = mem.u64(module.checked_add(self.base)?)?;
-            let size = mem.u64(module.checked_add(self.size)?)? & 0xffff_ffff;
-            if addr >= base && addr - base < size {
-                return mem.string(module.checked_add(self.name)?, MODULE_NAME_LEN);
+            if let Some(t) = found(module) {
+                return Some(t);
             }
             node = mem.u64(node)?;
         }
         None
+    }
+
+    /// The core text [start, end) of the loaded module called `name`.
+    pub fn module_text(&self, mem: &CallMemory<'_>, name: &str) -> Option<(u64, u64)> {
+        self.find(mem, |module| {
+            let this = mem.string(module.checked_add(self.name)?, MODULE_NAME_LEN)?;
+            if this != name {
+                return None;
+            }
+            let base = mem.u64(module.checked_add(self.base)?)?;
+            let text = mem.u64(module.checked_add(self.text_size)?)? & 0xffff_ffff;
+            Some((base, base.checked_add(text)?))
+        })
+    }
+
+    /// The name of the GVM module whose core image holds `addr`, walking at most
+    /// [`MAX_MODULES`] list entries.
+    pub fn module_at(&self, mem: &CallMemory<'_>, addr: u64) -> Option<String> {
+        self.find(mem, |module| {
+            let base = mem.u64(module.checked_add(self.base)?)?;
+            let size = mem.u64(module.checked_add(self.size)?)? & 0xffff_ffff;
+            if addr >= base && addr - base < size {
+                mem.string(module.checked_add(self.name)?, MODULE_NAME_LEN)
+            } else {
+                None
+            }
+        })
     }
 }
 
@@ -260,6 +287,7 @@ mod tests {
             name: 0x18,
             base: 0x100,
             size: 0x108,
+            text_size: 0x10c,
         }
     }
 
@@ -270,7 +298,9 @@ mod tests {
         raw.push(0);
         mem.write_phys(at + 0x18, &raw).unwrap();
         mem.write_u64(at + 0x100, base).unwrap();
-        mem.write_u64(at + 0x108, size).unwrap();
+        // size, and text_size (the upper half of the same word): half of it.
+        mem.write_u64(at + 0x108, size | ((size / 2) << 32))
+            .unwrap();
     }
 
     #[test]
@@ -310,6 +340,11 @@ mod tests {
             Some("evil?")
         );
         assert_eq!(l.module_at(&call, 0xffff_ffff_c000_3000), None);
+        assert_eq!(
+            l.module_text(&call, "dummy"),
+            Some((0xffff_ffff_c000_0000, 0xffff_ffff_c000_1800))
+        );
+        assert_eq!(l.module_text(&call, "absent"), None);
         let text = describe(
             Trap::KernelProtectionFault,
             Args([0x11, 0xffff_ffff_c000_0010, 0, 0]),

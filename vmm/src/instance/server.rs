@@ -136,7 +136,9 @@ impl ControlServer {
             "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\nredirect_ready={}\n\
              redirect_calls={}\nredirect_failed={}\nredirect_busy={}\nredirect_exits={}\n\
              redirect_held_us={}\nredirect_held_median_us={}\nredirect_held_max_us={}\n\
-             redirect_rolled_back={}\nredirect_committed_pages={}\nredirect_last_error={}\n",
+             redirect_setup_exits={}\nredirect_rolled_back={}\nredirect_parked={}\n\
+             redirect_committed_pages={}\n\
+             redirect_last_error={}\n",
             self.parts.name,
             std::process::id(),
             self.parts.gvm_cpus,
@@ -150,7 +152,9 @@ impl ControlServer {
             get(&stats.held_ns) / 1000,
             stats.hold_summary_us().0,
             stats.hold_summary_us().1,
+            get(&stats.setup_exits),
             get(&stats.rolled_back),
+            get(&stats.parked),
             get(&stats.committed_pages),
             crate::devices::bus::lock(&stats.last_error),
         )

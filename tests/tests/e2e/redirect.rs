@@ -214,13 +214,14 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     assert_eq!(module_names(&gvm.run("cat /proc/modules")), gvm_modules);
     assert_eq!(gvm.run("ls /; ls -la /tmp /root"), gvm_files);
 
-    // One VM exit per redirected call: the final store, nothing inside the call.
+    // One VM exit per redirected call: the final store, nothing inside the call (and one
+    // more each time a call sleeps in the GVM kernel and is parked; reads rarely do).
     let calls = info(&rt, "rd", "redirect_calls") - calls_before;
     assert!(calls > 100, "only {calls} calls were redirected");
     assert_eq!(info(&rt, "rd", "redirect_failed"), 0);
     assert_eq!(
         info(&rt, "rd", "redirect_exits"),
-        info(&rt, "rd", "redirect_calls"),
+        info(&rt, "rd", "redirect_calls") + info(&rt, "rd", "redirect_parked"),
         "VM exits of the redirect vCPU differ from the number of calls"
     );
 }

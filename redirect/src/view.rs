@@ -480,6 +480,17 @@ mod tests {
         }
     }
 
+    /// The window and the GVM's low 4 MiB in one image, as the redirect VM composes them:
+    /// a walk through the view needs both.
+    fn composed(window: &MemoryImage, gvm: &MemoryImage) -> MemoryImage {
+        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
+        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
+        let mut low = vec![0u8; 0x40_0000];
+        gvm.read_phys(0, &mut low).unwrap();
+        regions.insert(0, (0, low));
+        MemoryImage::from_regions(regions).unwrap()
+    }
+
     /// A guest with a PML4 at 0x1000 whose kernel slot 511 maps 0xffffffff80000000 → 0
     /// (2 MiB page) and whose user half maps 0x400000 → 0x200000 (4 KiB, writable).
     fn guest() -> MemoryImage {
@@ -507,14 +518,7 @@ mod tests {
         let view = build_view(&window, &layout(), &gvm, 0x1000, &svm, &mode, 0x1000).unwrap();
         assert_eq!(view.cr3, WINDOW_GPA);
         assert_eq!(view.user_mappings, 1);
-        // The walk through the view needs the window and the GVM's kernel tables: compose
-        // them in one image like the redirect VM does.
-        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
-        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
-        let mut low = vec![0u8; 0x40_0000];
-        gvm.read_phys(0, &mut low).unwrap();
-        regions.insert(0, (0, low));
-        let composed = MemoryImage::from_regions(regions).unwrap();
+        let composed = composed(&window, &gvm);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         assert_eq!(
             walk(0xffff_ffff_8000_1234, Access::READ).unwrap().gpa,
@@ -575,12 +579,7 @@ mod tests {
             MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
         let mode = PagingMode::default();
         let view = build_view(&window, &layout(), &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
-        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
-        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
-        let mut low = vec![0u8; 0x40_0000];
-        gvm.read_phys(0, &mut low).unwrap();
-        regions.insert(0, (0, low));
-        let composed = MemoryImage::from_regions(regions).unwrap();
+        let composed = composed(&window, &gvm);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         assert_eq!(
             walk(0xffff_ffff_8000_1000, Access::EXECUTE).unwrap().gpa,
@@ -616,12 +615,7 @@ mod tests {
             ..layout()
         };
         let view = build_view(&window, &layout, &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
-        let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
-        window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
-        let mut low = vec![0u8; 0x40_0000];
-        gvm.read_phys(0, &mut low).unwrap();
-        regions.insert(0, (0, low));
-        let composed = MemoryImage::from_regions(regions).unwrap();
+        let composed = composed(&window, &gvm);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         assert!(walk(0xffff_ffff_c000_0000, Access::EXECUTE).is_err());
         assert_eq!(

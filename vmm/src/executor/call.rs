@@ -239,7 +239,12 @@ impl Executor {
                     .or(held.snapshots.first()),
             };
             let Some(lent) = pick.copied() else {
-                return Err(CallError::Failed("the GVM has no vCPU to lend".into()));
+                let why = "the GVM has no vCPU to lend";
+                return Err(if parked.is_some() {
+                    self.give_up(engine, why)
+                } else {
+                    CallError::Failed(why.into())
+                });
             };
             let resume = parked.map(|(r, d, _)| (r, d));
             let end = self.segment(

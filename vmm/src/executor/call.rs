@@ -385,7 +385,7 @@ impl Executor {
         let run = match (lend, resume) {
             (Err(e), _) => Err(Stop::Failed(e)),
             (Ok(()), None) => self.start(engine, profile, &lent, sregs, Entry::Syscall(regs)),
-            (Ok(()), Some((at, _))) => self.resume(engine, &lent, sregs, at),
+            (Ok(()), Some((at, _))) => self.resume(engine, profile, &lent, sregs, at),
         };
         let end = self.settle_segment(
             engine,
@@ -723,14 +723,11 @@ impl Executor {
     fn resume(
         &self,
         engine: &mut Engine,
+        profile: &Profile,
         lent: &Lent,
         sregs: &kvm_sregs,
         at: &kvm_regs,
     ) -> Result<i64, Stop> {
-        let profile = match self.profile.get() {
-            Some(Ok(p)) => p,
-            _ => return Err(Stop::Failed("the kernel profile is gone".into())),
-        };
         let view = self.fresh_view(engine, profile, &lent.control, sregs)?;
         let vcpu = &engine.vcpu;
         let mut s = vcpu

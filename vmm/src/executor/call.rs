@@ -90,6 +90,21 @@ struct Lent {
     pcpu_base: u64,
     /// (address, value) of current_task, top of stack, preempt count, FPU owner.
     saved: [(u64, u64); 4],
+    /// (address, value) of the per-cpu stack-protector canary, if the kernel has one.
+    canary: Option<(u64, u64)>,
+}
+
+/// A call parked at `__schedule`, to be resumed.
+#[derive(Clone, Copy)]
+struct Parked {
+    regs: kvm_regs,
+    /// What the call had added to the lent CPU's preempt count.
+    preempt_delta: u32,
+    cpu: u8,
+    /// The stack canary the call's frames were entered with. The canary is per task,
+    /// loaded into a per-cpu word at each context switch; the lent CPU has run other
+    /// tasks since, so the call's value is put back for it.
+    canary: u64,
 }
 
 /// How a segment ended.
@@ -100,6 +115,7 @@ enum SegmentEnd {
     Slept {
         regs: kvm_regs,
         delta: u32,
+        canary: u64,
     },
     /// Stopped; this segment's stores were dropped.
     Stopped(String),
@@ -202,7 +218,7 @@ impl Executor {
             park_timeout: PARK_TIMEOUT,
             ..QuiescePolicy::default()
         };
-        let mut parked: Option<(kvm_regs, u32, u8)> = None;
+        let mut parked: Option<Parked> = None;
         let mut slept = Duration::ZERO;
         let mut pause = PARK_MIN;
         loop {
@@ -229,7 +245,7 @@ impl Executor {
             };
             // The CPU a parked call slept on (its stack and per-cpu state expect it), else
             // an idle one, else any.
-            let wanted = parked.map(|(_, _, cpu)| cpu);
+            let wanted = parked.map(|p| p.cpu);
             let pick: Option<&VcpuSnapshot> = match wanted {
                 Some(cpu) => held.snapshots.iter().find(|s| s.index == cpu),
                 None => held
@@ -246,7 +262,6 @@ impl Executor {
                     CallError::Failed(why.into())
                 });
             };
-            let resume = parked.map(|(r, d, _)| (r, d));
             let end = self.segment(
                 engine,
                 profile,
@@ -254,7 +269,7 @@ impl Executor {
                 &lent.control,
                 regs,
                 sregs,
-                resume.as_ref(),
+                parked.as_ref(),
             );
             drop(held);
             self.stats.record_hold(started.elapsed());
@@ -267,9 +282,18 @@ impl Executor {
                     return Err(self.give_up(engine, &why))
                 }
                 Ok(SegmentEnd::Stopped(why)) | Err(why) => return Err(CallError::Failed(why)),
-                Ok(SegmentEnd::Slept { regs: at, delta }) => {
+                Ok(SegmentEnd::Slept {
+                    regs: at,
+                    delta,
+                    canary,
+                }) => {
                     self.stats.parked.fetch_add(1, Ordering::Relaxed);
-                    parked = Some((at, delta, lent.index));
+                    parked = Some(Parked {
+                        regs: at,
+                        preempt_delta: delta,
+                        cpu: lent.index,
+                        canary,
+                    });
                     if slept > SLEEP_BUDGET {
                         return Err(self.give_up(
                             engine,
@@ -309,7 +333,7 @@ impl Executor {
         control: &ControlState,
         regs: &kvm_regs,
         sregs: &kvm_sregs,
-        resume: Option<&(kvm_regs, u32)>,
+        resume: Option<&Parked>,
     ) -> Result<SegmentEnd, String> {
         let syms = &profile.kernel.symbols;
         let gvm_mem = engine.parts.gvm_mem.clone();
@@ -333,6 +357,7 @@ impl Executor {
             control: *control,
             pcpu_base,
             saved: [(0, 0); 4],
+            canary: None,
         };
         for (slot, off) in lent.saved.iter_mut().zip([
             syms.current_task,
@@ -342,6 +367,10 @@ impl Executor {
         ]) {
             let va = pcpu_base + off;
             *slot = (va, read_u64(&kernel, va)?);
+        }
+        if let Some(off) = profile.stack_canary {
+            let va = pcpu_base + off;
+            lent.canary = Some((va, read_u64(&kernel, va)?));
         }
         let shadow = match engine.shadow {
             Some(s) => s,
@@ -375,7 +404,16 @@ impl Executor {
                 &u32::MAX.to_le_bytes(),
             )?;
         }
-        let delta = resume.map_or(1, |(_, d)| *d);
+        let delta = resume.map_or(1, |p| p.preempt_delta);
+        // The call keeps the canary it started with (see `Parked::canary`).
+        let call_canary = match (resume, lent.canary) {
+            (Some(p), Some((va, _))) => {
+                write_u64(&kernel, va, p.canary)?;
+                p.canary
+            }
+            (None, Some((_, v))) => v,
+            (_, None) => 0,
+        };
         let preempt = lent.saved[2].1;
         // preempt_count is an int; the word's upper half is the next per-cpu variable.
         let raised = (preempt & !0xffff_ffff) | u64::from((preempt as u32).wrapping_add(delta));
@@ -385,17 +423,26 @@ impl Executor {
         let run = match (lend, resume) {
             (Err(e), _) => Err(Stop::Failed(e)),
             (Ok(()), None) => self.start(engine, profile, &lent, sregs, Entry::Syscall(regs)),
-            (Ok(()), Some((at, _))) => self.resume(engine, profile, &lent, sregs, at),
+            (Ok(()), Some(p)) => self.resume(engine, profile, &lent, sregs, &p.regs),
         };
-        let end = self.settle_segment(
-            engine,
-            profile,
-            &kernel,
-            &lent,
-            shadow,
-            run,
-            resume.is_some(),
-        );
+        let end = self
+            .settle_segment(
+                engine,
+                profile,
+                &kernel,
+                &lent,
+                shadow,
+                run,
+                resume.is_some(),
+            )
+            .map(|end| match end {
+                SegmentEnd::Slept { regs, delta, .. } => SegmentEnd::Slept {
+                    regs,
+                    delta,
+                    canary: call_canary,
+                },
+                other => other,
+            });
         let restored = give_back(&kernel, &lent);
         let end = end?;
         restored.map_err(|e| format!("giving CPU {cpu} back: {e}"))?;
@@ -510,7 +557,11 @@ impl Executor {
         let now = read_u64(kernel, lent.saved[2].0)? as u32;
         let delta = now.wrapping_sub(lent.saved[2].1 as u32);
         write_bytes(kernel, state_va, &0u32.to_le_bytes())?;
-        Ok(SegmentEnd::Slept { regs, delta })
+        Ok(SegmentEnd::Slept {
+            regs,
+            delta,
+            canary: 0,
+        })
     }
 
     /// The text of the module a `delete_module` call names, if it is loaded: removing a
@@ -977,6 +1028,7 @@ fn complete_pending_exit(engine: &mut Engine) {
 fn give_back(kernel: &AddressSpace<'_>, lent: &Lent) -> Result<(), String> {
     lent.saved
         .iter()
+        .chain(lent.canary.iter())
         .try_for_each(|&(va, v)| write_u64(kernel, va, v))
 }
 

@@ -151,6 +151,8 @@ struct Profile {
     modules: Option<ModuleLayout>,
     /// `__get_free_pages`: where the shadow's memory comes from.
     get_free_pages: u64,
+    /// Per-cpu offset of the stack-protector canary (`fixed_percpu_data.stack_canary`).
+    stack_canary: Option<u64>,
 }
 
 /// Hands the vCPU thread a kick if a call overruns (KVM_RUN then returns EINTR).
@@ -608,6 +610,25 @@ impl Executor {
                     .kallsyms
                     .address("__get_free_pages")
                     .ok_or("the SVM's kallsyms has no __get_free_pages")?;
+                // x86-64 keeps the canary in `fixed_percpu_data`, which the kernel's linker
+                // script asserts is at the start of the per-cpu area (GCC reads %gs:40).
+                let stack_canary = kernel
+                    .btf
+                    .member_offset("fixed_percpu_data", "stack_canary")
+                    .map(|member| {
+                        kernel
+                            .btf
+                            .percpu_var("fixed_percpu_data")
+                            .map_or(0, |v| v.offset)
+                            + member
+                    });
+                match stack_canary {
+                    Some(off) => log::info!("redirect: stack canary at per-cpu offset {off:#x}"),
+                    None => log::warn!(
+                        "redirect: kernel BTF has no fixed_percpu_data.stack_canary; calls that \
+                         sleep keep whatever canary the lent CPU has when resumed"
+                    ),
+                }
                 let modules = ModuleLayout::from_profile(&kernel);
                 if modules.is_none() {
                     log::warn!("redirect: cannot locate the GVM's module list; faults in modules are reported without the module's name");
@@ -620,6 +641,7 @@ impl Executor {
                     traps,
                     modules,
                     get_free_pages,
+                    stack_canary,
                 })
             });
         match &profile {

@@ -187,6 +187,19 @@ impl Executor {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             return fail(Status::Failed, ERRNO_EIO, why.clone());
         }
+        if regs.rax == SYS_DELETE_MODULE && engine.parts.gvm_vcpus.len() > 1 {
+            // Freeing a module's memory flushes every CPU's TLB by IPI and waits for the
+            // others, which are held during the call: it would end parked, holding the
+            // GVM's rtnl and module locks. Refused before anything runs.
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            return fail(
+                Status::Failed,
+                ERRNO_EIO,
+                "delete_module is not redirected to a GVM with more than one CPU: unloading \
+                 waits for the other CPUs (a TLB flush by IPI), which are held during a call"
+                    .into(),
+            );
+        }
         let _exclusive = self.hold_gvm();
         let result = self.run_call(engine, profile, regs, sregs);
         engine.layout.also_exec = None;

@@ -92,6 +92,8 @@ struct Lent {
     saved: [(u64, u64); 4],
     /// (address, value) of the per-cpu stack-protector canary, if the kernel has one.
     canary: Option<(u64, u64)>,
+    /// The canary the call runs with (see [`Parked::canary`]).
+    call_canary: u64,
 }
 
 /// A call parked at `__schedule`, to be resumed.
@@ -110,13 +112,8 @@ struct Parked {
 /// How a segment ended.
 enum SegmentEnd {
     Returned(i64),
-    /// Parked at `__schedule` and committed; resume at `regs` with `delta` added to the
-    /// lent CPU's preempt count.
-    Slept {
-        regs: kvm_regs,
-        delta: u32,
-        canary: u64,
-    },
+    /// Parked at `__schedule` and committed.
+    Slept(Parked),
     /// Stopped; this segment's stores were dropped.
     Stopped(String),
 }
@@ -137,12 +134,6 @@ impl From<String> for Stop {
 enum CallError {
     Busy(String),
     Failed(String),
-}
-
-#[derive(Clone, Copy)]
-enum EntryKind {
-    Syscall,
-    Function,
 }
 
 /// Where the redirect vCPU starts.
@@ -183,26 +174,23 @@ impl Executor {
             Ok(e) => e,
             Err(e) => return fail(Status::NotReady, ERRNO_ENOSYS, e.clone()),
         };
-        if let Some(why) = &engine.stuck {
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return fail(Status::Failed, ERRNO_EIO, why.clone());
-        }
-        if regs.rax == SYS_DELETE_MODULE && engine.parts.gvm_vcpus.len() > 1 {
+        let result = if let Some(why) = &engine.stuck {
+            Err(CallError::Failed(why.clone()))
+        } else if regs.rax == SYS_DELETE_MODULE && engine.parts.gvm_vcpus.len() > 1 {
             // Freeing a module's memory flushes every CPU's TLB by IPI and waits for the
             // others, which are held during the call: it would end parked, holding the
             // GVM's rtnl and module locks. Refused before anything runs.
-            self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return fail(
-                Status::Failed,
-                ERRNO_EIO,
+            Err(CallError::Failed(
                 "delete_module is not redirected to a GVM with more than one CPU: unloading \
                  waits for the other CPUs (a TLB flush by IPI), which are held during a call"
                     .into(),
-            );
-        }
-        let _exclusive = self.hold_gvm();
-        let result = self.run_call(engine, profile, regs, sregs);
-        engine.layout.also_exec = None;
+            ))
+        } else {
+            let _exclusive = self.hold_gvm();
+            let result = self.run_call(engine, profile, regs, sregs);
+            engine.layout.also_exec = None;
+            result
+        };
         match result {
             Ok(result) => Outcome {
                 result,
@@ -295,18 +283,9 @@ impl Executor {
                     return Err(self.give_up(engine, &why))
                 }
                 Ok(SegmentEnd::Stopped(why)) | Err(why) => return Err(CallError::Failed(why)),
-                Ok(SegmentEnd::Slept {
-                    regs: at,
-                    delta,
-                    canary,
-                }) => {
+                Ok(SegmentEnd::Slept(at)) => {
                     self.stats.parked.fetch_add(1, Ordering::Relaxed);
-                    parked = Some(Parked {
-                        regs: at,
-                        preempt_delta: delta,
-                        cpu: lent.index,
-                        canary,
-                    });
+                    parked = Some(at);
                     if slept > SLEEP_BUDGET {
                         return Err(self.give_up(
                             engine,
@@ -371,6 +350,7 @@ impl Executor {
             pcpu_base,
             saved: [(0, 0); 4],
             canary: None,
+            call_canary: 0,
         };
         for (slot, off) in lent.saved.iter_mut().zip([
             syms.current_task,
@@ -394,11 +374,11 @@ impl Executor {
             }
         };
         let lay = &profile.shadow;
-        if resume.is_none() && regs.rax == SYS_DELETE_MODULE {
-            engine.layout.also_exec =
-                self.module_being_removed(engine, profile, &kernel, regs, sregs);
-        }
         if resume.is_none() {
+            if regs.rax == SYS_DELETE_MODULE {
+                engine.layout.also_exec =
+                    self.module_being_removed(engine, profile, &kernel, regs, sregs);
+            }
             // Per call: the shadow runs on `cpu`, and its FPU state is not in any CPU's
             // registers (the kernel restores it on the way out, as for any task).
             write_bytes(
@@ -419,7 +399,7 @@ impl Executor {
         }
         let delta = resume.map_or(1, |p| p.preempt_delta);
         // The call keeps the canary it started with (see `Parked::canary`).
-        let call_canary = match (resume, lent.canary) {
+        lent.call_canary = match (resume, lent.canary) {
             (Some(p), Some((va, _))) => {
                 write_u64(&kernel, va, p.canary)?;
                 p.canary
@@ -427,9 +407,7 @@ impl Executor {
             (None, Some((_, v))) => v,
             (_, None) => 0,
         };
-        let preempt = lent.saved[2].1;
-        // preempt_count is an int; the word's upper half is the next per-cpu variable.
-        let raised = (preempt & !0xffff_ffff) | u64::from((preempt as u32).wrapping_add(delta));
+        let raised = raise_preempt_count(lent.saved[2].1, delta);
         let lend = write_u64(&kernel, lent.saved[0].0, shadow.task())
             .and_then(|()| write_u64(&kernel, lent.saved[1].0, shadow.stack_top()))
             .and_then(|()| write_u64(&kernel, lent.saved[2].0, raised));
@@ -438,24 +416,15 @@ impl Executor {
             (Ok(()), None) => self.start(engine, profile, &lent, sregs, Entry::Syscall(regs)),
             (Ok(()), Some(p)) => self.resume(engine, profile, &lent, sregs, &p.regs),
         };
-        let end = self
-            .settle_segment(
-                engine,
-                profile,
-                &kernel,
-                &lent,
-                shadow,
-                run,
-                resume.is_some(),
-            )
-            .map(|end| match end {
-                SegmentEnd::Slept { regs, delta, .. } => SegmentEnd::Slept {
-                    regs,
-                    delta,
-                    canary: call_canary,
-                },
-                other => other,
-            });
+        let end = self.settle_segment(
+            engine,
+            profile,
+            &kernel,
+            &lent,
+            shadow,
+            run,
+            resume.is_some(),
+        );
         let restored = give_back(&kernel, &lent);
         let end = end?;
         restored.map_err(|e| format!("giving CPU {cpu} back: {e}"))?;
@@ -480,16 +449,14 @@ impl Executor {
         run: Result<i64, Stop>,
         was_parked: bool,
     ) -> Result<SegmentEnd, String> {
-        let vm = &engine._vm.fd;
         match run {
             Ok(v) => {
-                let settled = engine
-                    .cow
-                    .settle(vm, true)
+                let pages = engine
+                    .settle(true)
                     .map_err(|e| format!("committing the call: {e}"))?;
                 self.stats
                     .committed_pages
-                    .fetch_add(settled.pages, Ordering::Relaxed);
+                    .fetch_add(pages, Ordering::Relaxed);
                 Ok(SegmentEnd::Returned(v))
             }
             Err(Stop::Trap(Trap::Sleep, _)) => {
@@ -502,7 +469,7 @@ impl Executor {
                     && state & TASK_INTERRUPTIBLE != 0
                     && state & TASK_UNINTERRUPTIBLE == 0
                 {
-                    engine.cow.settle(vm, false)?;
+                    engine.settle(false)?;
                     self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
                     return Ok(SegmentEnd::Stopped(
                         "the call would block: it waits interruptibly in the GVM kernel (for \
@@ -514,7 +481,7 @@ impl Executor {
                 self.park(engine, kernel, lent, state_va)
             }
             Err(stop) => {
-                let settled = engine.cow.settle(vm, false);
+                let settled = engine.settle(false);
                 self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
                 let window = engine.window();
                 let layout = engine.layout;
@@ -558,23 +525,23 @@ impl Executor {
             .vcpu
             .get_regs()
             .map_err(|e| format!("redirect vCPU registers: {e}"))?;
-        let settled = engine
-            .cow
-            .settle(&engine._vm.fd, true)
+        let pages = engine
+            .settle(true)
             .map_err(|e| format!("committing the sleeping call: {e}"))?;
         self.stats
             .committed_pages
-            .fetch_add(settled.pages, Ordering::Relaxed);
+            .fetch_add(pages, Ordering::Relaxed);
         regs.rip = read_u64(kernel, regs.rsp)?;
         regs.rsp += 8;
         let now = read_u64(kernel, lent.saved[2].0)? as u32;
         let delta = now.wrapping_sub(lent.saved[2].1 as u32);
         write_bytes(kernel, state_va, &0u32.to_le_bytes())?;
-        Ok(SegmentEnd::Slept {
+        Ok(SegmentEnd::Slept(Parked {
             regs,
-            delta,
-            canary: 0,
-        })
+            preempt_delta: delta,
+            cpu: lent.cpu,
+            canary: lent.call_canary,
+        }))
     }
 
     /// The text of the module a `delete_module` call names, if it is loaded: removing a
@@ -596,12 +563,10 @@ impl Executor {
             .read_cstr(regs.rdi, traps::MODULE_NAME_LEN, Privilege::User)
             .ok()?;
         let name = std::str::from_utf8(&raw).ok()?;
-        let none = |_: u64, _: &mut [u8]| false;
-        let memory = CallMemory {
-            kernel,
-            window: &none,
-        };
-        let text = profile.modules.as_ref()?.module_text(&memory, name);
+        let text = profile
+            .modules
+            .as_ref()?
+            .module_text(&CallMemory::gvm_only(kernel), name);
         if let Some((start, end)) = text {
             log::info!(
                 "redirect: delete_module({name}): its text {start:#x}..{end:#x} may run in this call"
@@ -648,11 +613,6 @@ impl Executor {
         s.efer = control.efer;
         s.apic_base = control.apic_base;
         let kernel_mode = matches!(entry, Entry::Function { .. });
-        let entry_kind = if kernel_mode {
-            EntryKind::Function
-        } else {
-            EntryKind::Syscall
-        };
         let dpl = if kernel_mode { 0 } else { 3 };
         let seg = |selector: u16, code: bool, base: u64| kvm_segment {
             base,
@@ -775,9 +735,10 @@ impl Executor {
         .map_err(|e| format!("redirect vCPU state: {e}"))?;
         // The executor's own kernel-function calls are not redirected calls: their exits
         // are counted apart.
-        let exits = match entry_kind {
-            EntryKind::Syscall => &self.stats.exits,
-            EntryKind::Function => &self.stats.setup_exits,
+        let exits = if kernel_mode {
+            &self.stats.setup_exits
+        } else {
+            &self.stats.exits
         };
         self.run_until_sentinel(engine, exits)
     }
@@ -946,27 +907,26 @@ impl Executor {
         let syms = &profile.kernel.symbols;
         let lay = &profile.shadow;
         let (preempt_va, preempt) = lent.saved[2];
-        let raised = (preempt & !0xffff_ffff) | u64::from((preempt as u32).wrapping_add(1));
-        write_u64(kernel, preempt_va, raised)?;
+        write_u64(kernel, preempt_va, raise_preempt_count(preempt, 1))?;
         let entry = Entry::Function {
             address: profile.get_free_pages,
             // No GFP flags: an allocation that neither sleeps nor reclaims.
             args: [0, SHADOW_ORDER],
         };
         let run = self.start(engine, profile, lent, sregs, entry);
-        let settled = engine.cow.settle(&engine._vm.fd, run.is_ok());
+        let settled = engine.settle(run.is_ok());
         let restored = write_u64(kernel, preempt_va, preempt);
         let block = match run {
             Ok(v) => v as u64,
             Err(Stop::Trap(trap, args)) => {
-                let none = |_: u64, _: &mut [u8]| false;
-                let memory = CallMemory {
-                    kernel,
-                    window: &none,
-                };
                 return Err(format!(
                     "allocating the shadow task in the GVM: {}",
-                    traps::describe(trap, args, &memory, profile.modules.as_ref())
+                    traps::describe(
+                        trap,
+                        args,
+                        &CallMemory::gvm_only(kernel),
+                        profile.modules.as_ref()
+                    )
                 ));
             }
             Err(Stop::Failed(why)) => {
@@ -980,11 +940,7 @@ impl Executor {
                 "the GVM's page allocator gave {block:#x} for the shadow block (64 KiB)"
             ));
         }
-        let read = |va: u64, buf: &mut [u8]| {
-            kernel
-                .read(va, buf, Privilege::Supervisor)
-                .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
-        };
+        let read = |va: u64, buf: &mut [u8]| read_bytes(kernel, va, buf);
         let size = usize::try_from(lay.task_size).map_err(|e| e.to_string())?;
         let mut template = vec![0u8; size];
         read(syms.init_task, &mut template)?;
@@ -1037,6 +993,12 @@ fn complete_pending_exit(engine: &mut Engine) {
     engine.vcpu.set_kvm_immediate_exit(0);
 }
 
+/// The per-cpu word holding the preempt count, with `delta` added to the count: it is an
+/// int, and the word's upper half is the next per-cpu variable.
+fn raise_preempt_count(word: u64, delta: u32) -> u64 {
+    (word & !0xffff_ffff) | u64::from((word as u32).wrapping_add(delta))
+}
+
 /// Puts the lent CPU's per-cpu words back as the GVM had them.
 fn give_back(kernel: &AddressSpace<'_>, lent: &Lent) -> Result<(), String> {
     lent.saved
@@ -1045,12 +1007,15 @@ fn give_back(kernel: &AddressSpace<'_>, lent: &Lent) -> Result<(), String> {
         .try_for_each(|&(va, v)| write_u64(kernel, va, v))
 }
 
+fn read_bytes(kernel: &AddressSpace<'_>, va: u64, buf: &mut [u8]) -> Result<(), String> {
+    kernel
+        .read(va, buf, Privilege::Supervisor)
+        .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
+}
+
 fn read_u64(kernel: &AddressSpace<'_>, va: u64) -> Result<u64, String> {
     let mut raw = [0u8; 8];
-    kernel
-        .read(va, &mut raw, Privilege::Supervisor)
-        .map(|()| u64::from_le_bytes(raw))
-        .map_err(|e| format!("GVM kernel memory at {va:#x}: {e}"))
+    read_bytes(kernel, va, &mut raw).map(|()| u64::from_le_bytes(raw))
 }
 
 fn write_u64(kernel: &AddressSpace<'_>, va: u64, v: u64) -> Result<(), String> {

@@ -15,17 +15,22 @@ use super::GuestMemory;
 
 const PAGE: u64 = 4096;
 
-/// One private mapping of a GVM RAM region; unmapped on drop.
+/// One GVM RAM region: its private mapping (unmapped on drop) and the GVM's own.
 struct Mapping {
-    addr: u64,
+    gpa: u64,
     len: usize,
+    /// Host address of the private mapping.
+    private: u64,
+    /// Host address of the GVM's own mapping of the region.
+    shared: u64,
 }
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: `addr..addr+len` is a mapping this struct made and nothing else unmaps;
-        // KVM slots that pointed into it are gone with the redirect VM, dropped first.
-        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+        // SAFETY: `private..private+len` is a mapping this struct made and nothing else
+        // unmaps; KVM slots that pointed into it are gone with the redirect VM, dropped
+        // first.
+        unsafe { libc::munmap(self.private as *mut libc::c_void, self.len) };
     }
 }
 
@@ -41,15 +46,8 @@ pub struct Piece {
     pub shared: u64,
 }
 
-/// What one call changed in the GVM.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Settled {
-    pub pages: u64,
-    pub committed: bool,
-}
-
 pub struct CowRam {
-    mappings: Vec<(u64, u64, Mapping, u64)>,
+    mappings: Vec<Mapping>,
     pieces: Vec<Piece>,
 }
 
@@ -85,15 +83,12 @@ impl CowRam {
             let shared = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(|e| format!("GVM RAM: {e}"))? as u64;
-            mappings.push((
-                region.start_addr().raw_value(),
-                region.len(),
-                Mapping {
-                    addr: addr as u64,
-                    len,
-                },
+            mappings.push(Mapping {
+                gpa: region.start_addr().raw_value(),
+                len,
+                private: addr as u64,
                 shared,
-            ));
+            });
         }
         Ok(CowRam {
             mappings,
@@ -105,8 +100,8 @@ impl CowRam {
     pub fn host(&self, gpa: u64) -> Option<(u64, u64)> {
         self.mappings
             .iter()
-            .find(|(start, len, _, _)| gpa >= *start && gpa - start < *len)
-            .map(|(start, _, m, shared)| (m.addr + (gpa - start), shared + (gpa - start)))
+            .find(|m| gpa >= m.gpa && gpa - m.gpa < m.len as u64)
+            .map(|m| (m.private + (gpa - m.gpa), m.shared + (gpa - m.gpa)))
     }
 
     /// The u32 at kernel-virtual `va` as the running call sees it (its private copy if it
@@ -146,11 +141,9 @@ impl CowRam {
 
     /// After a call: fetches each piece's dirty log from `vm` (which also clears it),
     /// copies the dirty pages into the GVM if `commit`, and drops the private copies.
-    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<Settled, String> {
-        let mut settled = Settled {
-            pages: 0,
-            committed: commit,
-        };
+    /// Returns how many pages the call had written.
+    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<u64, String> {
+        let mut pages = 0;
         for piece in &self.pieces {
             let len = usize::try_from(piece.len).map_err(|e| e.to_string())?;
             let bitmap = vm
@@ -188,10 +181,10 @@ impl CowRam {
                         std::io::Error::last_os_error()
                     ));
                 }
-                settled.pages += count;
+                pages += count;
             }
         }
-        Ok(settled)
+        Ok(pages)
     }
 }
 

@@ -233,7 +233,7 @@ pub struct Parts {
 }
 
 struct Engine {
-    _vm: Vm,
+    vm: Vm,
     vcpu: VcpuFd,
     window: SharedMemory,
     layout: ViewLayout,
@@ -262,10 +262,16 @@ impl Engine {
         }
     }
 
+    /// Commits (or drops) what the redirect vCPU wrote to GVM RAM since the last settle;
+    /// the number of pages (see `cow.rs`).
+    fn settle(&self, commit: bool) -> Result<u64, String> {
+        self.cow.settle(&self.vm.fd, commit)
+    }
+
     fn forget_cached_translations(&self) -> Result<(), String> {
         let (slot, gpa, host) = self.flush_slot;
-        set_slot(&self._vm, slot, gpa, 0, host, 0)
-            .and_then(|()| set_slot(&self._vm, slot, gpa, 0x1000, host, 0))
+        set_slot(&self.vm, slot, gpa, 0, host, 0)
+            .and_then(|()| set_slot(&self.vm, slot, gpa, 0x1000, host, 0))
             .map_err(|e| format!("flushing the redirect VM's MMU: {e}"))
     }
 }
@@ -307,6 +313,33 @@ fn host_ranges(mem: &GuestMemory) -> Result<Vec<(u64, u64, u64)>, VmError> {
         .collect()
 }
 
+/// Hands out the redirect VM's memslots in order.
+struct Slots<'a> {
+    vm: &'a Vm,
+    next: u32,
+}
+
+impl Slots<'_> {
+    /// Adds a slot (none for an empty range); returns the number it used.
+    fn add(&mut self, gpa: u64, size: u64, host: u64, flags: u32) -> Result<u32, VmError> {
+        if size > 0 {
+            set_slot(self.vm, self.next, gpa, size, host, flags)?;
+            self.next += 1;
+        }
+        Ok(self.next.saturating_sub(1))
+    }
+
+    /// Adds GVM RAM [gpa, gpa+size) from the private mapping, with dirty logging.
+    fn add_ram(&mut self, cow: &mut CowRam, gpa: u64, size: u64) -> Result<(), VmError> {
+        if size == 0 {
+            return Ok(());
+        }
+        let piece = cow.add_piece(self.next, gpa, size).map_err(VmError::Host)?;
+        self.add(gpa, size, piece.private, KVM_MEM_LOG_DIRTY_PAGES)?;
+        Ok(())
+    }
+}
+
 impl Engine {
     fn new(vm: Vm, image_text: (u64, u64), parts: Parts) -> Result<Engine, VmError> {
         vm.fd
@@ -328,43 +361,20 @@ impl Engine {
             svm_base: align(window_gpa + WINDOW_SIZE + 0x1000, 1 << 36),
         };
         let mut cow = CowRam::map(&parts.gvm_mem).map_err(VmError::Host)?;
-        let mut slot = 0u32;
-        // Returns the slot number it used.
-        let mut add = |gpa: u64, size: u64, host: u64, flags: u32| -> Result<u32, VmError> {
-            if size > 0 {
-                set_slot(&vm, slot, gpa, size, host, flags)?;
-                slot += 1;
-            }
-            Ok(slot.saturating_sub(1))
-        };
-        // GVM RAM: the private mapping, with dirty logging (see `cow.rs`).
-        let mut add_ram = |add: &mut dyn FnMut(u64, u64, u64, u32) -> Result<u32, VmError>,
-                           gpa: u64,
-                           size: u64|
-         -> Result<(), VmError> {
-            if size == 0 {
-                return Ok(());
-            }
-            let (private, _) = cow
-                .host(gpa)
-                .ok_or_else(|| VmError::Host(format!("GVM RAM at {gpa:#x} is not mapped")))?;
-            let used = add(gpa, size, private, KVM_MEM_LOG_DIRTY_PAGES)?;
-            cow.add_piece(used, gpa, size).map_err(VmError::Host)?;
-            Ok(())
-        };
+        let mut slots = Slots { vm: &vm, next: 0 };
         let mut text_mapped = false;
         let mut text_slot = (0, 0, 0, 0);
         for &(gpa, len, _) in &gvm {
             let end = gpa + len;
             if text_lo >= gpa && text_hi <= end {
-                add_ram(&mut add, gpa, text_lo - gpa)?;
+                slots.add_ram(&mut cow, gpa, text_lo - gpa)?;
                 let (svm_gpa, _, svm_host) = svm
                     .iter()
                     .find(|(g, l, _)| text_lo >= *g && text_hi <= g + l)
                     .copied()
                     .ok_or_else(|| VmError::Host("the SVM's memory has no kernel text".into()))?;
                 text_slot = (
-                    add(
+                    slots.add(
                         text_lo,
                         text_hi - text_lo,
                         svm_host + (text_lo - svm_gpa),
@@ -374,10 +384,10 @@ impl Engine {
                     text_hi - text_lo,
                     svm_host + (text_lo - svm_gpa),
                 );
-                add_ram(&mut add, text_hi, end - text_hi)?;
+                slots.add_ram(&mut cow, text_hi, end - text_hi)?;
                 text_mapped = true;
             } else {
-                add_ram(&mut add, gpa, len)?;
+                slots.add_ram(&mut cow, gpa, len)?;
             }
         }
         if !text_mapped {
@@ -391,15 +401,15 @@ impl Engine {
             .map_err(|e| VmError::Host(e.to_string()))?;
         let window_host = host_ranges(&window.mem)?;
         for &(_, len, host) in &window_host {
-            add(window_gpa, len, host, 0)?;
+            slots.add(window_gpa, len, host, 0)?;
         }
         for &(gpa, len, host) in &svm {
-            add(layout.svm_base + gpa, len, host, 0)?;
+            slots.add(layout.svm_base + gpa, len, host, 0)?;
         }
         let flush_gpa = layout.sentinel_gpa + (2 << 20);
         let flush_host = window_host.first().map(|r| r.2).unwrap_or(0);
         let flush_slot = (
-            add(flush_gpa, 0x1000, flush_host, 0)?,
+            slots.add(flush_gpa, 0x1000, flush_host, 0)?,
             flush_gpa,
             flush_host,
         );
@@ -421,7 +431,7 @@ impl Engine {
         vcpu.set_cpuid2(&supported).map_err(kvm_err("set CPUID"))?;
         vcpu.set_fpu(&cpu::boot_fpu()).map_err(kvm_err("set FPU"))?;
         Ok(Engine {
-            _vm: vm,
+            vm,
             vcpu,
             window,
             layout,
@@ -487,8 +497,8 @@ impl Engine {
             .first()
             .map(|r| r.2)
             .ok_or("the private kernel text has no mapping")?;
-        set_slot(&self._vm, t.slot, t.gpa, 0, t.svm_host, KVM_MEM_READONLY)
-            .and_then(|()| set_slot(&self._vm, t.slot, t.gpa, t.size, host, KVM_MEM_READONLY))
+        set_slot(&self.vm, t.slot, t.gpa, 0, t.svm_host, KVM_MEM_READONLY)
+            .and_then(|()| set_slot(&self.vm, t.slot, t.gpa, t.size, host, KVM_MEM_READONLY))
             .map_err(|e| format!("switching to the private kernel text: {e}"))?;
         self.text.private = true;
         Ok(())

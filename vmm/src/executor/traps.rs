@@ -81,7 +81,20 @@ pub struct CallMemory<'a> {
     pub window: &'a dyn Fn(u64, &mut [u8]) -> bool,
 }
 
-impl CallMemory<'_> {
+/// The window reader of a [`CallMemory`] that sees only GVM memory.
+fn no_window(_: u64, _: &mut [u8]) -> bool {
+    false
+}
+
+impl<'a> CallMemory<'a> {
+    /// Kernel memory without the window: for code that runs outside a call.
+    pub fn gvm_only(kernel: &'a AddressSpace<'a>) -> CallMemory<'a> {
+        CallMemory {
+            kernel,
+            window: &no_window,
+        }
+    }
+
     fn read(&self, va: u64, buf: &mut [u8]) -> bool {
         (self.window)(va, buf) || self.kernel.read(va, buf, Privilege::Supervisor).is_ok()
     }
@@ -326,11 +339,7 @@ mod tests {
             l.list_head,
         );
         let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
-        let no_window = |_: u64, _: &mut [u8]| false;
-        let call = CallMemory {
-            kernel: &kernel,
-            window: &no_window,
-        };
+        let call = CallMemory::gvm_only(&kernel);
         assert_eq!(
             l.module_at(&call, 0xffff_ffff_c000_2fff).as_deref(),
             Some("dummy")
@@ -366,11 +375,7 @@ mod tests {
         mem.write_u64(0x10_0000, K + 0x2_0008).unwrap();
         add_module(&mem, 0x2_0000, "a", 0x1000, 0x10, K + 0x2_0008);
         let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
-        let no_window = |_: u64, _: &mut [u8]| false;
-        let call = CallMemory {
-            kernel: &kernel,
-            window: &no_window,
-        };
+        let call = CallMemory::gvm_only(&kernel);
         assert_eq!(l.module_at(&call, 0xffff_ffff_c000_0000), None);
         // A pointer to unmapped memory.
         mem.write_u64(0x10_0000, 0xdead_0000_0000).unwrap();

@@ -73,6 +73,19 @@ pub fn run(cmd: &mut Command) -> (i32, String, String) {
 
 /// `run`, with `input` written to the command's stdin (then closed).
 pub fn run_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> (i32, String, String) {
+    let (code, stdout, stderr) = run_within(cmd, input, deadline());
+    println!("--- {cmd:?}\n--- status {code}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    (code, stdout, stderr)
+}
+
+/// Runs a command with `input` on its stdin (or none) and returns (status code, stdout,
+/// stderr) without printing them; -1 for a death by signal. A command still running after
+/// `limit` is killed and fails the test, with what it printed and where it waited.
+pub fn run_within(
+    cmd: &mut Command,
+    input: Option<&[u8]>,
+    limit: Duration,
+) -> (i32, String, String) {
     let mut child = cmd
         .stdin(if input.is_some() {
             Stdio::piped()
@@ -82,16 +95,21 @@ pub fn run_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> (i32, String, 
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn exterior-vmm");
-    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
-        stdin.write_all(input).expect("write the command's stdin");
-    }
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let stdout = drain(child.stdout.take().expect("piped stdout"));
     let stderr = drain(child.stderr.take().expect("piped stderr"));
-    let limit = deadline();
+    // Written from a thread: a command that does not read its input must not block the
+    // test past its deadline.
+    let feeder = input.map(|input| {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let input = input.to_vec();
+        std::thread::spawn(move || {
+            let _ = stdin.write_all(&input);
+        })
+    });
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for exterior-vmm") {
+        if let Some(status) = child.try_wait().expect("wait for the command") {
             break Some(status);
         }
         if started.elapsed() > limit {
@@ -111,10 +129,54 @@ pub fn run_with_stdin(cmd: &mut Command, input: Option<&[u8]>) -> (i32, String, 
             kernel_log_tail()
         );
     };
+    if let Some(feeder) = feeder {
+        let _ = feeder.join();
+    }
     let stdout = stdout.join().unwrap_or_default();
     let stderr = stderr.join().unwrap_or_default();
-    println!("--- {cmd:?}\n--- status {status}\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
     (status.code().unwrap_or(-1), stdout, stderr)
+}
+
+/// What a guest kernel prints when something went wrong in it: an oops, a BUG or WARN
+/// (with its "cut here" line), a panic, a general protection fault, and the `INFO:`
+/// reports of RCU stalls and hung tasks.
+const KERNEL_TROUBLE: [&str; 8] = [
+    "Oops",
+    "BUG:",
+    "WARNING:",
+    "INFO:",
+    "Kernel panic",
+    "cut here",
+    "general protection",
+    "Call Trace",
+];
+
+/// Fails the test when `console` (a guest's console from its init on) shows any sign of
+/// kernel trouble; `what` names the console in the message.
+pub fn assert_clean_console(what: &str, console: &str) {
+    for bad in KERNEL_TROUBLE {
+        assert!(!console.contains(bad), "{what} shows {bad:?}:\n{console}");
+    }
+}
+
+/// The part of a guest console log after the kernel started its init (what the kernel
+/// prints before that is the same on every boot). Fails when init never ran.
+pub fn after_init<'a>(what: &str, console: &'a str) -> &'a str {
+    match console.split_once("Run /init") {
+        Some((_, rest)) => rest,
+        None => panic!("{what}: the kernel never ran /init:\n{console}"),
+    }
+}
+
+/// A token no guest prints unless told to: the test's own process id and a counter, so a
+/// test can tell output a command computed from text the kernel echoed.
+pub fn nonce() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{:x}{:04x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Reads a pipe to its end on a thread, so a chatty guest never blocks on a full pipe.

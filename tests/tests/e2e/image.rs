@@ -34,21 +34,29 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
 
 /// Seal images/vmlinux + images/gvm.cpio with `exterior_run="echo sealed-hello"`.
 fn seal_test_gvm(dir: &Path, key: &Path) -> PathBuf {
+    seal_gvm_with(dir, key, &format!("echo {GREETING}"), &[])
+}
+
+/// Seal images/vmlinux + images/gvm.cpio with `exterior_run="SCRIPT"` and `extra` seal
+/// options (e.g. `--mem`, `--cpus`).
+fn seal_gvm_with(dir: &Path, key: &Path, script: &str, extra: &[&str]) -> PathBuf {
     let image = dir.join("gvm.img");
-    let append = format!("exterior_run=\"echo {GREETING}\"");
-    let (code, out, err) = run(vmm().args([
-        "seal",
-        "--kernel",
-        arg(&images().join("vmlinux")),
-        "--initrd",
-        arg(&images().join("gvm.cpio")),
-        "--append",
-        &append,
-        "--key",
-        arg(key),
-        "-o",
-        arg(&image),
-    ]));
+    let append = format!("exterior_run=\"{script}\"");
+    let (code, out, err) = run(vmm()
+        .args([
+            "seal",
+            "--kernel",
+            arg(&images().join("vmlinux")),
+            "--initrd",
+            arg(&images().join("gvm.cpio")),
+            "--append",
+            &append,
+            "--key",
+            arg(key),
+            "-o",
+            arg(&image),
+        ])
+        .args(extra));
     assert_eq!(code, 0, "seal failed: {err}");
     assert!(
         out.contains("signature: valid"),
@@ -74,10 +82,10 @@ fn run_image(image: &Path, trust: &[&Path]) -> (i32, String, String) {
     run(&mut cmd)
 }
 
-/// `run` refused the image: a failure status, a refusal on stderr, and no guest output
-/// at all (nothing was loaded, let alone booted).
+/// `run` refused the image: exit status 2 (bad input, as the README promises), a refusal
+/// on stderr, and no guest output at all (nothing was loaded, let alone booted).
 fn assert_refused_before_boot((code, out, err): &(i32, String, String)) {
-    assert!(*code > 0, "run did not fail (status {code})");
+    assert_eq!(*code, 2, "run did not refuse the image with status 2");
     assert!(
         err.contains("refusing image"),
         "no refusal on stderr: {err}"
@@ -103,11 +111,52 @@ fn sealed_gvm_boots_from_its_image() {
     let (code, out, err) = run_image(&image, &[&public]);
     assert_eq!(code, 0, "run --image failed: {err}");
     // A line of its own: the kernel also echoes its command line, which contains it.
+    let console = after_init("the sealed guest's console", &out);
     assert!(
-        out.lines().any(|l| l.trim() == GREETING),
+        console.lines().any(|l| l.trim() == GREETING),
         "the sealed exterior_run did not run"
     );
-    assert!(out.contains("exterior_run: exit status 0"));
+    assert!(console.contains("exterior_run: exit status 0"));
+    assert_clean_console("the sealed guest's console", console);
+}
+
+#[test]
+fn a_sealed_image_boots_with_the_memory_and_cpus_it_was_sealed_with() {
+    let dir = scratch_dir("image-mem-cpus");
+    let (key, public, _) = keygen(&dir, "key");
+    let image = seal_gvm_with(
+        &dir,
+        &key,
+        "echo sealed-cpus=$(grep -c processor /proc/cpuinfo) \
+         sealed-mem=$(sed -n s/^MemTotal:\\ *//p /proc/meminfo)",
+        &["--mem", "768M", "--cpus", "2"],
+    );
+    let (code, out, _) = run(vmm().args(["inspect", arg(&image), "--trust", arg(&public)]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("memory: 768 MiB") && out.contains("cpus: 2"),
+        "{out}"
+    );
+
+    let (code, out, err) = run_image(&image, &[&public]);
+    assert_eq!(code, 0, "run --image failed: {err}");
+    let console = after_init("the sealed guest's console", &out);
+    let line = console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("sealed-cpus="))
+        .unwrap_or_else(|| panic!("the sealed script did not run:\n{console}"));
+    let (cpus, mem) = line
+        .split_once(" sealed-mem=")
+        .unwrap_or_else(|| panic!("no memory figure: {line}"));
+    assert_eq!(cpus, "2", "the sealed guest does not have 2 CPUs");
+    let kib: u64 = mem
+        .trim_end_matches(" kB")
+        .parse()
+        .unwrap_or_else(|_| panic!("MemTotal {mem:?}"));
+    // What the kernel reports is what it was given, less its own image and reservations:
+    // more than 512 MiB (the default) and no more than 768 MiB.
+    assert!(kib > 512 << 10 && kib <= 768 << 10, "MemTotal {kib} kB");
+    assert_clean_console("the sealed guest's console", console);
 }
 
 #[test]

@@ -7,3 +7,4 @@ mod image;
 mod instance;
 mod recovery;
 mod redirect;
+mod smp;

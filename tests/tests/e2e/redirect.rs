@@ -3,9 +3,7 @@
 //! on its own console, with its own (busybox) tools — nothing of ours runs in the GVM.
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use super::common::*;
@@ -31,26 +29,15 @@ impl GvmConsole {
         }
     }
 
+    /// One `console` session with `input`; what it printed. A session that does not end
+    /// (it should leave two seconds after its input) fails the test.
     fn console(&self, input: &[u8]) -> String {
-        let mut child = vmm_in(&self.rt)
-            .args(["console", &self.name])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn exterior-vmm console");
-        let mut stdin = child.stdin.take().expect("console stdin");
-        stdin.write_all(input).expect("type into the GVM console");
-        drop(stdin);
-        let mut out = Vec::new();
-        child
-            .stdout
-            .take()
-            .expect("console stdout")
-            .read_to_end(&mut out)
-            .expect("read the GVM console");
-        let _ = child.wait();
-        String::from_utf8_lossy(&out).replace('\r', "")
+        let (_, out, _) = run_within(
+            vmm_in(&self.rt).args(["console", &self.name]),
+            Some(input),
+            Duration::from_secs(60),
+        );
+        out.replace('\r', "")
     }
 
     /// Runs `script` in the GVM's shell and returns what it printed. The markers are
@@ -95,6 +82,12 @@ pub(super) fn processes(listing: &str) -> BTreeSet<(u32, String)> {
         })
         .filter(|(_, c)| !c.starts_with("kworker/"))
         .collect()
+}
+
+/// The words of a listing, as a set (busybox `ls` on the GVM's terminal prints columns,
+/// GNU `ls` into a pipe one name a line).
+fn words(listing: &str) -> BTreeSet<String> {
+    listing.split_whitespace().map(str::to_string).collect()
 }
 
 pub(super) fn module_names(listing: &str) -> BTreeSet<String> {
@@ -142,19 +135,24 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // Ground truth, set up and printed by the GVM itself. The dummy module is loaded
     // without a device: listing a dummy device runs the module's code, which the view does
     // not execute (tests/e2e/recovery.rs).
-    gvm.run(
-        "hostname exterior-target; modprobe dummy numdummies=0; ip addr add 10.9.8.7/24 dev lo; \
+    // The GVM differs from the SVM in everything read below (names, a module, an address
+    // and an MTU, a listener, processes), and each check also shows the SVM's own value
+    // (`--local`) is different, so no check passes by reading the SVM.
+    let domain = format!("gvm-{}", nonce());
+    gvm.run(&format!(
+        "hostname exterior-target; echo {domain} >/proc/sys/kernel/domainname; \
+         modprobe dummy numdummies=0; ip addr add 10.9.8.7/24 dev lo; ip link set lo mtu 61234; \
          printf '#!/bin/sh\\nwhile :; do sleep 3600; done\\n' >/tmp/xmarker; chmod +x /tmp/xmarker; \
-         /tmp/xmarker & nc -l -p 7777 >/dev/null 2>&1 & sleep 1",
-    );
+         /tmp/xmarker & nc -l -p 7777 >/dev/null 2>&1 & sleep 1"
+    ));
     let gvm_ps = processes(&gvm.run("ps -o pid,comm"));
     let gvm_modules = module_names(&gvm.run("cat /proc/modules"));
-    let gvm_version = gvm.run("cat /proc/version");
     let gvm_cmdline = gvm.run("cat /proc/cmdline");
-    let gvm_links = gvm.run("ls /sys/class/net");
+    let gvm_sys_modules = words(&gvm.run("ls /sys/module"));
     let gvm_files = gvm.run("ls /; ls -la /tmp /root");
     assert!(gvm_ps.iter().any(|(_, c)| c == "xmarker"), "{gvm_ps:?}");
     assert!(gvm_modules.contains("dummy"), "{gvm_modules:?}");
+    assert!(gvm_sys_modules.contains("dummy"), "{gvm_sys_modules:?}");
     let calls_before = info(&rt, "rd", "redirect_calls");
 
     // ps: exactly the GVM's processes (less the GVM's own `ps`), none of the SVM's.
@@ -171,38 +169,76 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // lsmod: the GVM's modules; the SVM itself has no dummy loaded.
     let lsmod = module_names(&exterior(&rt, "rd", &["lsmod"]));
     assert_eq!(lsmod, gvm_modules);
-    assert!(!module_names(&local(&rt, "rd", &["lsmod"])).contains("dummy"));
+    let svm_lsmod = local(&rt, "rd", &["lsmod"]);
+    assert!(
+        svm_lsmod.starts_with("Module") && !module_names(&svm_lsmod).contains("dummy"),
+        "{svm_lsmod}"
+    );
 
-    // Files of /proc, the hostname, links and listening sockets agree with the GVM.
-    assert_eq!(exterior(&rt, "rd", &["cat", "/proc/version"]), gvm_version);
+    // Files of /proc and /sys, the names, links and listening sockets agree with the GVM.
     assert_eq!(exterior(&rt, "rd", &["cat", "/proc/cmdline"]), gvm_cmdline);
     assert_ne!(local(&rt, "rd", &["cat", "/proc/cmdline"]), gvm_cmdline);
+    assert_eq!(
+        exterior(&rt, "rd", &["cat", "/proc/sys/kernel/domainname"]).trim(),
+        domain
+    );
+    assert_eq!(
+        local(&rt, "rd", &["cat", "/proc/sys/kernel/domainname"]).trim(),
+        "(none)"
+    );
     assert_eq!(
         exterior(&rt, "rd", &["uname", "-n"]).trim(),
         "exterior-target"
     );
     assert_eq!(exterior(&rt, "rd", &["hostname"]).trim(), "exterior-target");
     assert_eq!(local(&rt, "rd", &["uname", "-n"]).trim(), "svm");
-    let links = exterior(&rt, "rd", &["ip", "-br", "link"]);
-    for link in gvm_links.split_whitespace() {
-        assert!(links.contains(link), "ip -br link misses {link}: {links}");
-    }
     assert_eq!(
-        exterior(&rt, "rd", &["ls", "/sys/class/net"])
-            .split_whitespace()
-            .collect::<Vec<_>>(),
-        gvm_links.split_whitespace().collect::<Vec<_>>()
+        words(&exterior(&rt, "rd", &["ls", "/sys/module"])),
+        gvm_sys_modules,
+        "ls /sys/module differs from the GVM's"
+    );
+    let svm_sys_modules = words(&local(&rt, "rd", &["ls", "/sys/module"]));
+    assert!(
+        svm_sys_modules.contains("kernel") && !svm_sys_modules.contains("dummy"),
+        "{svm_sys_modules:?}"
+    );
+    assert_eq!(
+        exterior(&rt, "rd", &["cat", "/sys/class/net/lo/mtu"]).trim(),
+        "61234"
+    );
+    assert_eq!(
+        local(&rt, "rd", &["cat", "/sys/class/net/lo/mtu"]).trim(),
+        "65536"
+    );
+    let link = exterior(&rt, "rd", &["ip", "-o", "link", "show", "lo"]);
+    assert!(
+        link.contains("lo: <LOOPBACK,UP,LOWER_UP> mtu 61234 "),
+        "{link}"
+    );
+    let svm_link = local(&rt, "rd", &["ip", "-o", "link", "show", "lo"]);
+    assert!(
+        svm_link.contains("lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 "),
+        "{svm_link}"
     );
     let addrs = exterior(&rt, "rd", &["ip", "-br", "addr"]);
     assert!(
         addrs.contains("10.9.8.7/24") && addrs.contains("127.0.0.1/8"),
         "ip -br addr does not show the GVM's addresses: {addrs}"
     );
-    assert!(!local(&rt, "rd", &["ip", "-br", "addr"]).contains("10.9.8.7"));
+    let svm_addrs = local(&rt, "rd", &["ip", "-br", "addr"]);
+    assert!(
+        svm_addrs.contains("127.0.0.1/8") && !svm_addrs.contains("10.9.8.7"),
+        "{svm_addrs}"
+    );
     let ss = exterior(&rt, "rd", &["ss", "-ltn"]);
     assert!(
         ss.contains(":7777"),
         "ss -ltn does not show the GVM's listener: {ss}"
+    );
+    let svm_ss = local(&rt, "rd", &["ss", "-ltn"]);
+    assert!(
+        svm_ss.starts_with("State") && !svm_ss.contains(":7777"),
+        "{svm_ss}"
     );
 
     // The session left nothing behind in the GVM: same processes, modules and files.

@@ -824,7 +824,12 @@ impl Executor {
         };
         let result = loop {
             let exit = engine.vcpu.run();
-            exits.fetch_add(1, Ordering::Relaxed);
+            match exit {
+                Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => {
+                    self.stats.console_exits.fetch_add(1, Ordering::Relaxed)
+                }
+                _ => exits.fetch_add(1, Ordering::Relaxed),
+            };
             match exit {
                 Ok(VcpuExit::MmioWrite(addr, data)) if addr == sentinel => break Ok(value(data)),
                 Ok(VcpuExit::MmioWrite(addr, data)) if addr == trap_page + KERNEL_RETURN_SLOT => {

@@ -81,8 +81,11 @@ pub struct Stats {
     pub failed: AtomicU64,
     pub busy: AtomicU64,
     /// VM exits of the redirect vCPU in redirected calls, the final store included (a call
-    /// that sleeps has one more per time it is parked).
+    /// that sleeps has one more per time it is parked); port I/O is counted apart.
     pub exits: AtomicU64,
+    /// VM exits for port I/O during calls: the GVM kernel printing on its serial console
+    /// (printk from the lent CPU), one per byte or status read.
+    pub console_exits: AtomicU64,
     /// VM exits of the executor's own kernel-function calls (allocating the shadow).
     pub setup_exits: AtomicU64,
     /// Nanoseconds the GVM was held, summed.

@@ -135,6 +135,7 @@ impl ControlServer {
         format!(
             "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\nredirect_ready={}\n\
              redirect_calls={}\nredirect_failed={}\nredirect_busy={}\nredirect_exits={}\n\
+             redirect_console_exits={}\n\
              redirect_held_us={}\nredirect_held_median_us={}\nredirect_held_max_us={}\n\
              redirect_setup_exits={}\nredirect_rolled_back={}\nredirect_parked={}\n\
              redirect_committed_pages={}\n\
@@ -149,6 +150,7 @@ impl ControlServer {
             get(&stats.failed),
             get(&stats.busy),
             get(&stats.exits),
+            get(&stats.console_exits),
             get(&stats.held_ns) / 1000,
             stats.hold_summary_us().0,
             stats.hold_summary_us().1,

@@ -16,7 +16,9 @@
 //!   reads, and a bounded enumeration of all mappings (used to build view page tables);
 //! - [`profile`]: symbols and struct layouts of the pinned kernel;
 //! - [`view`]: the private window's layout and the view page tables of a redirected call;
-//! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call.
+//! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
+//! - [`traps`]: the traps patched into the view's private kernel text (sleep, faults,
+//!   panic) and the reports made from them.
 //!
 //! Everything that reads guest-controlled data is written so that no input can make it panic,
 //! loop forever or touch memory outside the guest: a malicious GVM can make an operation fail,
@@ -28,6 +30,7 @@ pub mod memory;
 pub mod paging;
 pub mod profile;
 pub mod shadow;
+pub mod traps;
 pub mod view;
 
 pub use memory::{GuestPhysMemory, MemError, MemoryImage};

@@ -48,11 +48,27 @@ const LINEAR_MASK: u64 = (1 << 48) - 1;
 const UPPER_HALF_START: u64 = 0xffff_8000_0000_0000;
 const LOWER_HALF_END: u64 = 0x0000_7fff_ffff_ffff;
 
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
-const EFER_NXE: u64 = 1 << 11;
+/// The control-register and EFER bits that decide the paging mode (Intel SDM vol. 3,
+/// 2.5 and 2.2.1); the VMM's boot code uses the same ones.
+pub mod control_bits {
+    /// CR0: protected mode.
+    pub const CR0_PE: u64 = 1;
+    /// CR0: extension type (always 1 on modern CPUs).
+    pub const CR0_ET: u64 = 1 << 4;
+    /// CR0: paging.
+    pub const CR0_PG: u64 = 1 << 31;
+    /// CR4: physical address extension.
+    pub const CR4_PAE: u64 = 1 << 5;
+    /// CR4: 5-level paging.
+    pub const CR4_LA57: u64 = 1 << 12;
+    /// EFER: long mode enable.
+    pub const EFER_LME: u64 = 1 << 8;
+    /// EFER: long mode active.
+    pub const EFER_LMA: u64 = 1 << 10;
+    /// EFER: no-execute enable.
+    pub const EFER_NXE: u64 = 1 << 11;
+}
+use control_bits::{CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_NXE};
 
 /// The size of a page mapped by a leaf entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,7 +1,9 @@
 //! The shadow task (DESIGN.md 4.2 step 4): the `current` of the lent CPU while it runs a
 //! redirected call.
 //!
-//! It is a copy of the GVM's `init_task` placed in the private window, edited into a
+//! It is a copy of the GVM's `init_task` placed in a block of GVM memory the executor takes
+//! from the GVM's own page allocator (so the GVM can reach a parked call's wait-queue
+//! entries and lock owners), edited into a
 //! plain user task that borrows the GVM's root credentials, root fs, namespaces, signal
 //! structures and cgroups (so paths, /proc and hostnames resolve as in the GVM's init),
 //! and owns what must not touch the GVM's tasks: its own kernel stack, its own
@@ -18,6 +20,8 @@ use crate::profile::KernelProfile;
 
 /// TIF_NEED_FPU_LOAD (x86, 6.1): restore the task's FPU state before returning to user.
 const TIF_NEED_FPU_LOAD: u64 = 14;
+/// The shadow's thread flags at the start of every call: only TIF_NEED_FPU_LOAD.
+pub const THREAD_FLAGS_AT_CALL: u64 = 1 << TIF_NEED_FPU_LOAD;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ShadowError {
@@ -152,7 +156,7 @@ pub fn shadow_task(
     put(
         &mut task,
         layout.ti_flags,
-        &(1u64 << TIF_NEED_FPU_LOAD).to_le_bytes(),
+        &THREAD_FLAGS_AT_CALL.to_le_bytes(),
     )?;
     // No seccomp, tracing or syscall user dispatch work on its calls.
     put(&mut task, layout.ti_syscall_work, &0u64.to_le_bytes())?;

@@ -77,10 +77,14 @@ pub struct RunCmd {
     pub svm_mem: String,
 }
 
-/// List running instances.
+/// List running instances: a line each, NAME<tab>pid PID.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "list")]
-pub struct ListCmd {}
+pub struct ListCmd {
+    /// one JSON object per line and instance: {"name": ..., "pid": ...}
+    #[argh(switch)]
+    pub json: bool,
+}
 
 /// Describe a running instance: key=value lines, with the redirect engine's counters
 /// (calls, failures, VM exits of the redirect vCPU, time the GVM was held).
@@ -90,6 +94,9 @@ pub struct InfoCmd {
     /// instance name
     #[argh(positional)]
     pub name: String,
+    /// one JSON object with the same fields (numbers as numbers)
+    #[argh(switch)]
+    pub json: bool,
 }
 
 /// Stop an instance: both of its VMs end and its socket is removed.

@@ -37,15 +37,25 @@ fn main() -> ExitCode {
         Command::Keygen(cmd) => image_cmd(cmd.run()),
         Command::Seal(cmd) => image_cmd(cmd.run()),
         Command::Inspect(cmd) => image_cmd(cmd.run()),
-        Command::List(_) => with_runtime(|rt| {
+        Command::List(cmd) => with_runtime(|rt| {
             for name in rt.instances()? {
-                let pid = rt.pid(&name).map(|p| p.to_string()).unwrap_or_default();
-                println!("{name}\tpid {pid}");
+                let pid = rt.pid(&name);
+                if cmd.json {
+                    println!("{}", serde_json::json!({ "name": name, "pid": pid }));
+                } else {
+                    let pid = pid.map(|p| p.to_string()).unwrap_or_default();
+                    println!("{name}\tpid {pid}");
+                }
             }
             Ok(0)
         }),
         Command::Info(cmd) => with_runtime(|rt| {
-            print!("{}", client::info(rt, &cmd.name)?);
+            let info = client::info(rt, &cmd.name)?;
+            if cmd.json {
+                println!("{}", client::info_json(&info));
+            } else {
+                print!("{info}");
+            }
             Ok(0)
         }),
         Command::Stop(cmd) => with_runtime(|rt| {

@@ -150,7 +150,9 @@ extern "C" {
 /// The call must be sound for its arguments (pointers valid for what the kernel does with
 /// them, no fd or mapping pulled from under Rust code).
 unsafe fn sys(nr: u64, a: [u64; 6]) -> i64 {
-    exterior_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5])
+    // SAFETY: the gate only issues the system call; the caller vouches for its arguments
+    // (this function's contract).
+    unsafe { exterior_syscall6(nr, a[0], a[1], a[2], a[3], a[4], a[5]) }
 }
 
 fn addr(sym: &u8) -> u64 {
@@ -458,17 +460,21 @@ unsafe fn vm_copy(write: bool, local: u64, local_len: u64, remote: &[Iovec]) -> 
         len: local_len,
     };
     let pid = OWN_PID.load(Relaxed) as u64;
-    sys(
-        nr as u64,
-        [
-            pid,
-            &liov as *const _ as u64,
-            1,
-            remote.as_ptr() as u64,
-            remote.len() as u64,
-            0,
-        ],
-    )
+    // SAFETY: `liov` and `remote` are live for the call; `local` is valid for
+    // `local_len` bytes (this function's contract); the kernel checks the remote ranges.
+    unsafe {
+        sys(
+            nr as u64,
+            [
+                pid,
+                &liov as *const _ as u64,
+                1,
+                remote.as_ptr() as u64,
+                remote.len() as u64,
+                0,
+            ],
+        )
+    }
 }
 
 fn vm_rw_refused(r: i64) -> bool {
@@ -608,10 +614,11 @@ fn touch(at: u64, len: u64, write: bool, budget: &mut u64) -> bool {
             next = at;
             continue;
         }
+        if r != n as i64 {
+            return false;
+        }
         // SAFETY: as above; writes back the bytes just read.
-        if r != n as i64
-            || (write && unsafe { vm_copy(true, local, n as u64, &iov[..n]) } != n as i64)
-        {
+        if write && unsafe { vm_copy(true, local, n as u64, &iov[..n]) } != n as i64 {
             return false;
         }
     }

@@ -134,7 +134,24 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
 
     let (code, out, _) = run(vmm_in(&rt).arg("list"));
     assert_eq!(code, 0);
-    assert!(out.lines().any(|l| l.starts_with("life\t")), "list: {out}");
+    assert_eq!(out, format!("life\tpid {pid}\n"), "list");
+    let (code, out, _) = run(vmm_in(&rt).args(["list", "--json"]));
+    assert_eq!(code, 0);
+    assert_eq!(
+        out,
+        format!("{{\"name\":\"life\",\"pid\":{pid}}}\n"),
+        "list --json"
+    );
+    let (code, out, _) = run(vmm_in(&rt).args(["info", "life", "--json"]));
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with('{')
+            && out.trim_end().ends_with('}')
+            && out.contains("\"name\":\"life\"")
+            && out.contains(&format!("\"pid\":{pid},"))
+            && out.contains("\"redirect_calls\":"),
+        "info --json: {out}"
+    );
 
     let (code, out, err) = run(vmm_in(&rt).args(["exec", "life", "--", "uname", "-r"]));
     assert_eq!(code, 0, "{err}");

@@ -41,6 +41,43 @@ fn assert_no_oops(rt: &Path, name: &str) {
     assert_clean_console("the GVM's console", after_init("the GVM's console", &log));
 }
 
+/// `kill -9 PID` from outside; waits (a minute at most) until the GVM's own `ps` no longer
+/// lists `comm`.
+pub(super) fn kill_from_outside(
+    rt: &Path,
+    name: &str,
+    gvm: &mut GvmConsole,
+    pid: &str,
+    comm: &str,
+) {
+    exterior(rt, name, &["kill", "-9", pid]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while processes(&gvm.run("ps -o pid,comm"))
+        .iter()
+        .any(|(_, c)| c == comm)
+    {
+        assert!(Instant::now() < deadline, "{comm} survived kill -9");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+/// `ip addr add CIDR dev lo`, then `del`, from outside; the GVM's own `ip` sees each.
+pub(super) fn add_and_remove_address(rt: &Path, name: &str, gvm: &mut GvmConsole, cidr: &str) {
+    let ip = cidr.split('/').next().unwrap_or(cidr);
+    exterior(rt, name, &["ip", "addr", "add", cidr, "dev", "lo"]);
+    let addrs = gvm.run("ip addr show dev lo");
+    assert!(
+        addrs.contains(&format!("inet {cidr}")) && addrs.contains("inet 127.0.0.1/8"),
+        "{addrs}"
+    );
+    exterior(rt, name, &["ip", "addr", "del", cidr, "dev", "lo"]);
+    let addrs = gvm.run("ip addr show dev lo");
+    assert!(
+        !addrs.contains(ip) && addrs.contains("inet 127.0.0.1/8"),
+        "{addrs}"
+    );
+}
+
 fn nice_of(gvm: &mut GvmConsole, pid: &str) -> String {
     gvm.run(&format!("cut -d' ' -f19 /proc/{pid}/stat"))
         .trim()
@@ -71,15 +108,7 @@ fn an_operator_recovers_a_misbehaving_gvm_from_outside() {
         .find(|(_, c)| c == "runaway")
         .cloned()
         .unwrap_or_else(|| panic!("exterior ps does not show the runaway: {ps:?}"));
-    exterior(&rt, "rc", &["kill", "-9", &pid.to_string()]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while processes(&gvm.run("ps -o pid,comm"))
-        .iter()
-        .any(|(_, c)| c == "runaway")
-    {
-        assert!(Instant::now() < deadline, "the runaway survived kill -9");
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    kill_from_outside(&rt, "rc", &mut gvm, &pid.to_string(), "runaway");
 
     // sysctl -w and hostname change the GVM's names; renice its priorities.
     exterior(&rt, "rc", &["sysctl", "-w", "kernel.hostname=recovered"]);
@@ -102,26 +131,7 @@ fn an_operator_recovers_a_misbehaving_gvm_from_outside() {
     exterior(&rt, "rc", &["sysctl", "-w", "kernel.hostname=recovered"]);
 
     // ip addr add and del change the GVM's addresses.
-    exterior(
-        &rt,
-        "rc",
-        &["ip", "addr", "add", "10.11.12.13/24", "dev", "lo"],
-    );
-    let addrs = gvm.run("ip addr show dev lo");
-    assert!(
-        addrs.contains("inet 10.11.12.13/24") && addrs.contains("inet 127.0.0.1/8"),
-        "{addrs}"
-    );
-    exterior(
-        &rt,
-        "rc",
-        &["ip", "addr", "del", "10.11.12.13/24", "dev", "lo"],
-    );
-    let addrs = gvm.run("ip addr show dev lo");
-    assert!(
-        !addrs.contains("10.11.12.13") && addrs.contains("inet 127.0.0.1/8"),
-        "{addrs}"
-    );
+    add_and_remove_address(&rt, "rc", &mut gvm, "10.11.12.13/24");
 
     // A call that would crash the GVM: sysrq's crash handler panics. The panic is caught
     // before the GVM's own panic path runs, the call is refused, and everything it stored

@@ -2,11 +2,9 @@
 //! (docs/LIMITS.md), checked from inside the GVM; `rmmod` is refused up front, with its
 //! reason, and the module stays loaded.
 
-use std::time::{Duration, Instant};
-
 use super::instance::{runtime, start};
-use super::recovery::{last_error, refused};
-use super::redirect::{exterior, info, module_names, processes, GvmConsole};
+use super::recovery::{add_and_remove_address, kill_from_outside, last_error, refused};
+use super::redirect::{exterior, info, module_names, GvmConsole};
 
 #[test]
 fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
@@ -38,15 +36,7 @@ fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
     assert_eq!(exterior(&rt, "smp", &["hostname"]).trim(), "smp-gvm");
 
     // Writes.
-    exterior(&rt, "smp", &["kill", "-9", &victim]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while processes(&gvm.run("ps -o pid,comm"))
-        .iter()
-        .any(|(_, c)| c == "victim")
-    {
-        assert!(Instant::now() < deadline, "the victim survived kill -9");
-        std::thread::sleep(Duration::from_secs(2));
-    }
+    kill_from_outside(&rt, "smp", &mut gvm, &victim, "victim");
     let sleeper = gvm.run("cat /tmp/sleeper").trim().to_string();
     exterior(&rt, "smp", &["renice", "-n", "9", "-p", &sleeper]);
     assert_eq!(
@@ -67,24 +57,7 @@ fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
     assert!(gvm
         .run("ip link show lo")
         .contains("lo: <LOOPBACK,UP,LOWER_UP> mtu"));
-    exterior(
-        &rt,
-        "smp",
-        &["ip", "addr", "add", "10.20.30.40/24", "dev", "lo"],
-    );
-    assert!(gvm
-        .run("ip addr show dev lo")
-        .contains("inet 10.20.30.40/24"));
-    exterior(
-        &rt,
-        "smp",
-        &["ip", "addr", "del", "10.20.30.40/24", "dev", "lo"],
-    );
-    let addrs = gvm.run("ip addr show dev lo");
-    assert!(
-        !addrs.contains("10.20.30.40") && addrs.contains("inet 127.0.0.1/8"),
-        "{addrs}"
-    );
+    add_and_remove_address(&rt, "smp", &mut gvm, "10.20.30.40/24");
 
     // rmmod: refused before anything runs, with the reason; the module stays.
     refused(&rt, "smp", &["rmmod", "dummy"]);

@@ -7,12 +7,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::layout::*;
 use crate::vstate::memory::GuestMemory;
 
-const X86_CR0_PE: u64 = 1;
-const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_PG: u64 = 1 << 31;
-const X86_CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+use redirect::paging::control_bits::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
+
 const PAGE_PRESENT_RW: u64 = 0x3;
 const PAGE_PS: u64 = 0x80;
 
@@ -87,9 +83,9 @@ pub fn boot_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
-    sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+    sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
     sregs.cr3 = PML4_ADDR;
-    sregs.cr4 = X86_CR4_PAE;
+    sregs.cr4 = CR4_PAE;
     sregs.efer = EFER_LME | EFER_LMA;
     sregs
 }
@@ -115,18 +111,21 @@ pub fn boot_fpu() -> kvm_fpu {
     }
 }
 
+/// x86 model-specific register numbers (Intel SDM vol. 4; AMD APM vol. 2).
+pub const MSR_IA32_TSC: u32 = 0x10;
+pub const MSR_IA32_APICBASE: u32 = 0x1b;
+pub const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+pub const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+pub const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+pub const MSR_STAR: u32 = 0xc000_0081;
+pub const MSR_LSTAR: u32 = 0xc000_0082;
+pub const MSR_CSTAR: u32 = 0xc000_0083;
+pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
 /// Boot MSRs (as a PC firmware leaves them): syscall MSRs cleared, fast strings enabled.
 pub fn boot_msrs() -> Vec<kvm_msr_entry> {
-    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
-    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
-    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
-    const MSR_STAR: u32 = 0xc000_0081;
-    const MSR_LSTAR: u32 = 0xc000_0082;
-    const MSR_CSTAR: u32 = 0xc000_0083;
-    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
-    const MSR_IA32_TSC: u32 = 0x10;
-    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
     const MISC_ENABLE_FAST_STRING: u64 = 1;
     let entry = |index, data| kvm_msr_entry {
         index,
@@ -245,7 +244,7 @@ mod tests {
     fn sregs_enter_long_mode_with_paging() {
         let s = boot_sregs(kvm_sregs::default());
         assert_eq!(s.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
-        assert_ne!(s.cr0 & X86_CR0_PG, 0);
+        assert_ne!(s.cr0 & CR0_PG, 0);
         assert_eq!(s.cr3, PML4_ADDR);
     }
 }

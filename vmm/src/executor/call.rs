@@ -23,7 +23,7 @@
 
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, kvm_xcrs, Msrs};
+use kvm_bindings::{kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuExit;
 use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
 use redirect::shadow::{shadow_files, shadow_task, ShadowPlace};
@@ -32,17 +32,15 @@ use redirect::GuestPhysMemory;
 use std::sync::atomic::Ordering;
 use svm_runtime::redirect_abi::Status;
 
-use super::traps::{self, Args, CallMemory, Trap};
+use super::regs;
 use super::{
     Engine, Executor, Outcome, Profile, CALL_TIMEOUT, ERRNO_EBUSY, ERRNO_EIO, ERRNO_ENOSYS,
-    GDT_LIMIT, IDT_LIMIT, KVM_MP_STATE_RUNNABLE, MSI_APIC_BASE, PARK_TIMEOUT, QUIESCE_BUDGET,
-    RESCHEDULE_VECTOR, TIF_NEED_FPU_LOAD_ONLY, TSS_LIMIT,
+    KVM_MP_STATE_RUNNABLE, MSI_APIC_BASE, PARK_TIMEOUT, QUIESCE_BUDGET, RESCHEDULE_VECTOR,
 };
+use crate::boot::cpu::MSR_IA32_TSC;
 use crate::devices::bus::lock;
 use crate::vstate::quiesce::{self, ControlState, QuiesceError, QuiescePolicy, VcpuSnapshot};
-use crate::vstate::vcpu::{
-    MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK,
-};
+use redirect::traps::{self, Args, CallMemory, Trap};
 use redirect::view::{WINDOW_KVA, WINDOW_SIZE};
 
 /// Linux `__state` bits.
@@ -63,9 +61,6 @@ const SHADOW_BLOCK: u64 = 0x1_0000;
 const SCRATCH_STACK_TOP: u64 = offsets::SCRATCH_STACK + offsets::STACK_SIZE;
 /// `delete_module`'s system call number (x86-64).
 const SYS_DELETE_MODULE: u64 = 176;
-/// x86-64 Linux's kernel code and data selectors.
-const KERNEL_CS: u16 = 0x10;
-const KERNEL_DS: u16 = 0x18;
 
 /// Where the shadow lives in GVM memory (direct-map addresses of the shadow block).
 #[derive(Debug, Clone, Copy)]
@@ -389,7 +384,7 @@ impl Executor {
             write_bytes(
                 &kernel,
                 shadow.task() + lay.ti_flags,
-                &TIF_NEED_FPU_LOAD_ONLY.to_le_bytes(),
+                &redirect::shadow::THREAD_FLAGS_AT_CALL.to_le_bytes(),
             )?;
             write_bytes(
                 &kernel,
@@ -604,92 +599,33 @@ impl Executor {
         let pcpu_base = lent.pcpu_base;
         let view = self.fresh_view(engine, profile, control, sregs)?;
         let vcpu = &engine.vcpu;
-        let mut s = vcpu
+        let mode = match entry {
+            Entry::Function { .. } => regs::Mode::Kernel,
+            Entry::Syscall(_) => regs::Mode::User {
+                fs_base: sregs.fs.base,
+            },
+        };
+        let kernel_mode = mode == regs::Mode::Kernel;
+        let tables = regs::CpuTables {
+            pcpu_base,
+            gdt_page: syms.gdt_page,
+            cpu_tss_rw: syms.cpu_tss_rw,
+            idt_table: syms.idt_table,
+        };
+        let current = vcpu
             .get_sregs()
             .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
-        s.cr0 = control.cr0;
-        s.cr3 = view.cr3;
-        s.cr4 = control.cr4;
-        s.efer = control.efer;
-        s.apic_base = control.apic_base;
-        let kernel_mode = matches!(entry, Entry::Function { .. });
-        let dpl = if kernel_mode { 0 } else { 3 };
-        let seg = |selector: u16, code: bool, base: u64| kvm_segment {
-            base,
-            limit: 0xffff_ffff,
-            selector,
-            type_: if code { 11 } else { 3 },
-            present: 1,
-            dpl,
-            db: u8::from(!code),
-            s: 1,
-            l: u8::from(code),
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        if kernel_mode {
-            s.cs = seg(KERNEL_CS, true, 0);
-            s.ss = seg(KERNEL_DS, false, 0);
-            s.ds = seg(0, false, 0);
-            s.es = seg(0, false, 0);
-            s.fs = seg(0, false, 0);
-            s.gs = seg(0, false, pcpu_base);
-        } else {
-            s.cs = seg(0x33, true, 0);
-            s.ss = seg(0x2b, false, 0);
-            s.ds = seg(0x2b, false, 0);
-            s.es = seg(0x2b, false, 0);
-            s.fs = seg(0, false, sregs.fs.base);
-            s.gs = seg(0, false, 0);
-        }
-        s.gdt = kvm_dtable {
-            base: pcpu_base + syms.gdt_page,
-            limit: GDT_LIMIT,
-            padding: [0; 3],
-        };
-        s.idt = kvm_dtable {
-            base: syms.idt_table,
-            limit: IDT_LIMIT,
-            padding: [0; 3],
-        };
-        s.tr = kvm_segment {
-            base: pcpu_base + syms.cpu_tss_rw,
-            limit: TSS_LIMIT,
-            selector: 0x40,
-            type_: 11,
-            present: 1,
-            ..Default::default()
-        };
+        let s = regs::segment_registers(current, control, view.cr3, &tables, mode)
+            .map_err(|e| e.to_string())?;
         vcpu.set_sregs(&s)
             .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
-        // In user mode the kernel's GS base waits in KERNEL_GS_BASE for `swapgs`.
-        let other_gs = if kernel_mode { 0 } else { pcpu_base };
-        let msrs = [
-            (MSR_STAR, control.star),
-            (MSR_LSTAR, control.lstar),
-            (MSR_SYSCALL_MASK, control.sfmask),
-            (MSR_KERNEL_GS_BASE, other_gs),
-            (MSR_IA32_TSC, control.tsc),
-        ]
-        .map(|(index, data)| kvm_msr_entry {
-            index,
-            data,
-            ..Default::default()
-        });
-        let msrs = Msrs::from_entries(&msrs).map_err(|e| format!("MSR list: {e:?}"))?;
+        let msrs = Msrs::from_entries(&regs::msrs(control, pcpu_base, mode))
+            .map_err(|e| format!("MSR list: {e:?}"))?;
         match vcpu.set_msrs(&msrs) {
             Ok(5) => {}
             other => return Err(format!("redirect vCPU MSRs: {other:?}").into()),
         }
-        let mut xcrs = kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
-        xcrs.xcrs[0].xcr = 0;
-        xcrs.xcrs[0].value = control.xcr0.max(1);
-        vcpu.set_xcrs(&xcrs)
+        vcpu.set_xcrs(&regs::xcrs(control))
             .map_err(|e| format!("redirect vCPU XCR0: {e}"))?;
         let r = match entry {
             Entry::Syscall(regs) => kvm_regs {
@@ -761,7 +697,7 @@ impl Executor {
         s.cr3 = view.cr3;
         vcpu.set_sregs(&s)
             .map_err(|e| format!("redirect vCPU sregs: {e}"))?;
-        let tsc = [kvm_msr_entry {
+        let tsc = [kvm_bindings::kvm_msr_entry {
             index: MSR_IA32_TSC,
             data: lent.control.tsc,
             ..Default::default()
@@ -837,14 +773,19 @@ impl Executor {
                 }
                 Ok(VcpuExit::MmioWrite(addr, _)) if addr.wrapping_sub(trap_page) < 0x1000 => {
                     break match traps::trap_at(addr - trap_page) {
-                        Some(trap) => {
-                            let r = engine.vcpu.get_regs().unwrap_or_default();
-                            Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx])))
-                        }
+                        // Without the trap's arguments its report would be made from
+                        // zeros: a failed read is a failure of its own.
+                        Some(trap) => match engine.vcpu.get_regs() {
+                            Ok(r) => Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx]))),
+                            Err(e) => Err(Stop::Failed(format!(
+                                "the call stopped at the {trap:?} trap, whose arguments could \
+                                 not be read: {e}"
+                            ))),
+                        },
                         None => Err(Stop::Failed(format!(
                             "the call stored to the trap page at {addr:#x}, which no trap uses"
                         ))),
-                    }
+                    };
                 }
                 // The lent CPU's printk reaches the GVM's own serial port.
                 Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
@@ -888,8 +829,11 @@ impl Executor {
         self.watchdog.disarm();
         match result {
             Err(Stop::Failed(e)) => {
-                let rip = engine.vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                Err(Stop::Failed(format!("{e} (lent CPU at rip {rip:#x})")))
+                let at = match engine.vcpu.get_regs() {
+                    Ok(r) => format!("lent CPU at rip {:#x}", r.rip),
+                    Err(e) => format!("lent CPU's rip unreadable: {e}"),
+                };
+                Err(Stop::Failed(format!("{e} ({at})")))
             }
             other => other,
         }

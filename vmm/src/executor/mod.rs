@@ -1,8 +1,8 @@
 //! The redirect executor (DESIGN.md 4.2): runs one system call of an SVM program on the
 //! GVM's kernel, natively, on a redirect vCPU that borrows a held GVM CPU's identity.
 //! A call's stores reach the GVM only if it returns (`cow`); what it must not do on a
-//! borrowed CPU — sleep, fault, run code outside the trusted image — is trapped (`traps`)
-//! and the call is rolled back.
+//! borrowed CPU — sleep, fault, run code outside the trusted image — is trapped
+//! (`redirect::traps`) and the call is rolled back.
 //!
 //! ```text
 //!  SVM program ──SIGSYS──▶ shim ──OUT 0xE7──▶ SVM vCPU thread ──▶ Executor::call
@@ -19,7 +19,7 @@
 //! its own addresses except the kernel text, which comes from the SVM (read-only: code run
 //! for the operator is the trusted image's, never the GVM's), the private window, and SVM
 //! RAM at `svm_base`. Only this module touches KVM; the pure parts (view tables, shadow
-//! task) are in the `redirect` crate.
+//! task, traps) are in the `redirect` crate, and the vCPU register values in `regs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 mod call;
 mod cow;
-mod traps;
+mod regs;
 
 use kvm_bindings::{
     kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
@@ -49,7 +49,7 @@ use crate::vstate::quiesce::{kick_signal, VcpuControl};
 use crate::vstate::vcpu::PortHook;
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 use cow::CowRam;
-use traps::{ModuleLayout, TRAPS};
+use redirect::traps::{self, ModuleLayout, TRAPS};
 
 /// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
 /// (the loader puts the image at its link address; `nokaslr`).
@@ -63,12 +63,7 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(1);
 const ERRNO_EBUSY: i64 = 16;
 const ERRNO_EIO: i64 = 5;
 const ERRNO_ENOSYS: i64 = 38;
-const GDT_LIMIT: u16 = 16 * 8 - 1;
-const IDT_LIMIT: u16 = 256 * 16 - 1;
-const TSS_LIMIT: u32 = 0x67;
 const KVM_MP_STATE_RUNNABLE: u32 = 0;
-/// The shadow's thread flags at the start of every call: only TIF_NEED_FPU_LOAD (14).
-const TIF_NEED_FPU_LOAD_ONLY: u64 = 1 << 14;
 /// x86 Linux's reschedule IPI vector (`RESCHEDULE_VECTOR`).
 const RESCHEDULE_VECTOR: u32 = 0xfd;
 /// MSI address of the local APICs (destination APIC id in bits 12..19).
@@ -282,6 +277,9 @@ impl Engine {
 /// The executor of one instance; the SVM's vCPU threads call it through [`PortHook`].
 pub struct Executor {
     engine: Mutex<Result<Engine, String>>,
+    /// Whether the redirect VM was created (fixed at construction): `is_ready` must not
+    /// take the engine lock, which a call holds while it runs or is parked.
+    engine_created: bool,
     image: Mutex<Option<KernelImage>>,
     profile: OnceLock<Result<Profile, String>>,
     watchdog: Arc<Watchdog>,
@@ -564,6 +562,7 @@ impl Executor {
             log::error!("redirect engine unavailable: {e}");
         }
         Ok(Arc::new(Executor {
+            engine_created: engine.is_ok(),
             engine: Mutex::new(engine),
             image: Mutex::new(image.ok()),
             profile: OnceLock::new(),
@@ -573,9 +572,10 @@ impl Executor {
         }))
     }
 
-    /// True once calls can run: the redirect VM exists and the profile is complete.
+    /// True once calls can run: the redirect VM exists and the profile is complete. Never
+    /// waits (the control socket's event loop asks, for `info`).
     pub fn is_ready(&self) -> bool {
-        matches!(self.profile.get(), Some(Ok(_))) && lock(&self.engine).is_ok()
+        self.engine_created && matches!(self.profile.get(), Some(Ok(_)))
     }
 
     /// Excludes redirected calls while the guard lives (for other users of quiescing).

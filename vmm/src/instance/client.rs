@@ -110,6 +110,22 @@ pub fn info(dir: &RuntimeDir, name: &str) -> Result<String, ClientError> {
     }
 }
 
+/// `info`'s `key=value` lines as one JSON object with the same keys (sorted): values made
+/// only of decimal digits that fit in a u64 become numbers, the rest strings.
+pub fn info_json(info: &str) -> serde_json::Value {
+    let fields = info
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| {
+            let value = match value.parse::<u64>() {
+                Ok(n) if value.bytes().all(|b| b.is_ascii_digit()) => serde_json::Value::from(n),
+                _ => serde_json::Value::from(value),
+            };
+            (key.to_string(), value)
+        });
+    serde_json::Value::Object(fields.collect())
+}
+
 /// Holds the GVM's vCPUs at a safe point and releases them; returns the report.
 pub fn quiesce(dir: &RuntimeDir, name: &str) -> Result<Result<String, String>, ClientError> {
     let mut conn = Connection::open(dir, name)?;
@@ -336,5 +352,23 @@ pub fn console(dir: &RuntimeDir, name: &str, svm: bool) -> Result<(), ClientErro
                 return Err(e);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_becomes_one_json_object_with_numbers_and_strings() {
+        let json = info_json(
+            "name=web\nredirect_calls=42\nredirect_last_error=the call \"x\" = y\n\
+             odd line without a value\nredirect_held_us=007\nbig=99999999999999999999\n\
+             signed=-1\n",
+        );
+        assert_eq!(
+            json.to_string(),
+            r#"{"big":"99999999999999999999","name":"web","redirect_calls":42,"redirect_held_us":7,"redirect_last_error":"the call \"x\" = y","signed":"-1"}"#
+        );
     }
 }

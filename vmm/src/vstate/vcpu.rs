@@ -15,12 +15,7 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 const KVM_MP_STATE_HALTED: u32 = 3;
-pub const MSR_IA32_APICBASE: u32 = 0x1b;
-pub const MSR_IA32_TSC: u32 = 0x10;
-pub const MSR_STAR: u32 = 0xc000_0081;
-pub const MSR_LSTAR: u32 = 0xc000_0082;
-pub const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-pub const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+use crate::boot::cpu::{MSR_IA32_APICBASE, MSR_IA32_TSC, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
 
 pub struct Vcpu {
     pub fd: VcpuFd,

@@ -1,12 +1,17 @@
 //! Traps in the redirect view's private kernel text: the entry of each function below is
 //! replaced by `movabs %rax, TRAP_KVA + 8 * index`, a store to a page no memslot backs, so
 //! reaching it exits to the VMM, which stops the call there. The call's stores to GVM RAM
-//! are then dropped (see `cow.rs`): a call that would sleep, or that faults, leaves the
-//! GVM exactly as it was, and nothing of the GVM's oops path runs.
+//! are then dropped (the VMM's copy-on-write GVM RAM, `vmm/src/executor/cow.rs`): a call
+//! that would sleep, or that faults, leaves the GVM exactly as it was, and nothing of the
+//! GVM's oops path runs.
+//!
+//! Everything here is pure: the trap table and code, decoding which trap a store hit, and
+//! describing a trap from its arguments by reading (hostile) GVM memory, including a
+//! bounded walk of the GVM's module list.
 
-use redirect::paging::{AddressSpace, Privilege};
-use redirect::profile::KernelProfile;
-use redirect::view::TRAP_KVA;
+use crate::paging::{AddressSpace, Privilege};
+use crate::profile::KernelProfile;
+use crate::view::TRAP_KVA;
 
 /// x86 page-fault error code: the access was an instruction fetch.
 const PF_INSTR: u64 = 1 << 4;
@@ -262,8 +267,8 @@ pub fn describe(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redirect::memory::{GuestPhysMemory, MemoryImage};
-    use redirect::paging::PagingMode;
+    use crate::memory::{GuestPhysMemory, MemoryImage};
+    use crate::paging::PagingMode;
 
     #[test]
     fn each_trap_has_its_own_slot_in_the_trap_page() {

@@ -1,0 +1,274 @@
+//! The redirect vCPU's architectural state for one segment of a call, as pure functions
+//! (after Firecracker's `arch/x86_64/regs.rs`): segment registers and descriptor tables,
+//! the system-call MSRs and XCR0. They take the lent GVM CPU's control state and the GVM
+//! kernel's per-cpu layout, and return what the executor hands to `KVM_SET_SREGS`,
+//! `KVM_SET_MSRS` and `KVM_SET_XCRS`.
+
+use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_segment, kvm_sregs, kvm_xcrs};
+
+use crate::boot::cpu::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
+use crate::vstate::quiesce::ControlState;
+
+/// Linux x86-64 GDT selectors (`arch/x86/include/asm/segment.h`): `__KERNEL_CS`,
+/// `__KERNEL_DS`, `__USER_DS`, `__USER_CS` and the TSS (GDT entry 8).
+pub const KERNEL_CS: u16 = 0x10;
+pub const KERNEL_DS: u16 = 0x18;
+pub const USER_DS: u16 = 0x2b;
+pub const USER_CS: u16 = 0x33;
+pub const TSS_SELECTOR: u16 = 0x40;
+/// The kernel's per-cpu GDT (`GDT_ENTRIES` = 16 descriptors), IDT (256 gates of 16 bytes)
+/// and 64-bit TSS limits.
+pub const GDT_LIMIT: u16 = 16 * 8 - 1;
+pub const IDT_LIMIT: u16 = 256 * 16 - 1;
+pub const TSS_LIMIT: u32 = 0x67;
+/// Segment descriptor types: execute/read code, accessed; read/write data, accessed; busy
+/// 64-bit TSS.
+const TYPE_CODE: u8 = 11;
+const TYPE_DATA: u8 = 3;
+const TYPE_BUSY_TSS: u8 = 11;
+
+/// The privilege a segment starts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A kernel function the executor calls itself (CPL 0, the kernel's GS base).
+    Kernel,
+    /// A program's system call, entered from user mode through `syscall` (CPL 3, the
+    /// program's FS base; the kernel's GS base waits in `KERNEL_GS_BASE` for `swapgs`).
+    User { fs_base: u64 },
+}
+
+/// Where the lent CPU's descriptor tables are: its per-cpu base (read from GVM memory)
+/// and the kernel's per-cpu offsets and IDT address (from the trusted profile).
+#[derive(Debug, Clone, Copy)]
+pub struct CpuTables {
+    pub pcpu_base: u64,
+    pub gdt_page: u64,
+    pub cpu_tss_rw: u64,
+    pub idt_table: u64,
+}
+
+/// A per-cpu address that does not fit in 64 bits: the per-cpu base comes from GVM memory
+/// and is not trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the lent CPU's per-cpu base {pcpu_base:#x} plus offset {offset:#x} overflows")]
+pub struct PerCpuOverflow {
+    pub pcpu_base: u64,
+    pub offset: u64,
+}
+
+fn per_cpu(pcpu_base: u64, offset: u64) -> Result<u64, PerCpuOverflow> {
+    pcpu_base
+        .checked_add(offset)
+        .ok_or(PerCpuOverflow { pcpu_base, offset })
+}
+
+/// A flat 64-bit segment: code (long mode) or data, at privilege `dpl`.
+fn flat(selector: u16, code: bool, base: u64, dpl: u8) -> kvm_segment {
+    kvm_segment {
+        base,
+        limit: 0xffff_ffff,
+        selector,
+        type_: if code { TYPE_CODE } else { TYPE_DATA },
+        present: 1,
+        dpl,
+        db: u8::from(!code),
+        s: 1,
+        l: u8::from(code),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}
+
+/// `current` with the control registers, segments, GDT, IDT and TR of a segment that
+/// starts in `mode` with the view's page tables at `view_cr3`. Everything else of
+/// `current` (the vCPU's other state) is kept.
+pub fn segment_registers(
+    current: kvm_sregs,
+    control: &ControlState,
+    view_cr3: u64,
+    tables: &CpuTables,
+    mode: Mode,
+) -> Result<kvm_sregs, PerCpuOverflow> {
+    let mut s = current;
+    s.cr0 = control.cr0;
+    s.cr3 = view_cr3;
+    s.cr4 = control.cr4;
+    s.efer = control.efer;
+    s.apic_base = control.apic_base;
+    match mode {
+        Mode::Kernel => {
+            s.cs = flat(KERNEL_CS, true, 0, 0);
+            s.ss = flat(KERNEL_DS, false, 0, 0);
+            s.ds = flat(0, false, 0, 0);
+            s.es = flat(0, false, 0, 0);
+            s.fs = flat(0, false, 0, 0);
+            s.gs = flat(0, false, tables.pcpu_base, 0);
+        }
+        Mode::User { fs_base } => {
+            s.cs = flat(USER_CS, true, 0, 3);
+            s.ss = flat(USER_DS, false, 0, 3);
+            s.ds = flat(USER_DS, false, 0, 3);
+            s.es = flat(USER_DS, false, 0, 3);
+            s.fs = flat(0, false, fs_base, 3);
+            s.gs = flat(0, false, 0, 3);
+        }
+    }
+    s.gdt = kvm_dtable {
+        base: per_cpu(tables.pcpu_base, tables.gdt_page)?,
+        limit: GDT_LIMIT,
+        padding: [0; 3],
+    };
+    s.idt = kvm_dtable {
+        base: tables.idt_table,
+        limit: IDT_LIMIT,
+        padding: [0; 3],
+    };
+    s.tr = kvm_segment {
+        base: per_cpu(tables.pcpu_base, tables.cpu_tss_rw)?,
+        limit: TSS_LIMIT,
+        selector: TSS_SELECTOR,
+        type_: TYPE_BUSY_TSS,
+        present: 1,
+        ..Default::default()
+    };
+    Ok(s)
+}
+
+/// The system-call MSRs of the lent CPU, its TSC, and `KERNEL_GS_BASE` (the kernel's GS
+/// base in user mode, for `swapgs`; 0 in kernel mode, where GS already holds it).
+pub fn msrs(control: &ControlState, pcpu_base: u64, mode: Mode) -> [kvm_msr_entry; 5] {
+    let other_gs = match mode {
+        Mode::Kernel => 0,
+        Mode::User { .. } => pcpu_base,
+    };
+    [
+        (MSR_STAR, control.star),
+        (MSR_LSTAR, control.lstar),
+        (MSR_SYSCALL_MASK, control.sfmask),
+        (MSR_KERNEL_GS_BASE, other_gs),
+        (MSR_IA32_TSC, control.tsc),
+    ]
+    .map(|(index, data)| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    })
+}
+
+/// XCR0 of the lent CPU (x87 state, bit 0, is architecturally always set).
+pub fn xcrs(control: &ControlState) -> kvm_xcrs {
+    let mut xcrs = kvm_xcrs {
+        nr_xcrs: 1,
+        ..Default::default()
+    };
+    xcrs.xcrs[0].xcr = 0;
+    xcrs.xcrs[0].value = control.xcr0.max(1);
+    xcrs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn control() -> ControlState {
+        ControlState {
+            cr0: 0x8005_0033,
+            cr3: 0x1234_5000,
+            cr4: 0x3506f0,
+            efer: 0xd01,
+            xcr0: 0x7,
+            apic_base: 0xfee0_0900,
+            star: 0x0023_0010_0000_0000,
+            lstar: 0xffff_ffff_8160_0000,
+            sfmask: 0x4_7700,
+            tsc: 123_456,
+        }
+    }
+
+    const TABLES: CpuTables = CpuTables {
+        pcpu_base: 0xffff_8880_1f00_0000,
+        gdt_page: 0xb000,
+        cpu_tss_rw: 0x6000,
+        idt_table: 0xffff_ffff_82c0_0000,
+    };
+
+    #[test]
+    fn a_kernel_segment_runs_at_cpl0_with_the_kernel_gs_base() {
+        let s = segment_registers(
+            kvm_sregs::default(),
+            &control(),
+            0x9000,
+            &TABLES,
+            Mode::Kernel,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.cr0, s.cr3, s.cr4, s.efer),
+            (0x8005_0033, 0x9000, 0x3506f0, 0xd01)
+        );
+        assert_eq!(
+            (s.cs.selector, s.cs.dpl, s.cs.l, s.cs.db),
+            (KERNEL_CS, 0, 1, 0)
+        );
+        assert_eq!((s.ss.selector, s.ss.dpl, s.ss.db), (KERNEL_DS, 0, 1));
+        assert_eq!(s.gs.base, TABLES.pcpu_base);
+        assert_eq!(s.fs.base, 0);
+        assert_eq!((s.gdt.base, s.gdt.limit), (TABLES.pcpu_base + 0xb000, 127));
+        assert_eq!((s.idt.base, s.idt.limit), (TABLES.idt_table, 4095));
+        assert_eq!(
+            (s.tr.selector, s.tr.base),
+            (TSS_SELECTOR, TABLES.pcpu_base + 0x6000)
+        );
+        let m = msrs(&control(), TABLES.pcpu_base, Mode::Kernel);
+        assert_eq!(m[3].index, MSR_KERNEL_GS_BASE);
+        assert_eq!(m[3].data, 0);
+    }
+
+    #[test]
+    fn a_system_call_starts_at_cpl3_with_the_programs_fs_and_the_kernel_gs_in_waiting() {
+        let mode = Mode::User {
+            fs_base: 0x7f00_1234_5000,
+        };
+        let s = segment_registers(kvm_sregs::default(), &control(), 0x9000, &TABLES, mode).unwrap();
+        assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (USER_CS, 3, 1));
+        for seg in [s.ss, s.ds, s.es] {
+            assert_eq!((seg.selector, seg.dpl, seg.type_), (USER_DS, 3, TYPE_DATA));
+        }
+        assert_eq!((s.fs.base, s.gs.base), (0x7f00_1234_5000, 0));
+        let m = msrs(&control(), TABLES.pcpu_base, mode);
+        let by_index = |i: u32| m.iter().find(|e| e.index == i).map(|e| e.data);
+        assert_eq!(by_index(MSR_KERNEL_GS_BASE), Some(TABLES.pcpu_base));
+        assert_eq!(by_index(MSR_LSTAR), Some(control().lstar));
+        assert_eq!(by_index(MSR_STAR), Some(control().star));
+        assert_eq!(by_index(MSR_SYSCALL_MASK), Some(control().sfmask));
+        assert_eq!(by_index(MSR_IA32_TSC), Some(123_456));
+    }
+
+    #[test]
+    fn a_per_cpu_base_from_the_gvm_that_overflows_is_an_error() {
+        let tables = CpuTables {
+            pcpu_base: u64::MAX - 0x100,
+            ..TABLES
+        };
+        let err = segment_registers(kvm_sregs::default(), &control(), 0, &tables, Mode::Kernel)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            PerCpuOverflow {
+                pcpu_base: u64::MAX - 0x100,
+                offset: 0xb000
+            }
+        );
+    }
+
+    #[test]
+    fn xcr0_keeps_x87_state_on() {
+        let mut c = control();
+        assert_eq!(xcrs(&c).xcrs[0].value, 0x7);
+        c.xcr0 = 0;
+        let x = xcrs(&c);
+        assert_eq!((x.nr_xcrs, x.xcrs[0].xcr, x.xcrs[0].value), (1, 0, 1));
+    }
+}

@@ -151,9 +151,51 @@ const KERNEL_TROUBLE: [&str; 8] = [
     "Call Trace",
 ];
 
-/// Fails the test when `console` (a guest's console from its init on) shows any sign of
-/// kernel trouble; `what` names the console in the message.
+/// Kernel warnings every guest boot prints in the nested test harness, matched by the
+/// exact kernel source line: `XSAVE consistency problem: size 832 != kernel_size 576`
+/// (CPUID leaf 0xD's total XSAVE size disagrees with the sum of its feature sizes, as L1's
+/// KVM reports them under QEMU TCG). Not yet traced to its source (docs/LIMITS.md); no
+/// other warning is excused.
+const KNOWN_HARNESS_WARNINGS: [&str; 1] =
+    ["WARNING: CPU: 0 PID: 0 at arch/x86/kernel/fpu/xstate.c:606 fpu__init_system_xstate"];
+
+/// `console` without the WARN reports (from "cut here" to "end trace") that hold one of
+/// [`KNOWN_HARNESS_WARNINGS`].
+fn without_known_harness_warnings(console: &str) -> String {
+    let mut kept = String::new();
+    let mut block: Option<String> = None;
+    for line in console.lines() {
+        if line.contains("------------[ cut here ]------------") {
+            if let Some(open) = block.take() {
+                kept.push_str(&open);
+            }
+            block = Some(String::new());
+        }
+        match block.as_mut() {
+            Some(open) => {
+                open.push_str(line);
+                open.push('\n');
+                if line.contains("---[ end trace") {
+                    let report = block.take().unwrap_or_default();
+                    if !KNOWN_HARNESS_WARNINGS.iter().any(|w| report.contains(w)) {
+                        kept.push_str(&report);
+                    }
+                }
+            }
+            None => {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+    }
+    kept.push_str(&block.unwrap_or_default());
+    kept
+}
+
+/// Fails the test when `console` (a guest's whole console) shows any sign of kernel
+/// trouble, but for [`KNOWN_HARNESS_WARNINGS`]; `what` names the console in the message.
 pub fn assert_clean_console(what: &str, console: &str) {
+    let console = without_known_harness_warnings(console);
     for bad in KERNEL_TROUBLE {
         assert!(!console.contains(bad), "{what} shows {bad:?}:\n{console}");
     }

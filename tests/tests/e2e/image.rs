@@ -111,13 +111,13 @@ fn sealed_gvm_boots_from_its_image() {
     let (code, out, err) = run_image(&image, &[&public]);
     assert_eq!(code, 0, "run --image failed: {err}");
     // A line of its own: the kernel also echoes its command line, which contains it.
+    assert_clean_console("the sealed guest's console", &out);
     let console = after_init("the sealed guest's console", &out);
     assert!(
         console.lines().any(|l| l.trim() == GREETING),
         "the sealed exterior_run did not run"
     );
     assert!(console.contains("exterior_run: exit status 0"));
-    assert_clean_console("the sealed guest's console", console);
 }
 
 #[test]
@@ -140,6 +140,7 @@ fn a_sealed_image_boots_with_the_memory_and_cpus_it_was_sealed_with() {
 
     let (code, out, err) = run_image(&image, &[&public]);
     assert_eq!(code, 0, "run --image failed: {err}");
+    assert_clean_console("the sealed guest's console", &out);
     let console = after_init("the sealed guest's console", &out);
     let line = console
         .lines()
@@ -156,7 +157,6 @@ fn a_sealed_image_boots_with_the_memory_and_cpus_it_was_sealed_with() {
     // What the kernel reports is what it was given, less its own image and reservations:
     // more than 512 MiB (the default) and no more than 768 MiB.
     assert!(kib > 512 << 10 && kib <= 768 << 10, "MemTotal {kib} kB");
-    assert_clean_console("the sealed guest's console", console);
 }
 
 #[test]

@@ -33,16 +33,16 @@ pub(super) fn last_error(rt: &Path, name: &str) -> String {
         .to_string()
 }
 
-/// The GVM's console log after its init started: no oops, BUG, panic or warning. (The
+/// The GVM's whole console log: no oops, BUG, panic or warning. (The
 /// instance guard checks this again when the test ends; here it is checked at the point
 /// the scenario claims it.)
 fn assert_no_oops(rt: &Path, name: &str) {
     let log = std::fs::read_to_string(rt.join(format!("{name}.gvm.log"))).expect("GVM log");
-    assert_clean_console("the GVM's console", after_init("the GVM's console", &log));
+    assert_clean_console("the GVM's console", &log);
 }
 
-/// `kill -9 PID` from outside; waits (a minute at most) until the GVM's own `ps` no longer
-/// lists `comm`.
+/// `kill -9 PID` from outside, PID being `comm` in the GVM; waits (a minute at most) until
+/// the GVM's /proc no longer has it.
 pub(super) fn kill_from_outside(
     rt: &Path,
     name: &str,
@@ -50,12 +50,15 @@ pub(super) fn kill_from_outside(
     pid: &str,
     comm: &str,
 ) {
+    assert_eq!(
+        gvm.run(&format!("cat /proc/{pid}/comm")).trim(),
+        comm,
+        "pid {pid} is not {comm} in the GVM"
+    );
     exterior(rt, name, &["kill", "-9", pid]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while processes(&gvm.run("ps -o pid,comm"))
-        .iter()
-        .any(|(_, c)| c == comm)
-    {
+    let gone = format!("[ -d /proc/{pid} ] && echo alive || echo gone");
+    while gvm.run(&gone).trim() != "gone" {
         assert!(Instant::now() < deadline, "{comm} survived kill -9");
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -151,9 +154,20 @@ fn an_operator_recovers_a_misbehaving_gvm_from_outside() {
             && why.contains("rolled back: the GVM is unchanged"),
         "{why}"
     );
+    // The call did run in the GVM's kernel: sysrq's banner went out on the GVM's own
+    // serial port from the lent CPU (the command typed there lacks the "sysrq: " prefix).
+    let console = std::fs::read_to_string(rt.join("rc.gvm.log")).expect("GVM log");
+    assert!(
+        console.contains("sysrq: Trigger a crash"),
+        "sysrq's banner is not on the GVM's console"
+    );
+    // ... and left nothing behind: not the banner in the log buffer (whose boot lines
+    // are still there), not the stall suppression.
     assert_eq!(
-        gvm.run(&format!("cat {stall}; dmesg | grep -c 'Trigger a crash'")),
-        "0\n0\n",
+        gvm.run(&format!(
+            "cat {stall}; dmesg | grep -c 'Trigger a crash'; dmesg | grep -c 'Linux version'"
+        )),
+        "0\n0\n1\n",
         "the refused call left stores in the GVM"
     );
 
@@ -233,6 +247,10 @@ fn an_operator_recovers_a_misbehaving_gvm_from_outside() {
     );
 }
 
+/// Rounds of the soak: each runs 26 commands (5 x hostname, sysctl -w, renice, kill -0,
+/// two /proc reads, then ps -e), a few hundred redirected calls.
+const ROUNDS: u32 = 6;
+
 #[test]
 fn a_thousand_mixed_calls_against_a_busy_gvm() {
     let rt = runtime("soak");
@@ -245,11 +263,10 @@ fn a_thousand_mixed_calls_against_a_busy_gvm() {
     );
     let sleeper = gvm.run("cat /tmp/sleeper").trim().to_string();
     let start_calls = info(&rt, "sk", "redirect_calls");
-    let mut round = 0u32;
+    // A fixed number of rounds (not "until the counter says 1,000"): the counter is the
+    // product's, and is checked against the work done below.
     let mut commands = 0u32;
-    while info(&rt, "sk", "redirect_calls") - start_calls < 1000 {
-        round += 1;
-        assert!(round <= 100, "fewer than 1,000 calls in 100 rounds");
+    for round in 1..=ROUNDS {
         // Every command's status is checked: "ok" after it succeeded, or its name and
         // status after it failed; a round must print 26 "ok" lines (5 x 5 commands and ps)
         // and no failure.
@@ -270,8 +287,13 @@ fn a_thousand_mixed_calls_against_a_busy_gvm() {
         assert_eq!(out.lines().last(), Some(format!("soak-{round}-5").as_str()));
         commands += 26;
     }
+    let round = ROUNDS;
     let calls = info(&rt, "sk", "redirect_calls") - start_calls;
     eprintln!("soak: {calls} redirected calls by {commands} commands in {round} rounds");
+    assert!(
+        calls >= 1000,
+        "only {calls} redirected calls in {round} rounds"
+    );
     assert_eq!(
         info(&rt, "sk", "redirect_failed"),
         0,

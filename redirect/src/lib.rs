@@ -17,6 +17,7 @@
 //! - [`profile`]: symbols and struct layouts of the pinned kernel;
 //! - [`view`]: the private window's layout and the view page tables of a redirected call;
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
+//! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
 //! - [`traps`]: the traps patched into the view's private kernel text (sleep, faults,
 //!   panic) and the reports made from them.
 //!
@@ -26,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod lend;
 pub mod memory;
 pub mod paging;
 pub mod profile;

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuExit;
+use redirect::lend::{CallState, LentCpu, PerCpuOffsets};
 use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
 use redirect::shadow::{shadow_files, shadow_task, ShadowPlace};
 use redirect::view::{build_view, offsets, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA};
@@ -78,30 +79,23 @@ impl ShadowAt {
     }
 }
 
-/// The GVM CPU a segment runs as, and its per-cpu words as the GVM had them.
+/// The GVM CPU a segment runs as: its control state and its per-cpu words as the GVM had
+/// them (`redirect::lend`).
 struct Lent {
     cpu: u8,
     control: ControlState,
-    pcpu_base: u64,
-    /// (address, value) of current_task, top of stack, preempt count, FPU owner.
-    saved: [(u64, u64); 4],
-    /// (address, value) of the per-cpu stack-protector canary, if the kernel has one.
-    canary: Option<(u64, u64)>,
-    /// The canary the call runs with (see [`Parked::canary`]).
-    call_canary: u64,
+    words: LentCpu,
 }
 
 /// A call parked at `__schedule`, to be resumed.
 #[derive(Clone, Copy)]
 struct Parked {
     regs: kvm_regs,
-    /// What the call had added to the lent CPU's preempt count.
-    preempt_delta: u32,
     cpu: u8,
-    /// The stack canary the call's frames were entered with. The canary is per task,
-    /// loaded into a per-cpu word at each context switch; the lent CPU has run other
-    /// tasks since, so the call's value is put back for it.
-    canary: u64,
+    /// What the call had added to the lent CPU's preempt count, and the stack canary its
+    /// frames were entered with (the canary is per task, loaded into a per-cpu word at
+    /// each context switch; the lent CPU has run other tasks since).
+    state: CallState,
 }
 
 /// How a segment ended.
@@ -338,28 +332,19 @@ impl Executor {
                 control.lstar, syms.entry_syscall_64
             ));
         }
-        let pcpu_base = read_u64(&kernel, syms.per_cpu_offset + 8 * u64::from(cpu))?;
+        let offsets = PerCpuOffsets {
+            current_task: syms.current_task,
+            top_of_stack: syms.cpu_current_top_of_stack,
+            preempt_count: profile.preempt_count,
+            fpregs_owner: profile.fpregs_owner,
+            stack_canary: profile.stack_canary,
+        };
         let mut lent = Lent {
             cpu,
             control: *control,
-            pcpu_base,
-            saved: [(0, 0); 4],
-            canary: None,
-            call_canary: 0,
+            words: LentCpu::read(&kernel, syms.per_cpu_offset, u32::from(cpu), &offsets)
+                .map_err(|e| e.to_string())?,
         };
-        for (slot, off) in lent.saved.iter_mut().zip([
-            syms.current_task,
-            syms.cpu_current_top_of_stack,
-            profile.preempt_count,
-            profile.fpregs_owner,
-        ]) {
-            let va = pcpu_base + off;
-            *slot = (va, read_u64(&kernel, va)?);
-        }
-        if let Some(off) = profile.stack_canary {
-            let va = pcpu_base + off;
-            lent.canary = Some((va, read_u64(&kernel, va)?));
-        }
         let shadow = match engine.shadow {
             Some(s) => s,
             None => {
@@ -392,20 +377,16 @@ impl Executor {
                 &u32::MAX.to_le_bytes(),
             )?;
         }
-        let delta = resume.map_or(1, |p| p.preempt_delta);
-        // The call keeps the canary it started with (see `Parked::canary`).
-        lent.call_canary = match (resume, lent.canary) {
-            (Some(p), Some((va, _))) => {
-                write_u64(&kernel, va, p.canary)?;
-                p.canary
-            }
-            (None, Some((_, v))) => v,
-            (_, None) => 0,
-        };
-        let raised = raise_preempt_count(lent.saved[2].1, delta);
-        let lend = write_u64(&kernel, lent.saved[0].0, shadow.task())
-            .and_then(|()| write_u64(&kernel, lent.saved[1].0, shadow.stack_top()))
-            .and_then(|()| write_u64(&kernel, lent.saved[2].0, raised));
+        // A resumed call keeps its preempt count and the canary it started with.
+        let lend = lent
+            .words
+            .lend(
+                &kernel,
+                shadow.task(),
+                shadow.stack_top(),
+                resume.map(|p| p.state),
+            )
+            .map_err(|e| e.to_string());
         let run = match (lend, resume) {
             (Err(e), _) => Err(Stop::Failed(e)),
             (Ok(()), None) => self.start(engine, profile, &lent, sregs, Entry::Syscall(regs)),
@@ -420,7 +401,7 @@ impl Executor {
             run,
             resume.is_some(),
         );
-        let restored = give_back(&kernel, &lent);
+        let restored = lent.words.give_back(&kernel);
         let end = end?;
         restored.map_err(|e| format!("giving CPU {cpu} back: {e}"))?;
         if !matches!(end, SegmentEnd::Stopped(_)) {
@@ -528,14 +509,12 @@ impl Executor {
             .fetch_add(pages, Ordering::Relaxed);
         regs.rip = read_u64(kernel, regs.rsp)?;
         regs.rsp += 8;
-        let now = read_u64(kernel, lent.saved[2].0)? as u32;
-        let delta = now.wrapping_sub(lent.saved[2].1 as u32);
+        let state = lent.words.park(kernel).map_err(|e| e.to_string())?;
         write_bytes(kernel, state_va, &0u32.to_le_bytes())?;
         Ok(SegmentEnd::Slept(Parked {
             regs,
-            preempt_delta: delta,
             cpu: lent.cpu,
-            canary: lent.call_canary,
+            state,
         }))
     }
 
@@ -596,7 +575,7 @@ impl Executor {
         complete_pending_exit(engine);
         let syms = &profile.kernel.symbols;
         let control = &lent.control;
-        let pcpu_base = lent.pcpu_base;
+        let pcpu_base = lent.words.pcpu_base();
         let view = self.fresh_view(engine, profile, control, sregs)?;
         let vcpu = &engine.vcpu;
         let mode = match entry {
@@ -855,8 +834,9 @@ impl Executor {
     ) -> Result<ShadowAt, String> {
         let syms = &profile.kernel.symbols;
         let lay = &profile.shadow;
-        let (preempt_va, preempt) = lent.saved[2];
-        write_u64(kernel, preempt_va, raise_preempt_count(preempt, 1))?;
+        lent.words
+            .disable_preemption(kernel)
+            .map_err(|e| e.to_string())?;
         let entry = Entry::Function {
             address: profile.get_free_pages,
             // No GFP flags: an allocation that neither sleeps nor reclaims.
@@ -864,7 +844,7 @@ impl Executor {
         };
         let run = self.start(engine, profile, lent, sregs, entry);
         let settled = engine.settle(run.is_ok());
-        let restored = write_u64(kernel, preempt_va, preempt);
+        let restored = lent.words.give_back(kernel).map_err(|e| e.to_string());
         let block = match run {
             Ok(v) => v as u64,
             Err(Stop::Trap(trap, args)) => {
@@ -942,20 +922,6 @@ fn complete_pending_exit(engine: &mut Engine) {
     engine.vcpu.set_kvm_immediate_exit(0);
 }
 
-/// The per-cpu word holding the preempt count, with `delta` added to the count: it is an
-/// int, and the word's upper half is the next per-cpu variable.
-fn raise_preempt_count(word: u64, delta: u32) -> u64 {
-    (word & !0xffff_ffff) | u64::from((word as u32).wrapping_add(delta))
-}
-
-/// Puts the lent CPU's per-cpu words back as the GVM had them.
-fn give_back(kernel: &AddressSpace<'_>, lent: &Lent) -> Result<(), String> {
-    lent.saved
-        .iter()
-        .chain(lent.canary.iter())
-        .try_for_each(|&(va, v)| write_u64(kernel, va, v))
-}
-
 fn read_bytes(kernel: &AddressSpace<'_>, va: u64, buf: &mut [u8]) -> Result<(), String> {
     kernel
         .read(va, buf, Privilege::Supervisor)
@@ -965,10 +931,6 @@ fn read_bytes(kernel: &AddressSpace<'_>, va: u64, buf: &mut [u8]) -> Result<(), 
 fn read_u64(kernel: &AddressSpace<'_>, va: u64) -> Result<u64, String> {
     let mut raw = [0u8; 8];
     read_bytes(kernel, va, &mut raw).map(|()| u64::from_le_bytes(raw))
-}
-
-fn write_u64(kernel: &AddressSpace<'_>, va: u64, v: u64) -> Result<(), String> {
-    write_bytes(kernel, va, &v.to_le_bytes())
 }
 
 fn write_bytes(kernel: &AddressSpace<'_>, va: u64, bytes: &[u8]) -> Result<(), String> {

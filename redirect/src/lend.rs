@@ -228,18 +228,8 @@ mod tests {
     use super::*;
     use crate::memory::{GuestPhysMemory, MemoryImage};
     use crate::paging::PagingMode;
+    use crate::test_images::{kernel_image, K};
 
-    /// Kernel addresses 0xffffffff80000000.. map to 0.. (2 MiB pages) over 4 MiB.
-    fn kernel_image() -> MemoryImage {
-        let mem = MemoryImage::new(0x40_0000);
-        mem.write_u64(0x1000 + 511 * 8, 0x3000 | 3).unwrap();
-        mem.write_u64(0x3000 + 510 * 8, 0x4000 | 3).unwrap();
-        mem.write_u64(0x4000, 0x83).unwrap();
-        mem.write_u64(0x4008, 0x20_0000 | 0x83).unwrap();
-        mem
-    }
-
-    const K: u64 = 0xffff_ffff_8000_0000;
     /// `__per_cpu_offset` at K + 0x10000; CPU 1's area at K + 0x20_0000.
     const PER_CPU_OFFSET: u64 = K + 0x1_0000;
     const PCPU1: u64 = K + 0x20_0000;

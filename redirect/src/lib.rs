@@ -35,6 +35,9 @@ pub mod shadow;
 pub mod traps;
 pub mod view;
 
+#[cfg(test)]
+mod test_images;
+
 pub use memory::{GuestPhysMemory, MemError, MemoryImage};
 pub use paging::{
     for_each_mapping, is_canonical, read_cstr, read_virt, translate, write_virt, Access,

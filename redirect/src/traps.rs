@@ -269,6 +269,7 @@ mod tests {
     use super::*;
     use crate::memory::{GuestPhysMemory, MemoryImage};
     use crate::paging::PagingMode;
+    use crate::test_images::{kernel_image, K};
 
     #[test]
     fn each_trap_has_its_own_slot_in_the_trap_page() {
@@ -285,18 +286,6 @@ mod tests {
             "the sleep trap is the required one"
         );
     }
-
-    /// A kernel half mapping 0xffffffff80000000.. → 0 (2 MiB pages) over a 4 MiB image.
-    fn kernel_image() -> MemoryImage {
-        let mem = MemoryImage::new(0x40_0000);
-        mem.write_u64(0x1000 + 511 * 8, 0x3000 | 3).unwrap();
-        mem.write_u64(0x3000 + 510 * 8, 0x4000 | 3).unwrap();
-        mem.write_u64(0x4000, 0x83).unwrap();
-        mem.write_u64(0x4008, 0x20_0000 | 0x83).unwrap();
-        mem
-    }
-
-    const K: u64 = 0xffff_ffff_8000_0000;
 
     fn layout() -> ModuleLayout {
         ModuleLayout {

@@ -14,6 +14,7 @@
 use thiserror::Error;
 
 use crate::paging::{AddressSpace, Privilege, WalkError};
+use crate::profile::KernelSymbols;
 
 /// Per-cpu offsets (from the trusted kernel profile) of the words a lent CPU changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +30,19 @@ pub struct PerCpuOffsets {
     pub fpregs_owner: u64,
     /// `fixed_percpu_data.stack_canary`, when the kernel has a stack protector.
     pub stack_canary: Option<u64>,
+}
+
+impl PerCpuOffsets {
+    /// The offsets of the trusted kernel's profile.
+    pub fn from_symbols(symbols: &KernelSymbols) -> PerCpuOffsets {
+        PerCpuOffsets {
+            current_task: symbols.current_task,
+            top_of_stack: symbols.cpu_current_top_of_stack,
+            preempt_count: symbols.preempt_count,
+            fpregs_owner: symbols.fpregs_owner,
+            stack_canary: symbols.stack_canary,
+        }
+    }
 }
 
 /// Why a CPU could not be lent or given back.

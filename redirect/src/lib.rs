@@ -18,6 +18,7 @@
 //! - [`view`]: the private window's layout and the view page tables of a redirected call;
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
+//! - [`call_profile`]: what a call needs from the kernel profile, derived once;
 //! - [`traps`]: the traps patched into the view's private kernel text (sleep, faults,
 //!   panic) and the reports made from them.
 //!
@@ -27,6 +28,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod call_profile;
 pub mod lend;
 pub mod memory;
 pub mod paging;

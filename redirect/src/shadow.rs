@@ -16,8 +16,12 @@
 
 use thiserror::Error;
 
+use crate::paging::{AddressSpace, Privilege, WalkError};
 use crate::profile::KernelProfile;
 
+/// Linux `__state` bits.
+const TASK_INTERRUPTIBLE: u32 = 1;
+const TASK_UNINTERRUPTIBLE: u32 = 2;
 /// TIF_NEED_FPU_LOAD (x86, 6.1): restore the task's FPU state before returning to user.
 const TIF_NEED_FPU_LOAD: u64 = 14;
 /// The shadow's thread flags at the start of every call: only TIF_NEED_FPU_LOAD.
@@ -35,6 +39,159 @@ pub enum ShadowError {
     },
     #[error("the template {0} is shorter than its struct")]
     ShortTemplate(&'static str),
+    #[error("GVM kernel memory at {va:#x}: {source}")]
+    Memory {
+        va: u64,
+        #[source]
+        source: WalkError,
+    },
+    #[error("the GVM's page allocator gave {0:#x} for the shadow block (64 KiB, aligned)")]
+    BadBlock(u64),
+}
+
+/// Order of the shadow block: 2^4 GVM pages.
+pub const BLOCK_ORDER: u64 = 4;
+/// The shadow block's size; it is aligned to it.
+pub const BLOCK_SIZE: u64 = 0x1000 << BLOCK_ORDER;
+/// The kernel stack (`THREAD_SIZE` on x86-64, aligned to it) is the block's start.
+pub const THREAD_SIZE: u64 = 0x4000;
+const TASK_OFF: u64 = 0x4000;
+const FILES_OFF: u64 = 0x8000;
+
+/// The shadow task's home in GVM memory: one block from the GVM's page allocator
+/// (direct-map addresses) holding its kernel stack, `task_struct` and `files_struct`.
+/// The block is the GVM's, so everything a call leaves in the GVM's lists (wait-queue
+/// entries on its stack, lock owners) stays addressable there after the call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShadowBlock {
+    base: u64,
+}
+
+fn read(kernel: &AddressSpace<'_>, va: u64, buf: &mut [u8]) -> Result<(), ShadowError> {
+    kernel
+        .read(va, buf, Privilege::Supervisor)
+        .map_err(|source| ShadowError::Memory { va, source })
+}
+
+fn write(kernel: &AddressSpace<'_>, va: u64, bytes: &[u8]) -> Result<(), ShadowError> {
+    kernel
+        .write(va, bytes, Privilege::Supervisor)
+        .map_err(|source| ShadowError::Memory { va, source })
+}
+
+impl ShadowBlock {
+    /// The block at `base`, as the GVM's allocator returned it (hostile: checked).
+    pub fn at(base: u64) -> Result<ShadowBlock, ShadowError> {
+        if base == 0 || !base.is_multiple_of(BLOCK_SIZE) || base.checked_add(BLOCK_SIZE).is_none() {
+            return Err(ShadowError::BadBlock(base));
+        }
+        Ok(ShadowBlock { base })
+    }
+
+    /// The shadow `task_struct`.
+    pub fn task(&self) -> u64 {
+        self.base + TASK_OFF
+    }
+
+    /// The top of the shadow's kernel stack.
+    pub fn stack_top(&self) -> u64 {
+        self.base + THREAD_SIZE
+    }
+
+    /// The shadow `files_struct`.
+    pub fn files(&self) -> u64 {
+        self.base + FILES_OFF
+    }
+
+    /// Makes the shadow task and file table in the block from the GVM's `init_task` (at
+    /// `init_task`) and its file table, for a call on CPU `cpu`.
+    pub fn install(
+        &self,
+        kernel: &AddressSpace<'_>,
+        init_task: u64,
+        layout: &ShadowLayout,
+        cpu: u32,
+    ) -> Result<(), ShadowError> {
+        let too_large = |what, size, room| ShadowError::TooLarge { what, size, room };
+        if layout.task_size > FILES_OFF - TASK_OFF {
+            return Err(too_large(
+                "task_struct",
+                layout.task_size,
+                FILES_OFF - TASK_OFF,
+            ));
+        }
+        if layout.files_size > BLOCK_SIZE - FILES_OFF {
+            return Err(too_large(
+                "files_struct",
+                layout.files_size,
+                BLOCK_SIZE - FILES_OFF,
+            ));
+        }
+        // Both sizes are bounded by the block just above.
+        let mut template = vec![0u8; layout.task_size as usize];
+        read(kernel, init_task, &mut template)?;
+        let files_ptr = read_u64(&template, layout.files)?;
+        let place = ShadowPlace {
+            task: self.task(),
+            stack: self.base,
+            files: self.files(),
+            cpu,
+        };
+        let task = shadow_task(&template, init_task, layout, &place, FILES_OFF - TASK_OFF)?;
+        let mut files_template = vec![0u8; layout.files_size as usize];
+        read(kernel, files_ptr, &mut files_template)?;
+        let files = shadow_files(
+            &files_template,
+            files_ptr,
+            layout,
+            place.files,
+            BLOCK_SIZE - FILES_OFF,
+        )?;
+        write(kernel, place.task, &task)?;
+        write(kernel, place.files, &files)
+    }
+
+    /// Readies the shadow for a new call on CPU `cpu`: it runs there, and its FPU state is
+    /// in no CPU's registers (the kernel restores it on the way out, as for any task).
+    pub fn prepare_call(
+        &self,
+        kernel: &AddressSpace<'_>,
+        layout: &ShadowLayout,
+        cpu: u32,
+    ) -> Result<(), ShadowError> {
+        write(kernel, self.task() + layout.ti_cpu, &cpu.to_le_bytes())?;
+        write(
+            kernel,
+            self.task() + layout.ti_flags,
+            &THREAD_FLAGS_AT_CALL.to_le_bytes(),
+        )?;
+        write(
+            kernel,
+            self.task() + layout.fpu_last_cpu,
+            &u32::MAX.to_le_bytes(),
+        )
+    }
+
+    /// Where the shadow's `__state` is (what a call that reached `__schedule` set it to).
+    pub fn state_va(&self, layout: &ShadowLayout) -> u64 {
+        self.task() + layout.state
+    }
+
+    /// Whether a call that stopped in `__schedule` with the shadow in `state` waits
+    /// interruptibly (for data, an event or a signal), which a call may not do.
+    pub fn waits_interruptibly(state: u32) -> bool {
+        state & TASK_INTERRUPTIBLE != 0 && state & TASK_UNINTERRUPTIBLE == 0
+    }
+
+    /// Marks the shadow running (a parked call): wake-ups in the GVM then leave run queues
+    /// alone, and the call's wait loop sees its condition when it is resumed.
+    pub fn mark_running(
+        &self,
+        kernel: &AddressSpace<'_>,
+        layout: &ShadowLayout,
+    ) -> Result<(), ShadowError> {
+        write(kernel, self.state_va(layout), &0u32.to_le_bytes())
+    }
 }
 
 /// Field offsets the shadow needs beyond [`crate::profile::Layouts`].
@@ -118,13 +275,13 @@ fn put(bytes: &mut [u8], off: u64, value: &[u8]) -> Result<(), ShadowError> {
     Ok(())
 }
 
-/// Where the shadow's parts live (kernel-virtual addresses in the window).
+/// Where the shadow's parts live (kernel-virtual addresses in the shadow block).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShadowPlace {
     pub task: u64,
     pub stack: u64,
     pub files: u64,
-    /// The lent CPU's number (the GVM's spare CPU).
+    /// The number of the GVM CPU lent to the call.
     pub cpu: u32,
 }
 
@@ -224,6 +381,7 @@ fn read_u64(bytes: &[u8], off: u64) -> Result<u64, ShadowError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GuestPhysMemory;
 
     fn layout() -> ShadowLayout {
         ShadowLayout {
@@ -292,6 +450,105 @@ mod tests {
         assert_eq!(&t[0x40..0x48], b"exterior");
         // The template (filled with 0xaa) was "on a CPU"; the shadow is not.
         assert_eq!(u32::from_le_bytes(t[0x6c..0x70].try_into().unwrap()), 0);
+    }
+
+    /// A GVM whose `init_task` (at K + 0x20_0000) points at `init_files` (K + 0x21_0000).
+    fn gvm_with_init_task() -> (crate::MemoryImage, u64) {
+        let mem = crate::test_images::kernel_image();
+        let init_task = crate::test_images::K + 0x20_0000;
+        let mut task = vec![0u8; 0x200];
+        task[0x50..0x58].copy_from_slice(&(init_task + 0x180).to_le_bytes());
+        task[0x30..0x38].copy_from_slice(&(init_task + 0x1_0000).to_le_bytes());
+        mem.write_phys(0x20_0000, &task).unwrap();
+        mem.write_phys(0x21_0000, &[7u8; 0x40]).unwrap();
+        (mem, init_task)
+    }
+
+    #[test]
+    fn the_shadow_block_is_installed_in_gvm_memory_and_readied_per_call() {
+        use crate::paging::{AddressSpace, PagingMode};
+        let (mem, init_task) = gvm_with_init_task();
+        let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
+        let block = ShadowBlock::at(crate::test_images::K + 0x10_0000).unwrap();
+        let l = layout();
+        block.install(&kernel, init_task, &l, 1).unwrap();
+        let word = |va: u64| {
+            let mut raw = [0u8; 8];
+            kernel.read(va, &mut raw, Privilege::Supervisor).unwrap();
+            u64::from_le_bytes(raw)
+        };
+        assert_eq!(block.task(), block.stack_top());
+        assert_eq!(
+            word(block.task() + l.stack),
+            block.stack_top() - THREAD_SIZE
+        );
+        assert_eq!(word(block.task() + l.files), block.files());
+        assert_eq!(word(block.task() + l.fpstate_ptr), block.task() + 0x180);
+        // The file table's count is 1, the rest is init_files'.
+        assert_eq!(word(block.files()), 0x0707_0707_0000_0001);
+        // The GVM's own init_task is untouched.
+        assert_eq!(word(init_task + l.files), init_task + 0x1_0000);
+
+        // A call on CPU 3 after one that left FPU state and other flags behind.
+        let mut raw = [0xffu8; 8];
+        kernel
+            .write(block.task() + l.ti_flags, &raw, Privilege::Supervisor)
+            .unwrap();
+        block.prepare_call(&kernel, &l, 3).unwrap();
+        assert_eq!(word(block.task() + l.ti_flags), THREAD_FLAGS_AT_CALL);
+        kernel
+            .read(
+                block.task() + l.ti_cpu,
+                &mut raw[..4],
+                Privilege::Supervisor,
+            )
+            .unwrap();
+        assert_eq!(u32::from_le_bytes(raw[..4].try_into().unwrap()), 3);
+
+        // Parked: the shadow reads as running again.
+        kernel
+            .write(
+                block.state_va(&l),
+                &2u32.to_le_bytes(),
+                Privilege::Supervisor,
+            )
+            .unwrap();
+        block.mark_running(&kernel, &l).unwrap();
+        let mut state = [0u8; 4];
+        mem.read_phys(block.state_va(&l) - crate::test_images::K, &mut state)
+            .unwrap();
+        assert_eq!(state, [0; 4]);
+    }
+
+    #[test]
+    fn hostile_blocks_and_templates_are_refused() {
+        use crate::paging::{AddressSpace, PagingMode};
+        for base in [0, 0x1000, !(BLOCK_SIZE - 1)] {
+            assert_eq!(ShadowBlock::at(base), Err(ShadowError::BadBlock(base)));
+        }
+        let (mem, init_task) = gvm_with_init_task();
+        let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
+        let block = ShadowBlock::at(crate::test_images::K + 0x10_0000).unwrap();
+        // init_task's files pointer leads outside GVM memory.
+        mem.write_u64(0x20_0030, 0xffff_8000_dead_0000).unwrap();
+        assert!(matches!(
+            block.install(&kernel, init_task, &layout(), 0),
+            Err(ShadowError::Memory {
+                va: 0xffff_8000_dead_0000,
+                ..
+            })
+        ));
+        // A block outside the GVM's mappings cannot be written.
+        let unmapped = ShadowBlock::at(0xffff_8880_0000_0000).unwrap();
+        assert!(matches!(
+            unmapped.prepare_call(&kernel, &layout(), 0),
+            Err(ShadowError::Memory { .. })
+        ));
+        // Interruptible waits are refused, uninterruptible ones (and both bits) parked.
+        assert!(ShadowBlock::waits_interruptibly(1));
+        assert!(!ShadowBlock::waits_interruptibly(2));
+        assert!(!ShadowBlock::waits_interruptibly(3));
+        assert!(!ShadowBlock::waits_interruptibly(0));
     }
 
     #[test]

@@ -10,7 +10,7 @@
 //! bounded walk of the GVM's module list.
 
 use crate::paging::{AddressSpace, Privilege};
-use crate::profile::KernelProfile;
+use crate::profile::{KernelProfile, SymbolTable};
 use crate::view::TRAP_KVA;
 
 /// x86 page-fault error code: the access was an instruction fetch.
@@ -73,6 +73,69 @@ pub fn trap_at(offset: u64) -> Option<Trap> {
     TRAPS
         .get(usize::try_from(offset / 8).ok()?)
         .map(|(trap, _, _)| *trap)
+}
+
+/// A trap placed at its function's address in the trusted text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placed {
+    /// Index in [`TRAPS`].
+    pub index: usize,
+    /// The function's kernel virtual address.
+    pub address: u64,
+}
+
+/// Why the traps cannot be placed or patched in.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum TrapError {
+    /// The trusted kernel's symbols lack a function the engine cannot run without.
+    #[error("the SVM's kallsyms has no {0}")]
+    MissingFunction(&'static str),
+    /// A trap's function is not inside the kernel text being patched.
+    #[error("{name} {address:#x} is outside the kernel text")]
+    OutsideText {
+        /// The function.
+        name: &'static str,
+        /// Its address.
+        address: u64,
+    },
+}
+
+/// Places every trap whose function `symbols` names; a required one missing is an error,
+/// an optional one is left out and named in the second list.
+pub fn place(symbols: &SymbolTable) -> Result<(Vec<Placed>, Vec<&'static str>), TrapError> {
+    let mut placed = Vec::new();
+    let mut absent = Vec::new();
+    for (index, (_, name, required)) in TRAPS.iter().enumerate() {
+        match symbols.address(name) {
+            Some(address) => placed.push(Placed { index, address }),
+            None if *required => return Err(TrapError::MissingFunction(name)),
+            None => absent.push(*name),
+        }
+    }
+    Ok((placed, absent))
+}
+
+/// Patches each trap's code over its function's entry in `text`, a copy of the kernel
+/// text linked at `text_va`.
+pub fn patch_text(text: &mut [u8], text_va: u64, traps: &[Placed]) -> Result<(), TrapError> {
+    for trap in traps {
+        let code = trap_code(trap.index);
+        let name = TRAPS.get(trap.index).map_or("?", |t| t.1);
+        let outside = TrapError::OutsideText {
+            name,
+            address: trap.address,
+        };
+        let at = trap
+            .address
+            .checked_sub(text_va)
+            .and_then(|o| usize::try_from(o).ok())
+            .ok_or(outside.clone())?;
+        text.get_mut(at..at.saturating_add(code.len()))
+            .filter(|slot| slot.len() == code.len())
+            .ok_or(outside)?
+            .copy_from_slice(&code);
+    }
+    Ok(())
 }
 
 /// The function arguments at the trap (System V: RDI, RSI, RDX, RCX).
@@ -270,6 +333,53 @@ mod tests {
     use crate::memory::{GuestPhysMemory, MemoryImage};
     use crate::paging::PagingMode;
     use crate::test_images::{kernel_image, K};
+
+    #[test]
+    fn traps_are_placed_from_symbols_and_patched_only_inside_the_text() {
+        let syms = SymbolTable::parse(
+            "ffffffff81000000 T _stext\nffffffff81000100 T __schedule\nffffffff81000200 T panic\n",
+        )
+        .unwrap();
+        let (placed, absent) = place(&syms).unwrap();
+        assert_eq!(
+            placed,
+            [
+                Placed {
+                    index: 0,
+                    address: 0xffff_ffff_8100_0100
+                },
+                Placed {
+                    index: 6,
+                    address: 0xffff_ffff_8100_0200
+                },
+            ]
+        );
+        assert_eq!(absent.len(), 5);
+        assert!(absent.contains(&"page_fault_oops"));
+        let mut text = vec![0x90u8; 0x300];
+        patch_text(&mut text, 0xffff_ffff_8100_0000, &placed).unwrap();
+        assert_eq!(text[0x100..0x10a], trap_code(0));
+        assert_eq!(text[0x200..0x20a], trap_code(6));
+        assert!(text[..0x100].iter().all(|&b| b == 0x90));
+        // A function whose trap would end past the text, or that lies before it.
+        for address in [0xffff_ffff_8100_02f8, 0xffff_ffff_80ff_ffff] {
+            let err = patch_text(
+                &mut text,
+                0xffff_ffff_8100_0000,
+                &[Placed { index: 1, address }],
+            );
+            assert!(matches!(
+                err,
+                Err(TrapError::OutsideText {
+                    name: "spurious_kernel_fault",
+                    ..
+                })
+            ));
+        }
+        // __schedule is required: the engine cannot stop a sleeping call without it.
+        let syms = SymbolTable::parse("ffffffff81000000 T _stext\n").unwrap();
+        assert_eq!(place(&syms), Err(TrapError::MissingFunction("__schedule")));
+    }
 
     #[test]
     fn each_trap_has_its_own_slot_in_the_trap_page() {

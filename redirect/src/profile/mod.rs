@@ -209,6 +209,16 @@ pub struct KernelSymbols {
     pub gdt_page: u64,
     /// Per-cpu offset of `cpu_tss_rw`.
     pub cpu_tss_rw: u64,
+    /// Per-cpu offset of the preempt count (`__preempt_count`; `pcpu_hot.preempt_count`
+    /// from 6.2).
+    pub preempt_count: u64,
+    /// Per-cpu offset of `fpu_fpregs_owner_ctx`: whose FPU state a CPU's registers hold.
+    pub fpregs_owner: u64,
+    /// Per-cpu offset of the stack-protector canary (`fixed_percpu_data.stack_canary`),
+    /// when the kernel has one.
+    pub stack_canary: Option<u64>,
+    /// `__get_free_pages`: where the shadow task's memory comes from.
+    pub get_free_pages: u64,
 }
 
 fn address(table: &SymbolTable, name: &'static str) -> Result<u64, ProfileError> {
@@ -260,6 +270,18 @@ fn required_percpu(
     percpu(table, btf, name)?.ok_or(ProfileError::MissingPerCpu { name, hint: "" })
 }
 
+/// x86-64 keeps the canary in `fixed_percpu_data`, which the kernel's linker script asserts
+/// is at the start of the per-cpu area (GCC reads %gs:40); none without a stack protector.
+fn stack_canary(table: &SymbolTable, btf: &Btf) -> Result<Option<u64>, ProfileError> {
+    let Some(member) = btf.member_offset("fixed_percpu_data", "stack_canary") else {
+        return Ok(None);
+    };
+    let base = percpu(table, btf, "fixed_percpu_data")?.unwrap_or(0);
+    base.checked_add(member)
+        .map(Some)
+        .ok_or_else(|| ProfileError::BadLayout("fixed_percpu_data.stack_canary overflows".into()))
+}
+
 impl KernelSymbols {
     /// Looks the symbols up in kallsyms, per-cpu ones also in BTF (they must agree; BTF
     /// alone suffices for them).
@@ -283,6 +305,10 @@ impl KernelSymbols {
             )?,
             gdt_page: required_percpu(table, btf, "gdt_page")?,
             cpu_tss_rw: required_percpu(table, btf, "cpu_tss_rw")?,
+            preempt_count: percpu_hot(table, btf, "__preempt_count", "preempt_count")?,
+            fpregs_owner: required_percpu(table, btf, "fpu_fpregs_owner_ctx")?,
+            stack_canary: stack_canary(table, btf)?,
+            get_free_pages: address(table, "__get_free_pages")?,
         };
         if !(syms.stext < syms.etext
             && syms.etext <= syms.start_rodata

@@ -19,6 +19,8 @@ struct Fake {
     btf_current_task: u32,
     /// Whether BTF lists cpu_current_top_of_stack.
     btf_top_of_stack: bool,
+    /// Whether the kernel has a stack protector (`fixed_percpu_data.stack_canary`).
+    stack_protector: bool,
 }
 
 const FAKE: Fake = Fake {
@@ -26,6 +28,7 @@ const FAKE: Fake = Fake {
     pcpu_hot: false,
     btf_current_task: 0x2_1ac0,
     btf_top_of_stack: true,
+    stack_protector: true,
 };
 
 fn fake_btf(f: Fake) -> Vec<u8> {
@@ -116,9 +119,21 @@ fn fake_btf(f: Fake) -> Vec<u8> {
         vars.push((b.var("pcpu_hot", hot), 0x3_2000, 64));
     } else {
         vars.push((b.var("current_task", void_ptr), f.btf_current_task, 8));
+        vars.push((b.var("__preempt_count", int), 0x2_1ac8, 4));
         if f.btf_top_of_stack {
             vars.push((b.var("cpu_current_top_of_stack", ulong), 0x6004, 8));
         }
+    }
+    vars.push((b.var("fpu_fpregs_owner_ctx", void_ptr), 0x2_1ad0, 8));
+    if f.stack_protector {
+        let gs_base = b.array(chr, int, 40);
+        let fixed = b.composite(
+            "fixed_percpu_data",
+            false,
+            48,
+            &[("gs_base", gs_base, 0), ("stack_canary", ulong, 320)],
+        );
+        vars.push((b.var("fixed_percpu_data", fixed), 0, 48));
     }
     let gdt = b.array(ulong, int, 512);
     vars.push((b.var("gdt_page", gdt), 0xb000, 4096));
@@ -150,6 +165,7 @@ const KALLSYMS: &str = "\
 0000000000034000 A __per_cpu_end
 ffffffff81000000 T _stext
 ffffffff81000000 T _text
+ffffffff81200000 T __get_free_pages
 ffffffff81a00000 T entry_SYSCALL_64
 ffffffff81e01ef2 T _etext
 ffffffff82000000 D __start_rodata
@@ -197,6 +213,10 @@ fn builds_a_profile_from_crafted_kernel() {
     assert_eq!(s.current_task, 0x2_1ac0);
     assert_eq!(s.cpu_current_top_of_stack, 0x6004);
     assert_eq!(s.gdt_page, 0xb000);
+    assert_eq!((s.preempt_count, s.fpregs_owner), (0x2_1ac8, 0x2_1ad0));
+    // fixed_percpu_data sits at the start of the per-cpu area; the canary at byte 40.
+    assert_eq!(s.stack_canary, Some(40));
+    assert_eq!(s.get_free_pages, 0xffff_ffff_8120_0000);
     assert_eq!(s.cpu_tss_rw, 0x6000);
     assert_eq!(p.offset_of("task_struct", "__state"), Some(24));
     assert_eq!(
@@ -289,6 +309,31 @@ fn percpu_from_btf_alone_and_cross_checked() {
 }
 
 #[test]
+fn a_kernel_without_stack_protector_has_no_canary_and_the_fpu_owner_is_required() {
+    let f = Fake {
+        stack_protector: false,
+        ..FAKE
+    };
+    let p = KernelProfile::new(&fake_vmlinux(f), KALLSYMS).unwrap();
+    assert_eq!(p.symbols.stack_canary, None);
+    // A per-cpu offset that kallsyms and BTF disagree on is two kernels, not one.
+    let text = format!("{KALLSYMS}0000000000021ad8 A fpu_fpregs_owner_ctx\n");
+    assert_eq!(
+        KernelProfile::new(&fake_vmlinux(FAKE), &text).unwrap_err(),
+        ProfileError::PerCpuMismatch {
+            name: "fpu_fpregs_owner_ctx",
+            kallsyms: 0x2_1ad8,
+            btf: 0x2_1ad0
+        }
+    );
+    let text = KALLSYMS.replace("ffffffff81200000 T __get_free_pages\n", "");
+    assert_eq!(
+        KernelProfile::new(&fake_vmlinux(FAKE), &text).unwrap_err(),
+        ProfileError::MissingSymbol("__get_free_pages")
+    );
+}
+
+#[test]
 fn pcpu_hot_fallback_and_clear_error_when_absent() {
     let f = Fake {
         pcpu_hot: true,
@@ -300,6 +345,7 @@ fn pcpu_hot_fallback_and_clear_error_when_absent() {
     let p = KernelProfile::new(&fake_vmlinux(f), &text).unwrap();
     assert_eq!(p.symbols.current_task, 0x3_2000);
     assert_eq!(p.symbols.cpu_current_top_of_stack, 0x3_2010);
+    assert_eq!(p.symbols.preempt_count, 0x3_2008);
     // Neither the 6.1 name (in kallsyms or BTF) nor pcpu_hot.
     let text = KALLSYMS.replace("0000000000006004 A cpu_current_top_of_stack\n", "");
     let f = Fake {

@@ -250,8 +250,68 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     assert!(text.contains("shell-says-42"), "{text}");
     assert!(text.contains("/dev/pts/"), "not on a terminal: {text}");
 
-    let (code, _, err) = run(vmm_in(&rt).args(["stop", "life"]));
-    assert_eq!(code, 0, "{err}");
+    // Nothing on the control socket waits on the guest. An operator holds the GVM
+    // (`quiesce --hold`) and a redirected call waits inside the executor for it, as a
+    // parked call would; meanwhile info and both consoles answer within a second, and stop
+    // (which also waits for the VMM to exit) within five, not at the hold's end.
+    const DEADLINE: Duration = Duration::from_secs(120);
+    let info_before = run_within(vmm_in(&rt).args(["info", "life"]), None, DEADLINE);
+    assert_eq!(info_before.0, 0, "{}", info_before.2);
+    let calls = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("redirect_calls="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no redirect_calls in info:\n{text}"))
+    };
+    let calls_before = calls(&info_before.1);
+    let held = {
+        let rt = rt.clone();
+        std::thread::spawn(move || {
+            run_within(
+                vmm_in(&rt).args(["quiesce", "life", "--hold", "30000"]),
+                None,
+                DEADLINE,
+            )
+        })
+    };
+    // Quiescing an idle GVM takes milliseconds; then the hold begins.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!held.is_finished(), "the 30 s hold ended early: {:?}", held.join());
+    let waiting = {
+        let rt = rt.clone();
+        std::thread::spawn(move || {
+            run_within(
+                vmm_in(&rt).args(["exec", "life", "--", "hostname"]),
+                None,
+                DEADLINE,
+            )
+        })
+    };
+    let answers_within = |limit: Duration, args: &[&str]| -> String {
+        let started = std::time::Instant::now();
+        let (code, out, err) = run_within(vmm_in(&rt).args(args), None, DEADLINE);
+        let took = started.elapsed();
+        assert_eq!(code, 0, "{args:?} while the GVM is held: {err}");
+        assert!(took < limit, "{args:?} took {took:?} while the GVM is held");
+        out
+    };
+    let answers_quickly = |args: &[&str]| answers_within(Duration::from_secs(1), args);
+    let mut polls = 0;
+    while calls(&answers_quickly(&["info", "life"])) == calls_before {
+        polls += 1;
+        assert!(polls < 50, "the redirected hostname never reached the executor");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!held.is_finished() && !waiting.is_finished());
+    let gvm_console = answers_quickly(&["console", "life"]);
+    assert!(gvm_console.contains("q-42"), "{gvm_console}");
+    let svm_console = answers_quickly(&["console", "life", "--svm"]);
+    assert!(svm_console.contains("exterior-agent: serving on"), "{svm_console}");
+    assert!(!held.is_finished() && !waiting.is_finished());
+    answers_within(Duration::from_secs(5), &["stop", "life"]);
+    // The hold and the waiting call end with the instance, not at the end of the hold.
+    let (held, waiting) = (held.join(), waiting.join());
+    assert!(held.is_ok() && waiting.is_ok(), "{held:?} {waiting:?}");
     assert!(!alive(pid), "the VMM process is still there");
     assert!(!rt.join("life.sock").exists(), "socket left behind");
     assert!(!rt.join("life.lock").exists(), "lock left behind");

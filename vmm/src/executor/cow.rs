@@ -9,6 +9,7 @@
 
 use std::os::fd::AsRawFd;
 
+use thiserror::Error;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::GuestMemory;
@@ -46,6 +47,30 @@ pub struct Piece {
     pub shared: u64,
 }
 
+/// Why GVM RAM could not be mapped, or a call's stores not settled.
+#[derive(Debug, Error)]
+pub enum CowError {
+    #[error(
+        "GVM RAM is not backed by a file; the redirect view needs its memfd to map it \
+         copy-on-write"
+    )]
+    NotFileBacked,
+    #[error("GVM RAM region of {0:#x} bytes does not fit this host's address space")]
+    TooLarge(u64),
+    #[error("mapping GVM RAM copy-on-write: {0}")]
+    Map(#[source] std::io::Error),
+    #[error("{gpa:#x}+{len:#x} is not GVM RAM")]
+    NotRam { gpa: u64, len: u64 },
+    #[error("dirty log of GVM RAM slot {slot}: {source}")]
+    DirtyLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("dropping the call's private pages: {0}")]
+    Discard(#[source] std::io::Error),
+}
+
 pub struct CowRam {
     mappings: Vec<Mapping>,
     pieces: Vec<Piece>,
@@ -53,15 +78,20 @@ pub struct CowRam {
 
 impl CowRam {
     /// Maps every region of `gvm` (memfd-backed) privately.
-    pub fn map(gvm: &GuestMemory) -> Result<CowRam, String> {
+    pub fn map(gvm: &GuestMemory) -> Result<CowRam, CowError> {
         let mut mappings = Vec::new();
         for region in gvm.iter() {
-            let file = region.file_offset().ok_or(
-                "GVM RAM is not backed by a file; the redirect view needs its memfd to map it \
-                 copy-on-write",
-            )?;
-            let len = usize::try_from(region.len()).map_err(|e| e.to_string())?;
-            let offset = libc::off_t::try_from(file.start()).map_err(|e| e.to_string())?;
+            let file = region.file_offset().ok_or(CowError::NotFileBacked)?;
+            let too_large = CowError::TooLarge(region.len());
+            let len = usize::try_from(region.len()).map_err(|_| too_large)?;
+            let offset = libc::off_t::try_from(file.start())
+                .map_err(|_| CowError::TooLarge(file.start()))?;
+            let shared = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| CowError::NotRam {
+                    gpa: region.start_addr().raw_value(),
+                    len: region.len(),
+                })? as u64;
             // SAFETY: a fresh private mapping of a file we hold open; it aliases no Rust
             // object, and only this module and KVM (through memslots) access it.
             let addr = unsafe {
@@ -75,14 +105,8 @@ impl CowRam {
                 )
             };
             if addr == libc::MAP_FAILED {
-                return Err(format!(
-                    "mapping GVM RAM copy-on-write: {}",
-                    std::io::Error::last_os_error()
-                ));
+                return Err(CowError::Map(std::io::Error::last_os_error()));
             }
-            let shared = region
-                .get_host_address(vm_memory::MemoryRegionAddress(0))
-                .map_err(|e| format!("GVM RAM: {e}"))? as u64;
             mappings.push(Mapping {
                 gpa: region.start_addr().raw_value(),
                 len,
@@ -123,11 +147,11 @@ impl CowRam {
     }
 
     /// Records that memslot `slot` maps [gpa, gpa+len) of the private mapping.
-    pub fn add_piece(&mut self, slot: u32, gpa: u64, len: u64) -> Result<Piece, String> {
+    pub fn add_piece(&mut self, slot: u32, gpa: u64, len: u64) -> Result<Piece, CowError> {
         let (private, shared) = self
             .host(gpa)
             .filter(|_| self.host(gpa + len - 1).is_some())
-            .ok_or_else(|| format!("{gpa:#x}+{len:#x} is not GVM RAM"))?;
+            .ok_or(CowError::NotRam { gpa, len })?;
         let piece = Piece {
             slot,
             gpa,
@@ -142,17 +166,21 @@ impl CowRam {
     /// After a call: fetches each piece's dirty log from `vm` (which also clears it),
     /// copies the dirty pages into the GVM if `commit`, and drops the private copies.
     /// Returns how many pages the call had written.
-    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<u64, String> {
+    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<u64, CowError> {
         let mut pages = 0;
         for piece in &self.pieces {
-            let len = usize::try_from(piece.len).map_err(|e| e.to_string())?;
-            let bitmap = vm
-                .get_dirty_log(piece.slot, len)
-                .map_err(|e| format!("dirty log of GVM RAM slot {}: {e}", piece.slot))?;
+            // Pieces lie inside mappings, whose lengths are usize.
+            let len = piece.len as usize;
+            let bitmap =
+                vm.get_dirty_log(piece.slot, len)
+                    .map_err(|source| CowError::DirtyLog {
+                        slot: piece.slot,
+                        source,
+                    })?;
             for (first, count) in dirty_runs(&bitmap, piece.len / PAGE) {
                 let off = first * PAGE;
-                let bytes = count * PAGE;
-                let n = usize::try_from(bytes).map_err(|e| e.to_string())?;
+                // A run lies inside its piece.
+                let n = (count * PAGE) as usize;
                 if commit {
                     // SAFETY: both ranges lie inside the piece (the runs are bounded by its
                     // page count), in two different live mappings of the same file: the
@@ -176,10 +204,7 @@ impl CowRam {
                     )
                 };
                 if rc != 0 {
-                    return Err(format!(
-                        "dropping the call's private pages: {}",
-                        std::io::Error::last_os_error()
-                    ));
+                    return Err(CowError::Discard(std::io::Error::last_os_error()));
                 }
                 pages += count;
             }

@@ -3,6 +3,7 @@
 //! `shell`, `console`).
 
 pub mod client;
+mod quiesce_worker;
 pub mod runtime;
 pub mod server;
 
@@ -18,6 +19,7 @@ use crate::devices::serial::{ConsoleTap, LinkInbox};
 use crate::executor::{Executor, Parts as ExecutorParts, RedirectPort};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp;
+use quiesce_worker::QuiesceWorker;
 use redirect::profile::KernelImage;
 use runtime::{InstanceLock, RuntimeDir};
 use server::ControlServer;
@@ -44,9 +46,7 @@ pub fn run_instance(
     let gvm_cpus = config.gvm.cpus;
     // The redirect engine reads BTF and the text's place from the GVM's image (which the
     // SVM boots too); it needs the ELF vmlinux for that.
-    let image = KernelImage::parse(&config.gvm.kernel).map_err(|e| {
-        format!("the redirect engine needs the kernel as an ELF vmlinux with .BTF: {e}")
-    });
+    let image = KernelImage::parse(&config.gvm.kernel);
 
     let mut gvm = build_vm(
         VmSpec {
@@ -99,6 +99,8 @@ pub fn run_instance(
     .map_err(host_err("redirect engine"))?;
     svm.port_hook = Some(Arc::new(RedirectPort(executor.clone())));
     svm.start(opts.seccomp)?;
+    let quiesce = QuiesceWorker::spawn(gvm.controls.clone(), executor.clone(), opts.seccomp)
+        .map_err(host_err("quiesce worker"))?;
     let server = ControlServer::new(server::Parts {
         name: config.name.clone(),
         gvm_cpus,
@@ -110,7 +112,7 @@ pub fn run_instance(
         svm_tap,
         gvm_console: gvm.console.clone(),
         svm_console: svm.console.clone(),
-        gvm_vcpus: gvm.controls.clone(),
+        quiesce,
         executor,
     });
 

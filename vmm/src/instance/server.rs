@@ -1,6 +1,7 @@
 //! The control server: the event-loop side of an instance. It accepts clients on the
 //! control socket, relays `exec`/`shell` sessions to the SVM's agent over COM2, streams
-//! consoles, and handles `stop` and `info`.
+//! consoles, and handles `stop` and `info`. It never waits on a guest: `quiesce` is
+//! handed to a worker thread (`quiesce_worker.rs`).
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -12,18 +13,19 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use svm_runtime::protocol::{chunks, Decoder, Frame, Kind};
 use vmm_sys_util::epoll::EventSet;
 
+use super::quiesce_worker::{parse_hold, QuiesceWorker, Request};
 use crate::builder::{ConsoleSerial, LinkSerial};
 use crate::devices::bus::lock;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
 use crate::executor::Executor;
 use crate::exit::{ExitReason, ExitSignal};
-use crate::vstate::quiesce::{quiesce, QuiescePolicy, VcpuControl};
 
 const TOKEN_LISTENER: u32 = 0;
 const TOKEN_EXIT: u32 = 1;
 const TOKEN_LINK: u32 = 2;
 const TOKEN_GVM_TAP: u32 = 3;
 const TOKEN_SVM_TAP: u32 = 4;
+const TOKEN_QUIESCED: u32 = 5;
 const FIRST_CLIENT: u32 = 16;
 /// A client that does not read its socket for this long is dropped, so one stuck client
 /// cannot stall the instance.
@@ -57,8 +59,8 @@ pub struct Parts {
     pub svm_tap: Arc<ConsoleTap>,
     pub gvm_console: Arc<Mutex<ConsoleSerial>>,
     pub svm_console: Arc<Mutex<ConsoleSerial>>,
-    /// The GVM's vCPUs, for quiescing.
-    pub gvm_vcpus: Vec<Arc<VcpuControl>>,
+    /// Quiesces the GVM for `exterior-vmm quiesce`, off the event loop.
+    pub quiesce: QuiesceWorker,
     /// The redirect engine: it gets the SVM's kernel symbols from the agent's Ready.
     pub executor: Arc<Executor>,
 }
@@ -187,27 +189,20 @@ impl ControlServer {
                 self.send_client(token, &reply);
             }
             Kind::Quiesce => {
-                // Never while a redirected call holds the GVM.
-                let executor = self.parts.executor.clone();
-                let _exclusive = executor.hold_gvm();
-                let reply = match quiesce(&self.parts.gvm_vcpus, QuiescePolicy::default()) {
-                    Ok(held) => {
-                        let mut text = format!(
-                            "quiesced in {} us after {} attempt(s)\n",
-                            held.took.as_micros(),
-                            held.attempts
-                        );
-                        for snap in &held.snapshots {
-                            text.push_str(&snap.describe());
-                            text.push('\n');
-                        }
-                        // Dropping `held` releases the vCPUs before the reply is sent.
-                        drop(held);
-                        Frame::new(Kind::Info, frame.id, text.into_bytes())
-                    }
-                    Err(e) => Frame::new(Kind::Error, frame.id, e.to_string().into_bytes()),
+                // Quiescing waits on the guest and on redirected calls: the worker does it.
+                let request = parse_hold(&frame.payload).map(|hold| Request {
+                    token,
+                    id: frame.id,
+                    hold,
+                });
+                let refusal = match request {
+                    Ok(r) => (!self.parts.quiesce.submit(r))
+                        .then(|| "the quiesce worker has stopped".to_string()),
+                    Err(why) => Some(why),
                 };
-                self.send_client(token, &reply);
+                if let Some(why) = refusal {
+                    self.send_client(token, &Frame::new(Kind::Error, frame.id, why.into_bytes()));
+                }
             }
             Kind::Stop => {
                 let reply = Frame::new(Kind::Info, frame.id, b"stopping\n".to_vec());
@@ -363,6 +358,11 @@ impl MutEventSubscriber for ControlServer {
             }
             TOKEN_GVM_TAP => self.on_tap(Which::Gvm),
             TOKEN_SVM_TAP => self.on_tap(Which::Svm),
+            TOKEN_QUIESCED => {
+                for (token, reply) in self.parts.quiesce.take_replies() {
+                    self.send_client(token, &reply);
+                }
+            }
             token => {
                 if events
                     .event_set()
@@ -384,6 +384,7 @@ impl MutEventSubscriber for ControlServer {
             Events::with_data(self.parts.inbox.event(), TOKEN_LINK, EventSet::IN),
             Events::with_data(self.parts.gvm_tap.event(), TOKEN_GVM_TAP, EventSet::IN),
             Events::with_data(self.parts.svm_tap.event(), TOKEN_SVM_TAP, EventSet::IN),
+            Events::with_data(self.parts.quiesce.event(), TOKEN_QUIESCED, EventSet::IN),
         ];
         for source in sources {
             if let Err(e) = ops.add(source) {

@@ -4,3 +4,4 @@ pub mod memory;
 pub mod quiesce;
 pub mod vcpu;
 pub mod vm;
+pub mod watchdog;

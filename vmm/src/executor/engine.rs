@@ -1,0 +1,624 @@
+//! The redirect VM: a KVM VM of its own whose memslots compose a call's view — GVM RAM at
+//! its own addresses (mapped copy-on-write, `cow.rs`) except the kernel text, which is a
+//! read-only copy of the SVM's trusted text; the private window; SVM RAM at `svm_base` —
+//! and one vCPU that runs calls as a lent GVM CPU. Everything here touches KVM; what is
+//! written into guest memory is computed in the `redirect` crate and in `regs`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use redirect::call_profile::CallProfile;
+use redirect::paging::{AddressSpace, PagingMode, DEFAULT_MAX_PHYS_BITS};
+use redirect::profile::KernelImage;
+use redirect::shadow::ShadowBlock;
+use redirect::traps::{self, Args, Placed, Trap};
+use redirect::view::{
+    build_view, offsets, View, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA, WINDOW_KVA, WINDOW_SIZE,
+};
+use redirect::GuestPhysMemory;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+
+use super::cow::{CowError, CowRam};
+use super::error::{kvm, Error, RunError, Unavailable};
+use super::{regs, Parts};
+use crate::boot::cpu::MSR_IA32_TSC;
+use crate::boot::{cpu, cpuid};
+use crate::vstate::memory::{create_guest_memory, GuestMemory, SharedMemory};
+use crate::vstate::quiesce::ControlState;
+use crate::vstate::vm::{kvm_err, Vm, VmError};
+use crate::vstate::watchdog::Watchdog;
+
+/// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
+/// (the loader puts the image at its link address; `nokaslr`).
+const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+/// How long one run of the redirect vCPU may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+const KVM_MP_STATE_RUNNABLE: u32 = 0;
+/// x86 Linux's reschedule IPI vector (`RESCHEDULE_VECTOR`).
+const RESCHEDULE_VECTOR: u32 = 0xfd;
+/// MSI address of the local APICs (destination APIC id in bits 12..19).
+const MSI_APIC_BASE: u32 = 0xfee0_0000;
+/// The stack the executor's own kernel-function calls run on, in the window.
+const SCRATCH_STACK_TOP: u64 = offsets::SCRATCH_STACK + offsets::STACK_SIZE;
+
+/// How a run of the redirect vCPU ended when the call did not return.
+pub(super) enum Stop {
+    /// At a trap, with the trapped function's first four arguments.
+    Trap(Trap, Args),
+    Failed(Error),
+}
+
+impl<E: Into<Error>> From<E> for Stop {
+    fn from(e: E) -> Stop {
+        Stop::Failed(e.into())
+    }
+}
+
+/// Where the redirect vCPU starts.
+pub(super) enum Entry<'a> {
+    /// At the stub, in user mode: `syscall` with the program's registers.
+    Syscall(&'a kvm_regs),
+    /// At a kernel function, in kernel mode, returning to the kernel stub.
+    Function { address: u64, args: [u64; 2] },
+}
+
+/// The GVM CPU a run borrows: its control state and per-cpu base.
+#[derive(Clone, Copy)]
+pub(super) struct AsCpu<'a> {
+    pub control: &'a ControlState,
+    pub pcpu_base: u64,
+}
+
+/// Exit counters of a run: its own, and port I/O (the GVM's console) apart.
+pub(super) struct Counters<'a> {
+    pub exits: &'a AtomicU64,
+    pub console: &'a AtomicU64,
+}
+
+pub(super) struct Engine {
+    vm: Vm,
+    vcpu: VcpuFd,
+    window: SharedMemory,
+    pub layout: ViewLayout,
+    pub parts: Parts,
+    /// The kernel text the redirect vCPU runs.
+    text: TextSlot,
+    /// GVM RAM, mapped copy-on-write: a call's stores are committed or dropped as a whole.
+    cow: CowRam,
+    /// Where the shadow task lives in GVM memory, once made (at the first call).
+    pub shadow: Option<ShadowBlock>,
+    /// Set when a call was left parked in the GVM kernel: calls are refused from then on.
+    pub stopped: bool,
+    /// A spare one-page slot, deleted and re-added before every run: deleting a memslot
+    /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
+    /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
+    /// back, so nothing it cached from the last run may survive.
+    flush_slot: (u32, u64, u64),
+    watchdog: Arc<Watchdog>,
+}
+
+/// The kernel text of the view. It starts as the SVM's own pages (read-only); before the
+/// first call it becomes a private copy of them in which `__schedule` is patched to exit:
+/// a call that would sleep must stop before it switches the borrowed CPU to another task
+/// (hardware breakpoints would do too, but nested TCG does not deliver them).
+struct TextSlot {
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    svm_host: u64,
+    copy: SharedMemory,
+    private: bool,
+}
+
+/// The image's `.text` as guest-physical [start, end), page-aligned.
+pub(super) fn text_range(image: &KernelImage) -> Result<(u64, u64), Unavailable> {
+    let (addr, size) = image.text;
+    let bad = |why| Unavailable::Text {
+        start: addr,
+        end: addr.saturating_add(size),
+        why,
+    };
+    let start = addr
+        .checked_sub(START_KERNEL_MAP)
+        .ok_or(bad("not in the kernel-image range"))?;
+    let end = start
+        .checked_add(size)
+        .and_then(|e| e.checked_add(0xfff))
+        .map(|e| e & !0xfff)
+        .ok_or(bad("too large"))?;
+    Ok((start & !0xfff, end))
+}
+
+fn set_slot(
+    vm: &Vm,
+    slot: u32,
+    gpa: u64,
+    size: u64,
+    host: u64,
+    flags: u32,
+) -> Result<(), kvm_ioctls::Error> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: host,
+    };
+    // SAFETY: `host..host+size` lies inside a mapping of GVM, SVM or window memory that the
+    // executor keeps alive (it owns clones of the memory objects, and guest memory is never
+    // unmapped before the process exits); the slots do not overlap (built below from
+    // disjoint ranges).
+    unsafe { vm.fd.set_user_memory_region(region) }
+}
+
+/// (guest-physical start, length, host address) of each region of `mem`.
+fn host_ranges(mem: &GuestMemory) -> Result<Vec<(u64, u64, u64)>, Unavailable> {
+    mem.iter()
+        .map(|r| {
+            let start = r.start_addr().raw_value();
+            let host = r
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(|_| Unavailable::Unmapped(start))?;
+            Ok((start, r.len(), host as u64))
+        })
+        .collect()
+}
+
+/// Hands out the redirect VM's memslots in order.
+struct Slots<'a> {
+    vm: &'a Vm,
+    next: u32,
+}
+
+impl Slots<'_> {
+    /// Adds a slot (none for an empty range); returns the number it used.
+    fn add(&mut self, gpa: u64, size: u64, host: u64, flags: u32) -> Result<u32, Unavailable> {
+        if size > 0 {
+            set_slot(self.vm, self.next, gpa, size, host, flags).map_err(Unavailable::Slot)?;
+            self.next += 1;
+        }
+        Ok(self.next.saturating_sub(1))
+    }
+
+    /// Adds GVM RAM [gpa, gpa+size) from the private mapping, with dirty logging.
+    fn add_ram(&mut self, cow: &mut CowRam, gpa: u64, size: u64) -> Result<(), Unavailable> {
+        if size == 0 {
+            return Ok(());
+        }
+        let piece = cow
+            .add_piece(self.next, gpa, size)
+            .map_err(Unavailable::Cow)?;
+        self.add(gpa, size, piece.private, KVM_MEM_LOG_DIRTY_PAGES)?;
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Builds the redirect VM for an instance whose kernel text is GVM-physical
+    /// `text` = [start, end).
+    pub fn new(
+        vm: Vm,
+        text: (u64, u64),
+        parts: Parts,
+        watchdog: Arc<Watchdog>,
+    ) -> Result<Engine, Unavailable> {
+        vm.fd
+            .set_tss_address(crate::boot::layout::KVM_TSS_ADDR)
+            .map_err(kvm_err("set TSS address"))?;
+        // A LAPIC so that what the lent CPU does to its APIC (IPIs, EOIs) goes nowhere.
+        vm.fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
+        let gvm = host_ranges(&parts.gvm_mem)?;
+        let svm = host_ranges(&parts.svm_mem)?;
+        let (text_lo, text_hi) = text;
+        let no_text = Unavailable::Text {
+            start: text_lo,
+            end: text_hi,
+            why: "not in both guests' memory",
+        };
+        let gvm_end = gvm.iter().map(|(g, l, _)| g + l).max().unwrap_or(0);
+        let align = |v: u64, a: u64| (v + a - 1) & !(a - 1);
+        let window_gpa = align(gvm_end, 1 << 30);
+        let layout = ViewLayout {
+            window_gpa,
+            sentinel_gpa: window_gpa + WINDOW_SIZE,
+            exec_text: (START_KERNEL_MAP + text_lo, START_KERNEL_MAP + text_hi),
+            also_exec: None,
+            svm_base: align(window_gpa + WINDOW_SIZE + 0x1000, 1 << 36),
+        };
+        let mut cow = CowRam::map(&parts.gvm_mem).map_err(Unavailable::Cow)?;
+        let mut slots = Slots { vm: &vm, next: 0 };
+        let contains_text = |(g, l, _): &&(u64, u64, u64)| text_lo >= *g && text_hi <= g + l;
+        let (svm_gpa, _, svm_host) = *svm.iter().find(contains_text).ok_or(no_text)?;
+        let svm_text = svm_host + (text_lo - svm_gpa);
+        let mut text_slot = None;
+        for range @ &(gpa, len, _) in &gvm {
+            if text_slot.is_some() || !contains_text(&range) {
+                slots.add_ram(&mut cow, gpa, len)?;
+                continue;
+            }
+            slots.add_ram(&mut cow, gpa, text_lo - gpa)?;
+            text_slot = Some(slots.add(text_lo, text_hi - text_lo, svm_text, KVM_MEM_READONLY)?);
+            slots.add_ram(&mut cow, text_hi, gpa + len - text_hi)?;
+        }
+        let text_slot = text_slot.ok_or(Unavailable::Text {
+            start: text_lo,
+            end: text_hi,
+            why: "not in both guests' memory",
+        })?;
+        let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)?;
+        let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
+        let window_host = host_ranges(&window.mem)?;
+        for &(_, len, host) in &window_host {
+            slots.add(window_gpa, len, host, 0)?;
+        }
+        for &(gpa, len, host) in &svm {
+            slots.add(layout.svm_base + gpa, len, host, 0)?;
+        }
+        let flush_gpa = layout.sentinel_gpa + (2 << 20);
+        let flush_host = window_host.first().map(|r| r.2).unwrap_or(0);
+        let flush_slot = (
+            slots.add(flush_gpa, 0x1000, flush_host, 0)?,
+            flush_gpa,
+            flush_host,
+        );
+        let vcpu = Self::create_vcpu(&vm, parts.spare_cpu)?;
+        Ok(Engine {
+            vm,
+            vcpu,
+            window,
+            layout,
+            parts,
+            text: TextSlot {
+                slot: text_slot,
+                gpa: text_lo,
+                size: text_hi - text_lo,
+                svm_host: svm_text,
+                copy: text_copy,
+                private: false,
+            },
+            cow,
+            shadow: None,
+            stopped: false,
+            flush_slot,
+            watchdog,
+        })
+    }
+
+    /// The redirect vCPU: numbered like the GVM's spare CPU, with the GVM's CPUID.
+    fn create_vcpu(vm: &Vm, number: u8) -> Result<VcpuFd, VmError> {
+        let vcpu = vm
+            .fd
+            .create_vcpu(u64::from(number))
+            .map_err(kvm_err("create redirect vCPU"))?;
+        let mut supported: CpuId = vm
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("get supported CPUID"))?;
+        cpuid::patch_entries(supported.as_mut_slice(), number, number.saturating_add(1));
+        vcpu.set_cpuid2(&supported).map_err(kvm_err("set CPUID"))?;
+        vcpu.set_fpu(&cpu::boot_fpu()).map_err(kvm_err("set FPU"))?;
+        Ok(vcpu)
+    }
+
+    /// Reads the window at kernel-virtual `va` (for trap reports); false if outside it.
+    pub fn read_window(&self, va: u64, buf: &mut [u8]) -> bool {
+        va.checked_sub(WINDOW_KVA)
+            .filter(|off| off + buf.len() as u64 <= WINDOW_SIZE)
+            .is_some_and(|off| self.window.mem.read_phys(off, buf).is_ok())
+    }
+
+    /// Commits (or drops) what the redirect vCPU wrote to GVM RAM since the last settle;
+    /// the number of pages (see `cow.rs`).
+    pub fn settle(&self, commit: bool) -> Result<u64, CowError> {
+        self.cow.settle(&self.vm.fd, commit)
+    }
+
+    /// The u32 at GVM kernel-virtual `va` as the running call sees it.
+    pub fn read_private_u32(&self, kernel: &AddressSpace<'_>, va: u64) -> Option<u32> {
+        self.cow.read_private_u32(kernel, va)
+    }
+
+    /// Switches the text slot to the private copy with the traps patched in (once).
+    fn private_text(&mut self, traps: &[Placed]) -> Result<(), Error> {
+        if self.text.private {
+            return Ok(());
+        }
+        let t = &self.text;
+        // The text fits in guest memory, hence in usize.
+        let mut bytes = vec![0u8; t.size as usize];
+        self.parts.svm_mem.read_phys(t.gpa, &mut bytes)?;
+        traps::patch_text(&mut bytes, START_KERNEL_MAP + t.gpa, traps)?;
+        t.copy.mem.write_phys(0, &bytes)?;
+        let host = host_ranges(&t.copy.mem)
+            .ok()
+            .and_then(|r| r.first().map(|r| r.2))
+            .ok_or(redirect::MemError::OutOfRange {
+                gpa: 0,
+                len: t.size,
+            })?;
+        set_slot(&self.vm, t.slot, t.gpa, 0, t.svm_host, KVM_MEM_READONLY)
+            .and_then(|()| set_slot(&self.vm, t.slot, t.gpa, t.size, host, KVM_MEM_READONLY))
+            .map_err(kvm("switching to the private kernel text"))?;
+        self.text.private = true;
+        Ok(())
+    }
+
+    fn forget_cached_translations(&self) -> Result<(), Error> {
+        let (slot, gpa, host) = self.flush_slot;
+        set_slot(&self.vm, slot, gpa, 0, host, 0)
+            .and_then(|()| set_slot(&self.vm, slot, gpa, 0x1000, host, 0))
+            .map_err(kvm("flushing the redirect VM's MMU"))
+    }
+
+    /// Builds the view tables for a run on `control`'s address space and drops the
+    /// redirect VM's cached translations of the last one.
+    fn fresh_view(
+        &mut self,
+        profile: &CallProfile,
+        control: &ControlState,
+        sregs: &kvm_sregs,
+    ) -> Result<View, Error> {
+        let svm_mode =
+            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
+                .map_err(Error::SvmPaging)?;
+        let window = WindowAt {
+            mem: &self.window.mem,
+            base: self.layout.window_gpa,
+        };
+        let view = build_view(
+            &window,
+            &self.layout,
+            &self.parts.gvm_mem,
+            control.cr3,
+            &self.parts.svm_mem,
+            &svm_mode,
+            sregs.cr3,
+        )?;
+        self.private_text(&profile.traps)?;
+        self.forget_cached_translations()?;
+        Ok(view)
+    }
+
+    /// Sets the redirect vCPU up as `cpu` on a fresh view and runs it from `entry`.
+    pub fn start(
+        &mut self,
+        profile: &CallProfile,
+        cpu: AsCpu<'_>,
+        sregs: &kvm_sregs,
+        entry: Entry<'_>,
+        counters: Counters<'_>,
+    ) -> Result<i64, Stop> {
+        self.complete_pending_exit();
+        let syms = &profile.kernel.symbols;
+        let view = self.fresh_view(profile, cpu.control, sregs)?;
+        let mode = match entry {
+            Entry::Function { .. } => regs::Mode::Kernel,
+            Entry::Syscall(_) => regs::Mode::User {
+                fs_base: sregs.fs.base,
+            },
+        };
+        let tables = regs::CpuTables {
+            pcpu_base: cpu.pcpu_base,
+            gdt_page: syms.gdt_page,
+            cpu_tss_rw: syms.cpu_tss_rw,
+            idt_table: syms.idt_table,
+        };
+        let vcpu = &self.vcpu;
+        let current = vcpu.get_sregs().map_err(kvm("get sregs"))?;
+        let s = regs::segment_registers(current, cpu.control, view.cr3, &tables, mode)?;
+        vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
+        let entries = regs::msrs(cpu.control, cpu.pcpu_base, mode);
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Msrs(0))?;
+        match vcpu.set_msrs(&msrs).map_err(kvm("set MSRs"))? {
+            n if n == entries.len() => {}
+            n => return Err(Error::Msrs(n).into()),
+        }
+        vcpu.set_xcrs(&regs::xcrs(cpu.control))
+            .map_err(kvm("set XCR0"))?;
+        let r = match entry {
+            Entry::Syscall(regs) => kvm_regs {
+                rax: regs.rax,
+                rdi: regs.rdi,
+                rsi: regs.rsi,
+                rdx: regs.rdx,
+                r10: regs.r10,
+                r8: regs.r8,
+                r9: regs.r9,
+                rsp: regs.rsp,
+                rip: view.stub_va,
+                rflags: 0x202,
+                ..Default::default()
+            },
+            Entry::Function { address, args } => {
+                // Return address: the kernel stub, on the scratch stack in the window.
+                self.window
+                    .mem
+                    .write_phys(SCRATCH_STACK_TOP - 8, &KSTUB_KVA.to_le_bytes())?;
+                kvm_regs {
+                    rdi: args[0],
+                    rsi: args[1],
+                    rsp: ViewLayout::kva(SCRATCH_STACK_TOP - 8),
+                    rip: address,
+                    rflags: 0x2,
+                    ..Default::default()
+                }
+            }
+        };
+        self.vcpu.set_regs(&r).map_err(kvm("set registers"))?;
+        self.run(counters)
+    }
+
+    /// Resumes a parked call at `at` on a fresh view (the GVM ran meanwhile), with the
+    /// lent CPU's current TSC. Everything else of the vCPU is as the call left it.
+    pub fn resume(
+        &mut self,
+        profile: &CallProfile,
+        control: &ControlState,
+        sregs: &kvm_sregs,
+        at: &kvm_regs,
+        counters: Counters<'_>,
+    ) -> Result<i64, Stop> {
+        let view = self.fresh_view(profile, control, sregs)?;
+        let vcpu = &self.vcpu;
+        let mut s = vcpu.get_sregs().map_err(kvm("get sregs"))?;
+        s.cr3 = view.cr3;
+        vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
+        let tsc = [kvm_bindings::kvm_msr_entry {
+            index: MSR_IA32_TSC,
+            data: control.tsc,
+            ..Default::default()
+        }];
+        let msrs = Msrs::from_entries(&tsc).map_err(|_| Error::Msrs(0))?;
+        vcpu.set_msrs(&msrs).map_err(kvm("set TSC"))?;
+        vcpu.set_regs(at).map_err(kvm("set registers"))?;
+        self.run(counters)
+    }
+
+    /// The registers where the last run stopped, its pending exit completed.
+    pub fn stopped_registers(&mut self) -> Result<kvm_regs, Error> {
+        self.complete_pending_exit();
+        self.vcpu.get_regs().map_err(kvm("get registers"))
+    }
+
+    /// The last run ended in an MMIO exit that KVM still means to complete; let it do that
+    /// now, without entering the guest, so the state set next is what runs.
+    fn complete_pending_exit(&mut self) {
+        self.vcpu.set_kvm_immediate_exit(1);
+        let _ = self.vcpu.run();
+        self.vcpu.set_kvm_immediate_exit(0);
+    }
+
+    /// Runs the redirect vCPU until the call stores to the sentinel (it returned), hits a
+    /// trap, fails, or overruns [`CALL_TIMEOUT`].
+    fn run(&mut self, counters: Counters<'_>) -> Result<i64, Stop> {
+        // Not the BSP: KVM starts it waiting for INIT/SIPI; and a failed call may leave it
+        // halted. Either way, it runs now.
+        self.vcpu
+            .set_mp_state(kvm_bindings::kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(kvm("set MP state"))?;
+        let sentinel = self.layout.sentinel_gpa;
+        let trap_page = self.layout.trap_gpa();
+        let started = Instant::now();
+        self.watchdog.arm(CALL_TIMEOUT);
+        let bus = self.parts.gvm_bus.clone();
+        let value = |data: &[u8]| {
+            let mut raw = [0u8; 8];
+            let n = data.len().min(8);
+            raw[..n].copy_from_slice(&data[..n]);
+            i64::from_le_bytes(raw)
+        };
+        let result = loop {
+            let exit = self.vcpu.run();
+            let counter = match exit {
+                Ok(VcpuExit::IoOut(..) | VcpuExit::IoIn(..)) => counters.console,
+                _ => counters.exits,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let stop = match exit {
+                Ok(VcpuExit::MmioWrite(addr, data))
+                    if addr == sentinel || addr == trap_page + KERNEL_RETURN_SLOT =>
+                {
+                    break Ok(value(data))
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) if addr.wrapping_sub(trap_page) < 0x1000 => {
+                    match traps::trap_at(addr - trap_page) {
+                        // Without the trap's arguments its report would be made from
+                        // zeros: a failed read is a failure of its own.
+                        Some(trap) => match self.vcpu.get_regs() {
+                            Ok(r) => {
+                                break Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx])))
+                            }
+                            Err(source) => RunError::TrapArguments { trap, source },
+                        },
+                        None => RunError::UnusedTrapSlot(addr),
+                    }
+                }
+                // The lent CPU's printk reaches the GVM's own serial port.
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    bus.write(port, data);
+                    continue;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    bus.read(port, data);
+                    continue;
+                }
+                Ok(VcpuExit::MmioWrite(addr, _)) => RunError::UnbackedWrite(addr),
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    data.fill(0xff);
+                    RunError::UnbackedRead(addr)
+                }
+                Ok(VcpuExit::Hlt) => RunError::Halted,
+                Ok(VcpuExit::Shutdown) => RunError::TripleFault,
+                Ok(other) => RunError::UnexpectedExit(format!("{other:?}")),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    if started.elapsed() < CALL_TIMEOUT {
+                        continue;
+                    }
+                    RunError::Timeout(CALL_TIMEOUT)
+                }
+                Err(e) => RunError::Run(e),
+            };
+            let at = match self.vcpu.get_regs() {
+                Ok(r) => format!("lent CPU at rip {:#x}", r.rip),
+                Err(e) => format!("lent CPU's rip unreadable: {e}"),
+            };
+            break Err(Stop::Failed(Error::Run { stop, at }));
+        };
+        self.watchdog.disarm();
+        result
+    }
+
+    /// Sends every GVM CPU a reschedule IPI: wake-ups a call made (a signal, a released
+    /// lock, queued work) take effect now, not at the GVM CPUs' next interrupt.
+    pub fn kick_gvm_cpus(&self) {
+        for cpu in 0..self.parts.gvm_vcpus.len() as u32 {
+            let msi = kvm_bindings::kvm_msi {
+                address_lo: MSI_APIC_BASE | (cpu << 12),
+                data: RESCHEDULE_VECTOR,
+                ..Default::default()
+            };
+            if let Err(e) = self.parts.gvm_vm.signal_msi(msi) {
+                log::warn!("redirect: reschedule IPI to GVM CPU {cpu}: {e}");
+            }
+        }
+    }
+}
+
+/// The window as the redirect VM sees it: guest-physical `window_gpa + off` is byte `off`
+/// of the window's memory.
+struct WindowAt<'a> {
+    mem: &'a GuestMemory,
+    base: u64,
+}
+
+impl WindowAt<'_> {
+    /// Offset in the window's memory of guest-physical `gpa`.
+    fn offset(&self, gpa: u64, len: usize) -> Result<u64, redirect::MemError> {
+        gpa.checked_sub(self.base)
+            .ok_or(redirect::MemError::OutOfRange {
+                gpa,
+                len: len as u64,
+            })
+    }
+}
+
+impl GuestPhysMemory for WindowAt<'_> {
+    fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_sub(self.base)
+            .is_some_and(|off| self.mem.contains(off, len))
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), redirect::MemError> {
+        self.mem.read_phys(self.offset(gpa, buf.len())?, buf)
+    }
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), redirect::MemError> {
+        self.mem.write_phys(self.offset(gpa, buf.len())?, buf)
+    }
+}

@@ -1,0 +1,329 @@
+//! One segment of a redirected call: a held GVM CPU is lent to the shadow task, the
+//! redirect vCPU runs as that CPU until the call returns or stops, the call's stores are
+//! committed or dropped, and the CPU is given back (see `call.rs` for how segments make
+//! a call).
+
+use std::sync::atomic::Ordering;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use redirect::call_profile::CallProfile;
+use redirect::lend::{CallState, LentCpu};
+use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
+use redirect::shadow::{ShadowBlock, BLOCK_ORDER};
+use redirect::traps::{self, CallMemory, Trap};
+
+use super::engine::{AsCpu, Counters, Engine, Entry, Stop};
+use super::error::{Error, Rollback};
+use super::Stats;
+use crate::vstate::memory::GuestMemory;
+use crate::vstate::quiesce::{ControlState, VcpuSnapshot};
+
+/// `delete_module`'s system call number (x86-64).
+pub(super) const SYS_DELETE_MODULE: u64 = 176;
+
+/// A call parked at `__schedule`, to be resumed.
+#[derive(Clone, Copy)]
+pub(super) struct Parked {
+    regs: kvm_regs,
+    /// The CPU it slept on: its stack and per-cpu state expect that one.
+    pub cpu: u8,
+    /// What the call had added to the lent CPU's preempt count, and its stack canary.
+    state: CallState,
+}
+
+/// How a segment ended.
+pub(super) enum SegmentEnd {
+    Returned(i64),
+    /// Parked at `__schedule` and committed.
+    Slept(Parked),
+    /// Stopped; this segment's stores were dropped.
+    Stopped(Error),
+}
+
+/// A held GVM CPU, lent to the call for one segment.
+pub(super) struct Segment<'a> {
+    engine: &'a mut Engine,
+    profile: &'a CallProfile,
+    stats: &'a Stats,
+    /// The SVM program's control registers.
+    sregs: &'a kvm_sregs,
+    cpu: u8,
+    control: ControlState,
+    mode: PagingMode,
+    words: LentCpu,
+    gvm_mem: GuestMemory,
+}
+
+impl<'a> Segment<'a> {
+    /// Checks the held CPU `lent` and reads the per-cpu words it will lend.
+    pub fn open(
+        engine: &'a mut Engine,
+        profile: &'a CallProfile,
+        stats: &'a Stats,
+        lent: &VcpuSnapshot,
+        sregs: &'a kvm_sregs,
+    ) -> Result<Segment<'a>, Error> {
+        let (cpu, control) = (lent.index, lent.control);
+        let syms = &profile.kernel.symbols;
+        if control.lstar != syms.entry_syscall_64 {
+            return Err(Error::HookedSyscallEntry {
+                found: control.lstar,
+                expected: syms.entry_syscall_64,
+            });
+        }
+        let mode = PagingMode::from_control_regs(
+            control.cr0,
+            control.cr4,
+            control.efer,
+            DEFAULT_MAX_PHYS_BITS,
+        )
+        .map_err(|source| Error::GvmPaging { cpu, source })?;
+        let gvm_mem = engine.parts.gvm_mem.clone();
+        let kernel = AddressSpace::new(&gvm_mem, mode, control.cr3);
+        let words = LentCpu::read(
+            &kernel,
+            syms.per_cpu_offset,
+            u32::from(cpu),
+            &profile.percpu,
+        )?;
+        Ok(Segment {
+            engine,
+            profile,
+            stats,
+            sregs,
+            cpu,
+            control,
+            mode,
+            words,
+            gvm_mem,
+        })
+    }
+
+    /// Runs the program's call `regs` (or resumes it where it was parked), settles its
+    /// stores and gives the CPU back.
+    pub fn run(self, regs: &kvm_regs, resume: Option<&Parked>) -> Result<SegmentEnd, Error> {
+        let gvm_mem = self.gvm_mem.clone();
+        let kernel = AddressSpace::new(&gvm_mem, self.mode, self.control.cr3);
+        self.run_on(&kernel, regs, resume)
+    }
+
+    fn run_on(
+        mut self,
+        kernel: &AddressSpace<'_>,
+        regs: &kvm_regs,
+        resume: Option<&Parked>,
+    ) -> Result<SegmentEnd, Error> {
+        let shadow = self.shadow(kernel)?;
+        let (profile, cpu) = (self.profile, self.cpu);
+        if resume.is_none() {
+            if regs.rax == SYS_DELETE_MODULE {
+                self.engine.layout.also_exec = self.module_being_removed(kernel, regs);
+            }
+            shadow.prepare_call(kernel, &profile.shadow, u32::from(cpu))?;
+        }
+        // A resumed call keeps its preempt count and the canary it started with.
+        let lend = self.words.lend(
+            kernel,
+            shadow.task(),
+            shadow.stack_top(),
+            resume.map(|p| p.state),
+        );
+        let counters = Counters {
+            exits: &self.stats.exits,
+            console: &self.stats.console_exits,
+        };
+        let run = match (lend, resume) {
+            (Err(e), _) => Err(Stop::Failed(e.into())),
+            (Ok(()), None) => {
+                let as_cpu = AsCpu {
+                    control: &self.control,
+                    pcpu_base: self.words.pcpu_base(),
+                };
+                let entry = Entry::Syscall(regs);
+                self.engine
+                    .start(profile, as_cpu, self.sregs, entry, counters)
+            }
+            (Ok(()), Some(p)) => {
+                self.engine
+                    .resume(profile, &self.control, self.sregs, &p.regs, counters)
+            }
+        };
+        let end = self.settle(kernel, shadow, run, resume.is_some());
+        let restored = self.words.give_back(kernel);
+        let end = end?;
+        restored.map_err(|source| Error::GiveBack { cpu, source })?;
+        if !matches!(end, SegmentEnd::Stopped(_)) {
+            self.engine.kick_gvm_cpus();
+        }
+        Ok(end)
+    }
+
+    /// The shadow block, made at the first call: taken from the GVM's own page allocator
+    /// by a kernel-function call on this CPU, which is not yet lent to anyone (it runs as
+    /// whatever task the CPU was running, with preemption off, and cannot sleep).
+    fn shadow(&mut self, kernel: &AddressSpace<'_>) -> Result<ShadowBlock, Error> {
+        if let Some(block) = self.engine.shadow {
+            return Ok(block);
+        }
+        let profile = self.profile;
+        let syms = &profile.kernel.symbols;
+        self.words.disable_preemption(kernel)?;
+        let entry = Entry::Function {
+            address: syms.get_free_pages,
+            // No GFP flags: an allocation that neither sleeps nor reclaims.
+            args: [0, BLOCK_ORDER],
+        };
+        // The executor's own kernel-function calls are not redirected calls: their exits
+        // are counted apart.
+        let counters = Counters {
+            exits: &self.stats.setup_exits,
+            console: &self.stats.console_exits,
+        };
+        let as_cpu = AsCpu {
+            control: &self.control,
+            pcpu_base: self.words.pcpu_base(),
+        };
+        let run = self
+            .engine
+            .start(profile, as_cpu, self.sregs, entry, counters);
+        let settled = self.engine.settle(run.is_ok());
+        let restored = self.words.give_back(kernel);
+        let block = match run {
+            Ok(v) => v as u64,
+            Err(Stop::Trap(trap, args)) => {
+                let memory = CallMemory::gvm_only(kernel);
+                let report = traps::describe(trap, args, &memory, profile.modules.as_ref());
+                return Err(Error::ShadowAllocation(Box::new(Error::Trapped(report))));
+            }
+            Err(Stop::Failed(e)) => return Err(Error::ShadowAllocation(Box::new(e))),
+        };
+        settled.map_err(Error::Commit)?;
+        restored.map_err(|source| Error::GiveBack {
+            cpu: self.cpu,
+            source,
+        })?;
+        let block = ShadowBlock::at(block)?;
+        block.install(kernel, syms.init_task, &profile.shadow, u32::from(self.cpu))?;
+        log::info!("redirect: shadow task at {:#x} (GVM memory)", block.task());
+        self.engine.shadow = Some(block);
+        Ok(block)
+    }
+
+    /// Commits or drops what the segment wrote, according to how it ended (see `call.rs`).
+    /// The lent CPU's per-cpu words are still the shadow's here.
+    fn settle(
+        &mut self,
+        kernel: &AddressSpace<'_>,
+        shadow: ShadowBlock,
+        run: Result<i64, Stop>,
+        was_parked: bool,
+    ) -> Result<SegmentEnd, Error> {
+        let engine = &mut *self.engine;
+        let why = match run {
+            Ok(v) => {
+                let pages = engine.settle(true).map_err(Error::Commit)?;
+                self.stats
+                    .committed_pages
+                    .fetch_add(pages, Ordering::Relaxed);
+                return Ok(SegmentEnd::Returned(v));
+            }
+            Err(Stop::Trap(Trap::Sleep, _)) => {
+                let layout = &self.profile.shadow;
+                // A state that cannot be read counts as an uninterruptible sleep.
+                let state = engine
+                    .read_private_u32(kernel, shadow.state_va(layout))
+                    .unwrap_or(2);
+                if !was_parked && ShadowBlock::waits_interruptibly(state) {
+                    engine.settle(false).map_err(Error::Commit)?;
+                    self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+                    return Ok(SegmentEnd::Stopped(Error::WouldBlock));
+                }
+                return self.park(kernel, shadow);
+            }
+            Err(Stop::Trap(trap, args)) => {
+                let window = |va: u64, buf: &mut [u8]| engine.read_window(va, buf);
+                let memory = CallMemory {
+                    kernel,
+                    window: &window,
+                };
+                Error::Trapped(traps::describe(
+                    trap,
+                    args,
+                    &memory,
+                    self.profile.modules.as_ref(),
+                ))
+            }
+            Err(Stop::Failed(e)) => e,
+        };
+        let rollback = match (engine.settle(false), was_parked) {
+            (Ok(_), false) => Rollback::Unchanged,
+            (Ok(_), true) => Rollback::LastSegment,
+            (Err(e), _) => Rollback::Failed(e),
+        };
+        self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
+        Ok(SegmentEnd::Stopped(Error::Stopped {
+            why: Box::new(why),
+            rollback,
+        }))
+    }
+
+    /// Parks a call stopped at `__schedule`: commits it, makes `__schedule` return (the
+    /// call's wait loop will see a spurious wake-up and check its condition again), and
+    /// marks the shadow running so GVM wake-ups leave run queues alone.
+    fn park(
+        &mut self,
+        kernel: &AddressSpace<'_>,
+        shadow: ShadowBlock,
+    ) -> Result<SegmentEnd, Error> {
+        let mut regs = self.engine.stopped_registers()?;
+        let pages = self.engine.settle(true).map_err(Error::Commit)?;
+        self.stats
+            .committed_pages
+            .fetch_add(pages, Ordering::Relaxed);
+        let mut ret = [0u8; 8];
+        kernel
+            .read(regs.rsp, &mut ret, Privilege::Supervisor)
+            .map_err(|source| Error::GvmPaging {
+                cpu: self.cpu,
+                source,
+            })?;
+        regs.rip = u64::from_le_bytes(ret);
+        regs.rsp = regs.rsp.wrapping_add(8);
+        let state = self.words.park(kernel)?;
+        shadow.mark_running(kernel, &self.profile.shadow)?;
+        Ok(SegmentEnd::Slept(Parked {
+            regs,
+            cpu: self.cpu,
+            state,
+        }))
+    }
+
+    /// The text of the module a `delete_module` call names, if it is loaded: removing a
+    /// module runs its own exit function, so for that call (only) its text is executable
+    /// in the view. The name comes from the program's memory in the SVM.
+    fn module_being_removed(
+        &self,
+        kernel: &AddressSpace<'_>,
+        regs: &kvm_regs,
+    ) -> Option<(u64, u64)> {
+        let s = self.sregs;
+        let mode =
+            PagingMode::from_control_regs(s.cr0, s.cr4, s.efer, DEFAULT_MAX_PHYS_BITS).ok()?;
+        let program = AddressSpace::new(&self.engine.parts.svm_mem, mode, s.cr3);
+        let raw = program
+            .read_cstr(regs.rdi, traps::MODULE_NAME_LEN, Privilege::User)
+            .ok()?;
+        let name = std::str::from_utf8(&raw).ok()?;
+        let text = self
+            .profile
+            .modules
+            .as_ref()?
+            .module_text(&CallMemory::gvm_only(kernel), name);
+        if let Some((start, end)) = text {
+            log::info!(
+                "redirect: delete_module({name}): its text {start:#x}..{end:#x} may run in this call"
+            );
+        }
+        text
+    }
+}

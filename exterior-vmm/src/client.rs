@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use svm_runtime::protocol::{Decoder, ExecRequest, ExitStatus, Frame, Kind};
 use thiserror::Error;
 
-use super::runtime::{RuntimeDir, RuntimeError};
-use crate::terminal::RawModeGuard;
+use vmm::instance::runtime::{self, RuntimeDir, RuntimeError};
+use vmm::terminal::RawModeGuard;
 
 /// Ctrl-] ends a console session, as in telnet.
 const CONSOLE_ESCAPE: u8 = 0x1d;
@@ -40,7 +40,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(dir: &RuntimeDir, name: &str) -> Result<Self, ClientError> {
-        super::runtime::validate_name(name)?;
+        runtime::validate_name(name)?;
         if !dir.is_live(name) {
             dir.remove_leftovers(name);
             return Err(RuntimeError::NotRunning(name.to_string()).into());

@@ -39,7 +39,7 @@ use super::{
     KVM_MP_STATE_RUNNABLE, MSI_APIC_BASE, PARK_TIMEOUT, QUIESCE_BUDGET, RESCHEDULE_VECTOR,
 };
 use crate::boot::cpu::MSR_IA32_TSC;
-use crate::devices::bus::lock;
+use crate::sync::lock;
 use crate::vstate::quiesce::{self, ControlState, QuiesceError, QuiescePolicy, VcpuSnapshot};
 use redirect::traps::{self, Args, CallMemory, Trap};
 use redirect::view::{WINDOW_KVA, WINDOW_SIZE};

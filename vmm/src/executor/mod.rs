@@ -42,8 +42,8 @@ use svm_runtime::redirect_abi::{Status, PORT};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot::{cpu, cpuid};
-use crate::devices::bus::lock;
 use crate::devices::PioBus;
+use crate::sync::lock;
 use crate::vstate::memory::{create_guest_memory, GuestMemory, SharedMemory};
 use crate::vstate::quiesce::{kick_signal, VcpuControl};
 use crate::vstate::vcpu::PortHook;

@@ -12,11 +12,10 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use svm_runtime::protocol::{chunks, Decoder, Frame, Kind};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::builder::{ConsoleSerial, LinkSerial};
-use crate::devices::bus::lock;
-use crate::devices::serial::{ConsoleTap, LinkInbox};
+use crate::devices::serial::{ConsoleSerial, ConsoleTap, LinkInbox, LinkSerial};
 use crate::executor::Executor;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::sync::lock;
 use crate::vstate::quiesce::{quiesce, QuiescePolicy, VcpuControl};
 
 const TOKEN_LISTENER: u32 = 0;
@@ -158,7 +157,7 @@ impl ControlServer {
             get(&stats.rolled_back),
             get(&stats.parked),
             get(&stats.committed_pages),
-            crate::devices::bus::lock(&stats.last_error),
+            crate::sync::lock(&stats.last_error),
         )
     }
 

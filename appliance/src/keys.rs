@@ -137,8 +137,11 @@ pub fn load_trusted(paths: &[PathBuf]) -> Result<Vec<VerifyingKey>, KeyError> {
 /// What `keygen` wrote.
 #[derive(Debug, Clone)]
 pub struct GeneratedKey {
+    /// The secret key file (mode 0600).
     pub secret_path: PathBuf,
+    /// The public key file (`secret_path` + `.pub`, mode 0644).
     pub public_path: PathBuf,
+    /// The public key.
     pub public: VerifyingKey,
 }
 

@@ -10,6 +10,8 @@
 //! part's digest, and only then hands out the part bytes. The caller boots exactly the
 //! bytes that were verified; nothing is read again.
 
+#![deny(missing_docs)]
+
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -44,8 +46,9 @@ pub const SIGNATURE_LEN: usize = 64;
 pub const MAX_IMAGE_SIZE: u64 = 1 << 30;
 /// Largest manifest accepted (and written).
 pub const MAX_MANIFEST_LEN: u32 = 64 * 1024;
-/// Guest memory bounds a manifest may declare, in MiB (the VMM's own limits).
+/// Smallest guest memory a manifest may declare, in MiB (the VMM's own limit).
 pub const MIN_MEM_MIB: u64 = 64;
+/// Largest guest memory a manifest may declare, in MiB (the VMM's own limit).
 pub const MAX_MEM_MIB: u64 = 64 * 1024;
 /// Most vCPUs a manifest may declare (the VMM's limit: 8-bit APIC IDs).
 pub const MAX_CPUS: u8 = 254;
@@ -73,7 +76,9 @@ pub struct VmConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PartKind {
+    /// The kernel (always present, always first).
     Kernel,
+    /// The initramfs (optional, after the kernel).
     Initrd,
 }
 
@@ -90,9 +95,13 @@ impl fmt::Display for PartKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PartEntry {
+    /// Which part this is.
     pub name: PartKind,
+    /// Where it starts, in bytes from the start of the payload.
     pub offset: u64,
+    /// Its length in bytes.
     pub size: u64,
+    /// sha256 of its bytes (hex in the JSON).
     #[serde(with = "util::serde_hex32")]
     pub sha256: [u8; 32],
 }
@@ -108,6 +117,7 @@ impl PartEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
+    /// Must equal the header's version.
     pub format_version: u32,
     /// Creation time, seconds since the Unix epoch (UTC).
     pub created_unix: u64,
@@ -115,7 +125,9 @@ pub struct Manifest {
     /// the caller's key list; this only lets a refusal name the unknown key).
     #[serde(with = "util::serde_hex32")]
     pub signer: [u8; 32],
+    /// How to boot the parts.
     pub config: VmConfig,
+    /// The kernel, then optionally the initrd, contiguous in the payload.
     pub parts: Vec<PartEntry>,
 }
 
@@ -136,17 +148,23 @@ impl Manifest {
 /// An image whose signature, manifest and digests all checked out.
 #[derive(Debug, Clone)]
 pub struct VerifiedImage {
+    /// The verified manifest.
     pub manifest: Manifest,
+    /// The kernel's bytes, digest-checked.
     pub kernel: Vec<u8>,
+    /// The initrd's bytes, digest-checked, if the image has one.
     pub initrd: Option<Vec<u8>>,
+    /// The trusted key whose signature verified.
     pub signer: VerifyingKey,
 }
 
 impl VerifiedImage {
+    /// The manifest's VM configuration.
     pub fn config(&self) -> &VmConfig {
         &self.manifest.config
     }
 
+    /// Fingerprint of the key that signed the image.
     pub fn signer_fingerprint(&self) -> String {
         fingerprint(&self.signer)
     }
@@ -516,6 +534,7 @@ pub fn open_verified(path: &Path, trusted: &[PathBuf]) -> Result<VerifiedImage, 
 /// What `inspect` learned about an image.
 #[derive(Debug)]
 pub struct Inspection {
+    /// The image file's length in bytes.
     pub file_len: u64,
     /// The manifest, parsed *without* trusting it (`Err` if the header or manifest is
     /// unreadable).
@@ -687,9 +706,13 @@ fn build(
 /// What `seal` wrote.
 #[derive(Debug, Clone)]
 pub struct SealReport {
+    /// The image file written.
     pub path: PathBuf,
+    /// Its length in bytes.
     pub size: u64,
+    /// The manifest it carries.
     pub manifest: Manifest,
+    /// The public half of the key that signed it.
     pub signer: VerifyingKey,
 }
 

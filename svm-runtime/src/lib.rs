@@ -10,6 +10,8 @@
 //! - `policy` (x86-64): which system calls of a diverted program run in the GVM; used by the
 //!   preload shim (`svm-runtime/shim/`, `libexterior_shim.so`).
 
+#![deny(missing_docs)]
+
 pub mod protocol;
 pub mod redirect_abi;
 

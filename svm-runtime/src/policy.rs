@@ -65,7 +65,9 @@ pub const PATH_MAX: usize = 4096;
 /// x86-64 system call numbers the policy looks at.
 pub mod nr {
     macro_rules! nrs {
-        ($($name:ident = $sys:ident),* $(,)?) => { $(pub const $name: u64 = libc::$sys as u64;)* };
+        ($($name:ident = $sys:ident),* $(,)?) => {
+            $(#[doc = concat!("`", stringify!($sys), "`.")] pub const $name: u64 = libc::$sys as u64;)*
+        };
     }
     nrs! {
         READ = SYS_read, WRITE = SYS_write, OPEN = SYS_open, CLOSE = SYS_close,
@@ -144,7 +146,9 @@ const NETLINK_SOCK_DIAG: u64 = 4;
 /// Where a path's object lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Place {
+    /// The SVM's own: run the call locally.
     Svm,
+    /// The GVM's kernel state (`/proc`, `/sys`): redirect the call.
     Gvm,
 }
 
@@ -224,6 +228,7 @@ impl Default for FdTable {
 }
 
 impl FdTable {
+    /// A table with no placeholders.
     pub const fn new() -> FdTable {
         FdTable {
             remote: [const { AtomicI32::new(-1) }; FD_TABLE_SIZE],
@@ -352,6 +357,7 @@ pub fn string_arg(nr: u64) -> Option<usize> {
 /// The length of a user buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Len {
+    /// This many bytes (the size of the structure the call fills or reads).
     Const(usize),
     /// The value of this argument.
     Arg(usize),
@@ -376,8 +382,11 @@ pub enum Shape {
 pub struct Buf {
     /// The argument holding the pointer.
     pub arg: usize,
+    /// How long it is.
     pub len: Len,
+    /// Whether the call writes it (else it only reads it).
     pub write: bool,
+    /// How it is laid out.
     pub shape: Shape,
 }
 
@@ -387,10 +396,16 @@ pub enum Then {
     /// Hand it to the program.
     Result,
     /// It is a new GVM fd: reserve a placeholder (`/dev/null`) and return that.
-    NewFd { cloexec: bool },
+    NewFd {
+        /// Whether the placeholder gets `FD_CLOEXEC` (the call asked for close-on-exec).
+        cloexec: bool,
+    },
     /// The placeholder's GVM fd was closed: close the placeholder and forget it (whatever
     /// the result).
-    Close { placeholder: i32 },
+    Close {
+        /// The placeholder fd in the SVM.
+        placeholder: i32,
+    },
     /// The call was rewritten to a `dup` of the placeholder's GVM fd: run the program's
     /// original call locally on the placeholder, map the fd it returns to the new GVM fd (a
     /// placeholder it replaced is released), or close the new GVM fd if the local call fails.
@@ -402,17 +417,20 @@ pub enum Then {
 /// A call to run in the GVM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Redirect {
+    /// The system call number (x86-64).
     pub nr: u64,
     /// Arguments with placeholders translated and lengths clamped.
     pub args: [u64; 6],
     /// Point this argument at the shim's NUL-terminated copy of the string argument.
     pub string_arg: Option<usize>,
+    /// The user buffers the call reads or writes.
     pub bufs: [Option<Buf>; 3],
     /// Most bytes to fault in per buffer.
     pub touch_limit: usize,
     /// Whether a buffer that cannot be touched fails the call with `EFAULT` (false for
     /// `ioctl`, whose argument may not be a pointer at all).
     pub strict: bool,
+    /// What to do with the result.
     pub then: Then,
 }
 
@@ -468,13 +486,21 @@ pub enum Decision {
     /// child, which starts as a copy of the handler's frame, re-arms dispatch for itself before
     /// it returns to the program (dispatch is not inherited). `vfork` runs as `fork` (its
     /// child would otherwise run on, and overwrite, the parent's frame).
-    Fork { nr: u64, args: [u64; 6] },
+    Fork {
+        /// The call to make: `fork`, or `clone` without `CLONE_VM`.
+        nr: u64,
+        /// Its arguments.
+        args: [u64; 6],
+    },
     /// `clone` with a new stack: the child must find its way back on that stack.
     CloneNewStack,
     /// `execve`/`execveat`: run it locally, with the placeholders that survive the exec
     /// described to the new image in its environment (argument `envp`), see
     /// [`FDS_ENV`].
-    Exec { envp: usize },
+    Exec {
+        /// The index of the `envp` argument.
+        envp: usize,
+    },
     /// The program's own `rt_sigreturn`: resume at the shim's restorer with the program's
     /// stack untouched.
     SigReturn,
@@ -484,10 +510,20 @@ pub enum Decision {
     SigAction,
     /// Re-issue it locally with the signal mask at argument `idx` sanitised; `indirect`: the
     /// argument points to `{ const sigset_t *, size_t }` (`pselect6`).
-    MaskArg { idx: usize, indirect: bool },
+    MaskArg {
+        /// The index of the signal-mask argument.
+        idx: usize,
+        /// Whether that argument points to `{ const sigset_t *, size_t }`.
+        indirect: bool,
+    },
     /// Run it locally, then (if it succeeded) close the GVM fds of the placeholders in
     /// `[first, last]` and forget them: `dup2`/`dup3` onto a placeholder, `close_range`.
-    LocalThenRelease { first: u32, last: u32 },
+    LocalThenRelease {
+        /// The lowest fd released.
+        first: u32,
+        /// The highest fd released.
+        last: u32,
+    },
     /// Do not run it; return this (`-errno`).
     Fail(i64),
     /// Run it in the GVM.

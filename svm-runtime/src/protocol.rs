@@ -7,6 +7,7 @@
 
 use thiserror::Error;
 
+/// The byte every frame starts with; the decoder resynchronises on it.
 pub const MAGIC: u8 = 0xe5;
 /// Header bytes before the payload.
 pub const HEADER_LEN: usize = 10;
@@ -51,6 +52,7 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind with this wire value, if any.
     pub fn from_u8(v: u8) -> Option<Kind> {
         use Kind::*;
         Some(match v {
@@ -122,14 +124,20 @@ pub fn profile_symbol_lines(kallsyms: &str) -> String {
     out
 }
 
+/// One decoded (or to-be-encoded) frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frame {
+    /// What the frame means.
     pub kind: Kind,
+    /// The request or session it belongs to. Ids are per link: the VMM maps each client's
+    /// ids to session ids of its own towards the agent.
     pub id: u32,
+    /// Its payload; the layout depends on `kind`.
     pub payload: Vec<u8>,
 }
 
 impl Frame {
+    /// A frame of `kind` for `id` carrying `payload`.
     pub fn new(kind: Kind, id: u32, payload: impl Into<Vec<u8>>) -> Self {
         Self {
             kind,
@@ -158,12 +166,21 @@ pub fn chunks(kind: Kind, id: u32, data: &[u8], max: usize) -> impl Iterator<Ite
         .map(move |c| Frame::new(kind, id, c))
 }
 
+/// A bad stretch of input; the decoder has already skipped it.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum DecodeError {
+    /// A header declares a payload over [`MAX_PAYLOAD`].
     #[error("frame of kind {kind} declares {len} payload bytes (limit {MAX_PAYLOAD})")]
-    TooLong { kind: u8, len: u32 },
+    TooLong {
+        /// The header's kind byte.
+        kind: u8,
+        /// The declared payload length.
+        len: u32,
+    },
+    /// A complete frame of a kind this build does not know (its kind byte).
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
+    /// Bytes before the next [`MAGIC`] (how many).
     #[error("{0} bytes of garbage skipped before a frame")]
     Garbage(usize),
 }
@@ -175,6 +192,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
+    /// Appends received bytes.
     pub fn push(&mut self, bytes: &[u8]) {
         self.buf.extend_from_slice(bytes);
     }
@@ -228,6 +246,7 @@ pub struct ExecRequest {
     pub tty: bool,
     /// Run without the redirect shim: the command sees the SVM's own kernel.
     pub local: bool,
+    /// The command and its arguments (at least one).
     pub argv: Vec<String>,
 }
 
@@ -237,6 +256,8 @@ const FLAG_LOCAL: u8 = 2;
 const MAX_ARGS: usize = 4096;
 
 impl ExecRequest {
+    /// The payload: flags u8, argument count u16 LE, then each argument as length u16 LE
+    /// and bytes (at most 4096 arguments of 65535 bytes; more is cut off).
     pub fn encode(&self) -> Vec<u8> {
         let flags = if self.tty { FLAG_TTY } else { 0 } | if self.local { FLAG_LOCAL } else { 0 };
         let mut out = vec![flags];
@@ -249,6 +270,7 @@ impl ExecRequest {
         out
     }
 
+    /// Parses a payload; `None` unless it is well formed, complete and has a command.
     pub fn decode(payload: &[u8]) -> Option<Self> {
         let (&flags, rest) = payload.split_first()?;
         let count = u16::from_le_bytes([*rest.first()?, *rest.get(1)?]) as usize;
@@ -274,11 +296,14 @@ impl ExecRequest {
 /// The payload of an [`Kind::Exit`] frame: the exit code, or the signal that killed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
+    /// The command exited with this code.
     Code(i32),
+    /// A signal (this number) killed the command.
     Signal(i32),
 }
 
 impl ExitStatus {
+    /// The payload: tag u8 (0 code, 1 signal), then the value as i32 LE.
     pub fn encode(&self) -> Vec<u8> {
         let (tag, value) = match self {
             ExitStatus::Code(c) => (0u8, *c),
@@ -289,6 +314,7 @@ impl ExitStatus {
         out
     }
 
+    /// Parses a payload; `None` for a short payload or an unknown tag.
     pub fn decode(payload: &[u8]) -> Option<Self> {
         let value = i32::from_le_bytes(payload.get(1..5)?.try_into().ok()?);
         match payload.first()? {

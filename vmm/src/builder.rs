@@ -1,5 +1,5 @@
 //! Turns a validated [`VmConfig`] into a running VM: guest memory, boot data, KVM objects,
-//! devices and vCPU threads ([`build_vm`], [`BuiltVm::start`]). [`run_vm`] is the plain
+//! devices and vCPU threads (`build_vm`, `BuiltVm::start`). [`run_vm`] is the plain
 //! `exterior-vmm run`: one VM, its console on stdout, the event loop on this thread.
 
 use std::fs::OpenOptions;
@@ -10,53 +10,61 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
-use vm_superio::{I8042Device, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{acpi, cpu, layout, loader};
 use crate::config::{ConsoleTarget, VmConfig};
-use crate::devices::bus::lock;
 use crate::devices::cmos::Cmos;
+use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::devices::serial::{
-    ConsoleSink, ConsoleTap, LinkInbox, LinkSink, SerialDevice, COM1_BASE, COM1_GSI, COM2_BASE,
-    COM2_GSI, COM_LEN,
+    ConsoleSerial, ConsoleSink, ConsoleTap, LinkInbox, LinkSerial, LinkSink, SerialDevice,
+    COM1_BASE, COM1_GSI, COM2_BASE, COM2_GSI, COM_LEN,
 };
 use crate::devices::PioBus;
 use crate::event_loop::{ExitWatcher, StdinInput};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{self, ThreadKind};
+use crate::sync::lock;
 use crate::terminal::RawModeGuard;
 use crate::vstate::memory::{create_guest_memory, MemoryError, SharedMemory};
 use crate::vstate::quiesce::{self, VcpuControl};
 use crate::vstate::vcpu::{PortHook, Vcpu};
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 
-const I8042_BASE: u16 = 0x60;
-const I8042_LEN: u16 = 5;
 const CMOS_BASE: u16 = 0x70;
 const CMOS_LEN: u16 = 2;
 
-pub type ConsoleSerial = SerialDevice<ConsoleSink>;
-pub type LinkSerial = SerialDevice<LinkSink>;
-
+/// Why a VM (or an instance) could not be built or run. `Load` and `Console` are bad input
+/// (the kernel or the console file); the others are host or KVM failures.
 #[derive(Debug, Error)]
 pub enum BuildError {
+    /// Guest memory could not be created.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The kernel, its initrd or its command line could not be loaded into guest memory.
     #[error("kernel {path}: {source}")]
     Load {
+        /// Where the kernel came from ([`VmConfig::kernel_path`]).
         path: PathBuf,
+        /// What the loader refused.
         source: loader::LoadError,
     },
+    /// ACPI tables, page tables or the GDT could not be written to guest memory.
     #[error("writing boot structures: {0}")]
     BootData(String),
+    /// KVM refused or failed an operation.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// The console file could not be opened.
     #[error("console {path}: {source}")]
     Console {
+        /// The `--console` file.
         path: PathBuf,
+        /// Why it could not be opened.
         source: std::io::Error,
     },
+    /// Another host resource failed: eventfds, threads, signal handlers, seccomp, the
+    /// event loop, the runtime directory.
     #[error("host resource: {0}")]
     Host(String),
 }
@@ -74,7 +82,7 @@ pub struct RunOptions {
 }
 
 /// What to build besides the guest itself.
-pub struct VmSpec {
+pub(crate) struct VmSpec {
     pub config: VmConfig,
     /// "GVM"/"SVM" when one process runs several VMs; empty otherwise.
     pub label: &'static str,
@@ -86,33 +94,8 @@ pub struct VmSpec {
     pub link: Option<Arc<LinkInbox>>,
 }
 
-/// The i8042 reset line stops the VM.
-struct ResetLine(Arc<ExitSignal>);
-
-impl Trigger for ResetLine {
-    type E = std::convert::Infallible;
-    fn trigger(&self) -> Result<(), Self::E> {
-        self.0.signal(ExitReason::Reset);
-        Ok(())
-    }
-}
-
-/// vm-superio's i8042 on the port bus (only the reset command does anything).
-struct I8042(I8042Device<ResetLine>);
-
-impl crate::devices::PioDevice for I8042 {
-    fn read(&mut self, offset: u16, data: &mut [u8]) {
-        data.fill(self.0.read(offset as u8));
-    }
-    fn write(&mut self, offset: u16, data: &[u8]) {
-        if let Some(b) = data.first() {
-            let _ = self.0.write(offset as u8, *b);
-        }
-    }
-}
-
 /// A VM whose memory is loaded and whose devices and vCPUs exist, ready to start.
-pub struct BuiltVm {
+pub(crate) struct BuiltVm {
     pub label: &'static str,
     pub memory: SharedMemory,
     pub vm: Vm,
@@ -136,7 +119,7 @@ fn serial_irq(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
 }
 
 /// Builds a VM from `spec`; its stops are reported to `exit`.
-pub fn build_vm(
+pub(crate) fn build_vm(
     spec: VmSpec,
     exit: Arc<ExitSignal>,
     opts: &RunOptions,
@@ -209,7 +192,7 @@ pub fn build_vm(
     bus.insert(
         I8042_BASE,
         I8042_LEN,
-        Arc::new(Mutex::new(I8042(I8042Device::new(ResetLine(exit.clone()))))),
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
     )
     .map_err(overlap)?;
     bus.insert(CMOS_BASE, CMOS_LEN, Arc::new(Mutex::new(Cmos::default())))
@@ -267,11 +250,6 @@ impl BuiltVm {
         Ok(())
     }
 
-    /// This VM's guest-physical memory, through the redirect engine's narrow trait.
-    pub fn guest_memory(&self) -> &dyn redirect::GuestPhysMemory {
-        &self.memory.mem
-    }
-
     /// The port-I/O bus of this VM's devices (the redirect vCPU's printk goes to the GVM's).
     pub fn bus(&self) -> Arc<PioBus> {
         self.bus.clone()
@@ -291,7 +269,7 @@ impl BuiltVm {
 }
 
 /// Reports a reset after a panic line as the panic (`panic=-1` reboots after panicking).
-pub fn classify(reason: ExitReason, panic_line: Option<String>) -> ExitReason {
+pub(crate) fn classify(reason: ExitReason, panic_line: Option<String>) -> ExitReason {
     match (reason, panic_line) {
         (ExitReason::Reset, Some(line)) => ExitReason::GuestPanic(line),
         (reason, _) => reason,
@@ -299,11 +277,11 @@ pub fn classify(reason: ExitReason, panic_line: Option<String>) -> ExitReason {
 }
 
 /// An event-loop subscriber.
-pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 /// Runs the event loop on this thread, behind the event-loop seccomp filter, until a stop
 /// reason is recorded in `exit`. One of `subscribers` must consume `exit`'s eventfd.
-pub fn run_event_loop(
+pub(crate) fn run_event_loop(
     subscribers: Vec<Subscriber>,
     exit: &ExitSignal,
     opts: &RunOptions,

@@ -11,12 +11,12 @@ use thiserror::Error;
 
 /// Smallest guest we agree to build: the pinned kernel plus a small initramfs do not boot
 /// in less.
-pub const MIN_MEM_MIB: u64 = 64;
+pub(crate) const MIN_MEM_MIB: u64 = 64;
 /// Largest guest RAM: keeps a typo (`--mem 64G` on a 24 GiB host) from becoming an
 /// out-of-memory kill halfway through boot.
-pub const MAX_MEM_MIB: u64 = 64 * 1024;
+pub(crate) const MAX_MEM_MIB: u64 = 64 * 1024;
 /// vCPU limit: the MADT and the APIC ID space we lay out use 8-bit APIC IDs.
-pub const MAX_CPUS: u8 = 254;
+pub(crate) const MAX_CPUS: u8 = 254;
 /// A kernel image larger than this is certainly not one (the pinned vmlinux is ~60 MiB).
 pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 
@@ -26,42 +26,67 @@ pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 /// layout fixed, which the redirect engine relies on.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr";
 
+/// Why a VM description was refused; the message names the argument or file at fault.
 #[derive(Debug, Error)]
 pub enum ConfigError {
+    /// `--mem` is not a number with an optional K/M/G unit (the text given).
     #[error("--mem {0:?}: not a size (use e.g. 512M, 1G, or a number of MiB)")]
     MemUnparsable(String),
+    /// Guest memory below the smallest guest that boots (MiB asked for).
     #[error("--mem {0} MiB: too small, the guest needs at least {MIN_MEM_MIB} MiB")]
     MemTooSmall(u64),
+    /// Guest memory above the supported maximum (MiB asked for).
     #[error("--mem {0} MiB: larger than the {MAX_MEM_MIB} MiB this VMM supports")]
     MemTooLarge(u64),
+    /// `--cpus 0`.
     #[error("--cpus 0: a guest needs at least one vCPU")]
     NoCpus,
+    /// More vCPUs than 8-bit APIC IDs allow (the count asked for).
     #[error("--cpus {0}: at most {MAX_CPUS} vCPUs are supported")]
     TooManyCpus(u32),
+    /// The kernel file could not be opened or read.
     #[error("kernel {path}: {source}")]
     KernelUnreadable {
+        /// The kernel file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The kernel is larger than [`MAX_KERNEL_BYTES`].
     #[error("kernel {path}: {size} bytes is larger than any kernel image ({MAX_KERNEL_BYTES} bytes at most)")]
-    KernelTooLarge { path: PathBuf, size: u64 },
+    KernelTooLarge {
+        /// The kernel file (or the sealed image holding it).
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// The kernel file is empty.
     #[error("kernel {0}: empty file")]
     KernelEmpty(PathBuf),
+    /// The initrd could not be opened or read.
     #[error("initrd {path}: {source}")]
     InitrdUnreadable {
+        /// The initrd file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The initrd would not fit in guest memory.
     #[error(
         "initrd {path}: {size} bytes does not fit in {mem_mib} MiB of guest memory (raise --mem)"
     )]
     InitrdTooLarge {
+        /// The initrd file (or the sealed image holding it).
         path: PathBuf,
+        /// Its size in bytes.
         size: u64,
+        /// The guest memory it was checked against, in MiB.
         mem_mib: u64,
     },
+    /// No `--kernel` was given and the default kernel (this path) is missing.
     #[error("no kernel given and the default {0} does not exist: pass --kernel, or run `tools/setup` to fetch the pinned kernel")]
     NoDefaultKernel(PathBuf),
+    /// An instance needs the SVM's initramfs (this path), which is missing.
     #[error("SVM image {0} does not exist: run `tools/setup` to build images/svm.cpio, or pass --svm-initrd")]
     NoSvmImage(PathBuf),
 }
@@ -118,7 +143,9 @@ pub fn check_cpus(cpus: u32) -> Result<u8, ConfigError> {
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleTarget {
+    /// This process's standard output (a plain `run`).
     Stdout,
+    /// Appended to this file (`--console FILE`, instance logs).
     File(PathBuf),
 }
 
@@ -126,18 +153,25 @@ pub enum ConsoleTarget {
 /// (sizes here, signatures for sealed images) is exactly what gets loaded.
 #[derive(Debug)]
 pub struct VmConfig {
+    /// Guest RAM in MiB (see [`check_mem_mib`]).
     pub mem_mib: u64,
+    /// vCPUs to start (see [`check_cpus`]).
     pub cpus: u8,
+    /// The whole kernel command line, usually from [`build_cmdline`].
     pub cmdline: String,
+    /// The kernel: an ELF vmlinux or a bzImage.
     pub kernel: Vec<u8>,
+    /// Where the kernel came from (a file, or the sealed image), for error messages.
     pub kernel_path: PathBuf,
+    /// The initramfs, if any.
     pub initrd: Option<Vec<u8>>,
+    /// Where the serial console's output goes.
     pub console: ConsoleTarget,
 }
 
 impl VmConfig {
     /// Guest memory size in bytes.
-    pub fn mem_bytes(&self) -> u64 {
+    pub(crate) fn mem_bytes(&self) -> u64 {
         self.mem_mib << 20
     }
 }

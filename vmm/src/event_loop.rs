@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::builder::ConsoleSerial;
-use crate::devices::bus::lock;
+use crate::devices::serial::ConsoleSerial;
 use crate::exit::ExitSignal;
+use crate::sync::lock;
 
 /// Forwards what the user types to the guest's serial port.
 pub struct StdinInput {

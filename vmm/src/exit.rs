@@ -4,7 +4,7 @@ use std::sync::Mutex;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::bus::lock;
+use crate::sync::lock;
 
 /// The reason a VM stopped. The first reason reported wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +35,7 @@ impl ExitReason {
 }
 
 /// Set once by whichever thread sees the VM stop; wakes the event loop.
-pub struct ExitSignal {
+pub(crate) struct ExitSignal {
     reason: Mutex<Option<ExitReason>>,
     event: EventFd,
 }

@@ -276,7 +276,11 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     };
     // Quiescing an idle GVM takes milliseconds; then the hold begins.
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!held.is_finished(), "the 30 s hold ended early: {:?}", held.join());
+    assert!(
+        !held.is_finished(),
+        "the 30 s hold ended early: {:?}",
+        held.join()
+    );
     let waiting = {
         let rt = rt.clone();
         std::thread::spawn(move || {
@@ -299,14 +303,20 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     let mut polls = 0;
     while calls(&answers_quickly(&["info", "life"])) == calls_before {
         polls += 1;
-        assert!(polls < 50, "the redirected hostname never reached the executor");
+        assert!(
+            polls < 50,
+            "the redirected hostname never reached the executor"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!held.is_finished() && !waiting.is_finished());
     let gvm_console = answers_quickly(&["console", "life"]);
     assert!(gvm_console.contains("q-42"), "{gvm_console}");
     let svm_console = answers_quickly(&["console", "life", "--svm"]);
-    assert!(svm_console.contains("exterior-agent: serving on"), "{svm_console}");
+    assert!(
+        svm_console.contains("exterior-agent: serving on"),
+        "{svm_console}"
+    );
     assert!(!held.is_finished() && !waiting.is_finished());
     answers_within(Duration::from_secs(5), &["stop", "life"]);
     // The hold and the waiting call end with the instance, not at the end of the hold.

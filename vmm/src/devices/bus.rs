@@ -2,6 +2,8 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::sync::lock;
+
 /// A device reachable through `in`/`out` instructions.
 pub trait PioDevice: Send {
     /// Reads `data.len()` bytes at `offset` from the device's base port.
@@ -73,12 +75,6 @@ impl PioBus {
             lock(&range.device).write(offset, data);
         }
     }
-}
-
-/// Locks a device, recovering from poisoning: a device whose holder panicked is still
-/// better served than a VMM that stops (the panic itself was already reported).
-pub fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

@@ -11,6 +11,12 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::PioDevice;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::sync::lock;
+
+/// The guest console's serial line (COM1).
+pub type ConsoleSerial = SerialDevice<ConsoleSink>;
+/// The SVM's agent line (COM2): frames to and from `exterior-agent`.
+pub type LinkSerial = SerialDevice<LinkSink>;
 
 pub const COM1_BASE: u16 = 0x3f8;
 pub const COM1_GSI: u32 = 4;
@@ -98,7 +104,7 @@ impl ConsoleTap {
     }
 
     fn record(&self, bytes: &[u8]) {
-        let mut b = super::bus::lock(&self.inner);
+        let mut b = lock(&self.inner);
         b.backlog.extend(bytes);
         let excess = b.backlog.len().saturating_sub(TAP_BACKLOG);
         b.backlog.drain(..excess);
@@ -112,16 +118,12 @@ impl ConsoleTap {
     /// Output since the last call (for attached clients).
     pub fn take_fresh(&self) -> Vec<u8> {
         let _ = self.event.read();
-        std::mem::take(&mut super::bus::lock(&self.inner).fresh)
+        std::mem::take(&mut lock(&self.inner).fresh)
     }
 
     /// The recent history (for a client that just attached).
     pub fn backlog(&self) -> Vec<u8> {
-        super::bus::lock(&self.inner)
-            .backlog
-            .iter()
-            .copied()
-            .collect()
+        lock(&self.inner).backlog.iter().copied().collect()
     }
 
     pub fn event(&self) -> &EventFd {
@@ -215,7 +217,7 @@ impl LinkInbox {
 
     pub fn take(&self) -> Vec<u8> {
         let _ = self.event.read();
-        std::mem::take(&mut super::bus::lock(&self.bytes))
+        std::mem::take(&mut lock(&self.bytes))
     }
 
     pub fn event(&self) -> &EventFd {
@@ -231,7 +233,7 @@ impl LinkSink {
 
 impl Write for LinkSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let mut bytes = super::bus::lock(&self.inbox.bytes);
+        let mut bytes = lock(&self.inbox.bytes);
         if bytes.len() < MAX_LINK_INBOX {
             bytes.extend_from_slice(buf);
         }

@@ -39,8 +39,8 @@ use redirect::call_profile::CallProfile;
 use redirect::profile::{KernelImage, SymbolTable};
 use svm_runtime::redirect_abi::{Status, PORT};
 
-use crate::devices::bus::lock;
 use crate::devices::PioBus;
+use crate::sync::lock;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::quiesce::VcpuControl;
 use crate::vstate::vcpu::PortHook;

@@ -1,11 +1,11 @@
 //! Instances: a GVM and its SVM in one process, found by name through a control socket in
 //! an owner-only runtime directory (`exterior-vmm run --name`, `list`, `stop`, `exec`,
-//! `shell`, `console`).
+//! `shell`, `console`). This is the instance's side; the client side of the socket is the
+//! `exterior-vmm` crate's `client`.
 
-pub mod client;
 mod quiesce_worker;
 pub mod runtime;
-pub mod server;
+pub(crate) mod server;
 
 use std::sync::Arc;
 
@@ -26,8 +26,11 @@ use server::ControlServer;
 
 /// Everything needed to start an instance.
 pub struct InstanceConfig {
+    /// The instance's name: its socket, lock and logs in the runtime directory.
     pub name: String,
+    /// The user's guest.
     pub gvm: VmConfig,
+    /// The secure VM that runs `exterior-agent` and the redirected commands.
     pub svm: VmConfig,
 }
 

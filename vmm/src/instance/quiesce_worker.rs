@@ -12,8 +12,8 @@ use std::time::Duration;
 use svm_runtime::protocol::{Frame, Kind};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::devices::bus::lock;
 use crate::executor::Executor;
+use crate::sync::lock;
 use crate::vstate::quiesce::{quiesce, QuiescePolicy, VcpuControl};
 
 /// Longest hold a client may ask for.

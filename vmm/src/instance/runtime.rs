@@ -10,19 +10,32 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+/// Failures around the runtime directory and the instances in it.
 #[derive(Debug, Error)]
 pub enum RuntimeError {
+    /// The instance name cannot be used in file names (the name given).
     #[error("instance name {0:?}: use 1-64 letters, digits, '-', '_' or '.', not starting with '.' or '-'")]
     BadName(String),
+    /// A file in the runtime directory (or the directory) could not be used.
     #[error("runtime directory {path}: {source}")]
     Io {
+        /// The file or directory.
         path: PathBuf,
+        /// What failed.
         source: std::io::Error,
     },
+    /// The directory is not owned by this user with mode 0700 (the directory).
     #[error("runtime directory {0} is not private: it must be owned by this user with mode 0700")]
     NotPrivate(PathBuf),
+    /// Another live process holds the instance's lock.
     #[error("an instance named {name} is already running (pid {pid})")]
-    AlreadyRunning { name: String, pid: String },
+    AlreadyRunning {
+        /// The instance name.
+        name: String,
+        /// The pid recorded in its lock file, as read.
+        pid: String,
+    },
+    /// No live instance has this name.
     #[error("no running instance named {0} (see `exterior-vmm list`)")]
     NotRunning(String),
 }
@@ -49,6 +62,7 @@ pub fn validate_name(name: &str) -> Result<(), RuntimeError> {
     }
 }
 
+/// An opened runtime directory, checked to be private; names its per-instance files.
 pub struct RuntimeDir {
     path: PathBuf,
 }
@@ -90,15 +104,17 @@ impl RuntimeDir {
         Ok(Self { path })
     }
 
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
+    /// An instance's control socket.
     pub fn socket(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.sock"))
     }
 
-    pub fn lock_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn lock_path(&self, name: &str) -> PathBuf {
         self.path.join(format!("{name}.lock"))
     }
 
@@ -108,7 +124,7 @@ impl RuntimeDir {
     }
 
     /// Binds the instance's control socket (owner-only), replacing a dead one's.
-    pub fn bind(&self, name: &str) -> Result<UnixListener, RuntimeError> {
+    pub(crate) fn bind(&self, name: &str) -> Result<UnixListener, RuntimeError> {
         let path = self.socket(name);
         let _ = fs::remove_file(&path);
         let listener = UnixListener::bind(&path).map_err(io_err(&path))?;
@@ -170,7 +186,7 @@ impl RuntimeDir {
 /// Held for an instance's lifetime: an exclusive flock on `NAME.lock`, which holds the pid.
 /// The kernel drops the lock when the process dies, however it dies, so a SIGKILLed
 /// instance's name is free again at once.
-pub struct InstanceLock {
+pub(crate) struct InstanceLock {
     file: File,
     socket: PathBuf,
     lock: PathBuf,

@@ -14,11 +14,10 @@ use svm_runtime::protocol::{chunks, Decoder, Frame, Kind};
 use vmm_sys_util::epoll::EventSet;
 
 use super::quiesce_worker::{parse_hold, QuiesceWorker, Request};
-use crate::builder::{ConsoleSerial, LinkSerial};
-use crate::devices::bus::lock;
-use crate::devices::serial::{ConsoleTap, LinkInbox};
+use crate::devices::serial::{ConsoleSerial, ConsoleTap, LinkInbox, LinkSerial};
 use crate::executor::Executor;
 use crate::exit::{ExitReason, ExitSignal};
+use crate::sync::lock;
 
 const TOKEN_LISTENER: u32 = 0;
 const TOKEN_EXIT: u32 = 1;
@@ -160,7 +159,7 @@ impl ControlServer {
             get(&stats.rolled_back),
             get(&stats.parked),
             get(&stats.committed_pages),
-            crate::devices::bus::lock(&stats.last_error),
+            crate::sync::lock(&stats.last_error),
         )
     }
 

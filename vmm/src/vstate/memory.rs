@@ -11,25 +11,35 @@ use thiserror::Error;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
 
 /// Start of the 32-bit MMIO hole (IOAPIC, LAPIC, and room for future devices).
-pub const MMIO_HOLE_START: u64 = 0xC000_0000;
+pub(crate) const MMIO_HOLE_START: u64 = 0xC000_0000;
 /// End of the 32-bit MMIO hole: RAM continues here.
-pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+pub(crate) const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 
+/// Guest RAM as vm-memory regions mapped from the memfd.
 pub type GuestMemory = GuestMemoryMmap<()>;
 
+/// Why guest memory could not be created.
 #[derive(Debug, Error)]
 pub enum MemoryError {
+    /// `memfd_create` failed.
     #[error("cannot create the guest memory file (memfd_create): {0}")]
     Memfd(std::io::Error),
+    /// The memfd could not be grown to the guest's size.
     #[error("cannot size the guest memory file to {size} bytes: {source}")]
-    Resize { size: u64, source: std::io::Error },
+    Resize {
+        /// The size asked for, in bytes.
+        size: u64,
+        /// Why `ftruncate` failed.
+        source: std::io::Error,
+    },
+    /// vm-memory could not map the file's ranges.
     #[error("cannot map guest memory: {0}")]
     Map(String),
 }
 
 /// The RAM ranges of a guest with `size` bytes: below the MMIO hole, then above 4 GiB.
 /// Each entry is (guest address, length, offset in the backing file).
-pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
+pub(crate) fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
     if size <= MMIO_HOLE_START {
         vec![(GuestAddress(0), size, 0)]
     } else {
@@ -46,7 +56,9 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, u64, u64)> {
 
 /// Guest memory plus the file that backs it.
 pub struct SharedMemory {
+    /// The guest's RAM, mapped.
     pub mem: GuestMemory,
+    /// The memfd behind `mem`, kept open as long as the memory lives.
     pub file: File,
 }
 

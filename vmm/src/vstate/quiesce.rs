@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
-use crate::devices::bus::lock;
+use crate::sync::lock;
 
 /// What a parked vCPU was doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

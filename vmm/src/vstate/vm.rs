@@ -10,33 +10,45 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use super::memory::GuestMemory;
 use crate::boot::layout::KVM_TSS_ADDR;
 
+/// A failure of KVM, or of the host around a KVM operation.
 #[derive(Debug, Error)]
 pub enum VmError {
+    /// The KVM device could not be opened.
     #[error("cannot open {path}: {source} (is KVM available on this host? load kvm and kvm_intel/kvm_amd, and check permissions)")]
     OpenKvm {
+        /// The device path (normally /dev/kvm).
         path: String,
+        /// Why it could not be opened.
         source: kvm_ioctls::Error,
     },
+    /// The KVM device speaks another API version (the one it reported).
     #[error("KVM API version {0} is not the supported version 12")]
     ApiVersion(i32),
+    /// A host-side step around KVM failed (the message says which).
     #[error("{0}")]
     Host(String),
+    /// KVM did not accept an MSR of the vCPU setup (the MSR's index).
     #[error("KVM refused to set MSR {0:#x}")]
     MsrRefused(u32),
+    /// A KVM ioctl failed.
     #[error("KVM: {what}: {source}")]
     Kvm {
+        /// What was being done.
         what: &'static str,
+        /// The ioctl's error.
         source: kvm_ioctls::Error,
     },
 }
 
-pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+/// Maps a KVM ioctl error to [`VmError::Kvm`], saying `what` was being done.
+pub fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
 /// An open /dev/kvm plus one VM created from it.
 pub struct Vm {
-    pub kvm: Kvm,
+    pub(crate) kvm: Kvm,
+    /// The VM's descriptor.
     pub fd: VmFd,
 }
 
@@ -63,7 +75,7 @@ impl Vm {
     }
 
     /// Registers every region of `mem` as a memory slot, in order.
-    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+    pub(crate) fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let host = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -85,7 +97,7 @@ impl Vm {
     }
 
     /// Creates the in-kernel PIC/IOAPIC/LAPICs and the PIT.
-    pub fn setup_irqchip(&self) -> Result<(), VmError> {
+    pub(crate) fn setup_irqchip(&self) -> Result<(), VmError> {
         self.fd
             .set_tss_address(KVM_TSS_ADDR)
             .map_err(kvm_err("set TSS address"))?;

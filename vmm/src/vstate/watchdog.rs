@@ -5,7 +5,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::quiesce::kick_signal;
-use crate::devices::bus::lock;
+use crate::sync::lock;
 
 /// Kicks the thread that armed it, every 20 ms past its deadline, until disarmed.
 pub struct Watchdog {

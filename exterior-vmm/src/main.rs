@@ -1,16 +1,27 @@
-//! The `exterior-vmm` binary.
+//! The `exterior-vmm` binary: the command line over the `vmm` library. Parses arguments
+//! (`cli`), runs a guest or an instance, talks to running instances over their control
+//! sockets (`client`), and holds the other verbs: sealed images (`cli_image`), the KVM
+//! probe (`probe`) and the boot benchmark (`bench`).
+
+mod bench;
+mod cli;
+mod cli_image;
+mod client;
+mod paths;
+mod probe;
 
 use std::path::Path;
 use std::process::{Command as Process, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use vmm::builder::{run_vm, BuildError, RunOptions};
-use vmm::cli::{self, Cli, Command, KvmProbeCmd, RunCmd};
 use vmm::config::{self, ConfigError, ConsoleTarget, VmConfig};
 use vmm::exit::ExitReason;
-use vmm::instance::client::{self, ClientError};
 use vmm::instance::runtime::{validate_name, RuntimeDir};
 use vmm::instance::{run_instance, InstanceConfig};
+
+use cli::{Cli, Command, KvmProbeCmd, RunCmd};
+use client::ClientError;
 
 /// Exit status for bad input (arguments, files, images).
 const EXIT_BAD_INPUT: u8 = 2;
@@ -23,6 +34,8 @@ const DAEMON_ENV: &str = "EXTERIOR_DAEMON";
 /// How long `run --detach` waits for the instance to be ready, and `stop` for it to end.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest `quiesce --hold` (the instance refuses longer ones too).
+const MAX_QUIESCE_HOLD_MS: u64 = 60_000;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -33,7 +46,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(cmd) => run(cmd),
         Command::KvmProbe(cmd) => kvm_probe(cmd),
-        Command::Bench(cmd) => vmm::bench::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
         Command::Keygen(cmd) => image_cmd(cmd.run()),
         Command::Seal(cmd) => image_cmd(cmd.run()),
         Command::Inspect(cmd) => image_cmd(cmd.run()),
@@ -80,16 +93,25 @@ fn main() -> ExitCode {
                 cmd.local,
             )
         }),
-        Command::Quiesce(cmd) => with_runtime(|rt| match client::quiesce(rt, &cmd.name)? {
-            Ok(report) => {
-                print!("{report}");
-                Ok(0)
-            }
-            Err(busy) => {
-                eprintln!("exterior-vmm: {busy}");
-                Ok(1)
-            }
-        }),
+        Command::Quiesce(cmd) if cmd.hold > MAX_QUIESCE_HOLD_MS => fail(
+            EXIT_BAD_INPUT,
+            format!(
+                "quiesce: --hold {} ms is longer than the {MAX_QUIESCE_HOLD_MS} ms allowed",
+                cmd.hold
+            ),
+        ),
+        Command::Quiesce(cmd) => {
+            with_runtime(|rt| match client::quiesce(rt, &cmd.name, cmd.hold)? {
+                Ok(report) => {
+                    print!("{report}");
+                    Ok(0)
+                }
+                Err(busy) => {
+                    eprintln!("exterior-vmm: {busy}");
+                    Ok(1)
+                }
+            })
+        }
         Command::Console(cmd) => with_runtime(|rt| {
             client::console(rt, &cmd.name, cmd.svm)?;
             Ok(0)
@@ -140,7 +162,7 @@ fn console_target(path: Option<&Path>) -> ConsoleTarget {
 fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
     let mem_mib = config::check_mem_mib(config::parse_mem_mib(&cmd.mem)?)?;
     let cpus = config::check_cpus(cmd.cpus)?;
-    let images = cli::images_dir();
+    let images = paths::images_dir();
     let (kernel_path, initrd_path) = match &cmd.kernel {
         Some(kernel) => (kernel.clone(), cmd.initrd.clone()),
         None => {
@@ -173,7 +195,7 @@ fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig
     let initrd_path = cmd
         .svm_initrd
         .clone()
-        .unwrap_or_else(|| cli::images_dir().join("svm.cpio"));
+        .unwrap_or_else(|| paths::images_dir().join("svm.cpio"));
     if !initrd_path.exists() {
         return Err(ConfigError::NoSvmImage(initrd_path));
     }
@@ -201,7 +223,7 @@ fn run(cmd: RunCmd) -> ExitCode {
                 );
             }
             let console = console_target(cmd.console.as_deref());
-            match vmm::cli_image::run_config_from_image(image, &cmd.trust, console) {
+            match cli_image::run_config_from_image(image, &cmd.trust, console) {
                 // An image that asks for an SVM becomes an instance, which needs a name.
                 Ok((_, true)) if cmd.name.is_none() => {
                     return fail(
@@ -222,7 +244,7 @@ fn run(cmd: RunCmd) -> ExitCode {
         },
     };
     let opts = RunOptions {
-        kvm_device: cli::kvm_device(),
+        kvm_device: paths::kvm_device(),
         seccomp: !cmd.no_seccomp,
     };
     let result = match &cmd.name {
@@ -361,7 +383,7 @@ fn report(reason: ExitReason) -> ExitCode {
 }
 
 fn kvm_probe(_cmd: KvmProbeCmd) -> ExitCode {
-    match vmm::probe::probe(&cli::kvm_device()) {
+    match probe::probe(&paths::kvm_device()) {
         Ok(result) => {
             println!("{}", result.describe());
             ExitCode::from(if result.native() { 0 } else { 1 })
@@ -373,7 +395,7 @@ fn kvm_probe(_cmd: KvmProbeCmd) -> ExitCode {
     }
 }
 
-fn image_cmd(result: Result<(), vmm::cli_image::ImageCliError>) -> ExitCode {
+fn image_cmd(result: Result<(), cli_image::ImageCliError>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(EXIT_BAD_INPUT, e),

@@ -227,3 +227,19 @@ fn a_shared_runtime_directory_is_refused() {
     assert_eq!(code, 2);
     assert!(err.contains("is not private"), "{err}");
 }
+
+#[test]
+fn a_quiesce_hold_past_a_minute_is_refused_before_any_instance_is_asked() {
+    let dir = scratch("hold");
+    let (code, err) = run(vmm()
+        .env("EXTERIOR_RUNTIME_DIR", dir.join("run"))
+        .args(["quiesce", "nowhere", "--hold", "60001"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--hold 60001 ms is longer than the 60000 ms allowed"),
+        "{err}"
+    );
+    let (code, err) = run(vmm().args(["quiesce", "nowhere", "--hold", "soon"]));
+    assert_ne!(code, 0);
+    assert!(err.contains("--hold"), "{err}");
+}

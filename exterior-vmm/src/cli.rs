@@ -151,15 +151,20 @@ pub struct ConsoleCmd {
     pub svm: bool,
 }
 
-/// Briefly hold an instance's GVM at a safe point (every vCPU halted or in user mode) and
-/// report each vCPU's state: the first step of a redirected call, as a diagnostic. Exit
-/// status 1 when the guest is busy.
+/// Hold an instance's GVM at a safe point (every vCPU halted or in user mode), report each
+/// vCPU's state and release it: the first step of a redirected call, as a diagnostic; with
+/// --hold, keep it held that long first (a still guest for inspection). Exit status 1 when
+/// the guest is busy.
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "quiesce")]
 pub struct QuiesceCmd {
     /// instance name
     #[argh(positional)]
     pub name: String,
+    /// milliseconds to keep the GVM held before releasing it (default 0, at most 60000);
+    /// redirected calls wait meanwhile
+    #[argh(option, default = "0")]
+    pub hold: u64,
 }
 
 /// Tell whether this host's KVM runs guests natively. Exit status 0: native; 1: emulating
@@ -167,31 +172,3 @@ pub struct QuiesceCmd {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "kvm-probe")]
 pub struct KvmProbeCmd {}
-
-/// Where the default images live: $EXTERIOR_IMAGES, else `images/` of the repository this
-/// binary was built in (target/<profile>/exterior-vmm), else `./images`.
-pub fn images_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("EXTERIOR_IMAGES") {
-        return PathBuf::from(dir);
-    }
-    if let Ok(exe) = std::env::current_exe() {
-        if let Some(repo) = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .and_then(|p| p.parent())
-        {
-            let candidate = repo.join("images");
-            if candidate.join("vmlinux").exists() {
-                return candidate;
-            }
-        }
-    }
-    PathBuf::from("images")
-}
-
-/// The KVM device: $EXTERIOR_KVM_DEVICE or /dev/kvm.
-pub fn kvm_device() -> PathBuf {
-    std::env::var_os("EXTERIOR_KVM_DEVICE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev/kvm"))
-}

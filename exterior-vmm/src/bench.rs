@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 use argh::FromArgs;
 use thiserror::Error;
 
-use crate::cli;
-use crate::config::DEFAULT_CMDLINE;
+use vmm::config::DEFAULT_CMDLINE;
+
+use crate::paths;
 
 /// The line the guest prints once its /init runs the command.
 pub const MARKER: &str = "BENCH-INIT-REACHED";
@@ -161,7 +162,7 @@ fn bench_boot(cmd: &BenchBootCmd) -> Result<(), BenchError> {
     if cmd.timeout == 0 {
         return Err(BenchError::BadInput("--timeout must be at least 1".into()));
     }
-    let images = cli::images_dir();
+    let images = paths::images_dir();
     let kernel = cmd.kernel.clone().unwrap_or_else(|| images.join("vmlinux"));
     let initrd = cmd
         .initrd
@@ -635,9 +636,8 @@ mod tests {
         assert_eq!(after(&ext, "--cpus"), after(&qemu, "-smp"));
         // exterior-vmm prepends DEFAULT_CMDLINE itself (config::build_cmdline); QEMU
         // gets the same but for the reboot method.
-        let ext_cmdline = crate::config::build_cmdline(
-            after(&ext, "--append").as_deref().and_then(|a| a.to_str()),
-        );
+        let ext_cmdline =
+            vmm::config::build_cmdline(after(&ext, "--append").as_deref().and_then(|a| a.to_str()));
         assert!(ext_cmdline.contains("reboot=k"));
         assert_eq!(
             Some(OsString::from(ext_cmdline.replace("reboot=k", "reboot=t"))),

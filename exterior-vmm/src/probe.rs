@@ -11,8 +11,8 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VcpuExit;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vm::{kvm_err, Vm, VmError};
+use vmm::vstate::memory::create_guest_memory;
+use vmm::vstate::vm::{kvm_err, Vm, VmError};
 
 /// Iterations of the timed loop.
 const ITERATIONS: u32 = 200_000;

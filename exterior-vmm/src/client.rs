@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use svm_runtime::protocol::{Decoder, ExecRequest, ExitStatus, Frame, Kind};
 use thiserror::Error;
 
-use super::runtime::{RuntimeDir, RuntimeError};
-use crate::terminal::RawModeGuard;
+use vmm::instance::runtime::{self, RuntimeDir, RuntimeError};
+use vmm::terminal::RawModeGuard;
 
 /// Ctrl-] ends a console session, as in telnet.
 const CONSOLE_ESCAPE: u8 = 0x1d;
@@ -40,7 +40,7 @@ pub struct Connection {
 
 impl Connection {
     pub fn open(dir: &RuntimeDir, name: &str) -> Result<Self, ClientError> {
-        super::runtime::validate_name(name)?;
+        runtime::validate_name(name)?;
         if !dir.is_live(name) {
             dir.remove_leftovers(name);
             return Err(RuntimeError::NotRunning(name.to_string()).into());
@@ -127,9 +127,18 @@ pub fn info_json(info: &str) -> serde_json::Value {
 }
 
 /// Holds the GVM's vCPUs at a safe point and releases them; returns the report.
-pub fn quiesce(dir: &RuntimeDir, name: &str) -> Result<Result<String, String>, ClientError> {
+pub fn quiesce(
+    dir: &RuntimeDir,
+    name: &str,
+    hold_ms: u64,
+) -> Result<Result<String, String>, ClientError> {
     let mut conn = Connection::open(dir, name)?;
-    conn.send(&Frame::new(Kind::Quiesce, 1, Vec::new()))?;
+    let hold = if hold_ms == 0 {
+        Vec::new()
+    } else {
+        hold_ms.to_string().into_bytes()
+    };
+    conn.send(&Frame::new(Kind::Quiesce, 1, hold))?;
     match conn.recv()? {
         Some(f) if f.kind == Kind::Info => Ok(Ok(String::from_utf8_lossy(&f.payload).into_owned())),
         Some(f) if f.kind == Kind::Error => {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use appliance::{ImageError, KeyError, Manifest, SealError, VerifiedImage, VmConfig};
 use argh::FromArgs;
 
-use crate::config::{self, ConfigError, ConsoleTarget};
+use vmm::config::{self, ConfigError, ConsoleTarget};
 
 /// Errors of the image subcommands; the caller prints them to stderr and exits 1.
 #[derive(Debug, thiserror::Error)]

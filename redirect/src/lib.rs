@@ -27,7 +27,7 @@
 //! never crash the VMM.
 
 #![forbid(unsafe_code)]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 pub mod call_profile;
 pub mod lend;

@@ -21,10 +21,22 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 pub enum MemError {
     /// Some byte of `[gpa, gpa + len)` is not backed by guest memory (or the range wraps).
     #[error("guest-physical range {gpa:#x}+{len:#x} is not backed by guest memory")]
-    OutOfRange { gpa: u64, len: u64 },
+    OutOfRange {
+        /// Guest-physical start of the requested range.
+        gpa: u64,
+        /// Length of the requested range in bytes.
+        len: u64,
+    },
     /// The backend refused an access to a range it claims to contain.
     #[error("guest-physical access at {gpa:#x}+{len:#x} failed: {reason}")]
-    Backend { gpa: u64, len: u64, reason: String },
+    Backend {
+        /// Guest-physical start of the requested range.
+        gpa: u64,
+        /// Length of the requested range in bytes.
+        len: u64,
+        /// The backend's error, as text.
+        reason: String,
+    },
     /// A [`MemoryImage`] was built with an invalid region layout.
     #[error("invalid memory image layout: {0}")]
     InvalidLayout(String),
@@ -259,8 +271,57 @@ impl GuestPhysMemory for GuestMemoryMmap<()> {
     }
 }
 
+/// Another memory seen at a different guest-physical address: `base + off` here is `off`
+/// in `inner` (the redirect VM maps its window's memory object, which starts at 0, high).
+pub struct Relocated<'a> {
+    /// The memory itself.
+    pub inner: &'a dyn GuestPhysMemory,
+    /// Where its byte 0 appears.
+    pub base: u64,
+}
+
+impl Relocated<'_> {
+    fn offset(&self, gpa: u64, len: usize) -> Result<u64, MemError> {
+        gpa.checked_sub(self.base).ok_or(MemError::OutOfRange {
+            gpa,
+            len: len as u64,
+        })
+    }
+}
+
+impl GuestPhysMemory for Relocated<'_> {
+    fn contains(&self, gpa: u64, len: u64) -> bool {
+        gpa.checked_sub(self.base)
+            .is_some_and(|off| self.inner.contains(off, len))
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.inner.read_phys(self.offset(gpa, buf.len())?, buf)
+    }
+    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), MemError> {
+        self.inner.write_phys(self.offset(gpa, buf.len())?, buf)
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn relocated_memory_is_reached_only_at_its_new_address() {
+        let inner = MemoryImage::new(0x2000);
+        let moved = Relocated {
+            inner: &inner,
+            base: 0x1_0000_0000,
+        };
+        moved.write_phys(0x1_0000_1ff8, &[1, 2, 3, 4]).unwrap();
+        let mut raw = [0u8; 4];
+        inner.read_phys(0x1ff8, &mut raw).unwrap();
+        assert_eq!(raw, [1, 2, 3, 4]);
+        assert!(moved.contains(0x1_0000_0000, 0x2000));
+        assert!(!moved.contains(0x1_0000_1fff, 2));
+        assert!(!moved.contains(0x1000, 1));
+        assert!(moved.read_phys(0x1ff8, &mut raw).is_err());
+        assert!(moved.write_phys(0x1_0000_1ffe, &raw).is_err());
+    }
+
     use super::*;
 
     #[test]

@@ -73,8 +73,11 @@ use control_bits::{CR0_PG, CR4_LA57, CR4_PAE, EFER_LMA, EFER_NXE};
 /// The size of a page mapped by a leaf entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum PageSize {
+    /// 4 KiB, mapped by a PT entry.
     Size4K,
+    /// 2 MiB, mapped by a PD entry with PS set.
     Size2M,
+    /// 1 GiB, mapped by a PDPT entry with PS set.
     Size1G,
 }
 
@@ -96,9 +99,13 @@ impl PageSize {
 /// A level of the page-table hierarchy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Level {
+    /// Page-map level 4, the table CR3 points to (bits 47..39 of the address).
     Pml4,
+    /// Page-directory-pointer table (bits 38..30); may map 1 GiB pages.
     Pdpt,
+    /// Page directory (bits 29..21); may map 2 MiB pages.
     Pd,
+    /// Page table (bits 20..12); maps 4 KiB pages.
     Pt,
 }
 
@@ -164,18 +171,27 @@ pub enum AccessKind {
 /// An access to check a translation against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Access {
+    /// Read, write or execute.
     pub kind: AccessKind,
+    /// Supervisor or user.
     pub privilege: Privilege,
 }
 
 impl Access {
+    /// A supervisor read.
     pub const READ: Access = Access::new(AccessKind::Read, Privilege::Supervisor);
+    /// A supervisor write.
     pub const WRITE: Access = Access::new(AccessKind::Write, Privilege::Supervisor);
+    /// A supervisor instruction fetch.
     pub const EXECUTE: Access = Access::new(AccessKind::Execute, Privilege::Supervisor);
+    /// A user-mode (CPL 3) read.
     pub const USER_READ: Access = Access::new(AccessKind::Read, Privilege::User);
+    /// A user-mode (CPL 3) write.
     pub const USER_WRITE: Access = Access::new(AccessKind::Write, Privilege::User);
+    /// A user-mode (CPL 3) instruction fetch.
     pub const USER_EXECUTE: Access = Access::new(AccessKind::Execute, Privilege::User);
 
+    /// An access of `kind` at `privilege`.
     pub const fn new(kind: AccessKind, privilege: Privilege) -> Self {
         Access { kind, privilege }
     }
@@ -210,6 +226,8 @@ impl Default for PagingMode {
 }
 
 impl PagingMode {
+    /// 4-level paging with EFER.NXE = `nx_enabled` and the given MAXPHYADDR (not checked
+    /// here; a walk with a value outside 32..=52 fails with [`WalkError::BadMaxPhysBits`]).
     pub const fn new(nx_enabled: bool, max_phys_bits: u8) -> Self {
         PagingMode {
             nx_enabled,
@@ -279,6 +297,7 @@ impl PagingMode {
 pub struct Translation {
     /// The guest-physical address of the translated byte (page base + offset).
     pub gpa: u64,
+    /// Size of the page that maps it.
     pub page_size: PageSize,
     /// RW at every level.
     pub writable: bool,
@@ -295,9 +314,13 @@ pub struct Mapping {
     pub gva: u64,
     /// Guest-physical address of the page (aligned to `page_size`); not necessarily RAM.
     pub gpa: u64,
+    /// Size of the page.
     pub page_size: PageSize,
+    /// RW at every level.
     pub writable: bool,
+    /// US at every level.
     pub user: bool,
+    /// XD at some level (always false without EFER.NXE).
     pub nx: bool,
 }
 
@@ -319,45 +342,100 @@ pub struct WalkStats {
 /// Why a page walk or a virtual access failed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum WalkError {
+    /// The vCPU is not in 4-level long-mode paging (paging off, not long mode, or LA57).
     #[error("unsupported paging mode: {reason}")]
-    Unsupported { reason: &'static str },
+    Unsupported {
+        /// Which condition failed.
+        reason: &'static str,
+    },
+    /// [`PagingMode::max_phys_bits`] is outside 32..=52.
     #[error("unsupported MAXPHYADDR {bits} (expected 32..=52)")]
-    BadMaxPhysBits { bits: u8 },
+    BadMaxPhysBits {
+        /// The rejected MAXPHYADDR.
+        bits: u8,
+    },
+    /// The address is not 48-bit canonical.
     #[error("guest-virtual address {gva:#x} is not canonical")]
-    NonCanonical { gva: u64 },
+    NonCanonical {
+        /// The rejected address.
+        gva: u64,
+    },
+    /// `[gva, gva + len)` wraps past `u64::MAX`.
     #[error("guest-virtual range {gva:#x}+{len:#x} wraps the address space")]
-    AddressOverflow { gva: u64, len: u64 },
+    AddressOverflow {
+        /// Start of the range.
+        gva: u64,
+        /// Length of the range in bytes.
+        len: u64,
+    },
+    /// An entry on the walk has P clear.
     #[error("guest-virtual address {gva:#x} is not mapped: {level} entry not present")]
-    NotPresent { gva: u64, level: Level },
+    NotPresent {
+        /// The address being translated.
+        gva: u64,
+        /// The level whose entry is not present.
+        level: Level,
+    },
+    /// An entry on the walk sets reserved bits (a CPU would raise a reserved-bit fault).
     #[error("guest-virtual address {gva:#x}: {level} entry {entry:#x} sets reserved bits")]
-    Reserved { gva: u64, level: Level, entry: u64 },
+    Reserved {
+        /// The address being translated.
+        gva: u64,
+        /// The level of the offending entry.
+        level: Level,
+        /// The raw entry.
+        entry: u64,
+    },
+    /// A page-table page is not in guest memory.
     #[error(
         "guest-virtual address {gva:#x}: cannot read the {level} table at {table:#x}: {source}"
     )]
     TableRead {
+        /// The address being translated (for [`for_each_mapping`], the start of the range).
         gva: u64,
+        /// The level of the unreadable table.
         level: Level,
+        /// Guest-physical address of the table.
         table: u64,
+        /// Why the read failed.
         source: MemError,
     },
+    /// The mapping exists but does not permit the access.
     #[error(
         "{access:?} access to guest-virtual address {gva:#x} denied by its mapping {translation:?}"
     )]
     Protection {
+        /// The address accessed.
         gva: u64,
+        /// The access that was denied.
         access: Access,
+        /// The mapping found for `gva`.
         translation: Translation,
     },
+    /// The address translates, but the guest-physical bytes it maps to are not guest memory.
     #[error("guest-virtual address {gva:#x} maps to {gpa:#x}: {source}")]
     Data {
+        /// Guest-virtual start of the failing piece (within one page).
         gva: u64,
+        /// The guest-physical address it translates to.
         gpa: u64,
+        /// Why the access failed.
         source: MemError,
     },
+    /// [`read_cstr`] found no NUL within its limit.
     #[error("no NUL terminator within {max_len} bytes of guest-virtual address {gva:#x}")]
-    StringTooLong { gva: u64, max_len: usize },
+    StringTooLong {
+        /// Start of the string.
+        gva: u64,
+        /// The limit, in bytes, terminator included.
+        max_len: usize,
+    },
+    /// [`for_each_mapping`] would read more table pages than its cap.
     #[error("page tables visit more than {limit} table pages (cyclic or aliased tables?)")]
-    TooManyTables { limit: usize },
+    TooManyTables {
+        /// The caller's cap on table pages.
+        limit: usize,
+    },
 }
 
 /// True for 48-bit canonical addresses (bits 63..47 all equal).
@@ -794,12 +872,17 @@ impl<F: FnMut(&Mapping) -> ControlFlow<()>> Enumerator<'_, F> {
 /// A guest address space: memory, paging mode and CR3 together, for shorter call sites.
 #[derive(Clone, Copy)]
 pub struct AddressSpace<'a> {
+    /// The guest's physical memory, which holds the tables and the data.
     pub mem: &'a dyn GuestPhysMemory,
+    /// The paging configuration to walk with.
     pub mode: PagingMode,
+    /// CR3: the PML4's guest-physical address (low 12 bits and bits above MAXPHYADDR are
+    /// ignored).
     pub cr3: u64,
 }
 
 impl<'a> AddressSpace<'a> {
+    /// Bundles `mem`, `mode` and `cr3`.
     pub fn new(mem: &'a dyn GuestPhysMemory, mode: PagingMode, cr3: u64) -> Self {
         AddressSpace { mem, mode, cr3 }
     }

@@ -27,24 +27,38 @@ const TIF_NEED_FPU_LOAD: u64 = 14;
 /// The shadow's thread flags at the start of every call: only TIF_NEED_FPU_LOAD.
 pub const THREAD_FLAGS_AT_CALL: u64 = 1 << TIF_NEED_FPU_LOAD;
 
+/// Why the shadow task could not be laid out, made or updated.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ShadowError {
+    /// Kernel BTF lacks a struct or member the shadow needs (or `init_task`'s FPU state is
+    /// not embedded in it); names what is missing.
     #[error("kernel BTF has no {0}, needed for the shadow task")]
     MissingField(&'static str),
-    #[error("{what} is {size:#x} bytes, more than the {room:#x} the window has for it")]
+    /// A struct is larger than the room the shadow block has for it.
+    #[error("{what} is {size:#x} bytes, more than the {room:#x} the shadow block has for it")]
     TooLarge {
+        /// The struct.
         what: &'static str,
+        /// Its size in bytes.
         size: u64,
+        /// The room for it in bytes.
         room: u64,
     },
+    /// A template read from the GVM is shorter than its struct, or a field offset lies
+    /// outside it; names the struct.
     #[error("the template {0} is shorter than its struct")]
     ShortTemplate(&'static str),
+    /// GVM kernel memory could not be read or written there.
     #[error("GVM kernel memory at {va:#x}: {source}")]
     Memory {
+        /// The kernel virtual address.
         va: u64,
+        /// Why the walk or the access failed.
         #[source]
         source: WalkError,
     },
+    /// The GVM's allocator returned an unusable block address (zero, not aligned to
+    /// [`BLOCK_SIZE`], or wrapping); holds that address.
     #[error("the GVM's page allocator gave {0:#x} for the shadow block (64 KiB, aligned)")]
     BadBlock(u64),
 }
@@ -194,33 +208,52 @@ impl ShadowBlock {
     }
 }
 
-/// Field offsets the shadow needs beyond [`crate::profile::Layouts`].
+/// Field offsets the shadow needs beyond [`crate::profile::Layouts`]. Offsets are byte
+/// offsets in `struct task_struct` unless stated otherwise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShadowLayout {
+    /// Size of `struct task_struct` in bytes.
     pub task_size: u64,
+    /// `flags` (PF_*): zero in the shadow, which is neither a kernel thread nor idle.
     pub flags: u64,
+    /// `thread_info.flags` (TIF_*): [`THREAD_FLAGS_AT_CALL`] at every call.
     pub ti_flags: u64,
+    /// `thread_info.syscall_work`: zero in the shadow, so no seccomp, tracing or syscall
+    /// user dispatch work runs on its calls.
     pub ti_syscall_work: u64,
+    /// `thread_info.cpu` (a `u32`): the lent CPU.
     pub ti_cpu: u64,
+    /// `__state` (a `u32`): what a call that reached `__schedule` set it to.
     pub state: u64,
     /// `on_cpu`: 1 in the idle-task template; 0 in the shadow, so GVM tasks contending
     /// for a lock it holds sleep instead of spinning on it.
     pub on_cpu: u64,
+    /// `stack`: the base of the task's kernel stack.
     pub stack: u64,
+    /// `mm`: NULL in the shadow, so a fault on an unmapped user address ends in -EFAULT.
     pub mm: u64,
+    /// `files`: the shadow's own `files_struct`.
     pub files: u64,
+    /// `rseq`: NULL in the shadow.
     pub rseq: u64,
+    /// `comm`: the task name, "exterior" in the shadow.
     pub comm: u64,
+    /// `thread.fpu.fpstate`: must point at the FPU state embedded in the task.
     pub fpstate_ptr: u64,
     /// `thread.fpu.last_cpu`: -1 means no CPU holds this task's FPU registers.
     pub fpu_last_cpu: u64,
+    /// `thread.fsbase`: zero in the shadow.
     pub fsbase: u64,
+    /// `thread.gsbase`: zero in the shadow.
     pub gsbase: u64,
+    /// Size of `struct files_struct` in bytes.
     pub files_size: u64,
+    /// Byte offset of `files_struct.count`: 1 in the shadow.
     pub files_count: u64,
 }
 
 impl ShadowLayout {
+    /// Takes the offsets from `p`'s layouts and BTF; fails naming the first one missing.
     pub fn from_profile(p: &KernelProfile) -> Result<ShadowLayout, ShadowError> {
         let t = &p.layouts.task;
         let off = |s: &str, m: &'static str| p.offset_of(s, m).ok_or(ShadowError::MissingField(m));
@@ -278,8 +311,11 @@ fn put(bytes: &mut [u8], off: u64, value: &[u8]) -> Result<(), ShadowError> {
 /// Where the shadow's parts live (kernel-virtual addresses in the shadow block).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShadowPlace {
+    /// The shadow `task_struct`.
     pub task: u64,
+    /// The base (lowest address) of the shadow's kernel stack, stored in `task_struct.stack`.
     pub stack: u64,
+    /// The shadow `files_struct`.
     pub files: u64,
     /// The number of the GVM CPU lent to the call.
     pub cpu: u32,

@@ -145,7 +145,10 @@ pub struct Args(pub [u64; 4]);
 /// Reads kernel memory as the call saw it: the window (shadow stack, pt_regs) through
 /// `window`, everything else through the GVM's kernel address space.
 pub struct CallMemory<'a> {
+    /// The GVM kernel's address space, read when `window` does not serve an address.
     pub kernel: &'a AddressSpace<'a>,
+    /// Fills the buffer from kernel-virtual address `va` in the window; false if it
+    /// cannot (then the GVM is read instead).
     pub window: &'a dyn Fn(u64, &mut [u8]) -> bool,
 }
 
@@ -204,15 +207,24 @@ impl<'a> CallMemory<'a> {
 /// Where to find loaded modules in GVM memory (`modules` list and `struct module`).
 #[derive(Debug, Clone, Copy)]
 pub struct ModuleLayout {
+    /// Kernel-virtual address of the `modules` list head.
     pub list_head: u64,
+    /// Byte offset of `module.list` (the list node).
     pub list: u64,
+    /// Byte offset of `module.name` ([`MODULE_NAME_LEN`] bytes).
     pub name: u64,
+    /// Byte offset of `module.core_layout.base`: start of the module's core image.
     pub base: u64,
+    /// Byte offset of `module.core_layout.size`: the core image's size in bytes.
     pub size: u64,
+    /// Byte offset of `module.core_layout.text_size`: size in bytes of the core image's
+    /// text, at its start.
     pub text_size: u64,
 }
 
 impl ModuleLayout {
+    /// The layout from the kernel's kallsyms (`modules`) and BTF (`struct module`); `None`
+    /// if any of them is missing.
     pub fn from_profile(kernel: &KernelProfile) -> Option<ModuleLayout> {
         let btf = &kernel.btf;
         Some(ModuleLayout {
@@ -256,7 +268,7 @@ impl ModuleLayout {
     }
 
     /// The name of the GVM module whose core image holds `addr`, walking at most
-    /// [`MAX_MODULES`] list entries.
+    /// `MAX_MODULES` (4096) list entries.
     pub fn module_at(&self, mem: &CallMemory<'_>, addr: u64) -> Option<String> {
         self.find(mem, |module| {
             let base = mem.u64(module.checked_add(self.base)?)?;

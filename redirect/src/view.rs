@@ -6,9 +6,10 @@
 //! the redirect vCPU runs on:
 //! - kernel half (PML4 entries 256..511): the GVM's own kernel entries, copied from a GVM
 //!   vCPU's CR3, so the GVM kernel sees its usual address space;
-//! - PML4 entry [`WINDOW_SLOT`]: the whole window at [`WINDOW_KVA`] (supervisor, no-execute),
-//!   with these tables, the stubs and a scratch stack; then the trap page and the kernel
-//!   stub page ([`KSTUB_KVA`]);
+//! - PML4 entry [`WINDOW_SLOT`]: of the window at [`WINDOW_KVA`], only the scratch stack
+//!   (supervisor, no-execute) — these tables and the stubs have no virtual alias, so code
+//!   the call runs cannot rewrite them; then the trap page and the read-only kernel stub
+//!   page ([`KSTUB_KVA`]);
 //! - user half: the calling SVM program's present mappings, each rebased to
 //!   `svm_base + its SVM physical address`, so user pointers in the call reach the program's
 //!   own pages in SVM memory and nothing else of the SVM;
@@ -63,6 +64,7 @@ pub mod offsets {
     /// The stack the executor's own kernel-function calls run on (16 KiB). The shadow
     /// task, its stack and its file table live in GVM memory (see the executor).
     pub const SCRATCH_STACK: u64 = 0x2_0000;
+    /// Size in bytes of the scratch stack at [`SCRATCH_STACK`].
     pub const STACK_SIZE: u64 = 0x4000;
     /// Page-table pages for the view, to the end of the window.
     pub const TABLES: u64 = 0x10_0000;
@@ -93,7 +95,39 @@ pub struct ViewLayout {
     pub also_exec: Option<(u64, u64)>,
 }
 
+/// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
+/// (the image sits at its link address; `nokaslr`).
+pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+
+/// The guest-physical [start, end), rounded out to pages, of the kernel-image range
+/// `size` bytes long linked at `link`; `None` if it is not in the kernel-image map.
+pub fn text_phys(link: u64, size: u64) -> Option<(u64, u64)> {
+    let start = link.checked_sub(START_KERNEL_MAP)?;
+    let end = start.checked_add(size)?.checked_add(0xfff)? & !0xfff;
+    Some((start & !0xfff, end))
+}
+
 impl ViewLayout {
+    /// The redirect VM's layout for a GVM whose RAM ends at guest-physical `gvm_end` and
+    /// whose kernel text is at guest-physical `text`: the window at the next 1 GiB
+    /// boundary, the sentinel and trap pages right after it, and the SVM's RAM at the next
+    /// 64 GiB boundary past those. `None` if that does not fit in the address space.
+    pub fn for_guest(gvm_end: u64, text: (u64, u64)) -> Option<ViewLayout> {
+        let align = |v: u64, a: u64| v.checked_add(a - 1).map(|v| v & !(a - 1));
+        let window_gpa = align(gvm_end, 1 << 30)?;
+        let sentinel_gpa = window_gpa.checked_add(WINDOW_SIZE)?;
+        Some(ViewLayout {
+            window_gpa,
+            sentinel_gpa,
+            exec_text: (
+                START_KERNEL_MAP.checked_add(text.0)?,
+                START_KERNEL_MAP.checked_add(text.1)?,
+            ),
+            also_exec: None,
+            svm_base: align(sentinel_gpa.checked_add(0x1000)?, 1 << 36)?,
+        })
+    }
+
     /// Guest-physical address of window offset `off`.
     pub fn gpa(&self, off: u64) -> u64 {
         self.window_gpa + off
@@ -110,22 +144,34 @@ impl ViewLayout {
     }
 }
 
+/// Why [`build_view`] could not build a view.
 #[derive(Debug, Error)]
 pub enum ViewError {
+    /// The window could not be read or written.
     #[error("the window: {0}")]
     Window(MemError),
+    /// A GVM kernel page-table page the view copies is not in GVM memory.
     #[error("the GVM's page tables at {cr3:#x}: {source}")]
-    GvmTables { cr3: u64, source: MemError },
+    GvmTables {
+        /// The GVM CR3 the view was built from.
+        cr3: u64,
+        /// Why the read failed.
+        source: MemError,
+    },
+    /// The GVM kernel has a present entry in [`WINDOW_SLOT`].
     #[error(
         "the GVM kernel uses PML4 slot {WINDOW_SLOT:#x}, which the view reserves for its window"
     )]
     SlotInUse,
+    /// Walking the SVM program's user half failed.
     #[error("the SVM program's page tables: {0}")]
     SvmTables(WalkError),
+    /// The window's page-table pool ran out; holds the number of pages used.
     #[error(
         "the SVM program maps too much memory for the view ({0} page-table pages are not enough)"
     )]
     PoolExhausted(u64),
+    /// User PML4 slots 1..256 are all taken, so the stub has nowhere to go.
     #[error("the SVM program uses every user PML4 slot: no room for the stub")]
     NoStubSlot,
 }
@@ -365,17 +411,18 @@ pub fn build_view(
     };
     confine_execution(&mut pool, pml4, gvm, gvm_cr3, layout)?;
 
-    // The window itself, in the kernel half.
-    let mut off = 0;
-    while off < WINDOW_SIZE {
+    // Of the window, the kernel half maps only the scratch stack: the view's tables and
+    // stubs have no virtual alias in the view, so no code the call runs can rewrite them.
+    let mut off = offsets::SCRATCH_STACK;
+    while off < offsets::SCRATCH_STACK + offsets::STACK_SIZE {
         pool.map(
             pml4,
             ViewLayout::kva(off),
             layout.gpa(off),
-            PageSize::Size2M,
+            PageSize::Size4K,
             PTE_P | PTE_RW | PTE_A | PTE_D | PTE_XD,
         )?;
-        off += 2 << 20;
+        off += 0x1000;
     }
 
     pool.map(
@@ -468,6 +515,21 @@ mod tests {
     use crate::paging::{translate, Access};
 
     const WINDOW_GPA: u64 = 0x4000_0000;
+
+    #[test]
+    fn the_layout_follows_the_guest_and_refuses_to_wrap() {
+        let text = text_phys(0xffff_ffff_8100_0000, 0x80_0123).unwrap();
+        assert_eq!(text, (0x100_0000, 0x180_1000));
+        assert_eq!(text_phys(0xffff_8000_0000_0000, 0x1000), None);
+        assert_eq!(text_phys(START_KERNEL_MAP, u64::MAX), None);
+        let l = ViewLayout::for_guest(0x4000_0001, text).unwrap();
+        assert_eq!(l.window_gpa, 0x8000_0000);
+        assert_eq!(l.sentinel_gpa, 0x8000_0000 + WINDOW_SIZE);
+        assert_eq!(l.trap_gpa(), l.sentinel_gpa + 0x1000);
+        assert_eq!(l.svm_base, 1 << 36);
+        assert_eq!(l.exec_text, (0xffff_ffff_8100_0000, 0xffff_ffff_8180_1000));
+        assert_eq!(ViewLayout::for_guest(u64::MAX - 0x1000, text), None);
+    }
     const SVM_BASE: u64 = 0x80_0000_0000;
 
     fn layout() -> ViewLayout {
@@ -543,10 +605,50 @@ mod tests {
         assert!(walk(KSTUB_KVA, Access::USER_EXECUTE).is_err());
         let t = walk(WINDOW_KVA + 0x2_0008, Access::WRITE).unwrap();
         assert_eq!(t.gpa, WINDOW_GPA + 0x2_0008);
-        assert!(walk(WINDOW_KVA, Access::EXECUTE).is_err(), "window is NX");
+        let stack = WINDOW_KVA + offsets::SCRATCH_STACK;
+        assert!(walk(stack, Access::EXECUTE).is_err(), "the stack is NX");
         assert!(
-            walk(WINDOW_KVA, Access::USER_READ).is_err(),
-            "window is kernel-only"
+            walk(stack, Access::USER_READ).is_err(),
+            "the stack is kernel-only"
+        );
+        // Nothing else of the window has a virtual address in the view: not its tables,
+        // not the stubs' code (which runs from its own read-only mappings).
+        for off in [
+            offsets::PML4,
+            offsets::STUB,
+            offsets::KSTUB,
+            offsets::SCRATCH_STACK - 0x1000,
+            offsets::SCRATCH_STACK + offsets::STACK_SIZE,
+            offsets::TABLES,
+            WINDOW_SIZE - 0x1000,
+        ] {
+            assert!(
+                walk(WINDOW_KVA + off, Access::READ).is_err(),
+                "window offset {off:#x} is mapped"
+            );
+        }
+        // Every writable mapping of the view: none reaches the window outside the stack.
+        let stack_gpa = WINDOW_GPA + offsets::SCRATCH_STACK;
+        let stack_gpa = stack_gpa..stack_gpa + offsets::STACK_SIZE;
+        let mut writable = 0;
+        crate::paging::for_each_mapping(&composed, &mode, view.cr3, 0..=u64::MAX, 4096, |m| {
+            let start = m.gpa;
+            let end = m.gpa + m.page_size.bytes();
+            let in_window = start < WINDOW_GPA + WINDOW_SIZE && end > WINDOW_GPA;
+            let stack_only = start >= stack_gpa.start && end <= stack_gpa.end;
+            if m.writable {
+                writable += 1;
+                assert!(
+                    !in_window || stack_only,
+                    "writable alias of the window: {m:?}"
+                );
+            }
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert!(
+            writable >= 4,
+            "the walk saw no writable mapping: {writable}"
         );
         assert_eq!(view.stub_va, 1 << 39, "first free user slot");
         assert_eq!(

@@ -36,47 +36,84 @@ pub const PERCPU_SECTION: &str = ".data..percpu";
 /// Why a BTF blob could not be parsed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum BtfError {
+    /// The blob is too short for a header; holds its length in bytes.
     #[error("BTF blob too short for a header ({0} bytes)")]
     TooShort(usize),
+    /// The first two bytes are not [`BTF_MAGIC`]; holds them.
     #[error("bad BTF magic {0:#06x} (expected 0xeb9f)")]
     BadMagic(u16),
+    /// The magic is byte-swapped: the blob is big-endian.
     #[error("big-endian BTF is not supported")]
     BigEndian,
+    /// The header's version is not 1; holds it.
     #[error("unsupported BTF version {0} (expected 1)")]
     UnsupportedVersion(u8),
+    /// The header length or a section's bounds do not fit the blob.
     #[error("bad BTF header: {0}")]
     BadHeader(String),
+    /// A type record, or the data that follows it, runs past the type section.
     #[error("BTF type {id} truncated at type-section offset {offset:#x}")]
-    Truncated { id: u32, offset: usize },
+    Truncated {
+        /// The id the record would have.
+        id: u32,
+        /// Byte offset of the record in the type section.
+        offset: usize,
+    },
+    /// A type record has a kind this parser does not know (so it cannot be skipped).
     #[error("BTF type {id} has unknown kind {kind}")]
-    UnknownKind { id: u32, kind: u8 },
+    UnknownKind {
+        /// The record's type id.
+        id: u32,
+        /// The raw kind (bits 24–28 of `info`).
+        kind: u8,
+    },
+    /// The string section does not start and end with a NUL byte.
     #[error("bad BTF string section: {0}")]
     BadStrings(String),
 }
 
-/// BTF type kinds.
+/// BTF type kinds (the number in each variant's doc is its `BTF_KIND_*` value).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// Type id 0.
     Void,
+    /// An integer type (1).
     Int,
+    /// A pointer (2).
     Ptr,
+    /// An array (3).
     Array,
+    /// A struct (4).
     Struct,
+    /// A union (5).
     Union,
+    /// An enum with 32-bit values (6).
     Enum,
+    /// A forward declaration of a struct or union (7).
     Fwd,
+    /// A typedef (8).
     Typedef,
+    /// The `volatile` qualifier (9).
     Volatile,
+    /// The `const` qualifier (10).
     Const,
+    /// The `restrict` qualifier (11).
     Restrict,
+    /// A function; its type is a [`Kind::FuncProto`] (12).
     Func,
+    /// A function prototype (13).
     FuncProto,
+    /// A global variable (14).
     Var,
+    /// A data section and the variables in it (15).
     Datasec,
+    /// A floating-point type (16).
     Float,
+    /// A declaration tag, from the `btf_decl_tag` attribute (17).
     DeclTag,
+    /// A type tag, from the `btf_type_tag` attribute (18).
     TypeTag,
+    /// An enum with 64-bit values (19).
     Enum64,
 }
 
@@ -168,11 +205,16 @@ struct RawArray {
 /// A view of one type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TypeInfo<'a> {
+    /// The type id.
     pub id: u32,
+    /// What sort of type it is.
     pub kind: Kind,
     /// The type's name; `None` for anonymous types (and unreadable names).
     pub name: Option<&'a str>,
+    /// `vlen`: the number of kind-specific entries (members, enumerators, parameters,
+    /// section variables).
     pub vlen: u16,
+    /// `kind_flag` (bit 31 of `info`); for structs and unions, members carry bitfield sizes.
     pub kind_flag: bool,
     /// Byte size for sized kinds, referenced type id for the others.
     pub size_or_type: u32,
@@ -187,25 +229,33 @@ pub struct Member {
     pub bit_offset: u64,
     /// Width of a bitfield member, 0 for ordinary members.
     pub bitfield_size: u32,
+    /// The member's type id.
     pub type_id: u32,
 }
 
 /// A struct or union with its members.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StructInfo {
+    /// The type id.
     pub id: u32,
+    /// The name; empty for an anonymous struct or union.
     pub name: String,
+    /// True for a union.
     pub is_union: bool,
     /// Size in bytes.
     pub size: u64,
+    /// The direct members, in declaration order (anonymous ones are not flattened).
     pub members: Vec<Member>,
 }
 
 /// Where a (possibly nested) member lies, relative to the outermost struct of the lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberLocation {
+    /// Offset from the start of the outermost struct, in bits.
     pub bit_offset: u64,
+    /// Width of a bitfield member in bits, 0 for ordinary members.
     pub bitfield_size: u32,
+    /// The member's type id.
     pub type_id: u32,
 }
 
@@ -220,6 +270,7 @@ impl MemberLocation {
 /// A variable listed in a DATASEC (for vmlinux: the per-cpu variables of `.data..percpu`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VarInfo {
+    /// The variable's name.
     pub name: String,
     /// Id of the VAR record.
     pub var_id: u32,
@@ -227,6 +278,7 @@ pub struct VarInfo {
     pub type_id: u32,
     /// Offset in the section (for `.data..percpu`, the per-cpu offset).
     pub offset: u64,
+    /// Size in bytes, as the DATASEC records it.
     pub size: u64,
 }
 

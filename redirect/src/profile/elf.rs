@@ -26,21 +26,31 @@ const MAX_NAME_LEN: usize = 256;
 /// Why an ELF image could not be read.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ElfError {
+    /// The file does not start with `\x7fELF`.
     #[error("not an ELF file (bad magic)")]
     BadMagic,
+    /// The file is ELF but not ELF64 little-endian; says which.
     #[error("unsupported ELF file: {0} (only ELF64 little-endian is supported)")]
     Unsupported(&'static str),
+    /// A range the headers name lies (partly) outside the file.
     #[error("ELF file truncated: {what} at {offset:#x}+{len:#x} lies past the end ({file_len:#x} bytes)")]
     Truncated {
+        /// What the range holds (e.g. "section data").
         what: &'static str,
+        /// File offset of the range.
         offset: u64,
+        /// Length of the range in bytes.
         len: u64,
+        /// Length of the file in bytes.
         file_len: u64,
     },
+    /// The headers are inconsistent (no section table, bad entry size or index, ...).
     #[error("malformed ELF file: {0}")]
     Malformed(String),
+    /// No section has the requested name.
     #[error("ELF file has no section named {0:?}")]
     NoSuchSection(String),
+    /// The section is `SHT_NOBITS` (like `.bss`), so the file holds no data for it.
     #[error("ELF section {0:?} has no data in the file (NOBITS)")]
     NoData(String),
 }
@@ -50,13 +60,16 @@ pub enum ElfError {
 pub struct Section {
     /// Section name from the section-name string table (empty if the name is unreadable).
     pub name: String,
+    /// `sh_type`, e.g. [`SHT_STRTAB`] or [`SHT_NOBITS`].
     pub sh_type: u32,
+    /// `sh_flags` (`SHF_*` bits).
     pub flags: u64,
     /// Virtual address when loaded (0 for non-allocated sections; `.data..percpu` is linked
     /// at 0 on x86-64 SMP kernels).
     pub addr: u64,
     /// Offset of the section's data in the file.
     pub offset: u64,
+    /// Size of the section in bytes (in memory; in the file too unless NOBITS).
     pub size: u64,
 }
 

@@ -49,13 +49,19 @@ const LOWER_HALF_END: u64 = 0x0000_8000_0000_0000;
 /// Why kallsyms text could not be used.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum KallsymsError {
+    /// No line of the text is a well-formed symbol line.
     #[error("no symbols found in kallsyms text ({skipped} lines ignored)")]
-    Empty { skipped: usize },
+    Empty {
+        /// Non-blank lines ignored as malformed or too long.
+        skipped: usize,
+    },
+    /// Every address is zero: the text was read without permission to see addresses.
     #[error(
         "every kallsyms address is zero: the text was read without permission to see \
          addresses (kptr_restrict); read /proc/kallsyms as root"
     )]
     AddressesHidden,
+    /// The text has more than [`MAX_SYMBOLS`] symbols.
     #[error("kallsyms text has more than {MAX_SYMBOLS} symbols")]
     TooManySymbols,
 }
@@ -67,6 +73,7 @@ pub struct Symbol {
     pub addr: u64,
     /// The type letter (`T`, `t`, `D`, `A`, ...).
     pub kind: char,
+    /// The symbol's name (at most [`MAX_NAME`] bytes).
     pub name: String,
     /// The module for module symbols (`[module]`), `None` for the core kernel.
     pub module: Option<String>,
@@ -85,9 +92,13 @@ impl Symbol {
 /// The answer of [`SymbolTable::symbolize`]: `name+offset [module]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SymbolRef<'a> {
+    /// The nearest symbol's name.
     pub name: &'a str,
+    /// Bytes from the symbol's value to the address (or per-cpu offset) named.
     pub offset: u64,
+    /// The symbol's module, `None` for the core kernel.
     pub module: Option<&'a str>,
+    /// The symbol itself.
     pub symbol: &'a Symbol,
 }
 

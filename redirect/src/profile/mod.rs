@@ -29,53 +29,84 @@ pub use kallsyms::{KallsymsError, Symbol, SymbolRef, SymbolTable};
 /// Why a kernel profile could not be built.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum ProfileError {
+    /// The image could not be read as ELF, or lacks a section.
     #[error("vmlinux: {0}")]
     Elf(#[from] ElfError),
+    /// The image's `.BTF` section could not be parsed.
     #[error("vmlinux .BTF: {0}")]
     Btf(#[from] BtfError),
+    /// The kallsyms text could not be parsed.
     #[error("kallsyms: {0}")]
     Kallsyms(#[from] KallsymsError),
+    /// `.rodata` holds no `linux_banner` to take the release from.
     #[error("vmlinux has no \"Linux version <release>\" banner in .rodata")]
     NoRelease,
+    /// BTF has no struct of that name (or only one of size 0).
     #[error("kernel BTF has no struct {0}")]
     MissingStruct(&'static str),
+    /// The struct has no member at that path.
     #[error("kernel BTF: struct {structure} has no member {member}")]
     MissingMember {
+        /// The struct.
         structure: &'static str,
+        /// The member path (e.g. `thread.sp`).
         member: &'static str,
     },
+    /// The member is a bitfield or does not start on a byte, or it starts at or past the
+    /// struct's end.
     #[error("kernel BTF: {structure}.{member} is not byte-aligned or lies outside the struct")]
     BadMember {
+        /// The struct.
         structure: &'static str,
+        /// The member path.
         member: &'static str,
     },
+    /// The layout breaks an assumption of the engine (e.g. `thread_info` is not the first
+    /// member of `task_struct`).
     #[error("kernel BTF: {0}")]
     BadLayout(String),
+    /// kallsyms has no ordinary (not per-cpu) symbol of that name.
     #[error("kallsyms has no symbol {0}")]
     MissingSymbol(&'static str),
+    /// Neither kallsyms nor BTF gives the per-cpu offset of a variable the engine needs.
     #[error("per-cpu variable {name} not found in kallsyms or in BTF{hint}")]
     MissingPerCpu {
+        /// The variable.
         name: &'static str,
+        /// Appended to the message: where else it was looked for (may be empty).
         hint: &'static str,
     },
+    /// kallsyms lists the variable only as an ordinary address, not as a per-cpu offset.
     #[error("kallsyms lists {0} with an address, but it must be a per-cpu variable")]
     NotPerCpu(&'static str),
+    /// kallsyms and BTF give different per-cpu offsets for the variable.
     #[error("per-cpu offset of {name} is {kallsyms:#x} in kallsyms but {btf:#x} in BTF: they describe different kernels")]
     PerCpuMismatch {
+        /// The variable.
         name: &'static str,
+        /// Its offset according to kallsyms.
         kallsyms: u64,
+        /// Its offset according to BTF's `.data..percpu` DATASEC.
         btf: u64,
     },
+    /// A kallsyms address differs from the image's link address of the section it starts
+    /// (another kernel, or KASLR).
     #[error(
         "kallsyms puts {symbol} at {kallsyms:#x} but vmlinux section {section} is at {image:#x}: \
          the kallsyms text comes from a different kernel, or KASLR is on (boot the SVM with nokaslr)"
     )]
     ImageMismatch {
+        /// The symbol (`_stext` or `__start_rodata`).
         symbol: &'static str,
+        /// The section it should start (`.text` or `.rodata`).
         section: &'static str,
+        /// The symbol's address in kallsyms.
         kallsyms: u64,
+        /// The section's address in the image.
         image: u64,
     },
+    /// The kernel's bounding symbols contradict each other (text and rodata out of order,
+    /// `entry_SYSCALL_64` outside the text).
     #[error("kallsyms symbols are out of order: {0}")]
     BadSymbols(String),
 }
@@ -83,41 +114,62 @@ pub enum ProfileError {
 /// Byte offsets in `struct task_struct` (and its size).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TaskLayout {
+    /// Size of `struct task_struct` in bytes.
     pub size: u64,
+    /// `pid`: the task's thread ID.
     pub pid: u64,
+    /// `tgid`: the thread-group (process) ID.
     pub tgid: u64,
+    /// `comm`: the task's name.
     pub comm: u64,
     /// Size of the `comm` array (TASK_COMM_LEN, 16).
     pub comm_len: u64,
+    /// `cred`: pointer to the effective (subjective) credentials.
     pub cred: u64,
+    /// `real_cred`: pointer to the objective credentials.
     pub real_cred: u64,
+    /// `fs`: pointer to the `fs_struct` (root and working directory).
     pub fs: u64,
+    /// `files`: pointer to the open-file table (`files_struct`).
     pub files: u64,
+    /// `nsproxy`: pointer to the task's namespaces.
     pub nsproxy: u64,
+    /// `mm`: pointer to the task's user address space (NULL for kernel threads).
     pub mm: u64,
+    /// `active_mm`: the address space the task runs on (a kernel thread's is borrowed).
     pub active_mm: u64,
+    /// `flags`: the PF_* flags.
     pub flags: u64,
     /// `thread_info.flags` (TIF_*): with CONFIG_THREAD_INFO_IN_TASK, `thread_info` is the
     /// first member of task_struct.
     pub thread_info_flags: u64,
+    /// `stack`: pointer to the base of the task's kernel stack.
     pub stack: u64,
+    /// `thread.sp`: the kernel stack pointer saved when the task is switched out.
     pub thread_sp: u64,
+    /// `thread.fsbase`: the task's saved FS base.
     pub thread_fsbase: u64,
+    /// `rseq`: the task's registered restartable-sequence area (a user pointer).
     pub rseq: u64,
 }
 
 /// Byte offsets in `struct cred`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CredLayout {
+    /// Size of `struct cred` in bytes.
     pub size: u64,
+    /// `uid`: the real user ID.
     pub uid: u64,
+    /// `euid`: the effective user ID.
     pub euid: u64,
 }
 
 /// The struct layouts the redirect engine needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layouts {
+    /// `struct task_struct`.
     pub task: TaskLayout,
+    /// `struct cred`.
     pub cred: CredLayout,
 }
 
@@ -191,15 +243,23 @@ impl Layouts {
 /// Addresses (kernel virtual, valid with `nokaslr`) and per-cpu offsets the engine needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSymbols {
+    /// `init_task`: the idle task of CPU 0, the template of the shadow task.
     pub init_task: u64,
+    /// `init_top_pgt`: the kernel's initial top-level page table (PML4).
     pub init_top_pgt: u64,
     /// `__per_cpu_offset[]`: per-cpu base of each CPU.
     pub per_cpu_offset: u64,
+    /// `entry_SYSCALL_64`: the 64-bit system-call entry point (what MSR LSTAR holds).
     pub entry_syscall_64: u64,
+    /// `idt_table`: the kernel's interrupt descriptor table.
     pub idt_table: u64,
+    /// `_stext`: start of the kernel text.
     pub stext: u64,
+    /// `_etext`: end of the kernel text.
     pub etext: u64,
+    /// `__start_rodata`: start of the kernel's read-only data.
     pub start_rodata: u64,
+    /// `__end_rodata`: end of the kernel's read-only data.
     pub end_rodata: u64,
     /// Per-cpu offset of `current_task` (6.1; `pcpu_hot.current_task` from 6.2).
     pub current_task: u64,
@@ -372,7 +432,9 @@ pub struct KernelProfile {
 /// 50 MiB image) until the SVM has reported its symbols.
 #[derive(Debug, Clone)]
 pub struct KernelImage {
+    /// Kernel release, from the banner in `.rodata`.
     pub release: String,
+    /// The image's `.BTF` types.
     pub btf: Btf,
     /// `.text`: link address and size.
     pub text: (u64, u64),

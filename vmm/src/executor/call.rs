@@ -19,7 +19,7 @@
 //! and wait-queue entries live in GVM memory (the shadow block, allocated from the GVM's
 //! page allocator), its state reads `TASK_RUNNING`, so wake-ups do not touch run queues;
 //! the call's wait loop sees the condition when it is resumed. A call that sleeps longer
-//! than [`SLEEP_BUDGET`], or fails after it has been parked, stays parked, like a task
+//! than [`CALL_BUDGET`] in all, or fails after it has been parked, stays parked, like a task
 //! in D state: the GVM stays consistent, and the engine refuses further calls.
 
 use std::sync::atomic::Ordering;
@@ -38,8 +38,10 @@ use crate::vstate::quiesce::{self, QuiescePolicy, VcpuSnapshot};
 const QUIESCE_BUDGET: Duration = Duration::from_secs(10);
 /// How long one attempt waits for a GVM vCPU to leave KVM_RUN.
 const PARK_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a call may stay parked, in total, before it is given up (left parked).
-const SLEEP_BUDGET: Duration = Duration::from_secs(20);
+/// How long a call may take from its start, runs, quiesces and parks included, before a
+/// parked call is given up (left parked). A call ends at most one segment later
+/// (a quiesce, [`QUIESCE_BUDGET`], and a run, 5 s).
+const CALL_BUDGET: Duration = Duration::from_secs(30);
 /// First and longest pause of a parked call before it is resumed.
 const PARK_MIN: Duration = Duration::from_millis(1);
 const PARK_MAX: Duration = Duration::from_millis(50);
@@ -81,8 +83,8 @@ impl Executor {
             ..QuiescePolicy::default()
         };
         let mut parked: Option<Parked> = None;
-        let mut slept = Duration::ZERO;
         let mut pause = PARK_MIN;
+        let call_started = Instant::now();
         loop {
             let started = Instant::now();
             let held = match quiesce::quiesce(&engine.parts.gvm_vcpus, policy) {
@@ -90,8 +92,7 @@ impl Executor {
                 Err(e) if parked.is_none() => return Err(e.into()),
                 Err(e) => {
                     // A parked call must be resumed: keep trying within its budget.
-                    slept += QUIESCE_BUDGET;
-                    if slept > SLEEP_BUDGET {
+                    if call_started.elapsed() > CALL_BUDGET {
                         return Err(give_up(engine, Error::StayedBusy(e)));
                     }
                     continue;
@@ -125,11 +126,10 @@ impl Executor {
                 Ok(SegmentEnd::Slept(at)) => {
                     self.stats.parked.fetch_add(1, Ordering::Relaxed);
                     parked = Some(at);
-                    if slept > SLEEP_BUDGET {
-                        return Err(give_up(engine, Error::SleptTooLong(SLEEP_BUDGET)));
+                    if call_started.elapsed() > CALL_BUDGET {
+                        return Err(give_up(engine, Error::TookTooLong(CALL_BUDGET)));
                     }
                     std::thread::sleep(pause);
-                    slept += pause;
                     pause = (pause * 2).min(PARK_MAX);
                 }
             }

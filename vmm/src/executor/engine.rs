@@ -14,12 +14,14 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use redirect::call_profile::CallProfile;
+use redirect::memory::Relocated;
 use redirect::paging::{AddressSpace, PagingMode, DEFAULT_MAX_PHYS_BITS};
 use redirect::profile::KernelImage;
 use redirect::shadow::ShadowBlock;
 use redirect::traps::{self, Args, Placed, Trap};
 use redirect::view::{
-    build_view, offsets, View, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA, WINDOW_KVA, WINDOW_SIZE,
+    build_view, offsets, text_phys, View, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA,
+    START_KERNEL_MAP, WINDOW_KVA, WINDOW_SIZE,
 };
 use redirect::GuestPhysMemory;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
@@ -34,9 +36,6 @@ use crate::vstate::quiesce::ControlState;
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 use crate::vstate::watchdog::Watchdog;
 
-/// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
-/// (the loader puts the image at its link address; `nokaslr`).
-const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 /// How long one run of the redirect vCPU may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const KVM_MP_STATE_RUNNABLE: u32 = 0;
@@ -118,21 +117,12 @@ struct TextSlot {
 
 /// The image's `.text` as guest-physical [start, end), page-aligned.
 pub(super) fn text_range(image: &KernelImage) -> Result<(u64, u64), Unavailable> {
-    let (addr, size) = image.text;
-    let bad = |why| Unavailable::Text {
-        start: addr,
-        end: addr.saturating_add(size),
-        why,
-    };
-    let start = addr
-        .checked_sub(START_KERNEL_MAP)
-        .ok_or(bad("not in the kernel-image range"))?;
-    let end = start
-        .checked_add(size)
-        .and_then(|e| e.checked_add(0xfff))
-        .map(|e| e & !0xfff)
-        .ok_or(bad("too large"))?;
-    Ok((start & !0xfff, end))
+    let (link, size) = image.text;
+    text_phys(link, size).ok_or(Unavailable::Text {
+        start: link,
+        end: link.saturating_add(size),
+        why: "not in the kernel-image map",
+    })
 }
 
 fn set_slot(
@@ -222,15 +212,11 @@ impl Engine {
             why: "not in both guests' memory",
         };
         let gvm_end = gvm.iter().map(|(g, l, _)| g + l).max().unwrap_or(0);
-        let align = |v: u64, a: u64| (v + a - 1) & !(a - 1);
-        let window_gpa = align(gvm_end, 1 << 30);
-        let layout = ViewLayout {
-            window_gpa,
-            sentinel_gpa: window_gpa + WINDOW_SIZE,
-            exec_text: (START_KERNEL_MAP + text_lo, START_KERNEL_MAP + text_hi),
-            also_exec: None,
-            svm_base: align(window_gpa + WINDOW_SIZE + 0x1000, 1 << 36),
-        };
+        let layout = ViewLayout::for_guest(gvm_end, text).ok_or(Unavailable::Text {
+            start: text_lo,
+            end: text_hi,
+            why: "past the end of the redirect VM's address space",
+        })?;
         let mut cow = CowRam::map(&parts.gvm_mem).map_err(Unavailable::Cow)?;
         let mut slots = Slots { vm: &vm, next: 0 };
         let contains_text = |(g, l, _): &&(u64, u64, u64)| text_lo >= *g && text_hi <= g + l;
@@ -255,7 +241,7 @@ impl Engine {
         let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
         let window_host = host_ranges(&window.mem)?;
         for &(_, len, host) in &window_host {
-            slots.add(window_gpa, len, host, 0)?;
+            slots.add(layout.window_gpa, len, host, 0)?;
         }
         for &(gpa, len, host) in &svm {
             slots.add(layout.svm_base + gpa, len, host, 0)?;
@@ -367,8 +353,8 @@ impl Engine {
         let svm_mode =
             PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
                 .map_err(Error::SvmPaging)?;
-        let window = WindowAt {
-            mem: &self.window.mem,
+        let window = Relocated {
+            inner: &self.window.mem,
             base: self.layout.window_gpa,
         };
         let view = build_view(
@@ -589,36 +575,5 @@ impl Engine {
                 log::warn!("redirect: reschedule IPI to GVM CPU {cpu}: {e}");
             }
         }
-    }
-}
-
-/// The window as the redirect VM sees it: guest-physical `window_gpa + off` is byte `off`
-/// of the window's memory.
-struct WindowAt<'a> {
-    mem: &'a GuestMemory,
-    base: u64,
-}
-
-impl WindowAt<'_> {
-    /// Offset in the window's memory of guest-physical `gpa`.
-    fn offset(&self, gpa: u64, len: usize) -> Result<u64, redirect::MemError> {
-        gpa.checked_sub(self.base)
-            .ok_or(redirect::MemError::OutOfRange {
-                gpa,
-                len: len as u64,
-            })
-    }
-}
-
-impl GuestPhysMemory for WindowAt<'_> {
-    fn contains(&self, gpa: u64, len: u64) -> bool {
-        gpa.checked_sub(self.base)
-            .is_some_and(|off| self.mem.contains(off, len))
-    }
-    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), redirect::MemError> {
-        self.mem.read_phys(self.offset(gpa, buf.len())?, buf)
-    }
-    fn write_phys(&self, gpa: u64, buf: &[u8]) -> Result<(), redirect::MemError> {
-        self.mem.write_phys(self.offset(gpa, buf.len())?, buf)
     }
 }

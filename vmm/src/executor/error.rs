@@ -182,8 +182,8 @@ pub enum Error {
     WouldBlock,
     #[error("the GVM stayed busy: {0}")]
     StayedBusy(#[source] QuiesceError),
-    #[error("the call slept for more than {0:?}")]
-    SleptTooLong(Duration),
+    #[error("the call took more than {0:?}, runs, quiesces and sleeps included")]
+    TookTooLong(Duration),
     /// A parked call that could not be finished: it stays parked in the GVM.
     #[error(
         "{0}; the call had already slept in the GVM kernel, so its first steps are the GVM's: \

@@ -17,7 +17,10 @@
 //!   other kernel-half range (modules, heap, direct map, vmalloc) is no-execute in the view,
 //!   set at the highest table level that covers only untrusted memory (the PML4 for most
 //!   slots; a copied PDPT and PD for slot 511, which holds the image and the modules), so
-//!   a hook that jumps out of the image faults on NX instead of running;
+//!   a hook that jumps out of the image faults on NX instead of running; and the text's
+//!   own addresses are mapped by tables of the view's own, page by page, to the text's
+//!   physical pages (the read-only slot of the trusted text), so the GVM's tables cannot
+//!   point them at a patched copy;
 //! - one free user PML4 slot: the stub page (`syscall`, then a store to the *sentinel* page,
 //!   whose guest-physical address no memslot backs, so the store exits to the VMM with RAX).
 //!
@@ -278,6 +281,8 @@ impl Pool<'_> {
 
 /// Kernel-virtual address of PML4 slot 511's first byte.
 const SLOT_511_KVA: u64 = 0xffff_ff80_0000_0000;
+/// The PAT bit of a 2 MiB or 1 GiB page entry.
+const PTE_PAT_LARGE: u64 = 1 << 12;
 
 /// Whether [lo, lo + size) meets [start, end).
 fn meets(lo: u64, size: u64, (start, end): (u64, u64)) -> bool {
@@ -311,8 +316,11 @@ fn write_table(pool: &Pool<'_>, gpa: u64, entries: &[u64; 512]) -> Result<(), Vi
     pool.window.write_phys(gpa, &raw).map_err(ViewError::Window)
 }
 
-/// Makes PML4 slot 511 no-execute outside `text`: its PDPT, and the PD of each 1 GiB that
-/// meets `text`, are copied into the pool with NX on every entry that does not meet it.
+/// Makes PML4 slot 511 no-execute outside the trusted text, and makes the text's own
+/// translation the view's, not the GVM's: its PDPT is copied into the pool with NX on
+/// every entry that holds no text (the module a `delete_module` removes excepted, see
+/// [`ViewLayout::also_exec`]), and the GiB that holds the text gets a PD of the view's
+/// own ([`own_text_gib`]).
 fn confine_execution(
     pool: &mut Pool<'_>,
     pml4: u64,
@@ -322,51 +330,123 @@ fn confine_execution(
 ) -> Result<(), ViewError> {
     let text = layout.exec_text;
     let extra = layout.also_exec.unwrap_or((0, 0));
-    let meets_any = |lo, size| meets(lo, size, text) || meets(lo, size, extra);
     let top = pool
         .window
         .read_u64(pml4 + 511 * 8)
         .map_err(ViewError::Window)?;
-    if top & PTE_P == 0 {
-        return Ok(());
-    }
-    let (pdpt_copy, mut pdpt) = copy_table(pool, gvm, cr3, top & ADDR_FIELD)?;
+    let (pdpt_copy, mut pdpt) = if top & PTE_P != 0 {
+        copy_table(pool, gvm, cr3, top & ADDR_FIELD)?
+    } else {
+        (pool.alloc()?, [0u64; 512])
+    };
     for (i, entry) in (0u64..).zip(pdpt.iter_mut()) {
         let gib = SLOT_511_KVA + (i << 30);
-        if *entry & PTE_P == 0 {
+        if meets(gib, 1 << 30, text) {
+            *entry = own_text_gib(pool, gvm, cr3, gib, *entry, text, extra)?;
+        } else if *entry & PTE_P == 0 {
             continue;
-        }
-        if !meets_any(gib, 1 << 30) {
+        } else if !meets(gib, 1 << 30, extra) {
             *entry |= PTE_XD;
         } else if *entry & PTE_PS == 0 {
             let (pd_copy, mut pd) = copy_table(pool, gvm, cr3, *entry & ADDR_FIELD)?;
-            for (j, e) in (0u64..).zip(pd.iter_mut()) {
-                let mib2 = gib + (j << 21);
-                if *e & PTE_P == 0 || meets(mib2, 1 << 21, text) {
-                    continue;
-                }
-                if !meets(mib2, 1 << 21, extra) {
-                    *e |= PTE_XD;
-                } else if *e & PTE_PS == 0 {
-                    // The extra range, to the page: a PT of its own, NX outside it.
-                    let (pt_copy, mut pt) = copy_table(pool, gvm, cr3, *e & ADDR_FIELD)?;
-                    for (k, pte) in (0u64..).zip(pt.iter_mut()) {
-                        if !meets(mib2 + (k << 12), 1 << 12, extra) {
-                            *pte |= PTE_XD;
-                        }
-                    }
-                    write_table(pool, pt_copy, &pt)?;
-                    *e = pt_copy | (*e & !ADDR_FIELD);
-                }
-            }
+            confine_pd(pool, gvm, cr3, gib, &mut pd, extra)?;
             write_table(pool, pd_copy, &pd)?;
             *entry = pd_copy | (*entry & !ADDR_FIELD);
         }
     }
     write_table(pool, pdpt_copy, &pdpt)?;
+    let flags = if top & PTE_P != 0 {
+        top & !ADDR_FIELD
+    } else {
+        PTE_P | PTE_RW | PTE_A
+    };
     pool.window
-        .write_u64(pml4 + 511 * 8, pdpt_copy | (top & !ADDR_FIELD))
+        .write_u64(pml4 + 511 * 8, pdpt_copy | flags)
         .map_err(ViewError::Window)
+}
+
+/// Sets NX on every present entry of `pd` (the PD of the GiB at `gib`) that does not meet
+/// `extra`; the part that does gets a PT of its own, executable to the page.
+fn confine_pd(
+    pool: &mut Pool<'_>,
+    gvm: &dyn GuestPhysMemory,
+    cr3: u64,
+    gib: u64,
+    pd: &mut [u64; 512],
+    extra: (u64, u64),
+) -> Result<(), ViewError> {
+    for (j, e) in (0u64..).zip(pd.iter_mut()) {
+        let mib2 = gib + (j << 21);
+        if *e & PTE_P == 0 {
+            continue;
+        }
+        if !meets(mib2, 1 << 21, extra) {
+            *e |= PTE_XD;
+        } else if *e & PTE_PS == 0 {
+            let (pt_copy, mut pt) = copy_table(pool, gvm, cr3, *e & ADDR_FIELD)?;
+            for (k, pte) in (0u64..).zip(pt.iter_mut()) {
+                if !meets(mib2 + (k << 12), 1 << 12, extra) {
+                    *pte |= PTE_XD;
+                }
+            }
+            write_table(pool, pt_copy, &pt)?;
+            *e = pt_copy | (*e & !ADDR_FIELD);
+        }
+    }
+    Ok(())
+}
+
+/// The PDPT entry for the GiB at `gib`, which holds (part of) the trusted text: a PD of
+/// the view's own. Its 2 MiB regions without text keep the GVM's translation (from
+/// `gvm_entry`: a PD, a 1 GiB page or nothing), no-execute; those with text get a PT of
+/// the view's own that maps each text page, read-only and executable, to its link-time
+/// physical page — in the redirect VM the read-only slot of the trusted text — and
+/// nothing else. The GVM's tables cannot change what code runs at the text's addresses.
+fn own_text_gib(
+    pool: &mut Pool<'_>,
+    gvm: &dyn GuestPhysMemory,
+    cr3: u64,
+    gib: u64,
+    gvm_entry: u64,
+    text: (u64, u64),
+    extra: (u64, u64),
+) -> Result<u64, ViewError> {
+    let (pd_gpa, mut pd) = if gvm_entry & PTE_P == 0 {
+        (pool.alloc()?, [0u64; 512])
+    } else if gvm_entry & PTE_PS != 0 {
+        // A 1 GiB page, split into 2 MiB ones (the PAT bit is bit 12 in both).
+        let base = gvm_entry & ADDR_FIELD & !((1 << 30) - 1);
+        let flags = (gvm_entry & !ADDR_FIELD) | (gvm_entry & PTE_PAT_LARGE);
+        let mut pd = [0u64; 512];
+        for (j, e) in (0u64..).zip(pd.iter_mut()) {
+            *e = (base + (j << 21)) | flags;
+        }
+        (pool.alloc()?, pd)
+    } else {
+        copy_table(pool, gvm, cr3, gvm_entry & ADDR_FIELD)?
+    };
+    confine_pd(pool, gvm, cr3, gib, &mut pd, extra)?;
+    for (j, e) in (0u64..).zip(pd.iter_mut()) {
+        let mib2 = gib + (j << 21);
+        if !meets(mib2, 1 << 21, text) {
+            continue;
+        }
+        let pt_gpa = pool.alloc()?;
+        let mut pt = [0u64; 512];
+        for (k, pte) in (0u64..).zip(pt.iter_mut()) {
+            let va = mib2 + (k << 12);
+            if let Some(pa) = va
+                .checked_sub(START_KERNEL_MAP)
+                .filter(|_| meets(va, 1 << 12, text))
+            {
+                *pte = pa | PTE_P | PTE_A;
+            }
+        }
+        write_table(pool, pt_gpa, &pt)?;
+        *e = pt_gpa | PTE_P | PTE_RW | PTE_A;
+    }
+    write_table(pool, pd_gpa, &pd)?;
+    Ok(pd_gpa | PTE_P | PTE_RW | PTE_A)
 }
 
 /// Builds the view page tables in `window` (see the module docs). `gvm_cr3` is any GVM
@@ -698,6 +778,46 @@ mod tests {
         // The GVM's own tables are untouched: the copies are in the window.
         assert_eq!(gvm.read_u64(0x3000 + 510 * 8).unwrap(), 0x4000 | 3);
         assert_eq!(gvm.read_u64(0x1000 + 273 * 8).unwrap(), 0x8000 | 3);
+    }
+
+    /// A GVM kernel that points the text's addresses at its own patched copy (hole 1 of
+    /// issue #12): through a PD entry, or through a 1 GiB page over the whole image.
+    #[test]
+    fn the_text_runs_from_the_trusted_pages_whatever_the_gvm_tables_say() {
+        let patched_copy = 0x20_0000u64;
+        let hostile_pd = guest();
+        // Image PD [0]: the text's 2 MiB → the GVM's copy; PD [1] → 2 MiB of data.
+        hostile_pd.write_u64(0x4000, patched_copy | 0x83).unwrap();
+        hostile_pd.write_u64(0x4000 + 8, 0x20_0000 | 0x83).unwrap();
+        let hostile_1g = guest();
+        // Image PDPT [510]: one 1 GiB page at 1 GiB: text and data all the GVM's choice.
+        hostile_1g
+            .write_u64(0x3000 + 510 * 8, 0x4000_0000 | 0x83)
+            .unwrap();
+        let mode = PagingMode::default();
+        for (gvm, data_gpa) in [(hostile_pd, 0x20_0000u64), (hostile_1g, 0x4020_0000)] {
+            let window =
+                MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])])
+                    .unwrap();
+            let view =
+                build_view(&window, &layout(), &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
+            let composed = composed(&window, &gvm);
+            let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+            // Every text page leads to its own physical page: the trusted text's slot.
+            for page in 0..3u64 {
+                let va = 0xffff_ffff_8000_0000 + page * 0x1000 + 0x10;
+                assert_eq!(walk(va, Access::EXECUTE).unwrap().gpa, page * 0x1000 + 0x10);
+                assert!(walk(va, Access::WRITE).is_err(), "text is read-only");
+            }
+            // The rest of the text's 2 MiB is not mapped at all; the next 2 MiB keep the
+            // GVM's translation (data), no-execute.
+            assert!(walk(0xffff_ffff_8000_3000, Access::READ).is_err());
+            assert_eq!(
+                walk(0xffff_ffff_8020_0008, Access::WRITE).unwrap().gpa,
+                data_gpa + 8
+            );
+            assert!(walk(0xffff_ffff_8020_0000, Access::EXECUTE).is_err());
+        }
     }
 
     #[test]

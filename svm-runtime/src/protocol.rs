@@ -95,7 +95,7 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     "cpu_current_top_of_stack",
     "gdt_page",
     "cpu_tss_rw",
-    // Traps (vmm/src/executor/traps.rs) and the module list, to name a module.
+    // Traps (redirect/src/traps.rs) and the module list, to name a module.
     "spurious_kernel_fault",
     "page_fault_oops",
     "die",

@@ -18,7 +18,7 @@ use vmm::builder::{run_vm, BuildError, RunOptions};
 use vmm::config::{self, ConfigError, ConsoleTarget, VmConfig};
 use vmm::exit::ExitReason;
 use vmm::instance::runtime::{validate_name, RuntimeDir};
-use vmm::instance::{run_instance, InstanceConfig};
+use vmm::instance::{run_instance, InstanceConfig, MAX_QUIESCE_HOLD};
 
 use cli::{Cli, Command, KvmProbeCmd, RunCmd};
 use client::ClientError;
@@ -34,8 +34,6 @@ const DAEMON_ENV: &str = "EXTERIOR_DAEMON";
 /// How long `run --detach` waits for the instance to be ready, and `stop` for it to end.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest `quiesce --hold` (the instance refuses longer ones too).
-const MAX_QUIESCE_HOLD_MS: u64 = 60_000;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -93,11 +91,13 @@ fn main() -> ExitCode {
                 cmd.local,
             )
         }),
-        Command::Quiesce(cmd) if cmd.hold > MAX_QUIESCE_HOLD_MS => fail(
+        // Refused here with exit status 2, before any instance is asked.
+        Command::Quiesce(cmd) if u128::from(cmd.hold) > MAX_QUIESCE_HOLD.as_millis() => fail(
             EXIT_BAD_INPUT,
             format!(
-                "quiesce: --hold {} ms is longer than the {MAX_QUIESCE_HOLD_MS} ms allowed",
-                cmd.hold
+                "quiesce: --hold {} ms is longer than the {} ms allowed",
+                cmd.hold,
+                MAX_QUIESCE_HOLD.as_millis()
             ),
         ),
         Command::Quiesce(cmd) => {

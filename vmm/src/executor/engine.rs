@@ -206,21 +206,22 @@ impl Engine {
         let gvm = host_ranges(&parts.gvm_mem)?;
         let svm = host_ranges(&parts.svm_mem)?;
         let (text_lo, text_hi) = text;
-        let no_text = Unavailable::Text {
+        let text_error = |why| Unavailable::Text {
             start: text_lo,
             end: text_hi,
-            why: "not in both guests' memory",
+            why,
         };
+        let not_in_both = "not in both guests' memory";
         let gvm_end = gvm.iter().map(|(g, l, _)| g + l).max().unwrap_or(0);
-        let layout = ViewLayout::for_guest(gvm_end, text).ok_or(Unavailable::Text {
-            start: text_lo,
-            end: text_hi,
-            why: "past the end of the redirect VM's address space",
-        })?;
+        let layout = ViewLayout::for_guest(gvm_end, text)
+            .ok_or_else(|| text_error("past the end of the redirect VM's address space"))?;
         let mut cow = CowRam::map(&parts.gvm_mem).map_err(Unavailable::Cow)?;
         let mut slots = Slots { vm: &vm, next: 0 };
         let contains_text = |(g, l, _): &&(u64, u64, u64)| text_lo >= *g && text_hi <= g + l;
-        let (svm_gpa, _, svm_host) = *svm.iter().find(contains_text).ok_or(no_text)?;
+        let (svm_gpa, _, svm_host) = *svm
+            .iter()
+            .find(contains_text)
+            .ok_or_else(|| text_error(not_in_both))?;
         let svm_text = svm_host + (text_lo - svm_gpa);
         let mut text_slot = None;
         for range @ &(gpa, len, _) in &gvm {
@@ -232,11 +233,7 @@ impl Engine {
             text_slot = Some(slots.add(text_lo, text_hi - text_lo, svm_text, KVM_MEM_READONLY)?);
             slots.add_ram(&mut cow, text_hi, gpa + len - text_hi)?;
         }
-        let text_slot = text_slot.ok_or(Unavailable::Text {
-            start: text_lo,
-            end: text_hi,
-            why: "not in both guests' memory",
-        })?;
+        let text_slot = text_slot.ok_or_else(|| text_error(not_in_both))?;
         let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)?;
         let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
         let window_host = host_ranges(&window.mem)?;
@@ -400,7 +397,7 @@ impl Engine {
         let s = regs::segment_registers(current, cpu.control, view.cr3, &tables, mode)?;
         vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
         let entries = regs::msrs(cpu.control, cpu.pcpu_base, mode);
-        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::Msrs(0))?;
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList)?;
         match vcpu.set_msrs(&msrs).map_err(kvm("set MSRs"))? {
             n if n == entries.len() => {}
             n => return Err(Error::Msrs(n).into()),
@@ -460,7 +457,7 @@ impl Engine {
             data: control.tsc,
             ..Default::default()
         }];
-        let msrs = Msrs::from_entries(&tsc).map_err(|_| Error::Msrs(0))?;
+        let msrs = Msrs::from_entries(&tsc).map_err(|_| Error::MsrList)?;
         vcpu.set_msrs(&msrs).map_err(kvm("set TSC"))?;
         vcpu.set_regs(at).map_err(kvm("set registers"))?;
         self.run(counters)

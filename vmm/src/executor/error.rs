@@ -164,6 +164,8 @@ pub enum Error {
     },
     #[error("redirect vCPU: KVM took {0} of its 5 MSRs")]
     Msrs(usize),
+    #[error("redirect vCPU: the MSR list does not fit KVM's MSR array")]
+    MsrList,
     #[error("committing the call: {0}")]
     Commit(#[source] CowError),
     #[error("{stop} ({at})")]

@@ -15,7 +15,6 @@ use redirect::traps::{self, CallMemory, Trap};
 use super::engine::{AsCpu, Counters, Engine, Entry, Stop};
 use super::error::{Error, Rollback};
 use super::Stats;
-use crate::vstate::memory::GuestMemory;
 use crate::vstate::quiesce::{ControlState, VcpuSnapshot};
 
 /// `delete_module`'s system call number (x86-64).
@@ -51,7 +50,6 @@ pub(super) struct Segment<'a> {
     control: ControlState,
     mode: PagingMode,
     words: LentCpu,
-    gvm_mem: GuestMemory,
 }
 
 impl<'a> Segment<'a> {
@@ -78,8 +76,7 @@ impl<'a> Segment<'a> {
             DEFAULT_MAX_PHYS_BITS,
         )
         .map_err(|source| Error::GvmPaging { cpu, source })?;
-        let gvm_mem = engine.parts.gvm_mem.clone();
-        let kernel = AddressSpace::new(&gvm_mem, mode, control.cr3);
+        let kernel = AddressSpace::new(&engine.parts.gvm_mem, mode, control.cr3);
         let words = LentCpu::read(
             &kernel,
             syms.per_cpu_offset,
@@ -95,14 +92,15 @@ impl<'a> Segment<'a> {
             control,
             mode,
             words,
-            gvm_mem,
         })
     }
 
     /// Runs the program's call `regs` (or resumes it where it was parked), settles its
     /// stores and gives the CPU back.
     pub fn run(self, regs: &kvm_regs, resume: Option<&Parked>) -> Result<SegmentEnd, Error> {
-        let gvm_mem = self.gvm_mem.clone();
+        // A handle of its own: the kernel's address space is read while the engine, which
+        // owns the GVM's memory handle, is used mutably.
+        let gvm_mem = self.engine.parts.gvm_mem.clone();
         let kernel = AddressSpace::new(&gvm_mem, self.mode, self.control.cr3);
         self.run_on(&kernel, regs, resume)
     }

@@ -20,6 +20,9 @@ use crate::executor::{Executor, Parts as ExecutorParts, RedirectPort};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp;
 use quiesce_worker::QuiesceWorker;
+
+/// The longest `quiesce --hold` an instance grants.
+pub use quiesce_worker::MAX_HOLD as MAX_QUIESCE_HOLD;
 use redirect::profile::KernelImage;
 use runtime::{InstanceLock, RuntimeDir};
 use server::ControlServer;

@@ -162,12 +162,21 @@ fn bench_boot(cmd: &BenchBootCmd) -> Result<(), BenchError> {
     if cmd.timeout == 0 {
         return Err(BenchError::BadInput("--timeout must be at least 1".into()));
     }
-    let images = paths::images_dir();
-    let kernel = cmd.kernel.clone().unwrap_or_else(|| images.join("vmlinux"));
-    let initrd = cmd
-        .initrd
-        .clone()
-        .unwrap_or_else(|| images.join("gvm.cpio"));
+    let default = |name: &str| {
+        paths::images_dir().map(|dir| dir.join(name)).ok_or_else(|| {
+            BenchError::BadInput(format!(
+                "no images directory for the default {name}: set EXTERIOR_IMAGES, run tools/setup, or pass the path"
+            ))
+        })
+    };
+    let kernel = match &cmd.kernel {
+        Some(path) => path.clone(),
+        None => default("vmlinux")?,
+    };
+    let initrd = match &cmd.initrd {
+        Some(path) => path.clone(),
+        None => default("gvm.cpio")?,
+    };
     for (what, path) in [("kernel", &kernel), ("initrd", &initrd)] {
         if !path.is_file() {
             return Err(BenchError::BadInput(format!(

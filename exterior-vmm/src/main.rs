@@ -162,10 +162,10 @@ fn console_target(path: Option<&Path>) -> ConsoleTarget {
 fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
     let mem_mib = config::check_mem_mib(config::parse_mem_mib(&cmd.mem)?)?;
     let cpus = config::check_cpus(cmd.cpus)?;
-    let images = paths::images_dir();
     let (kernel_path, initrd_path) = match &cmd.kernel {
         Some(kernel) => (kernel.clone(), cmd.initrd.clone()),
         None => {
+            let images = paths::images_dir().ok_or(ConfigError::NoImagesDir("--kernel"))?;
             let kernel = images.join("vmlinux");
             if !kernel.exists() {
                 return Err(ConfigError::NoDefaultKernel(kernel));
@@ -192,20 +192,19 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
 /// The SVM boots the GVM's kernel (the same bytes) with the SVM image.
 fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig, ConfigError> {
     let mem_mib = config::check_mem_mib(config::parse_mem_mib(&cmd.svm_mem)?)?;
-    let initrd_path = cmd
-        .svm_initrd
-        .clone()
-        .unwrap_or_else(|| paths::images_dir().join("svm.cpio"));
-    if !initrd_path.exists() {
-        return Err(ConfigError::NoSvmImage(initrd_path));
-    }
+    let initrd_path = match &cmd.svm_initrd {
+        Some(path) => path.clone(),
+        None => paths::images_dir()
+            .ok_or(ConfigError::NoImagesDir("--svm-initrd"))?
+            .join("svm.cpio"),
+    };
     Ok(VmConfig {
         mem_mib,
         cpus: 1,
         cmdline: config::build_cmdline(Some("quiet")),
         kernel: gvm.kernel.clone(),
         kernel_path: gvm.kernel_path.clone(),
-        initrd: Some(config::read_initrd(&initrd_path, mem_mib)?),
+        initrd: Some(config::read_svm_initrd(&initrd_path, mem_mib)?),
         console: ConsoleTarget::File(log.to_path_buf()),
     })
 }

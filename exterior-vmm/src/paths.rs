@@ -4,10 +4,12 @@
 use std::path::PathBuf;
 
 /// Where the default images live: $EXTERIOR_IMAGES, else `images/` of the repository this
-/// binary was built in (target/<profile>/exterior-vmm), else `./images`.
-pub fn images_dir() -> PathBuf {
+/// binary was built in (target/<profile>/exterior-vmm) if it holds a kernel. Never the
+/// working directory: the images are trusted code, and an operator may well be standing in
+/// a directory the guest's owner controls (an extracted disk, a case folder).
+pub fn images_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("EXTERIOR_IMAGES") {
-        return PathBuf::from(dir);
+        return Some(PathBuf::from(dir));
     }
     if let Ok(exe) = std::env::current_exe() {
         if let Some(repo) = exe
@@ -17,11 +19,11 @@ pub fn images_dir() -> PathBuf {
         {
             let candidate = repo.join("images");
             if candidate.join("vmlinux").exists() {
-                return candidate;
+                return Some(candidate);
             }
         }
     }
-    PathBuf::from("images")
+    None
 }
 
 /// The KVM device: $EXTERIOR_KVM_DEVICE or /dev/kvm.

@@ -243,3 +243,99 @@ fn a_quiesce_hold_past_a_minute_is_refused_before_any_instance_is_asked() {
     assert_ne!(code, 0);
     assert!(err.contains("--hold"), "{err}");
 }
+
+/// `run --name` with `--svm-initrd PATH`, on a host without KVM: everything about the SVM
+/// image is checked before KVM is opened, so a refusal here is the image check's.
+fn run_instance_with_svm_image(tag: &str, svm: &Path) -> (i32, String) {
+    let dir = scratch(tag);
+    let kernel = minimal_elf(&dir);
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, &format!("{tag}-rt"));
+    run(cmd
+        .env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .args(["run", "--name", tag, "--kernel"])
+        .arg(&kernel)
+        .arg("--svm-initrd")
+        .arg(svm))
+}
+
+#[test]
+fn an_svm_image_without_a_recorded_digest_is_refused() {
+    let dir = scratch("svm-nodigest");
+    let svm = dir.join("svm.cpio");
+    std::fs::write(&svm, b"070701 not really a cpio").unwrap();
+    let (code, err) = run_instance_with_svm_image("svmnodigest", &svm);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no recorded digest") && err.contains("svm.cpio.sha256"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_svm_image_that_changed_after_its_digest_was_recorded_is_refused() {
+    let dir = scratch("svm-changed");
+    let svm = dir.join("svm.cpio");
+    let bytes = b"070701 the image as it was built".to_vec();
+    // sha256 of the bytes above, computed independently with `sha256sum`.
+    let recorded = "1ea65ab827f76b9c8cf31ddd1574ce72d4d922e6f16addb2798fc1c5d23b8062";
+    std::fs::write(
+        dir.join("svm.cpio.sha256"),
+        format!("{recorded}  svm.cpio\n"),
+    )
+    .unwrap();
+    let mut changed = bytes.clone();
+    changed[7] ^= 1;
+    std::fs::write(&svm, &changed).unwrap();
+    let (code, err) = run_instance_with_svm_image("svmchanged", &svm);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is not the recorded") && err.contains(recorded) && err.contains("refusing"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_svm_image_matching_its_digest_gets_as_far_as_kvm() {
+    let dir = scratch("svm-good");
+    let svm = dir.join("svm.cpio");
+    let bytes = b"070701 the image as it was built".to_vec();
+    std::fs::write(&svm, &bytes).unwrap();
+    let recorded = "1ea65ab827f76b9c8cf31ddd1574ce72d4d922e6f16addb2798fc1c5d23b8062";
+    std::fs::write(
+        dir.join("svm.cpio.sha256"),
+        format!("{recorded}  svm.cpio\n"),
+    )
+    .unwrap();
+    let (code, err) = run_instance_with_svm_image("svmgood", &svm);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("cannot open /nonexistent/kvm"), "{err}");
+}
+
+#[test]
+fn images_in_the_working_directory_are_never_used() {
+    // A copy of the binary where no repository's images/ is beside it, run from a directory
+    // the guest's owner might control, holding a file named like the default kernel: were
+    // it used, the refusal would name it ("not a Linux kernel").
+    let exe_dir = scratch("cwd-exe").join("target/release");
+    std::fs::create_dir_all(&exe_dir).unwrap();
+    let exe = exe_dir.join("exterior-vmm");
+    std::fs::copy(env!("CARGO_BIN_EXE_exterior-vmm"), &exe).unwrap();
+    let dir = scratch("cwd-images");
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::write(dir.join("images/vmlinux"), "planted text\n".repeat(100)).unwrap();
+    let out = Command::new(&exe)
+        .env_remove("EXTERIOR_IMAGES")
+        .env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .current_dir(&dir)
+        .arg("run")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("no --kernel given and no images directory")
+            && err.contains("the working directory is never searched"),
+        "{err}"
+    );
+}

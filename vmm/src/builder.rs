@@ -16,6 +16,7 @@ use crate::boot::{acpi, cpu, layout, loader};
 use crate::config::{ConsoleTarget, VmConfig};
 use crate::devices::cmos::Cmos;
 use crate::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::devices::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
 use crate::devices::serial::{
     ConsoleSerial, ConsoleSink, ConsoleTap, LinkInbox, LinkSerial, LinkSink, SerialDevice,
     COM1_BASE, COM1_GSI, COM2_BASE, COM2_GSI, COM_LEN,
@@ -165,9 +166,9 @@ pub(crate) fn build_vm(
                 })?,
         ),
     };
-    let mut sink = ConsoleSink::new(console_out, exit.clone());
+    let mut sink = ConsoleSink::new(console_out);
     if let Some(tap) = spec.console_tap {
-        sink = sink.with_tap(tap, spec.label);
+        sink = sink.with_tap(tap);
     }
     let console = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq(&vm, COM1_GSI)?,
@@ -197,6 +198,16 @@ pub(crate) fn build_vm(
     .map_err(overlap)?;
     bus.insert(CMOS_BASE, CMOS_LEN, Arc::new(Mutex::new(Cmos::default())))
         .map_err(overlap)?;
+    bus.insert(
+        PVPANIC_PORT,
+        PVPANIC_LEN,
+        Arc::new(Mutex::new(PvPanic::new(
+            exit.clone(),
+            console.clone(),
+            spec.label,
+        ))),
+    )
+    .map_err(overlap)?;
 
     // 4. vCPUs.
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -268,11 +279,16 @@ impl BuiltVm {
     }
 }
 
-/// Reports a reset after a panic line as the panic (`panic=-1` reboots after panicking).
-pub(crate) fn classify(reason: ExitReason, panic_line: Option<String>) -> ExitReason {
-    match (reason, panic_line) {
-        (ExitReason::Reset, Some(line)) => ExitReason::GuestPanic(line),
-        (reason, _) => reason,
+/// A reset stays a reset whatever the console said: only the kernel's pvpanic report makes
+/// a panic (console text is the guest users' too). A panic line before a plain reset is
+/// worth a warning, though: the kernel probably panicked without the pvpanic driver loaded.
+pub(crate) fn warn_of_unreported_panic(label: &str, reason: &ExitReason, line: Option<String>) {
+    if let (ExitReason::Reset, Some(line)) = (reason, line) {
+        log::warn!(
+            "{label}{}the console showed \"{line}\" before the reset, but the kernel reported \
+             no panic (pvpanic; is the pvpanic-mmio module loaded?): treated as a reset",
+            if label.is_empty() { "" } else { ": " }
+        );
     }
 }
 
@@ -329,7 +345,7 @@ pub fn run_vm(config: VmConfig, opts: &RunOptions) -> Result<ExitReason, BuildEr
         ];
         run_event_loop(subscribers, &exit, opts)?
     };
-    let reason = classify(reason, vm.panic_line());
+    warn_of_unreported_panic("", &reason, vm.panic_line());
     vm.retire();
     Ok(reason)
 }

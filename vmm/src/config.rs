@@ -89,6 +89,39 @@ pub enum ConfigError {
     /// An instance needs the SVM's initramfs (this path), which is missing.
     #[error("SVM image {0} does not exist: run `tools/setup` to build images/svm.cpio, or pass --svm-initrd")]
     NoSvmImage(PathBuf),
+    /// A default image was needed and there is no images directory.
+    #[error("no {0} given and no images directory: set EXTERIOR_IMAGES, or run `tools/setup` in the repository this binary was built in (the working directory is never searched)")]
+    NoImagesDir(&'static str),
+    /// The SVM image has no digest recorded beside it.
+    #[error("SVM image {image}: no recorded digest at {digest_file} ({source}): rebuild it with rootfs/build-svm, which records it")]
+    SvmDigestUnreadable {
+        /// The SVM image.
+        image: PathBuf,
+        /// Where its digest should be.
+        digest_file: PathBuf,
+        /// Why it could not be read.
+        source: std::io::Error,
+    },
+    /// The digest file is not `sha256sum` output.
+    #[error("SVM image {image}: {digest_file} does not start with a sha256 in hex")]
+    SvmDigestMalformed {
+        /// The SVM image.
+        image: PathBuf,
+        /// The digest file.
+        digest_file: PathBuf,
+    },
+    /// The SVM image is not the one its digest was recorded for.
+    #[error("SVM image {image}: sha256 {actual} is not the recorded {recorded} (from {digest_file}): refusing to boot it; rebuild it with rootfs/build-svm")]
+    SvmDigestMismatch {
+        /// The SVM image.
+        image: PathBuf,
+        /// The digest file.
+        digest_file: PathBuf,
+        /// The recorded digest (hex).
+        recorded: String,
+        /// The image's digest (hex).
+        actual: String,
+    },
 }
 
 /// Parses a memory size: a plain number is MiB; suffixes K, M, G (optionally followed by
@@ -224,6 +257,59 @@ pub fn read_initrd(path: &Path, mem_mib: u64) -> Result<Vec<u8>, ConfigError> {
         .read_to_end(&mut bytes)
         .map_err(unreadable)?;
     Ok(bytes)
+}
+
+/// Where the digest of the SVM image at `image` is recorded: `<image>.sha256`, in
+/// `sha256sum` format, written by rootfs/build-svm.
+pub fn svm_digest_file(image: &Path) -> PathBuf {
+    let mut name = image.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+/// Reads the SVM's initramfs and checks it against the digest recorded beside it before
+/// anything boots: the SVM is trusted code (its tools act for the operator), so a changed,
+/// truncated or swapped image is refused rather than run.
+pub fn read_svm_initrd(image: &Path, mem_mib: u64) -> Result<Vec<u8>, ConfigError> {
+    if !image.exists() {
+        return Err(ConfigError::NoSvmImage(image.to_path_buf()));
+    }
+    let digest_file = svm_digest_file(image);
+    let recorded = std::fs::read_to_string(&digest_file).map_err(|source| {
+        ConfigError::SvmDigestUnreadable {
+            image: image.to_path_buf(),
+            digest_file: digest_file.clone(),
+            source,
+        }
+    })?;
+    let recorded = recorded
+        .split_whitespace()
+        .next()
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+        .map(str::to_ascii_lowercase)
+        .ok_or_else(|| ConfigError::SvmDigestMalformed {
+            image: image.to_path_buf(),
+            digest_file: digest_file.clone(),
+        })?;
+    let bytes = read_initrd(image, mem_mib)?;
+    let actual = sha256_hex(&bytes);
+    if actual != recorded {
+        return Err(ConfigError::SvmDigestMismatch {
+            image: image.to_path_buf(),
+            digest_file,
+            recorded,
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// An initrd must leave room for the kernel: we require it to fit in half of guest RAM.

@@ -45,6 +45,35 @@ fn a_panicking_guest_makes_run_fail_with_the_panic_visible() {
 }
 
 #[test]
+fn console_text_can_neither_stop_nor_fail_a_guest() {
+    // Any guest user can print the kernel's panic lines; only the kernel's own report
+    // (pvpanic) makes a panic. The guest keeps running after them and ends as a reboot.
+    let (code, out, err) = run_script(
+        &[],
+        "printf '%s\\n' 'Kernel panic - not syncing: fake' \
+         '---[ end Kernel panic - not syncing: fake ]---'; sleep 1; echo still=$((6*7))",
+        true,
+    );
+    assert_eq!(
+        code, 0,
+        "printed panic lines made the run fail; stderr: {err}"
+    );
+    assert!(
+        out.lines().any(|l| l.trim() == "still=42"),
+        "the guest stopped at the printed panic lines:\n{out}"
+    );
+    assert!(!err.contains("panicked"), "stderr: {err}");
+    assert_clean_console("the guest console after the fake lines", after_fake(&out));
+}
+
+/// The console after the user-printed fake panic lines (which the clean-console check would
+/// rightly flag).
+fn after_fake(out: &str) -> &str {
+    let end = "---[ end Kernel panic - not syncing: fake ]---";
+    out.rfind(end).map_or(out, |at| &out[at + end.len()..])
+}
+
+#[test]
 fn bzimage_boots_too_with_console_to_file() {
     let dir = scratch_dir("bzimage");
     let console = dir.join("console.log");

@@ -176,6 +176,22 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), kernel_release());
 
+    // The SVM's kernel reports a panic to the VMM through pvpanic (console text decides
+    // nothing): its driver is bound to the device the VMM describes.
+    let (code, out, err) = run(vmm_in(&rt).args([
+        "exec",
+        "life",
+        "--local",
+        "--",
+        "ls",
+        "/sys/bus/platform/drivers/pvpanic-mmio",
+    ]));
+    assert_eq!(code, 0, "no pvpanic driver in the SVM: {err}");
+    assert!(
+        out.split_whitespace().any(|f| f.starts_with("QEMU0001:")),
+        "the SVM's pvpanic driver has no device: {out}"
+    );
+
     let (code, _, _) = run(vmm_in(&rt).args(["exec", "life", "--", "false"]));
     assert_eq!(code, 1);
     // A command killed by a signal exits 128+N, as a shell reports it (SIGTERM: 143).

@@ -28,9 +28,18 @@ const MADT_CPU_ONLINE_CAPABLE: u32 = 2;
 /// EISA IDs (compressed, as AML stores them) of the legacy devices in the DSDT.
 const EISA_PNP0501_UART: u32 = 0x0105_d041;
 const EISA_PNP0B00_RTC: u32 = 0x000b_d041;
+/// The pvpanic device's ACPI id (QEMU's; Linux's pvpanic-mmio driver binds it).
+const PVPANIC_HID: &[u8; 8] = b"QEMU0001";
+
+/// A device's `_HID`: a compressed EISA id, or an ACPI id string.
+#[derive(Clone, Copy)]
+enum Hid {
+    Eisa(u32),
+    Acpi(&'static [u8; 8]),
+}
 
 /// One legacy ISA device for the DSDT: `Device(\_SB.NAME) { _HID, _UID, _CRS }` with an
-/// I/O range and one edge-triggered IRQ.
+/// I/O range and, if `irq` is given, one edge-triggered IRQ.
 ///
 /// In hardware-reduced ACPI mode Linux sets up no legacy (ISA) interrupts, so a device
 /// hard-wired to IRQ 4 never gets one. Describing it here makes Linux's PNP layer map its
@@ -38,38 +47,39 @@ const EISA_PNP0B00_RTC: u32 = 0x000b_d041;
 /// and user-space console output stalls.
 fn aml_legacy_device(
     name: &[u8; 4],
-    eisa_id: u32,
+    hid: Hid,
     uid: u8,
     io_base: u16,
     io_len: u8,
-    irq: u8,
+    irq: Option<u8>,
 ) -> Vec<u8> {
     const NAME_OP: u8 = 0x08;
     const DWORD_PREFIX: u8 = 0x0c;
+    const STRING_PREFIX: u8 = 0x0d;
     const BUFFER_OP: u8 = 0x11;
     const BYTE_PREFIX: u8 = 0x0a;
     // Resource template: IO(Decode16, base, base, 1, len), IRQNoFlags(){irq}, EndTag.
     let io = io_base.to_le_bytes();
-    let irq_mask = (1u16 << (irq & 15)).to_le_bytes();
-    let resources = [
-        0x47,
-        0x01,
-        io[0],
-        io[1],
-        io[0],
-        io[1],
-        0x01,
-        io_len, // I/O port descriptor
-        0x22,
-        irq_mask[0],
-        irq_mask[1], // IRQ descriptor, no flags: edge, active high
-        0x79,
-        0x00, // end tag
-    ];
+    let mut resources = vec![0x47, 0x01, io[0], io[1], io[0], io[1], 0x01, io_len];
+    if let Some(irq) = irq {
+        // IRQ descriptor, no flags: edge, active high.
+        let irq_mask = (1u16 << (irq & 15)).to_le_bytes();
+        resources.extend_from_slice(&[0x22, irq_mask[0], irq_mask[1]]);
+    }
+    resources.extend_from_slice(&[0x79, 0x00]); // end tag
     let mut body = vec![NAME_OP];
     body.extend_from_slice(b"_HID");
-    body.push(DWORD_PREFIX);
-    body.extend_from_slice(&eisa_id.to_le_bytes());
+    match hid {
+        Hid::Eisa(id) => {
+            body.push(DWORD_PREFIX);
+            body.extend_from_slice(&id.to_le_bytes());
+        }
+        Hid::Acpi(id) => {
+            body.push(STRING_PREFIX);
+            body.extend_from_slice(id);
+            body.push(0);
+        }
+    }
     body.push(NAME_OP);
     body.extend_from_slice(b"_UID");
     body.extend_from_slice(&[BYTE_PREFIX, uid]);
@@ -93,20 +103,25 @@ fn aml_legacy_device(
     device
 }
 
-/// The DSDT's AML: the COM1 UART, COM2 when present, and the CMOS RTC.
+/// The DSDT's AML: the COM1 UART, COM2 when present, the CMOS RTC and pvpanic.
 fn dsdt_aml(com2: bool) -> Vec<u8> {
-    let mut aml = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0, 0x3f8, 8, 4);
+    let uart = Hid::Eisa(EISA_PNP0501_UART);
+    let mut aml = aml_legacy_device(b"COM1", uart, 0, 0x3f8, 8, Some(4));
     if com2 {
-        aml.extend(aml_legacy_device(
-            b"COM2",
-            EISA_PNP0501_UART,
-            1,
-            0x2f8,
-            8,
-            3,
-        ));
+        aml.extend(aml_legacy_device(b"COM2", uart, 1, 0x2f8, 8, Some(3)));
     }
-    aml.extend(aml_legacy_device(b"RTC_", EISA_PNP0B00_RTC, 0, 0x70, 2, 8));
+    let rtc = Hid::Eisa(EISA_PNP0B00_RTC);
+    aml.extend(aml_legacy_device(b"RTC_", rtc, 0, 0x70, 2, Some(8)));
+    let port = crate::devices::pvpanic::PVPANIC_PORT;
+    let len = crate::devices::pvpanic::PVPANIC_LEN as u8;
+    aml.extend(aml_legacy_device(
+        b"PEVT",
+        Hid::Acpi(PVPANIC_HID),
+        0,
+        port,
+        len,
+        None,
+    ));
     aml
 }
 
@@ -276,7 +291,7 @@ mod tests {
 
     #[test]
     fn com1_device_aml_is_well_formed() {
-        let d = aml_legacy_device(b"COM1", EISA_PNP0501_UART, 0, 0x3f8, 8, 4);
+        let d = aml_legacy_device(b"COM1", Hid::Eisa(EISA_PNP0501_UART), 0, 0x3f8, 8, Some(4));
         assert_eq!(&d[..2], &[0x5b, 0x82]);
         // PkgLength covers everything after the opcode.
         assert_eq!(usize::from(d[2]), d.len() - 2);
@@ -288,6 +303,24 @@ mod tests {
         assert_eq!(&template[..8], &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]);
         assert_eq!(&template[8..11], &[0x22, 0x10, 0x00]);
         assert_eq!(&template[11..], &[0x79, 0]);
+    }
+
+    #[test]
+    fn pvpanic_device_aml_is_well_formed() {
+        // Hand-assembled from the ACPI spec (19.6 Device, 20.2.3 String, 6.4.2.5 I/O port
+        // descriptor): Device(\_SB.PEVT) { Name(_HID, "QEMU0001") Name(_UID, 0)
+        // Name(_CRS, ResourceTemplate() { IO(Decode16, 0x505, 0x505, 1, 1) }) }
+        let mut want = vec![0x5b, 0x82, 52];
+        want.extend_from_slice(b"\\._SB_PEVT");
+        want.extend_from_slice(b"\x08_HID\x0dQEMU0001\x00");
+        want.extend_from_slice(b"\x08_UID\x0a\x00");
+        want.extend_from_slice(b"\x08_CRS\x11\x0d\x0a\x0a");
+        want.extend_from_slice(&[0x47, 1, 0x05, 0x05, 0x05, 0x05, 1, 1, 0x79, 0]);
+        assert_eq!(usize::from(want[2]), want.len() - 2);
+        let d = aml_legacy_device(b"PEVT", Hid::Acpi(PVPANIC_HID), 0, 0x505, 1, None);
+        assert_eq!(d, want);
+        // And the DSDT carries it.
+        assert!(dsdt_aml(false).windows(want.len()).any(|w| w == want));
     }
 
     #[test]

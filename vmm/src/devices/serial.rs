@@ -1,5 +1,7 @@
 //! The 16550A serial console (vm-superio) on COM1, raising IRQ 4 through an irqfd, with an
-//! output sink that watches the guest kernel's console for a panic.
+//! output sink that remembers the last panic line the console showed. That line only
+//! describes a panic the kernel reported through pvpanic (`devices::pvpanic`): console text
+//! is the guest's, any user may print it, so it never decides anything.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -10,7 +12,6 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::PioDevice;
-use crate::exit::{ExitReason, ExitSignal};
 use crate::sync::lock;
 
 /// The guest console's serial line (COM1).
@@ -27,7 +28,7 @@ pub const COM_LEN: u16 = 8;
 /// dropped (a guest that never reads its console cannot make the VMM grow without limit).
 const MAX_PENDING_INPUT: usize = 1 << 20;
 
-/// What the kernel prints first when it panics, and last when it is done printing.
+/// What the kernel prints first when it panics, and (with `panic=0`) last.
 const PANIC_START: &str = "Kernel panic - not syncing";
 const PANIC_END: &str = "---[ end Kernel panic";
 /// Longest console line kept for matching; longer lines are cut (the guest controls them).
@@ -43,8 +44,10 @@ impl Trigger for IrqTrigger {
     }
 }
 
-/// Watches console lines for a kernel panic. The guest writes these bytes: we only keep a
-/// bounded line buffer and never interpret anything but the two fixed markers.
+/// Remembers the last console line that looked like a kernel panic. The guest writes these
+/// bytes: we keep a bounded line buffer, match one fixed marker, and use the result only to
+/// describe a panic the kernel reported through pvpanic. The *last* such line is kept, so a
+/// user who printed a fake one earlier does not get to name a real panic.
 #[derive(Default)]
 pub struct PanicWatch {
     line: Vec<u8>,
@@ -52,28 +55,25 @@ pub struct PanicWatch {
 }
 
 impl PanicWatch {
-    /// Feeds console bytes; returns the panic line once the panic report is complete.
-    pub fn feed(&mut self, bytes: &[u8]) -> Option<String> {
-        let mut done = None;
+    /// Feeds console bytes.
+    pub fn feed(&mut self, bytes: &[u8]) {
         for &b in bytes {
             if b == b'\n' {
                 let line = String::from_utf8_lossy(&self.line).trim_end().to_string();
                 self.line.clear();
-                if self.panic_line.is_none() {
-                    if let Some(pos) = line.find(PANIC_START) {
-                        self.panic_line = Some(line[pos..].to_string());
+                match line.find(PANIC_START) {
+                    Some(pos) if !line.contains(PANIC_END) => {
+                        self.panic_line = Some(line[pos..].to_string())
                     }
-                } else if line.contains(PANIC_END) {
-                    done = self.panic_line.clone();
+                    _ => {}
                 }
             } else if self.line.len() < MAX_LINE {
                 self.line.push(b);
             }
         }
-        done
     }
 
-    /// The panic line, if the kernel has started panicking.
+    /// The last panic line the console showed, if any.
     pub fn panic_line(&self) -> Option<&str> {
         self.panic_line.as_deref()
     }
@@ -136,30 +136,25 @@ impl ConsoleTap {
 pub struct ConsoleSink {
     out: Box<dyn Write + Send>,
     watch: PanicWatch,
-    exit: Arc<ExitSignal>,
     tap: Option<Arc<ConsoleTap>>,
-    /// Prefix for the panic message ("GVM", "SVM") when one process runs several VMs.
-    label: &'static str,
 }
 
 impl ConsoleSink {
-    pub fn new(out: Box<dyn Write + Send>, exit: Arc<ExitSignal>) -> Self {
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
             out,
             watch: PanicWatch::default(),
-            exit,
             tap: None,
-            label: "",
         }
     }
 
-    /// Also copies output to `tap`, and labels panics with `label`.
-    pub fn with_tap(mut self, tap: Arc<ConsoleTap>, label: &'static str) -> Self {
+    /// Also copies output to `tap`.
+    pub fn with_tap(mut self, tap: Arc<ConsoleTap>) -> Self {
         self.tap = Some(tap);
-        self.label = label;
         self
     }
 
+    /// The last panic line the console showed (a description, never a decision).
     pub fn panic_line(&self) -> Option<&str> {
         self.watch.panic_line()
     }
@@ -167,15 +162,7 @@ impl ConsoleSink {
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if let Some(line) = self.watch.feed(buf) {
-            let _ = self.out.flush();
-            let line = if self.label.is_empty() {
-                line
-            } else {
-                format!("{}: {line}", self.label)
-            };
-            self.exit.signal(ExitReason::GuestPanic(line));
-        }
+        self.watch.feed(buf);
         if let Some(tap) = &self.tap {
             tap.record(buf);
         }
@@ -319,20 +306,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn panic_is_reported_when_the_report_ends() {
+    fn the_last_panic_line_is_kept_and_nothing_else() {
         let mut w = PanicWatch::default();
-        assert_eq!(w.feed(b"[    1.0] Run /init as init process\n"), None);
-        assert_eq!(
-            w.feed(b"[    2.0] Kernel panic - not syncing: Attempted to kill init!\n"),
-            None
-        );
+        w.feed(b"[    1.0] Run /init as init process\n");
+        assert_eq!(w.panic_line(), None);
+        // A user's fake line first, then the kernel's own: the kernel's names the panic.
+        w.feed(b"Kernel panic - not syncing: fake\n");
+        w.feed(b"[    2.0] Kernel panic - not syncing: Attempted to kill init!\n");
+        w.feed(b"[    2.1] ---[ end Kernel panic - not syncing: Attempted ]---\n");
         assert_eq!(
             w.panic_line(),
-            Some("Kernel panic - not syncing: Attempted to kill init!")
-        );
-        let done = w.feed(b"[    2.1] ---[ end Kernel panic - not syncing: Attempted ]---\n");
-        assert_eq!(
-            done.as_deref(),
             Some("Kernel panic - not syncing: Attempted to kill init!")
         );
     }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 
 use crate::builder::{
-    build_vm, classify, host_err, run_event_loop, BuildError, RunOptions, VmSpec,
+    build_vm, host_err, run_event_loop, warn_of_unreported_panic, BuildError, RunOptions, VmSpec,
 };
 use crate::config::VmConfig;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
@@ -123,11 +123,10 @@ pub fn run_instance(
     });
 
     let reason = run_event_loop(vec![Arc::new(Mutex::new(server))], &exit, opts)?;
-    // A panic in either VM is the story; otherwise the reason as reported.
-    let reason = match svm.panic_line() {
-        Some(line) if reason == ExitReason::Reset => ExitReason::GuestPanic(format!("SVM: {line}")),
-        _ => classify(reason, gvm.panic_line().map(|l| format!("GVM: {l}"))),
-    };
+    // A panic is reported (and labelled) by the VM's pvpanic device; console text decides
+    // nothing.
+    warn_of_unreported_panic("SVM", &reason, svm.panic_line());
+    warn_of_unreported_panic("GVM", &reason, gvm.panic_line());
     drop(lock);
     gvm.retire();
     svm.retire();

@@ -104,6 +104,8 @@ pub struct LentCpu {
 /// the count is an int (its bit 31 is the inverted need-resched flag), and the word's upper
 /// half is the next per-cpu variable, which is kept.
 pub fn raise_preempt_count(word: u64, delta: u32) -> u64 {
+    // Wrapping on purpose: the count is a 32-bit value the kernel itself adds to with
+    // wrapping arithmetic (bit 31 is a flag, not a sign); no address is derived from it.
     (word & !0xffff_ffff) | u64::from((word as u32).wrapping_add(delta))
 }
 
@@ -218,6 +220,8 @@ impl LentCpu {
     pub fn park(&self, kernel: &AddressSpace<'_>) -> Result<CallState, LendError> {
         let now = read_u64(kernel, self.preempt.va)? as u32;
         Ok(CallState {
+            // The inverse of `raise_preempt_count`'s wrapping add (a count, not an
+            // address): whatever the GVM left there, the delta is put back exactly.
             preempt_delta: now.wrapping_sub(self.preempt.value as u32),
             canary: self.call_canary,
         })
@@ -347,7 +351,36 @@ mod tests {
             .unwrap();
         let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
         let err = LentCpu::read(&kernel, PER_CPU_OFFSET, 1, &OFFSETS).unwrap_err();
-        assert!(matches!(err, LendError::Overflow { cpu: 1, .. }), "{err}");
+        assert_eq!(
+            err,
+            LendError::Overflow {
+                cpu: 1,
+                base: u64::MAX - 0x10,
+                offset: 0x28
+            },
+            "{err}"
+        );
+        // The base itself at the very top: the first word's address overflows too.
+        mem.write_u64(PER_CPU_OFFSET + 8 - K, u64::MAX).unwrap();
+        let err = LentCpu::read(&kernel, PER_CPU_OFFSET, 1, &OFFSETS).unwrap_err();
+        assert_eq!(
+            err,
+            LendError::Overflow {
+                cpu: 1,
+                base: u64::MAX,
+                offset: 0x28
+            }
+        );
+        // `__per_cpu_offset[cpu]` itself past the end of the address space.
+        let err = LentCpu::read(&kernel, u64::MAX - 4, 1, &OFFSETS).unwrap_err();
+        assert_eq!(
+            err,
+            LendError::Overflow {
+                cpu: 1,
+                base: u64::MAX - 4,
+                offset: 8
+            }
+        );
         // A base that points nowhere mapped: a memory error naming the address.
         mem.write_u64(PER_CPU_OFFSET + 8 - K, 0x1234_0000).unwrap();
         let err = LentCpu::read(&kernel, PER_CPU_OFFSET, 1, &OFFSETS).unwrap_err();

@@ -19,6 +19,7 @@
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
 //! - [`call_profile`]: what a call needs from the kernel profile, derived once;
+//! - [`stores`]: which stores to the unbacked sentinel and trap pages end a call;
 //! - [`traps`]: the traps patched into the view's private kernel text (sleep, faults,
 //!   panic) and the reports made from them.
 //!
@@ -35,6 +36,7 @@ pub mod memory;
 pub mod paging;
 pub mod profile;
 pub mod shadow;
+pub mod stores;
 pub mod traps;
 pub mod view;
 

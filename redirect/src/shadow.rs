@@ -61,6 +61,15 @@ pub enum ShadowError {
     /// [`BLOCK_SIZE`], or wrapping); holds that address.
     #[error("the GVM's page allocator gave {0:#x} for the shadow block (64 KiB, aligned)")]
     BadBlock(u64),
+    /// An address in the shadow block (or a pointer rebased into it) does not fit in 64
+    /// bits: the block's address came from the GVM.
+    #[error("shadow address {base:#x} plus {offset:#x} overflows")]
+    AddressOverflow {
+        /// The address in the block.
+        base: u64,
+        /// What was added to it.
+        offset: u64,
+    },
 }
 
 /// Order of the shadow block: 2^4 GVM pages.
@@ -102,6 +111,9 @@ impl ShadowBlock {
         Ok(ShadowBlock { base })
     }
 
+    // `at` checked that `base + BLOCK_SIZE` fits, and every offset below is less than
+    // BLOCK_SIZE: these sums cannot overflow.
+
     /// The shadow `task_struct`.
     pub fn task(&self) -> u64 {
         self.base + TASK_OFF
@@ -115,6 +127,14 @@ impl ShadowBlock {
     /// The shadow `files_struct`.
     pub fn files(&self) -> u64 {
         self.base + FILES_OFF
+    }
+
+    /// The address of the shadow `task_struct`'s field at `offset` (from the profile,
+    /// which does not bound it by the block).
+    fn field(&self, offset: u64) -> Result<u64, ShadowError> {
+        let base = self.task();
+        base.checked_add(offset)
+            .ok_or(ShadowError::AddressOverflow { base, offset })
     }
 
     /// Makes the shadow task and file table in the block from the GVM's `init_task` (at
@@ -173,22 +193,22 @@ impl ShadowBlock {
         layout: &ShadowLayout,
         cpu: u32,
     ) -> Result<(), ShadowError> {
-        write(kernel, self.task() + layout.ti_cpu, &cpu.to_le_bytes())?;
+        write(kernel, self.field(layout.ti_cpu)?, &cpu.to_le_bytes())?;
         write(
             kernel,
-            self.task() + layout.ti_flags,
+            self.field(layout.ti_flags)?,
             &THREAD_FLAGS_AT_CALL.to_le_bytes(),
         )?;
         write(
             kernel,
-            self.task() + layout.fpu_last_cpu,
+            self.field(layout.fpu_last_cpu)?,
             &u32::MAX.to_le_bytes(),
         )
     }
 
     /// Where the shadow's `__state` is (what a call that reached `__schedule` set it to).
-    pub fn state_va(&self, layout: &ShadowLayout) -> u64 {
-        self.task() + layout.state
+    pub fn state_va(&self, layout: &ShadowLayout) -> Result<u64, ShadowError> {
+        self.field(layout.state)
     }
 
     /// Whether a call that stopped in `__schedule` with the shadow in `state` waits
@@ -204,7 +224,7 @@ impl ShadowBlock {
         kernel: &AddressSpace<'_>,
         layout: &ShadowLayout,
     ) -> Result<(), ShadowError> {
-        write(kernel, self.state_va(layout), &0u32.to_le_bytes())
+        write(kernel, self.state_va(layout)?, &0u32.to_le_bytes())
     }
 }
 
@@ -286,23 +306,29 @@ impl ShadowLayout {
 }
 
 /// Moves every aligned 8-byte word of `bytes` that points into `[from, from + len)` to the
-/// same offset from `to`.
-pub fn rebase_self_pointers(bytes: &mut [u8], from: u64, to: u64) {
+/// same offset from `to`; an error if a moved pointer would not fit in 64 bits.
+pub fn rebase_self_pointers(bytes: &mut [u8], from: u64, to: u64) -> Result<(), ShadowError> {
     let len = bytes.len() as u64;
     for word in bytes.chunks_exact_mut(8) {
         let mut raw = [0u8; 8];
         raw.copy_from_slice(word);
         let v = u64::from_le_bytes(raw);
         if v >= from && v - from < len {
-            word.copy_from_slice(&(to + (v - from)).to_le_bytes());
+            let offset = v - from;
+            let moved = to
+                .checked_add(offset)
+                .ok_or(ShadowError::AddressOverflow { base: to, offset })?;
+            word.copy_from_slice(&moved.to_le_bytes());
         }
     }
+    Ok(())
 }
 
 fn put(bytes: &mut [u8], off: u64, value: &[u8]) -> Result<(), ShadowError> {
     let start = usize::try_from(off).map_err(|_| ShadowError::ShortTemplate("task_struct"))?;
     bytes
-        .get_mut(start..start + value.len())
+        .get_mut(start..start.saturating_add(value.len()))
+        .filter(|slot| slot.len() == value.len())
         .ok_or(ShadowError::ShortTemplate("task_struct"))?
         .copy_from_slice(value);
     Ok(())
@@ -342,7 +368,7 @@ pub fn shadow_task(
         .get(..size)
         .ok_or(ShadowError::ShortTemplate("task_struct"))?
         .to_vec();
-    rebase_self_pointers(&mut task, template_va, place.task);
+    rebase_self_pointers(&mut task, template_va, place.task)?;
     // A user task that is not the idle task: no PF_KTHREAD (whose FPU handling warns on the
     // way back to user mode), no PF_IDLE.
     put(&mut task, layout.flags, &0u32.to_le_bytes())?;
@@ -369,7 +395,15 @@ pub fn shadow_task(
     // fpstate already points into the copy when the template's pointed at its own embedded
     // state (rebased above); anything else would share FPU state with a GVM task.
     let fp = read_u64(&task, layout.fpstate_ptr)?;
-    if !(place.task..place.task + layout.task_size).contains(&fp) {
+    let task_end =
+        place
+            .task
+            .checked_add(layout.task_size)
+            .ok_or(ShadowError::AddressOverflow {
+                base: place.task,
+                offset: layout.task_size,
+            })?;
+    if !(place.task..task_end).contains(&fp) {
         return Err(ShadowError::MissingField(
             "an embedded FPU state in init_task (thread.fpu.fpstate points elsewhere)",
         ));
@@ -399,7 +433,7 @@ pub fn shadow_files(
         .get(..size)
         .ok_or(ShadowError::ShortTemplate("files_struct"))?
         .to_vec();
-    rebase_self_pointers(&mut files, template_va, files_va);
+    rebase_self_pointers(&mut files, template_va, files_va)?;
     put(&mut files, layout.files_count, &1u32.to_le_bytes())
         .map_err(|_| ShadowError::ShortTemplate("files_struct"))?;
     Ok(files)
@@ -408,7 +442,7 @@ pub fn shadow_files(
 fn read_u64(bytes: &[u8], off: u64) -> Result<u64, ShadowError> {
     let start = usize::try_from(off).map_err(|_| ShadowError::ShortTemplate("task_struct"))?;
     let raw: [u8; 8] = bytes
-        .get(start..start + 8)
+        .get(start..start.saturating_add(8))
         .and_then(|s| s.try_into().ok())
         .ok_or(ShadowError::ShortTemplate("task_struct"))?;
     Ok(u64::from_le_bytes(raw))
@@ -449,7 +483,7 @@ mod tests {
         bytes[8..16].copy_from_slice(&0x101fu64.to_le_bytes()); // last byte
         bytes[16..24].copy_from_slice(&0x1020u64.to_le_bytes()); // one past: outside
         bytes[24..32].copy_from_slice(&0xfffu64.to_le_bytes());
-        rebase_self_pointers(&mut bytes, 0x1000, 0x9000);
+        rebase_self_pointers(&mut bytes, 0x1000, 0x9000).unwrap();
         let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().unwrap());
         assert_eq!(
             [word(0), word(1), word(2), word(3)],
@@ -544,15 +578,18 @@ mod tests {
         // Parked: the shadow reads as running again.
         kernel
             .write(
-                block.state_va(&l),
+                block.state_va(&l).unwrap(),
                 &2u32.to_le_bytes(),
                 Privilege::Supervisor,
             )
             .unwrap();
         block.mark_running(&kernel, &l).unwrap();
         let mut state = [0u8; 4];
-        mem.read_phys(block.state_va(&l) - crate::test_images::K, &mut state)
-            .unwrap();
+        mem.read_phys(
+            block.state_va(&l).unwrap() - crate::test_images::K,
+            &mut state,
+        )
+        .unwrap();
         assert_eq!(state, [0; 4]);
     }
 
@@ -585,6 +622,60 @@ mod tests {
         assert!(!ShadowBlock::waits_interruptibly(2));
         assert!(!ShadowBlock::waits_interruptibly(3));
         assert!(!ShadowBlock::waits_interruptibly(0));
+    }
+
+    #[test]
+    fn shadow_addresses_near_the_top_of_the_address_space_are_errors_not_wraps() {
+        // The highest block `at` accepts: its own addresses fit.
+        let top = ShadowBlock::at(0u64.wrapping_sub(2 * BLOCK_SIZE)).unwrap();
+        assert_eq!(top.files(), u64::MAX - 2 * BLOCK_SIZE + 1 + FILES_OFF);
+        // A field offset that leaves the address space.
+        let far = ShadowLayout {
+            state: u64::MAX - 0x10,
+            ..layout()
+        };
+        assert_eq!(
+            top.state_va(&far),
+            Err(ShadowError::AddressOverflow {
+                base: top.task(),
+                offset: u64::MAX - 0x10
+            })
+        );
+        // A self-pointer rebased to where it would wrap.
+        let mut bytes = 0x1010u64.to_le_bytes().to_vec();
+        bytes.resize(32, 0);
+        assert_eq!(
+            rebase_self_pointers(&mut bytes, 0x1000, u64::MAX - 4),
+            Err(ShadowError::AddressOverflow {
+                base: u64::MAX - 4,
+                offset: 0x10
+            })
+        );
+        // Template offsets at the end of usize are short templates, not panics.
+        assert_eq!(
+            put(&mut [0u8; 16], u64::MAX, &[1, 2]),
+            Err(ShadowError::ShortTemplate("task_struct"))
+        );
+        assert_eq!(
+            read_u64(&[0u8; 16], usize::MAX as u64 - 3),
+            Err(ShadowError::ShortTemplate("task_struct"))
+        );
+        // The task's end overflowing is an error too.
+        let place = ShadowPlace {
+            task: u64::MAX - 0x100,
+            stack: 0,
+            files: 0,
+            cpu: 1,
+        };
+        let mut template = vec![0u8; 0x200];
+        template[0x50..0x58].copy_from_slice(&(u64::MAX - 0x80).to_le_bytes());
+        assert_eq!(
+            shadow_task(&template, 0, &layout(), &place, 0x1000),
+            Err(ShadowError::AddressOverflow {
+                base: u64::MAX - 0x100,
+                offset: layout().task_size
+            })
+        );
     }
 
     #[test]

@@ -41,6 +41,35 @@
 //! `/dev/fd`) stays local; so does everything relative to the working directory, even after
 //! `chdir("/proc")`.
 //!
+//! # What a redirected call may return
+//!
+//! The GVM's kernel may be hostile, so its answer is checked against the call's contract
+//! ([`Ret`], part of every [`Redirect`]) before the program, or the shim's fd table, sees
+//! it. Every call may return `-errno` (`-4095..=-1`, [`MAX_ERRNO`]); besides that:
+//!
+//! | contract | calls |
+//! | --- | --- |
+//! | 0 ([`Ret::Zero`]) | `uname`, `sysinfo`, `sethostname`, `setdomainname`, `kill`, `setpriority`, `*_module`, `stat`s, `access`es, `fstat`, `fstatfs`, `close`, `fadvise64`, `bind`, `connect`, `shutdown`, `get/setsockopt`, `getsockname`, `getpeername`, `fcntl(F_SETFL/F_SETFD)` |
+//! | a count of bytes of buffer *k* ([`Ret::Bytes`]): at most its length as the shim measured it *before* the call (an iovec array or a `msghdr`: the sum of the iovecs' lengths), and at most [`MAX_RW_COUNT`] | `read`, `pread64`, `getdents64`, `write`, `pwrite64`, `readv`, `preadv`, `writev`, `pwritev`, `readlink`, `readlinkat`, `sendto`, `recvfrom`, `sendmsg`, `recvmsg` |
+//! | a new GVM fd, `0..=i32::MAX` ([`Ret::Fd`]), which the shim maps to a placeholder and never hands to the program itself | `open`, `openat`, `openat2`, `socket`, `dup` (and `dup2`, `dup3`, `fcntl(F_DUPFD*)`, which become one) |
+//! | a value in a range ([`Ret::Range`]) | `getpriority` 1..=40; `lseek` 0..=`i64::MAX` (an offset); `fcntl(F_GETFL)` and `ioctl` 0..=`i32::MAX`; `fcntl(F_GETFD)` 0..=1; `recvfrom`/`recvmsg` with `MSG_TRUNC` 0..=[`MAX_RW_COUNT`] (the packet's true length, which may exceed the buffer) |
+//!
+//! A result out of contract becomes `-EIO` (the shim says so on stderr, naming the call and
+//! the value): never a count larger than the buffer it counts, never an fd that an `as i32`
+//! would truncate into another one. A call added without a contract gets [`Ret::Zero`], the
+//! strictest.
+//!
+//! **No redirected call returns a pointer.** The calls whose result is an address (`mmap`,
+//! `mremap`, `brk`, `shmat`) run locally (`mmap` of a placeholder fails with `ENODEV`), so
+//! every redirected result is `-errno`, 0, an fd, a small number, a byte count bounded by
+//! the program's own buffer, or an `lseek` offset: nothing the program dereferences. Only
+//! `lseek` may return more than `i32::MAX` (its ABI type is `off_t`); an offset above
+//! `i64::MAX` (`/proc/<pid>/mem` of kernel addresses) is refused.
+//!
+//! The VMM writes only RAX and RCX; the bytes a call writes into the program's buffers are
+//! written by the GVM's kernel through the view (bounded by the pages the view maps, not
+//! by this contract).
+//!
 //! # Everything else is local
 //!
 //! Local calls are re-issued unchanged, with rewrites that keep the shim alive and the
@@ -361,8 +390,89 @@ pub enum Len {
     Const(usize),
     /// The value of this argument.
     Arg(usize),
+    /// The value of this `int` argument (its low 32 bits, as the kernel reads it; a
+    /// negative one is 0 bytes).
+    ArgInt(usize),
     /// The `u32` (a `socklen_t`) this argument points to.
     ArgPtr(usize),
+}
+
+impl Len {
+    /// The length for the call's arguments `args`; `None` for [`Len::ArgPtr`], which is
+    /// in the program's memory (the shim reads it).
+    pub fn of(self, args: &[u64; 6]) -> Option<u64> {
+        match self {
+            Len::Const(n) => Some(n as u64),
+            Len::Arg(i) => args.get(i).copied(),
+            Len::ArgInt(i) => args.get(i).map(|&a| (a as u32 as i32).max(0) as u64),
+            Len::ArgPtr(_) => None,
+        }
+    }
+}
+
+/// Largest `-errno` a system call returns (the kernel's `MAX_ERRNO`): results in
+/// `-MAX_ERRNO..=-1` are errors, whatever the call.
+pub const MAX_ERRNO: i64 = 4095;
+
+/// Most bytes one read or write moves (the kernel's `MAX_RW_COUNT`, `INT_MAX` rounded down
+/// to a page): the cap of every byte count a redirected call returns.
+pub const MAX_RW_COUNT: u64 = 0x7fff_f000;
+
+/// What a redirected call may return besides `-errno`: its contract (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ret {
+    /// 0.
+    Zero,
+    /// A count of bytes moved through `bufs[k]`: at most that buffer's length as the shim
+    /// measured it before the call (for an iovec array or a `msghdr`, the sum of its
+    /// iovecs' lengths) and at most [`MAX_RW_COUNT`].
+    Bytes(usize),
+    /// A new GVM fd: `0..=i32::MAX`.
+    Fd,
+    /// A value in `lo..=hi`.
+    Range(i64, i64),
+}
+
+/// The results a call accepts: `-errno`, or a value in `lo..=hi`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accept {
+    /// The smallest successful result.
+    pub lo: i64,
+    /// The largest successful result.
+    pub hi: i64,
+}
+
+impl Accept {
+    /// A new fd (an `int`, never negative).
+    pub const FD: Accept = Accept {
+        lo: 0,
+        hi: i32::MAX as i64,
+    };
+
+    /// `ret` if it is `-errno` or in `lo..=hi`; else `Err(ret)`, out of contract.
+    pub fn check(self, ret: i64) -> Result<i64, i64> {
+        if (-MAX_ERRNO..=-1).contains(&ret) || (self.lo..=self.hi).contains(&ret) {
+            Ok(ret)
+        } else {
+            Err(ret)
+        }
+    }
+}
+
+/// The GVM fd in a result that [`Accept::FD`] accepted: `None` for `-errno` (or anything
+/// that is not an `int` fd, so no value can be truncated into another fd).
+pub fn gvm_fd(ret: i64) -> Option<i32> {
+    i32::try_from(ret).ok().filter(|fd| *fd >= 0)
+}
+
+/// The total length of an iovec array's entries (`struct iovec`, 16 bytes each, as the
+/// program's memory holds them), saturating; a trailing partial entry is ignored.
+pub fn iov_bytes(raw: &[u8]) -> u64 {
+    raw.chunks_exact(16).fold(0u64, |sum, e| {
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&e[8..]);
+        sum.saturating_add(u64::from_ne_bytes(len))
+    })
 }
 
 /// How a user buffer is laid out.
@@ -432,6 +542,8 @@ pub struct Redirect {
     pub strict: bool,
     /// What to do with the result.
     pub then: Then,
+    /// What the result may be (checked before it is used or returned).
+    pub ret: Ret,
 }
 
 impl Redirect {
@@ -444,6 +556,25 @@ impl Redirect {
             touch_limit: MAX_TOUCH,
             strict: true,
             then: Then::Result,
+            ret: Ret::Zero,
+        }
+    }
+
+    /// The results this call accepts, with `sizes[k]` the length in bytes of `bufs[k]` as
+    /// the shim measured it before the call (`None`: not measured, 0 bytes).
+    pub fn accept(&self, sizes: &[Option<u64>; 3]) -> Accept {
+        match self.ret {
+            Ret::Zero => Accept { lo: 0, hi: 0 },
+            Ret::Fd => Accept::FD,
+            Ret::Range(lo, hi) => Accept { lo, hi },
+            Ret::Bytes(k) => {
+                let n = sizes.get(k).copied().flatten().unwrap_or(0);
+                Accept {
+                    lo: 0,
+                    // At most MAX_RW_COUNT, which fits.
+                    hi: n.min(MAX_RW_COUNT) as i64,
+                }
+            }
         }
     }
     fn buf(mut self, arg: usize, len: Len, write: bool, shape: Shape) -> Redirect {
@@ -463,8 +594,17 @@ impl Redirect {
     fn output(self, arg: usize, len: Len) -> Redirect {
         self.buf(arg, len, true, Shape::Flat)
     }
+    /// Sets what the shim does with the result; a result that is a new GVM fd gets the
+    /// fd contract with it.
     fn then(mut self, then: Then) -> Redirect {
         self.then = then;
+        if matches!(then, Then::NewFd { .. } | Then::Dup) {
+            self.ret = Ret::Fd;
+        }
+        self
+    }
+    fn ret(mut self, ret: Ret) -> Redirect {
+        self.ret = ret;
         self
     }
     fn string(mut self, arg: usize) -> Redirect {
@@ -602,6 +742,9 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             let own = a[0] == libc::PRIO_PROCESS as u64 && who == own_pid;
             return if who == 0 || own {
                 Decision::Local
+            } else if nr == GETPRIORITY {
+                // The raw call returns 20 - nice: 1..=40.
+                redirect(call.ret(Ret::Range(1, 40)))
             } else {
                 redirect(call)
             };
@@ -715,8 +858,8 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             STAT | LSTAT => call.output(1, Len::Const(STAT_SIZE)),
             NEWFSTATAT => call.output(2, Len::Const(STAT_SIZE)),
             STATX => call.output(4, Len::Const(STATX_SIZE)),
-            READLINK => call.output(1, Len::Arg(2)),
-            READLINKAT => call.output(2, Len::Arg(3)),
+            READLINK => call.output(1, Len::ArgInt(2)).ret(Ret::Bytes(0)),
+            READLINKAT => call.output(2, Len::ArgInt(3)).ret(Ret::Bytes(0)),
             _ => call,
         };
         return redirect(call);
@@ -738,12 +881,23 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
     let socklen_out = |c: Redirect, buf: usize, len: usize| {
         c.output(buf, Len::ArgPtr(len)).output(len, Len::Const(4))
     };
+    // With MSG_TRUNC a receive returns the datagram's true length, which may exceed the
+    // buffer (iproute2 sizes its buffer with MSG_PEEK | MSG_TRUNC).
+    let received = |flags: u64| {
+        if flags as u32 & libc::MSG_TRUNC as u32 != 0 {
+            Ret::Range(0, MAX_RW_COUNT as i64)
+        } else {
+            Ret::Bytes(0)
+        }
+    };
+    let bytes = Ret::Bytes(0);
     redirect(match nr {
-        READ | PREAD64 | GETDENTS64 => call.clamp(2).output(1, Len::Arg(2)),
-        WRITE | PWRITE64 => call.clamp(2).input(1, Len::Arg(2)),
-        READV | PREADV => iov(call, true),
-        WRITEV | PWRITEV => iov(call, false),
-        LSEEK | FADVISE64 | SHUTDOWN => call,
+        READ | PREAD64 | GETDENTS64 => call.clamp(2).output(1, Len::Arg(2)).ret(bytes),
+        WRITE | PWRITE64 => call.clamp(2).input(1, Len::Arg(2)).ret(bytes),
+        READV | PREADV => iov(call, true).ret(bytes),
+        WRITEV | PWRITEV => iov(call, false).ret(bytes),
+        LSEEK => call.ret(Ret::Range(0, i64::MAX)),
+        FADVISE64 | SHUTDOWN => call,
         FSTAT => call.output(1, Len::Const(STAT_SIZE)),
         FSTATFS => call.output(1, Len::Const(STATFS_SIZE)),
         CLOSE => call.then(Then::Close { placeholder }),
@@ -753,7 +907,9 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             _ => return fail(libc::EFAULT),
         },
         FCNTL => match a[1] as u32 as i32 {
-            libc::F_GETFL | libc::F_SETFL | libc::F_GETFD => call,
+            libc::F_GETFL => call.ret(Ret::Range(0, i32::MAX.into())),
+            libc::F_GETFD => call.ret(Ret::Range(0, 1)),
+            libc::F_SETFL => call,
             libc::F_SETFD => call.then(Then::AlsoLocal),
             libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => return dup(call),
             _ => return fail(libc::EINVAL),
@@ -768,14 +924,18 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             } else {
                 (size, dir & 2 != 0)
             };
-            let mut c = call.buf(2, Len::Const(len), write, Shape::Flat);
+            let mut c = call
+                .buf(2, Len::Const(len), write, Shape::Flat)
+                .ret(Ret::Range(0, i32::MAX.into()));
             c.strict = false;
             c
         }
-        SENDTO => call.input(1, Len::Arg(2)).input(4, Len::Arg(5)),
-        RECVFROM => socklen_out(call.output(1, Len::Arg(2)), 4, 5),
-        SENDMSG => call.buf(1, Len::Const(0), false, Shape::Msg),
-        RECVMSG => call.buf(1, Len::Const(0), true, Shape::Msg),
+        SENDTO => call.input(1, Len::Arg(2)).input(4, Len::Arg(5)).ret(bytes),
+        RECVFROM => socklen_out(call.output(1, Len::Arg(2)), 4, 5).ret(received(a[3])),
+        SENDMSG => call.buf(1, Len::Const(0), false, Shape::Msg).ret(bytes),
+        RECVMSG => call
+            .buf(1, Len::Const(0), true, Shape::Msg)
+            .ret(received(a[2])),
         BIND | CONNECT => call.input(1, Len::Arg(2)),
         GETSOCKNAME | GETPEERNAME => socklen_out(call, 1, 2),
         SETSOCKOPT => call.input(3, Len::Arg(4)),
@@ -1353,7 +1513,7 @@ mod tests {
         ));
         assert_eq!(
             r.bufs[0].map(|b| (b.arg, b.len, b.write)),
-            Some((2, Len::Arg(3), true))
+            Some((2, Len::ArgInt(3), true))
         );
         for nr in [STAT, LSTAT, ACCESS, READLINK] {
             assert!(matches!(
@@ -1549,6 +1709,270 @@ mod tests {
             ),
             Decision::Local
         );
+    }
+
+    /// Every call the policy redirects, with placeholder 3 (GVM fd 40): (nr, args, string).
+    fn every_redirect() -> Vec<Redirect> {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        let mut all = Vec::new();
+        for nr in 0..460u64 {
+            for s in [
+                Str::Ok(b"/proc/1".as_slice()),
+                Str::Ok(b"1/stat"),
+                Str::None,
+            ] {
+                let mut variants = vec![[3, 1, 2, 3, 4, 5]];
+                if nr == SOCKET {
+                    variants = vec![[libc::AF_NETLINK as u64, 0, 0, 0, 0, 0]];
+                }
+                if nr == FCNTL {
+                    variants = [
+                        libc::F_GETFL,
+                        libc::F_SETFL,
+                        libc::F_GETFD,
+                        libc::F_SETFD,
+                        libc::F_DUPFD,
+                    ]
+                    .map(|cmd| [3, cmd as u64, 0, 0, 0, 0])
+                    .to_vec();
+                }
+                if nr == GETPRIORITY || nr == SETPRIORITY {
+                    variants = vec![[libc::PRIO_PROCESS as u64, 1, 0, 0, 0, 0]];
+                }
+                for a in variants {
+                    if let Decision::Redirect(r) = d(nr, a, &t, s) {
+                        all.push(r);
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_redirected_call_has_a_contract_that_fits_its_buffers_and_its_then() {
+        let all = every_redirect();
+        assert!(all.len() > 60, "{}", all.len());
+        for r in all {
+            let name = syscall_name(r.nr).unwrap_or("?");
+            match r.ret {
+                Ret::Bytes(k) => {
+                    let b = r.bufs[k].unwrap_or_else(|| panic!("{name}: no buffer {k}"));
+                    assert!(b.arg < 6 && r.strict, "{name}");
+                }
+                Ret::Fd => assert!(matches!(r.then, Then::NewFd { .. } | Then::Dup), "{name}"),
+                Ret::Range(lo, hi) => assert!(0 <= lo && lo <= hi, "{name}"),
+                Ret::Zero => {}
+            }
+            let makes_fd = matches!(r.then, Then::NewFd { .. } | Then::Dup);
+            assert_eq!(makes_fd, r.ret == Ret::Fd, "{name}");
+        }
+    }
+
+    #[test]
+    fn no_redirected_call_can_return_a_pointer_sized_value() {
+        // Whatever the buffers' lengths, only lseek (an off_t) may exceed an int.
+        let huge = [Some(u64::MAX); 3];
+        for r in every_redirect() {
+            let accept = r.accept(&huge);
+            let name = syscall_name(r.nr).unwrap_or("?");
+            if r.nr == LSEEK {
+                assert_eq!(
+                    accept,
+                    Accept {
+                        lo: 0,
+                        hi: i64::MAX
+                    }
+                );
+            } else {
+                assert!(accept.hi <= i64::from(i32::MAX), "{name}: {accept:?}");
+                assert!(accept.check(0x7fff_1234_5678).is_err(), "{name}");
+            }
+            for hostile in [i64::MIN, -MAX_ERRNO - 1, -0x7fff_0000_0000] {
+                assert_eq!(accept.check(hostile), Err(hostile), "{name}");
+            }
+            assert_eq!(accept.check(-i64::from(libc::ENOENT)), Ok(-2), "{name}");
+        }
+        // The calls that return addresses are never redirected.
+        let t = FdTable::new();
+        t.insert(3, 40);
+        for nr in [
+            MMAP,
+            libc::SYS_mremap as u64,
+            libc::SYS_brk as u64,
+            libc::SYS_shmat as u64,
+        ] {
+            assert!(
+                !matches!(
+                    d(nr, [0, 4096, 3, 0, 3, 0], &t, Str::None),
+                    Decision::Redirect(_)
+                ),
+                "{nr}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_read_that_returns_more_than_asked_is_refused() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        for nr in [READ, PREAD64, GETDENTS64, WRITE, PWRITE64] {
+            let r = redirected(d(nr, [3, 0x1000, 100, 0, 0, 0], &t, Str::None));
+            let sizes = r.bufs.map(|b| b.and_then(|b| b.len.of(&r.args)));
+            let accept = r.accept(&sizes);
+            assert_eq!(accept, Accept { lo: 0, hi: 100 }, "{nr}");
+            assert_eq!(accept.check(100), Ok(100));
+            assert_eq!(accept.check(0), Ok(0));
+            assert_eq!(accept.check(101), Err(101), "{nr}: count + 1");
+            assert_eq!(accept.check(-4096), Err(-4096), "{nr}: below -MAX_ERRNO");
+            assert_eq!(accept.check(i64::MAX), Err(i64::MAX), "{nr}");
+            assert_eq!(accept.check(-4095), Ok(-4095));
+        }
+        // A count beyond MAX_TOUCH was shortened, and so is what the call may return.
+        let r = redirected(d(READ, [3, 0x1000, 1 << 40, 0, 0, 0], &t, Str::None));
+        let sizes = r.bufs.map(|b| b.and_then(|b| b.len.of(&r.args)));
+        let most = MAX_TOUCH as i64;
+        assert_eq!(r.accept(&sizes).check(most + 1), Err(most + 1));
+        // Unmeasured buffers accept nothing but 0.
+        assert_eq!(r.accept(&[None; 3]).check(1), Err(1));
+        // readlink's bufsiz is an int: a negative one lets nothing through.
+        let r = redirected(d(
+            READLINK,
+            [1, 0x2000, u64::MAX, 0, 0, 0],
+            &t,
+            Str::Ok(b"/proc/1/exe"),
+        ));
+        let sizes = r.bufs.map(|b| b.and_then(|b| b.len.of(&r.args)));
+        assert_eq!(sizes[0], Some(0));
+        assert_eq!(r.accept(&sizes).check(5), Err(5));
+        let r = redirected(d(
+            READLINKAT,
+            [AT_FDCWD, 1, 0x2000, 0x1_0000_0010, 0, 0],
+            &t,
+            Str::Ok(b"/proc/1/exe"),
+        ));
+        let sizes = r.bufs.map(|b| b.and_then(|b| b.len.of(&r.args)));
+        assert_eq!(r.accept(&sizes), Accept { lo: 0, hi: 16 });
+        // Vectored and message calls count against what the shim measured.
+        let r = redirected(d(READV, [3, 0x1000, 2, 0, 0, 0], &t, Str::None));
+        assert_eq!(r.accept(&[Some(300), None, None]).check(301), Err(301));
+        let r = redirected(d(RECVMSG, [3, 0x1000, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(r.accept(&[Some(300), None, None]).check(300), Ok(300));
+        assert_eq!(r.accept(&[Some(300), None, None]).check(301), Err(301));
+        // A byte count never exceeds MAX_RW_COUNT, whatever the buffers add up to.
+        assert_eq!(
+            r.accept(&[Some(u64::MAX), None, None]).hi,
+            MAX_RW_COUNT as i64
+        );
+    }
+
+    #[test]
+    fn a_receive_with_msg_trunc_may_report_a_longer_datagram_but_no_more() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        let peek_trunc = (libc::MSG_PEEK | libc::MSG_TRUNC) as u64;
+        let r = redirected(d(RECVMSG, [3, 0x1000, peek_trunc, 0, 0, 0], &t, Str::None));
+        let accept = r.accept(&[Some(0), None, None]);
+        assert_eq!(accept.check(8192), Ok(8192));
+        assert_eq!(accept.check(MAX_RW_COUNT as i64 + 1), Err(0x7fff_f001));
+        let r = redirected(d(
+            RECVFROM,
+            [3, 0x1000, 16, peek_trunc, 0, 0],
+            &t,
+            Str::None,
+        ));
+        assert_eq!(r.ret, Ret::Range(0, MAX_RW_COUNT as i64));
+        let r = redirected(d(RECVFROM, [3, 0x1000, 16, 0, 0, 0], &t, Str::None));
+        assert_eq!(r.ret, Ret::Bytes(0));
+    }
+
+    #[test]
+    fn a_new_fd_out_of_range_is_refused_and_never_truncated() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        let open = redirected(d(
+            OPEN,
+            [0x1000, 0, 0, 0, 0, 0],
+            &t,
+            Str::Ok(b"/proc/1/stat"),
+        ));
+        let dup = redirected(d(DUP2, [3, 7, 0, 0, 0, 0], &t, Str::None));
+        let socket = redirected(d(
+            SOCKET,
+            [libc::AF_NETLINK as u64, 0, 0, 0, 0, 0],
+            &t,
+            Str::None,
+        ));
+        for r in [open, dup, socket] {
+            let accept = r.accept(&[None; 3]);
+            assert_eq!(accept, Accept::FD);
+            assert_eq!(accept.check(5), Ok(5));
+            // 0x1_0000_0005 `as i32` would be fd 5: a GVM fd other than the one returned.
+            assert_eq!(accept.check(0x1_0000_0005), Err(0x1_0000_0005));
+            assert_eq!(accept.check(i64::from(i32::MAX) + 1), Err(0x8000_0000));
+            assert_eq!(accept.check(i64::MIN), Err(i64::MIN));
+            assert_eq!(accept.check(-4096), Err(-4096));
+            // u64::MAX reads as -1 by the system-call ABI: -EPERM, an error, no fd.
+            assert_eq!(accept.check(u64::MAX as i64), Ok(-1));
+        }
+        assert_eq!(gvm_fd(5), Some(5));
+        assert_eq!(gvm_fd(-1), None);
+        assert_eq!(gvm_fd(0x1_0000_0005), None);
+    }
+
+    #[test]
+    fn calls_that_return_zero_or_a_small_number_accept_nothing_else() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        let zero = [
+            redirected(d(UNAME, [0x1000, 0, 0, 0, 0, 0], &t, Str::None)),
+            redirected(d(KILL, [1, 9, 0, 0, 0, 0], &t, Str::None)),
+            redirected(d(CLOSE, [3, 0, 0, 0, 0, 0], &t, Str::None)),
+            redirected(d(STAT, [1, 0x2000, 0, 0, 0, 0], &t, Str::Ok(b"/sys"))),
+            redirected(d(
+                FCNTL,
+                [3, libc::F_SETFD as u64, 1, 0, 0, 0],
+                &t,
+                Str::None,
+            )),
+        ];
+        for r in zero {
+            let accept = r.accept(&[Some(4096); 3]);
+            assert_eq!(accept.check(0), Ok(0));
+            assert_eq!(accept.check(1), Err(1), "{:?}", syscall_name(r.nr));
+        }
+        let prio = redirected(d(GETPRIORITY, [0, 1, 0, 0, 0, 0], &t, Str::None));
+        let accept = prio.accept(&[None; 3]);
+        assert_eq!(
+            (accept.check(40), accept.check(41), accept.check(0)),
+            (Ok(40), Err(41), Err(0))
+        );
+        let getfd = redirected(d(
+            FCNTL,
+            [3, libc::F_GETFD as u64, 0, 0, 0, 0],
+            &t,
+            Str::None,
+        ));
+        assert_eq!(getfd.accept(&[None; 3]).check(2), Err(2));
+        let lseek = redirected(d(LSEEK, [3, 0, 0, 0, 0, 0], &t, Str::None));
+        assert_eq!(lseek.accept(&[None; 3]).check(1 << 40), Ok(1 << 40));
+        assert_eq!(lseek.accept(&[None; 3]).check(-4096), Err(-4096));
+    }
+
+    #[test]
+    fn iovec_lengths_add_up_without_wrapping() {
+        let entry = |base: u64, len: u64| {
+            let mut e = base.to_ne_bytes().to_vec();
+            e.extend_from_slice(&len.to_ne_bytes());
+            e
+        };
+        let mut raw = entry(0x1000, 100);
+        raw.extend(entry(0x2000, 28));
+        assert_eq!(iov_bytes(&raw), 128);
+        raw.extend(entry(0x3000, u64::MAX));
+        assert_eq!(iov_bytes(&raw), u64::MAX);
+        assert_eq!(iov_bytes(&raw[..20]), 100, "a partial entry is not counted");
     }
 
     #[test]

@@ -20,6 +20,11 @@
 //! Nothing else crosses: no shared memory, no second port. A status other than
 //! [`Status::Done`] means the call did not run in the GVM; RAX then holds the errno the
 //! program sees (see [`Status::errno`]), and the shim says why on stderr once per process.
+//!
+//! RAX after [`Status::Done`] is the GVM kernel's answer, which may be hostile: the shim
+//! checks it against the call's contract (`policy::Redirect::accept`: `-errno`, 0, a byte
+//! count within the call's buffers, a new fd, or a small range; never a pointer) before the
+//! program or the shim's fd table sees it, and turns anything else into `-EIO`.
 
 /// The I/O port of the redirect (one byte wide: only the `out` itself matters).
 pub const PORT: u16 = 0xE7;

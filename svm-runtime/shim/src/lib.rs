@@ -10,7 +10,10 @@
 //!   shadow task in the GVM and writes the result to RAX and a status to RCX. A redirected
 //!   call that creates an fd gets a *placeholder* fd in the SVM (`/dev/null`, reserving the
 //!   number) mapped to the GVM's fd; calls on the placeholder are redirected with the fd
-//!   translated.
+//!   translated. The GVM kernel's result is checked against the call's contract (see
+//!   [`svm_runtime::policy`], "What a redirected call may return") before it is used or
+//!   returned: `read` never says it read more than it was asked, a new fd is an `int`,
+//!   nothing is a pointer; a result out of contract becomes `EIO`, with a line on stderr.
 //! - **run it locally**: the handler returns into a gate *trampoline* that re-issues the call
 //!   with the program's own signal mask, so a blocking call stays interruptible and restarts
 //!   as usual; the handler itself never blocks on a local call.
@@ -66,7 +69,7 @@ use core::cell::UnsafeCell;
 use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
-use svm_runtime::policy::{self, nr, Decision, FdTable, Len, Redirect, Shape, Str, Then};
+use svm_runtime::policy::{self, nr, Accept, Decision, FdTable, Len, Redirect, Shape, Str, Then};
 use svm_runtime::redirect_abi::{self, Status};
 
 // The gate: every `syscall` instruction of the shim, and nothing else. Syscall user dispatch
@@ -225,6 +228,12 @@ impl Line {
     fn num(&mut self, n: u64) -> &mut Line {
         let mut buf = [0u8; 20];
         self.push(policy::decimal(n, &mut buf))
+    }
+    fn signed(&mut self, n: i64) -> &mut Line {
+        if n < 0 {
+            self.push(b"-");
+        }
+        self.num(n.unsigned_abs())
     }
     fn errno(&mut self, errno: i64) -> &mut Line {
         let name: &[u8] = match errno as i32 {
@@ -400,9 +409,12 @@ fn arm_child() {
     // files of its own, so that its close does not close its parent's.
     for fd in 0..policy::FD_TABLE_SIZE as i32 {
         if let Some(remote) = FDS.remote(fd as u64) {
-            let own = vmm_call(nr::DUP, [remote as u64, 0, 0, 0, 0, 0]);
-            if own < 0 || !FDS.insert(fd, own as i32) {
-                FDS.take(fd);
+            let own = checked_call(nr::DUP, [remote as u64, 0, 0, 0, 0, 0], Accept::FD);
+            match policy::gvm_fd(own) {
+                Some(own) if FDS.insert(fd, own) => {}
+                _ => {
+                    FDS.take(fd);
+                }
             }
         }
     }
@@ -625,51 +637,60 @@ fn touch(at: u64, len: u64, write: bool, budget: &mut u64) -> bool {
     true
 }
 
-/// Touches the buffers of an iovec array (`count` entries, at most MAX_IOV).
-fn touch_iov(at: u64, count: u64, write: bool, budget: &mut u64) -> bool {
+/// Touches the buffers of an iovec array (`count` entries, at most MAX_IOV). Returns their
+/// total length (saturating), or None if the array or a buffer is inaccessible.
+fn touch_iov(at: u64, count: u64, write: bool, budget: &mut u64) -> Option<u64> {
     let count = count.min(redirect_abi::MAX_IOV as u64);
     let mut i = 0;
+    let mut total = 0u64;
     while i < count {
         let mut raw = [0u8; 16 * 16];
         let want = ((count - i) as usize).min(16) * 16;
         let got = peek(at.wrapping_add(i * 16), &mut raw[..want]);
         if got < want {
-            return false;
+            return None;
         }
+        total = total.saturating_add(policy::iov_bytes(&raw[..want]));
         for e in raw[..want].chunks_exact(16) {
             let base = u64::from_ne_bytes(e[..8].try_into().unwrap_or_default());
             let len = u64::from_ne_bytes(e[8..].try_into().unwrap_or_default());
             if !touch(base, len, write, budget) {
-                return false;
+                return None;
             }
         }
         i += 16;
     }
-    true
+    Some(total)
 }
 
-/// Touches a `struct msghdr` and everything it points to.
-fn touch_msg(at: u64, write: bool, budget: &mut u64) -> bool {
+/// Touches a `struct msghdr` and everything it points to. Returns the total length of its
+/// iovecs (what a send or receive of it may count), or None if something is inaccessible.
+fn touch_msg(at: u64, write: bool, budget: &mut u64) -> Option<u64> {
     let mut h = [0u8; 56];
     if peek(at, &mut h) < h.len() || (write && !touch(at, 56, true, budget)) {
-        return false;
+        return None;
     }
     let word = |o: usize| u64::from_ne_bytes(h[o..o + 8].try_into().unwrap_or_default());
     let namelen = u64::from(u32::from_ne_bytes(h[8..12].try_into().unwrap_or_default()));
-    touch(word(0), namelen, write, budget)
-        && touch_iov(word(16), word(24), write, budget)
-        && touch(word(32), word(40), write, budget)
+    if !touch(word(0), namelen, write, budget) {
+        return None;
+    }
+    let total = touch_iov(word(16), word(24), write, budget)?;
+    touch(word(32), word(40), write, budget).then_some(total)
 }
 
-/// Faults in every buffer of a redirected call. False if one is inaccessible.
-fn touch_buffers(r: &Redirect) -> bool {
+/// Faults in every buffer of a redirected call. Returns whether all of them are accessible,
+/// and each one's length in bytes as the program gives it now, before the call (for an
+/// iovec array or a `msghdr`, its iovecs' total): what the call's result may count
+/// ([`Redirect::accept`]).
+fn touch_buffers(r: &Redirect) -> (bool, [Option<u64>; 3]) {
     let mut budget = r.touch_limit as u64;
     let mut ok = true;
-    for b in r.bufs.iter().flatten() {
+    let mut sizes = [None; 3];
+    for (b, size) in r.bufs.iter().zip(sizes.iter_mut()) {
+        let Some(b) = b else { continue };
         let ptr = r.args[b.arg];
         let len = match b.len {
-            Len::Const(n) => n as u64,
-            Len::Arg(i) => r.args[i],
             Len::ArgPtr(i) => {
                 let mut l = [0u8; 4];
                 if r.args[i] != 0 && peek(r.args[i], &mut l) < 4 {
@@ -677,14 +698,17 @@ fn touch_buffers(r: &Redirect) -> bool {
                 }
                 u64::from(u32::from_ne_bytes(l))
             }
+            other => other.of(&r.args).unwrap_or(0),
         };
-        ok &= match b.shape {
-            Shape::Flat => touch(ptr, len, b.write, &mut budget),
+        *size = match b.shape {
+            Shape::Flat => touch(ptr, len, b.write, &mut budget).then_some(len),
             Shape::Iov => touch_iov(ptr, len, b.write, &mut budget),
-            Shape::Msg => ptr == 0 || touch_msg(ptr, b.write, &mut budget),
+            Shape::Msg if ptr == 0 => Some(0),
+            Shape::Msg => touch_msg(ptr, b.write, &mut budget),
         };
+        ok &= size.is_some();
     }
-    ok
+    (ok, sizes)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -755,7 +779,32 @@ fn vmm_call(nr: u64, a: [u64; 6]) -> i64 {
     rax as i64
 }
 
+/// A redirected call whose result is checked against what it `accept`s: a result out of
+/// contract (a hostile GVM kernel's) becomes `-EIO`, with one line on stderr naming the
+/// call and the value, before anything uses it.
+fn checked_call(nr: u64, a: [u64; 6], accept: Accept) -> i64 {
+    let ret = vmm_call(nr, a);
+    accept.check(ret).unwrap_or_else(|bad| {
+        let mut line = Line::new();
+        line.push(b"exterior: the guest kernel returned ")
+            .signed(bad);
+        line.push(b" from ");
+        match policy::syscall_name(nr) {
+            Some(name) => line.push(name.as_bytes()),
+            None => line.num(nr),
+        };
+        line.push(b", outside its contract (-errno or ")
+            .signed(accept.lo)
+            .push(b"..=")
+            .signed(accept.hi)
+            .push(b"): EIO\n")
+            .write_stderr();
+        -i64::from(libc::EIO)
+    })
+}
+
 fn remote_close(remote: i32) {
+    // The result is not used: the placeholder is gone whatever the GVM says.
     vmm_call(nr::CLOSE, [remote as u64, 0, 0, 0, 0, 0]);
 }
 
@@ -789,45 +838,52 @@ fn reserve(remote: i32, cloexec: bool) -> i64 {
     p
 }
 
-/// Carries out a redirect; returns the program's result.
+/// Carries out a redirect; returns the program's result. The GVM's result is checked
+/// against the call's contract first ([`Redirect::accept`], with the buffer lengths measured
+/// before the call), so what follows sees only `-errno` or a value in contract.
 fn redirect(mut r: Redirect, nr: u64, orig: [u64; 6], path: &mut [u8; policy::PATH_MAX]) -> i64 {
-    if !touch_buffers(&r) && r.strict {
+    let (accessible, sizes) = touch_buffers(&r);
+    if !accessible && r.strict {
         return -i64::from(libc::EFAULT);
     }
     if let Some(i) = r.string_arg {
         policy::rewrite_for_gvm(path);
         r.args[i] = path.as_ptr() as u64;
     }
-    let ret = vmm_call(r.nr, r.args);
+    let ret = checked_call(r.nr, r.args, r.accept(&sizes));
     match r.then {
         Then::Result => ret,
-        Then::NewFd { cloexec } if ret >= 0 => reserve(ret as i32, cloexec),
-        Then::NewFd { .. } => ret,
+        Then::NewFd { cloexec } => match policy::gvm_fd(ret) {
+            Some(remote) => reserve(remote, cloexec),
+            None => ret,
+        },
         Then::Close { placeholder } => {
             FDS.take(placeholder);
             // SAFETY: closes the placeholder the program asked to close.
             unsafe { sys(nr::CLOSE, [placeholder as u64, 0, 0, 0, 0, 0]) };
             ret
         }
-        Then::Dup if ret >= 0 => {
+        Then::Dup => {
+            let Some(remote) = policy::gvm_fd(ret) else {
+                return ret;
+            };
             // SAFETY: the program's own dup/dup2/dup3/fcntl on its placeholder.
             let local = unsafe { sys(nr, orig) };
             if local < 0 {
-                remote_close(ret as i32);
+                remote_close(remote);
                 return local;
             }
             if let Some(old) = FDS.take(local as i32) {
                 remote_close(old);
             }
-            if !FDS.insert(local as i32, ret as i32) {
+            if !FDS.insert(local as i32, remote) {
                 // SAFETY: closes the fd the local dup just created.
                 unsafe { sys(nr::CLOSE, [local as u64, 0, 0, 0, 0, 0]) };
-                remote_close(ret as i32);
+                remote_close(remote);
                 return -i64::from(libc::EMFILE);
             }
             local
         }
-        Then::Dup => ret,
         Then::AlsoLocal => {
             if ret >= 0 {
                 // SAFETY: the program's own fcntl(F_SETFD) on its placeholder.

@@ -64,6 +64,8 @@ impl Executor {
             // GVM's rtnl and module locks. Refused before anything runs.
             return Err(Error::DeleteModuleOnSmp);
         }
+        let trusted = self.svm_control.get().ok_or(Error::NoTrustedControl)?;
+        engine.trusted = Some(trusted.checked(profile.kernel.symbols.entry_syscall_64)?);
         let _exclusive = self.hold_gvm();
         let result = self.segments(engine, profile, regs, sregs);
         engine.layout.also_exec = None;

@@ -18,17 +18,19 @@ use redirect::memory::Relocated;
 use redirect::paging::{AddressSpace, PagingMode, DEFAULT_MAX_PHYS_BITS};
 use redirect::profile::KernelImage;
 use redirect::shadow::ShadowBlock;
+use redirect::stores::{Store, StoreSites};
 use redirect::traps::{self, Args, Placed, Trap};
 use redirect::view::{
-    build_view, offsets, text_phys, View, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA,
-    START_KERNEL_MAP, WINDOW_KVA, WINDOW_SIZE,
+    build_view, offsets, text_phys, View, ViewLayout, KSTUB_KVA, START_KERNEL_MAP, WINDOW_KVA,
+    WINDOW_SIZE,
 };
 use redirect::GuestPhysMemory;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::cow::{CowError, CowRam};
 use super::error::{kvm, Error, RunError, Unavailable};
-use super::{regs, Parts};
+use super::regs::{self, TrustedControl};
+use super::Parts;
 use crate::boot::cpu::MSR_IA32_TSC;
 use crate::boot::{cpu, cpuid};
 use crate::vstate::memory::{create_guest_memory, GuestMemory, SharedMemory};
@@ -94,6 +96,9 @@ pub(super) struct Engine {
     pub shadow: Option<ShadowBlock>,
     /// Set when a call was left parked in the GVM kernel: calls are refused from then on.
     pub stopped: bool,
+    /// The control state every run uses: the trusted SVM kernel's, learnt at the first
+    /// call (see `regs`).
+    pub trusted: Option<TrustedControl>,
     /// A spare one-page slot, deleted and re-added before every run: deleting a memslot
     /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
     /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
@@ -267,6 +272,7 @@ impl Engine {
             },
             cow,
             shadow: None,
+            trusted: None,
             stopped: false,
             flush_slot,
             watchdog,
@@ -292,7 +298,10 @@ impl Engine {
     /// Reads the window at kernel-virtual `va` (for trap reports); false if outside it.
     pub fn read_window(&self, va: u64, buf: &mut [u8]) -> bool {
         va.checked_sub(WINDOW_KVA)
-            .filter(|off| off + buf.len() as u64 <= WINDOW_SIZE)
+            .filter(|off| {
+                off.checked_add(buf.len() as u64)
+                    .is_some_and(|end| end <= WINDOW_SIZE)
+            })
             .is_some_and(|off| self.window.mem.read_phys(off, buf).is_ok())
     }
 
@@ -392,17 +401,18 @@ impl Engine {
             cpu_tss_rw: syms.cpu_tss_rw,
             idt_table: syms.idt_table,
         };
+        let trusted = self.trusted.ok_or(Error::NoTrustedControl)?;
         let vcpu = &self.vcpu;
         let current = vcpu.get_sregs().map_err(kvm("get sregs"))?;
-        let s = regs::segment_registers(current, cpu.control, view.cr3, &tables, mode)?;
+        let s = regs::segment_registers(current, &trusted, view.cr3, &tables, mode)?;
         vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
-        let entries = regs::msrs(cpu.control, cpu.pcpu_base, mode);
+        let entries = regs::msrs(&trusted, cpu.control.tsc, cpu.pcpu_base, mode);
         let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList)?;
         match vcpu.set_msrs(&msrs).map_err(kvm("set MSRs"))? {
             n if n == entries.len() => {}
             n => return Err(Error::Msrs(n).into()),
         }
-        vcpu.set_xcrs(&regs::xcrs(cpu.control))
+        vcpu.set_xcrs(&regs::xcrs(&trusted))
             .map_err(kvm("set XCR0"))?;
         let r = match entry {
             Entry::Syscall(regs) => kvm_regs {
@@ -434,7 +444,10 @@ impl Engine {
             }
         };
         self.vcpu.set_regs(&r).map_err(kvm("set registers"))?;
-        self.run(counters)
+        self.run(
+            &StoreSites::new(&self.layout, &view, &profile.traps),
+            counters,
+        )
     }
 
     /// Resumes a parked call at `at` on a fresh view (the GVM ran meanwhile), with the
@@ -460,7 +473,10 @@ impl Engine {
         let msrs = Msrs::from_entries(&tsc).map_err(|_| Error::MsrList)?;
         vcpu.set_msrs(&msrs).map_err(kvm("set TSC"))?;
         vcpu.set_regs(at).map_err(kvm("set registers"))?;
-        self.run(counters)
+        self.run(
+            &StoreSites::new(&self.layout, &view, &profile.traps),
+            counters,
+        )
     }
 
     /// The registers where the last run stopped, its pending exit completed.
@@ -479,7 +495,7 @@ impl Engine {
 
     /// Runs the redirect vCPU until the call stores to the sentinel (it returned), hits a
     /// trap, fails, or overruns [`CALL_TIMEOUT`].
-    fn run(&mut self, counters: Counters<'_>) -> Result<i64, Stop> {
+    fn run(&mut self, sites: &StoreSites, counters: Counters<'_>) -> Result<i64, Stop> {
         // Not the BSP: KVM starts it waiting for INIT/SIPI; and a failed call may leave it
         // halted. Either way, it runs now.
         self.vcpu
@@ -487,8 +503,6 @@ impl Engine {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             })
             .map_err(kvm("set MP state"))?;
-        let sentinel = self.layout.sentinel_gpa;
-        let trap_page = self.layout.trap_gpa();
         let started = Instant::now();
         self.watchdog.arm(CALL_TIMEOUT);
         let bus = self.parts.gvm_bus.clone();
@@ -506,22 +520,22 @@ impl Engine {
             };
             counter.fetch_add(1, Ordering::Relaxed);
             let stop = match exit {
-                Ok(VcpuExit::MmioWrite(addr, data))
-                    if addr == sentinel || addr == trap_page + KERNEL_RETURN_SLOT =>
-                {
-                    break Ok(value(data))
-                }
-                Ok(VcpuExit::MmioWrite(addr, _)) if addr.wrapping_sub(trap_page) < 0x1000 => {
-                    match traps::trap_at(addr - trap_page) {
-                        // Without the trap's arguments its report would be made from
-                        // zeros: a failed read is a failure of its own.
-                        Some(trap) => match self.vcpu.get_regs() {
-                            Ok(r) => {
+                // The call returned or reached a trap — if the store came from its site
+                // with the view loaded (`redirect::stores`). Without the registers there
+                // is no telling, and a trap's report would be made from zeros.
+                Ok(VcpuExit::MmioWrite(addr, data)) if sites.covers(addr) => {
+                    let stored = value(data);
+                    match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
+                        (Ok(r), Ok(s)) => match sites.believe(addr, r.rip, s.cr3) {
+                            Ok(Store::Returned | Store::KernelReturned) => break Ok(stored),
+                            Ok(Store::Trapped(trap)) => {
                                 break Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx])))
                             }
-                            Err(source) => RunError::TrapArguments { trap, source },
+                            Err(forged) => RunError::ForgedStore(forged),
                         },
-                        None => RunError::UnusedTrapSlot(addr),
+                        (Err(source), _) | (_, Err(source)) => {
+                            RunError::StoreUnverifiable { gpa: addr, source }
+                        }
                     }
                 }
                 // The lent CPU's printk reaches the GVM's own serial port.

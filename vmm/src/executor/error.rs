@@ -8,13 +8,14 @@ use redirect::call_profile::CallProfileError;
 use redirect::lend::LendError;
 use redirect::profile::{KallsymsError, ProfileError};
 use redirect::shadow::ShadowError;
-use redirect::traps::{Trap, TrapError};
+use redirect::stores::ForgedStore;
+use redirect::traps::TrapError;
 use redirect::view::ViewError;
 use redirect::{MemError, WalkError};
 use thiserror::Error;
 
 use super::cow::CowError;
-use super::regs::PerCpuOverflow;
+use super::regs::{ControlError, PerCpuOverflow};
 use crate::vstate::memory::MemoryError;
 use crate::vstate::quiesce::QuiesceError;
 use crate::vstate::vm::VmError;
@@ -53,11 +54,11 @@ pub enum Unavailable {
 /// How a run of the redirect vCPU ended when the call neither returned nor trapped.
 #[derive(Debug, Error)]
 pub enum RunError {
-    #[error("the call stored to the trap page at {0:#x}, which no trap uses")]
-    UnusedTrapSlot(u64),
-    #[error("the call stopped at the {trap:?} trap, whose arguments could not be read: {source}")]
-    TrapArguments {
-        trap: Trap,
+    #[error(transparent)]
+    ForgedStore(#[from] ForgedStore),
+    #[error("the call stored to guest-physical {gpa:#x}, and the lent CPU's registers that say whether to believe it could not be read: {source}")]
+    StoreUnverifiable {
+        gpa: u64,
         #[source]
         source: kvm_ioctls::Error,
     },
@@ -107,6 +108,11 @@ impl std::fmt::Display for Rollback {
 /// Why a redirected call failed.
 #[derive(Debug, Error)]
 pub enum Error {
+    #[error(
+        "the call would sleep, and its return address {0:#x} is outside the trusted kernel \
+         text: not parked"
+    )]
+    ResumeOutsideText(u64),
     #[error(transparent)]
     Unavailable(#[from] Arc<Unavailable>),
     #[error(
@@ -131,11 +137,10 @@ pub enum Error {
     },
     #[error("SVM program: {0}")]
     SvmPaging(#[source] WalkError),
-    #[error(
-        "the GVM's LSTAR {found:#x} is not entry_SYSCALL_64 {expected:#x}: its syscall entry \
-         is hooked or it runs another kernel"
-    )]
-    HookedSyscallEntry { found: u64, expected: u64 },
+    #[error("the SVM's control state is not known yet (it is learnt at the first call)")]
+    NoTrustedControl,
+    #[error(transparent)]
+    Control(#[from] ControlError),
     #[error(transparent)]
     Lend(#[from] LendError),
     #[error("giving CPU {cpu} back: {source}")]

@@ -47,6 +47,7 @@ use crate::vstate::vcpu::PortHook;
 use crate::vstate::vm::Vm;
 use crate::vstate::watchdog::Watchdog;
 use engine::Engine;
+use regs::{ControlError, TrustedControl};
 
 const ERRNO_EBUSY: i64 = 16;
 const ERRNO_EIO: i64 = 5;
@@ -133,6 +134,8 @@ pub struct Executor {
     profile: OnceLock<Result<CallProfile, Arc<Unavailable>>>,
     /// Taken by whoever holds the GVM's vCPUs (a call, or `exterior-vmm quiesce`).
     gvm_hold: Mutex<()>,
+    /// The trusted SVM kernel's control state, read from its vCPU at the first call.
+    svm_control: OnceLock<TrustedControl>,
     pub stats: Stats,
 }
 
@@ -162,6 +165,7 @@ impl Executor {
             image: Mutex::new(image.ok()),
             profile: OnceLock::new(),
             gvm_hold: Mutex::new(()),
+            svm_control: OnceLock::new(),
             stats: Stats::default(),
         }))
     }
@@ -243,6 +247,42 @@ impl Executor {
     }
 }
 
+/// The SVM kernel's control state, as its vCPU (at a redirected call, in user mode) has it:
+/// the state every run of the redirect vCPU uses instead of the GVM's (`regs`).
+fn read_svm_control(vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<TrustedControl, ControlError> {
+    use crate::boot::cpu::{MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
+    let wanted = [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK].map(|index| kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    });
+    let mut msrs =
+        kvm_bindings::Msrs::from_entries(&wanted).map_err(|_| ControlError::Unreadable("MSRs"))?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(n) if n == wanted.len() => {}
+        _ => return Err(ControlError::Unreadable("MSRs")),
+    }
+    let value = |index: u32| {
+        msrs.as_slice()
+            .iter()
+            .find(|e| e.index == index)
+            .map(|e| e.data)
+            .ok_or(ControlError::Unreadable("MSRs"))
+    };
+    let xcrs = vcpu
+        .get_xcrs()
+        .map_err(|_| ControlError::Unreadable("XCR0"))?;
+    Ok(TrustedControl {
+        cr0: sregs.cr0,
+        cr4: sregs.cr4,
+        efer: sregs.efer,
+        apic_base: sregs.apic_base,
+        star: value(MSR_STAR)?,
+        lstar: value(MSR_LSTAR)?,
+        sfmask: value(MSR_SYSCALL_MASK)?,
+        xcr0: xcrs.xcrs[0].value,
+    })
+}
+
 /// The SVM's redirect port: every vCPU of the SVM hands its OUTs to the executor.
 pub struct RedirectPort(pub Arc<Executor>);
 
@@ -259,6 +299,14 @@ impl PortHook for RedirectPort {
         // Only user programs (the shim) ask; the SVM kernel has no business on this port.
         if sregs.cs.dpl != 3 {
             return;
+        }
+        if self.0.svm_control.get().is_none() {
+            match read_svm_control(vcpu, &sregs) {
+                Ok(control) => {
+                    let _ = self.0.svm_control.set(control);
+                }
+                Err(e) => log::error!("redirect: {e}"),
+            }
         }
         let outcome = self.0.call(&regs, &sregs);
         regs.rax = outcome.result as u64;

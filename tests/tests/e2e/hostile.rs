@@ -119,4 +119,22 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     switch(&mut gvm, "hide_self", "0");
     assert!(gvm.run("cat /proc/modules").contains("hostile"));
     assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 5. The GVM's syscall entry hooked through its LSTAR (a trampoline in the module):
+    // the view enters through the trusted entry with the SVM kernel's MSRs, so the exterior
+    // tools work as before (they used to be refused: "syscall entry is hooked").
+    switch(&mut gvm, "hook_lstar", "1");
+    assert_eq!(
+        gvm_uname(&mut gvm),
+        truth,
+        "the GVM broke under its hooked entry"
+    );
+    assert_eq!(exterior(&rt, "hk", &["uname", "-n"]).trim(), truth);
+    let outside = processes(&exterior(&rt, "hk", &["ps", "-eo", "pid,comm"]));
+    assert!(
+        outside.iter().any(|(p, _)| *p == 1) && outside.len() > 5,
+        "the exterior ps under a hooked LSTAR: {outside:?}"
+    );
+    switch(&mut gvm, "hook_lstar", "0");
+    assert_vmm_and_svm_answer(&rt, "hk");
 }

@@ -16,7 +16,7 @@
 //! writes RIP back before it exits to user space), so both are accepted, nothing else.
 
 use crate::traps::{self, Placed, Trap};
-use crate::view::{View, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA, TRAP_KVA};
+use crate::view::{View, ViewLayout, KERNEL_RETURN_SLOT, KSTUB_KVA};
 
 /// Length of `movabs %rax, moffs64`, the store every site makes.
 const STORE_LEN: u64 = 10;
@@ -168,11 +168,6 @@ fn trap_name(trap: Trap) -> &'static str {
         .map_or("a trap slot", |(_, name, _)| name)
 }
 
-/// The kernel-virtual address trap slot `index` is stored to (for tests and reports).
-pub fn trap_slot_kva(index: usize) -> u64 {
-    TRAP_KVA + 8 * index as u64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,7 +225,6 @@ mod tests {
             s.believe(layout.trap_gpa() + 48, TEXT + 0x9990, view.cr3 | 0x1000),
             Ok(Store::Trapped(Trap::Panic))
         );
-        assert_eq!(trap_slot_kva(6), TRAP_KVA + 48);
     }
 
     #[test]

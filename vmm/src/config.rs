@@ -261,7 +261,7 @@ pub fn read_initrd(path: &Path, mem_mib: u64) -> Result<Vec<u8>, ConfigError> {
 
 /// Where the digest of the SVM image at `image` is recorded: `<image>.sha256`, in
 /// `sha256sum` format, written by rootfs/build-svm.
-pub fn svm_digest_file(image: &Path) -> PathBuf {
+fn svm_digest_file(image: &Path) -> PathBuf {
     let mut name = image.as_os_str().to_owned();
     name.push(".sha256");
     PathBuf::from(name)

@@ -113,7 +113,6 @@ pub fn boot_fpu() -> kvm_fpu {
 
 /// x86 model-specific register numbers (Intel SDM vol. 4; AMD APM vol. 2).
 pub const MSR_IA32_TSC: u32 = 0x10;
-pub const MSR_IA32_APICBASE: u32 = 0x1b;
 pub const MSR_IA32_SYSENTER_CS: u32 = 0x174;
 pub const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
 pub const MSR_IA32_SYSENTER_EIP: u32 = 0x176;

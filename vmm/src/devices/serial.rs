@@ -61,11 +61,8 @@ impl PanicWatch {
             if b == b'\n' {
                 let line = String::from_utf8_lossy(&self.line).trim_end().to_string();
                 self.line.clear();
-                match line.find(PANIC_START) {
-                    Some(pos) if !line.contains(PANIC_END) => {
-                        self.panic_line = Some(line[pos..].to_string())
-                    }
-                    _ => {}
+                if let Some(pos) = line.find(PANIC_START).filter(|_| !line.contains(PANIC_END)) {
+                    self.panic_line = Some(line[pos..].to_string());
                 }
             } else if self.line.len() < MAX_LINE {
                 self.line.push(b);

@@ -43,7 +43,7 @@ use crate::devices::PioBus;
 use crate::sync::lock;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::quiesce::VcpuControl;
-use crate::vstate::vcpu::PortHook;
+use crate::vstate::vcpu::{read_msrs, read_xcr0, PortHook};
 use crate::vstate::vm::Vm;
 use crate::vstate::watchdog::Watchdog;
 use engine::Engine;
@@ -251,35 +251,17 @@ impl Executor {
 /// the state every run of the redirect vCPU uses instead of the GVM's (`regs`).
 fn read_svm_control(vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<TrustedControl, ControlError> {
     use crate::boot::cpu::{MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
-    let wanted = [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK].map(|index| kvm_bindings::kvm_msr_entry {
-        index,
-        ..Default::default()
-    });
-    let mut msrs =
-        kvm_bindings::Msrs::from_entries(&wanted).map_err(|_| ControlError::Unreadable("MSRs"))?;
-    match vcpu.get_msrs(&mut msrs) {
-        Ok(n) if n == wanted.len() => {}
-        _ => return Err(ControlError::Unreadable("MSRs")),
-    }
-    let value = |index: u32| {
-        msrs.as_slice()
-            .iter()
-            .find(|e| e.index == index)
-            .map(|e| e.data)
-            .ok_or(ControlError::Unreadable("MSRs"))
-    };
-    let xcrs = vcpu
-        .get_xcrs()
-        .map_err(|_| ControlError::Unreadable("XCR0"))?;
+    let [star, lstar, sfmask] = read_msrs(vcpu, [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK])
+        .ok_or(ControlError::Unreadable("MSRs"))?;
     Ok(TrustedControl {
         cr0: sregs.cr0,
         cr4: sregs.cr4,
         efer: sregs.efer,
         apic_base: sregs.apic_base,
-        star: value(MSR_STAR)?,
-        lstar: value(MSR_LSTAR)?,
-        sfmask: value(MSR_SYSCALL_MASK)?,
-        xcr0: xcrs.xcrs[0].value,
+        star,
+        lstar,
+        sfmask,
+        xcr0: read_xcr0(vcpu).ok_or(ControlError::Unreadable("XCR0"))?,
     })
 }
 

@@ -30,17 +30,13 @@ pub struct VcpuSnapshot {
 /// it (DESIGN.md 4.2a: CR0, CR4 and EFER must mirror a GVM vCPU's).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ControlState {
+    /// The paging controls: how to walk this CPU's page tables (at CR3). Nothing else of
+    /// a GVM CPU's control state is used (the redirect vCPU runs with the trusted SVM
+    /// kernel's, `executor::regs::TrustedControl`), so nothing else is read.
     pub cr0: u64,
     pub cr3: u64,
     pub cr4: u64,
     pub efer: u64,
-    /// XCR0: the XSAVE features the kernel saves and restores.
-    pub xcr0: u64,
-    pub apic_base: u64,
-    /// The system-call MSRs: the redirect vCPU enters the kernel exactly like this CPU.
-    pub star: u64,
-    pub lstar: u64,
-    pub sfmask: u64,
     /// The time-stamp counter when it parked: the redirect vCPU reads the GVM's clock
     /// (kvm-clock scales the TSC), so it must count from the same value.
     pub tsc: u64,

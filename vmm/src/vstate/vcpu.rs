@@ -15,11 +15,36 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 const KVM_MP_STATE_HALTED: u32 = 3;
-use crate::boot::cpu::{MSR_IA32_APICBASE, MSR_IA32_TSC, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
+use crate::boot::cpu::MSR_IA32_TSC;
 
 pub struct Vcpu {
     pub fd: VcpuFd,
     pub index: u8,
+}
+
+/// The values of the MSRs `indices` of `fd`, in that order; `None` unless KVM returned
+/// every one of them.
+pub fn read_msrs<const N: usize>(fd: &VcpuFd, indices: [u32; N]) -> Option<[u64; N]> {
+    let wanted = indices.map(|index| kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    });
+    let mut msrs = Msrs::from_entries(&wanted).ok()?;
+    if fd.get_msrs(&mut msrs).ok()? != N {
+        return None;
+    }
+    let mut values = [0u64; N];
+    for (value, index) in values.iter_mut().zip(indices) {
+        *value = msrs.as_slice().iter().find(|e| e.index == index)?.data;
+    }
+    Some(values)
+}
+
+/// XCR0 of `fd` (the XSAVE features its kernel enabled); `None` if KVM did not report it.
+pub fn read_xcr0(fd: &VcpuFd) -> Option<u64> {
+    let xcrs = fd.get_xcrs().ok()?;
+    let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+    xcrs.xcrs[..n].iter().find(|x| x.xcr == 0).map(|x| x.value)
 }
 
 /// Handles writes to one I/O port with the whole vCPU at hand (registers in and out), not
@@ -89,33 +114,8 @@ impl Vcpu {
         if let Some(s) = sregs {
             (control.cr0, control.cr3, control.cr4, control.efer) = (s.cr0, s.cr3, s.cr4, s.efer);
         }
-        if let Ok(xcrs) = self.fd.get_xcrs() {
-            let n = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
-            if let Some(x) = xcrs.xcrs[..n].iter().find(|x| x.xcr == 0) {
-                control.xcr0 = x.value;
-            }
-        }
-        let wanted = [
-            MSR_IA32_APICBASE,
-            MSR_STAR,
-            MSR_LSTAR,
-            MSR_SYSCALL_MASK,
-            MSR_IA32_TSC,
-        ]
-        .map(|index| kvm_bindings::kvm_msr_entry {
-            index,
-            ..Default::default()
-        });
-        if let Ok(mut msrs) = Msrs::from_entries(&wanted) {
-            if self.fd.get_msrs(&mut msrs) == Ok(wanted.len()) {
-                if let [apic, star, lstar, mask, tsc] = msrs.as_slice() {
-                    control.apic_base = apic.data;
-                    control.star = star.data;
-                    control.lstar = lstar.data;
-                    control.sfmask = mask.data;
-                    control.tsc = tsc.data;
-                }
-            }
+        if let Some([tsc]) = read_msrs(&self.fd, [MSR_IA32_TSC]) {
+            control.tsc = tsc;
         }
         VcpuSnapshot {
             index: self.index,

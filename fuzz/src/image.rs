@@ -5,13 +5,14 @@
 //! plus an optional second region past a hole) with optional baseline page tables, edited
 //! by a list of [`Op`]s: single table entries, whole tables of one (aliasing) entry,
 //! words, byte strings and filled pages. Addresses in ops are [`Addr`]s, which name pages
-//! of the image, 2 MiB frames, the redirect window, the SVM alias, kernel virtual
+//! of the image, 2 MiB frames, the redirect window, the bounce area, kernel virtual
 //! addresses of the image or raw values, so the fuzzer reaches well-formed tables, cycles
 //! and aliases quickly instead of guessing 52-bit addresses.
 
 use std::cell::{Cell, RefCell};
 
-use redirect::view::WINDOW_SIZE;
+use redirect::bounce::BOUNCE_SIZE;
+use redirect::view::{BOUNCE_OFFSET, WINDOW_SIZE};
 use redirect::{GuestPhysMemory, MemError, MemoryImage};
 
 use crate::codec::{Codec, Io};
@@ -33,15 +34,15 @@ const XD: u64 = 1 << 63;
 pub struct Places {
     /// Guest-physical start of the redirect window.
     pub window_gpa: u64,
-    /// Where SVM guest-physical 0 appears in the redirect VM.
-    pub svm_base: u64,
+    /// Guest-physical start of the bounce area (the call's buffers).
+    pub bounce_gpa: u64,
 }
 
 impl Default for Places {
     fn default() -> Self {
         Places {
             window_gpa: 1 << 30,
-            svm_base: 1 << 36,
+            bounce_gpa: (1 << 30) + BOUNCE_OFFSET,
         }
     }
 }
@@ -78,6 +79,14 @@ impl Addr {
     /// The 2 MiB frame `n`.
     pub fn frame_2m(n: u64) -> Addr {
         Addr { kind: 3, v: n }
+    }
+    /// The window page at byte `off` of it.
+    pub fn window(off: u64) -> Addr {
+        Addr { kind: 4, v: off }
+    }
+    /// Page `n` of the bounce area.
+    pub fn bounce(n: u64) -> Addr {
+        Addr { kind: 5, v: n }
     }
     /// Byte `off` of the image's first region at its kernel virtual address `K + off`.
     pub fn kva(off: u64) -> Addr {
@@ -194,7 +203,7 @@ pub struct Built {
     pub size: u64,
     /// The second region (base, size), if any.
     pub extra: Option<(u64, u64)>,
-    /// Where window and SVM alias addresses lead.
+    /// Where window and bounce-area addresses lead.
     pub places: Places,
 }
 
@@ -275,7 +284,7 @@ fn entry_flags(flags: u16) -> u64 {
 impl Built {
     /// What `a` names:
     /// 0 raw; 1 a byte of the first region; 2 a page of it; 3 a 2 MiB frame (first
-    /// 4 GiB); 4 a window page; 5 an SVM-alias page (first 256 MiB); 6 a byte of the
+    /// 4 GiB); 4 a window page; 5 a page of the bounce area; 6 a byte of the
     /// first region at its kernel virtual address; 7 a byte of the second region (raw
     /// without one).
     pub fn addr(&self, a: &Addr) -> u64 {
@@ -285,7 +294,7 @@ impl Built {
             2 => (a.v % (self.size >> 12)) << 12,
             3 => (a.v % 2048) << 21,
             4 => self.places.window_gpa + ((a.v % WINDOW_SIZE) & !0xfff),
-            5 => self.places.svm_base + ((a.v % 0x1_0000) << 12),
+            5 => self.places.bounce_gpa + ((a.v % (BOUNCE_SIZE >> 12)) << 12),
             6 => K + a.v % self.size,
             _ => match self.extra {
                 Some((base, len)) => base + a.v % len,
@@ -351,7 +360,7 @@ impl Built {
 }
 
 /// Several memories at disjoint guest-physical ranges, seen as one (as the redirect VM
-/// composes GVM RAM, the window and the SVM alias). An access is served by the first
+/// composes GVM RAM, the window and the bounce area). An access is served by the first
 /// memory that holds all of it.
 pub struct Composed<'a>(pub Vec<&'a dyn GuestPhysMemory>);
 

@@ -57,12 +57,39 @@ mod tests {
 
     #[test]
     fn view_builder_seeds_build_views() {
+        use crate::view_builder::Outcome;
+        use redirect::view::ViewError;
+
         let cases = crate::view_builder::seeds();
         for (name, case) in &cases {
-            let view = crate::view_builder::check(case);
-            assert!(view.is_some(), "seed {name} builds no view");
-            if *name == "guest" {
-                assert_eq!(view.unwrap().user_mappings, 1);
+            let out = crate::view_builder::check(case);
+            match *name {
+                // The pool runs out first: NoStubSlot is out of reach.
+                "buffers-in-every-user-slot" => assert!(
+                    matches!(out, Outcome::Built(Err(ViewError::PoolExhausted(_)))),
+                    "{name}: {out:?}"
+                ),
+                "one-page-past-the-bounce-area" => assert!(
+                    matches!(
+                        out,
+                        Outcome::Built(Err(ViewError::BounceOutOfRange { va, offset }))
+                            if va == 0x1000 + redirect::bounce::BOUNCE_SIZE
+                                && offset == redirect::bounce::BOUNCE_SIZE
+                    ),
+                    "{name}: {out:?}"
+                ),
+                _ => {
+                    let view = out
+                        .view()
+                        .unwrap_or_else(|| panic!("seed {name} builds no view: {out:?}"));
+                    let (mappings, stub_slot) = match *name {
+                        "no-buffers" => (0, 1),
+                        "shared-straddling-and-top-buffers" => (15, 6),
+                        _ => (2, 1),
+                    };
+                    assert_eq!(view.user_mappings, mappings, "{name}");
+                    assert_eq!(view.stub_va, stub_slot << 39, "{name}");
+                }
             }
         }
         seeds_are_current("view_builder", &cases);

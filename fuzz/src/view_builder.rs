@@ -1,27 +1,49 @@
-//! Target `view_builder`: `redirect::view::build_view` (with its `confine_execution`) on
-//! a hostile GVM image and CR3 and a fuzz-chosen SVM program image, then the page walker
-//! (`translate`, `for_each_mapping`, `read_cstr`, `read_virt`) over the same GVM image.
+//! Target `view_builder`: `redirect::bounce::BouncePlan::new` on a fuzz-chosen list of
+//! buffer ranges, then `redirect::view::build_view` (with its `confine_execution`) on a
+//! hostile GVM image and CR3 and that plan, then the page walker (`translate`,
+//! `for_each_mapping`, `read_cstr`, `read_virt`) over the same GVM image.
 //!
 //! Promises checked besides "no panic, no hang":
-//! - `build_view` never writes GVM or SVM memory;
+//! - the plan: one bounce page per distinct page the non-empty ranges touch, writable iff
+//!   a range that may be written touches it, at distinct offsets `0, 4096, ..` (as many as
+//!   pages); refused exactly when a non-empty range leaves the user half
+//!   (`NotUser`, the first such) or the pages pass `max_pages` (`TooLarge`), whichever
+//!   comes first in the list;
+//! - `build_view` never writes GVM memory, and fails only for a reason the input has: the
+//!   GVM's tables, its use of the window's slot, a bounce page past the bounce area
+//!   (`BounceOutOfRange` names it), the full table pool (`PoolExhausted` with the pool's
+//!   size) or buffers in every user slot 1..256 (`NoStubSlot`); never the window;
 //! - in a built view, every kernel-half PML4 slot but 511 and the window's is no-execute;
 //!   every executable mapping of slot 511 is a page of the trusted text mapped read-only
 //!   to its own physical page (`va - __START_KERNEL_map`), or meets `also_exec`; every
 //!   mapping over the text is such a page, and every text page translates to it;
 //! - the window's slot maps exactly the scratch stack, the trap page and the read-only
 //!   kernel stub (the VMM's tables and stubs have no alias: promise 4);
-//! - the user half maps only the stub, the sentinel and the program's user pages, each
-//!   at `svm_base` + what the SVM's own tables say, with the same size and permissions;
+//! - the user half maps exactly the stub (read-only, executable, in the first user PML4
+//!   slot 1..256 without buffer pages), the sentinel (writable, no-execute) and each page
+//!   of the plan at its own address to `bounce_gpa` + its offset, inside the bounce area,
+//!   4 KiB, user, no-execute, writable iff the plan says so; as many as
+//!   `View::user_mappings`;
+//! - every present entry of every table the view wrote into the window (its PML4 and
+//!   the `View::tables` pool pages) has accessed set, and dirty where it is writable: the
+//!   window is read-only to the redirect vCPU, whose page walker must never need to
+//!   write there;
 //! - the walker: `for_each_mapping` reports aligned, canonical, increasing, disjoint
 //!   mappings within its budget that `translate` agrees with; `translate` of one address
 //!   agrees with a one-address `for_each_mapping`; `read_cstr` agrees with `read_virt`.
+//!
+//! The views map no SVM memory any more (the bounce pages replaced the SVM alias), so the
+//! bug this target once found there — an SVM page rebased past 52 bits wrapping onto low
+//! memory — is gone with it, and so are its reproducers (`svm-user-page-wraps-*`).
 
+use std::collections::BTreeMap;
 use std::ops::ControlFlow;
 
+use redirect::bounce::{BounceError, BouncePlan, Range, BOUNCE_SIZE, USER_END};
 use redirect::memory::Relocated;
 use redirect::view::{
-    build_view, offsets, View, ViewLayout, KSTUB_KVA, START_KERNEL_MAP, TRAP_KVA, WINDOW_KVA,
-    WINDOW_SIZE, WINDOW_SLOT,
+    build_view, offsets, View, ViewError, ViewLayout, KSTUB_KVA, START_KERNEL_MAP, TRAP_KVA,
+    WINDOW_KVA, WINDOW_SIZE, WINDOW_SLOT,
 };
 use redirect::{
     for_each_mapping, is_canonical, read_cstr, read_virt, translate, Access, GuestPhysMemory,
@@ -33,8 +55,23 @@ use crate::image::{meets, Addr, Built, Composed, ImageSpec, Op, Places, Recorder
 
 const XD: u64 = 1 << 63;
 const P: u64 = 1;
-const USER_TOP: u64 = 0x0000_7fff_ffff_ffff;
+const RW: u64 = 1 << 1;
+const A: u64 = 1 << 5;
+const D: u64 = 1 << 6;
+const ADDR: u64 = ((1 << 52) - 1) & !0xfff;
+const PAGE: u64 = 0x1000;
+const USER_TOP: u64 = USER_END - 1;
 const SLOT_511_KVA: u64 = 0xffff_ff80_0000_0000;
+/// Pages in the bounce area.
+const BOUNCE_PAGES: u64 = BOUNCE_SIZE / PAGE;
+/// Pages of the window's table pool.
+const POOL_PAGES: u64 = (WINDOW_SIZE - offsets::TABLES) / PAGE;
+/// Most page visits the ranges of one case may cost `BouncePlan::new` (and the oracle):
+/// copies stop there, so a case stays fast however many long ranges it repeats.
+const MAX_RANGE_PAGES: u64 = 1 << 16;
+/// Bytes of the bounce area the walks can read (zeroes): only tables are read, and the
+/// view's tables are not there; a GVM table may point there.
+const BOUNCE_IMAGE: u64 = 16 * PAGE;
 
 /// One address to translate and read a string at.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -52,6 +89,57 @@ impl Codec for Probe {
     }
 }
 
+/// A buffer of the call: a range of the program's memory, maybe repeated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Buffer {
+    /// Where it starts (`at` reduced): 0 raw; 1 below 4 GiB; 2 in user PML4 slot
+    /// `at % 256`, `(at >> 8) % 1 GiB` into it; 3 `at % 1 MiB` below the end of the user
+    /// half (0: at the end); 4 the previous buffer's start (0x400000 for the first) plus
+    /// `at` as a signed offset, `% 64 KiB`.
+    pub kind: u8,
+    /// See `kind`.
+    pub at: u64,
+    /// Its length: `len % (64 KiB + 1)`, or `len % (BOUNCE_SIZE + 8 KiB)` when long.
+    pub len: u32,
+    /// Bit 0: the call may write it; bit 1: long; the rest: the stride of its copies,
+    /// `1 << (12 + (flags >> 2) % 36)` (4 KiB to 128 TiB).
+    pub flags: u8,
+    /// Copies after the first, each a stride further (while the sum fits in 64 bits and
+    /// the case's page budget lasts).
+    pub repeat: u8,
+}
+
+impl Codec for Buffer {
+    fn io(&mut self, io: &mut Io<'_>) {
+        io.u8(&mut self.kind);
+        io.u64(&mut self.at);
+        io.u32(&mut self.len);
+        io.u8(&mut self.flags);
+        io.u8(&mut self.repeat);
+    }
+}
+
+impl Buffer {
+    fn start(&self, prev: u64) -> u64 {
+        let v = self.at;
+        match self.kind % 5 {
+            0 => v,
+            1 => v % (1 << 32),
+            2 => ((v % 256) << 39) + (v >> 8) % (1 << 30),
+            3 => USER_END - v % (1 << 20),
+            _ => prev.wrapping_add_signed(v as i64 % 0x1_0000),
+        }
+    }
+
+    fn len(&self) -> u64 {
+        if self.flags & 2 != 0 {
+            u64::from(self.len) % (BOUNCE_SIZE + 2 * PAGE)
+        } else {
+            u64::from(self.len) % 0x1_0001
+        }
+    }
+}
+
 /// A `view_builder` input.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Case {
@@ -59,17 +147,16 @@ pub struct Case {
     pub gvm: ImageSpec,
     /// The GVM vCPU's CR3.
     pub gvm_cr3: Addr,
-    /// SVM memory (the calling program's tables).
-    pub svm: ImageSpec,
-    /// The program's CR3.
-    pub svm_cr3: Addr,
-    /// Bit 0: EFER.NXE off; the rest: MAXPHYADDR (0: 52, else `32 + n % 22`: 53 is bad).
-    pub svm_mode: u8,
+    /// The call's buffers, in order.
+    pub buffers: Vec<Buffer>,
+    /// The plan's most pages: `m % 4` 0 or 1: 64; 2: `(m >> 2) % 1024`; 3: the bounce
+    /// area's pages, `- 2 + (m >> 2) % 4` (one past it at most).
+    pub max_pages: u16,
     /// First page of the trusted text (guest-physical page number, below 2 GiB).
     pub text_page: u32,
     /// Pages of text: `1 + text_pages % 2048`.
     pub text_pages: u16,
-    /// GiB of GVM RAM past the image's end (`% 8`): moves the window and the SVM alias.
+    /// GiB of GVM RAM past the image's end (`% 8`): moves the window and the bounce area.
     pub gvm_end_gib: u8,
     /// 0: no `also_exec`; 1: a range in PML4 slot 511; 2: a raw range.
     pub also_kind: u8,
@@ -77,7 +164,8 @@ pub struct Case {
     pub also_start: u64,
     /// Its length in bytes.
     pub also_len: u32,
-    /// Paging mode of the walker checks on the GVM image: as `svm_mode` (31 or 53: bad).
+    /// Paging mode of the walker checks on the GVM image. Bit 0: EFER.NXE off; the rest:
+    /// MAXPHYADDR (0: 52, else `30 + n % 23`: 30, 31 and 53 are bad).
     pub walk_mode: u8,
     /// Addresses the walker checks look at.
     pub probes: Vec<Probe>,
@@ -87,9 +175,8 @@ impl Codec for Case {
     fn io(&mut self, io: &mut Io<'_>) {
         self.gvm.io(io);
         self.gvm_cr3.io(io);
-        self.svm.io(io);
-        self.svm_cr3.io(io);
-        io.u8(&mut self.svm_mode);
+        io.list(&mut self.buffers, 16);
+        io.u16(&mut self.max_pages);
         io.u32(&mut self.text_page);
         io.u16(&mut self.text_pages);
         io.u8(&mut self.gvm_end_gib);
@@ -101,6 +188,48 @@ impl Codec for Case {
     }
 }
 
+impl Case {
+    /// The call's ranges: each buffer and its copies, until the page budget is spent.
+    pub fn ranges(&self) -> Vec<Range> {
+        let mut out = Vec::new();
+        let mut prev = 0x40_0000;
+        let mut budget = MAX_RANGE_PAGES;
+        for b in &self.buffers {
+            let addr = b.start(prev);
+            prev = addr;
+            let len = b.len();
+            let cost = len / PAGE + 2;
+            let stride = 1u64 << (12 + (b.flags >> 2) % 36);
+            for i in 0..=u64::from(b.repeat) {
+                let Some(addr) = addr.checked_add(i * stride) else {
+                    break;
+                };
+                if budget < cost {
+                    return out;
+                }
+                budget -= cost;
+                out.push(Range {
+                    addr,
+                    len,
+                    write: b.flags & 1 != 0,
+                });
+            }
+        }
+        out
+    }
+
+    /// The plan's `max_pages`.
+    pub fn max_pages(&self) -> usize {
+        let m = u64::from(self.max_pages);
+        let pages = match m % 4 {
+            0 | 1 => 64,
+            2 => (m >> 2) % 1024,
+            _ => BOUNCE_PAGES - 2 + (m >> 2) % 4,
+        };
+        pages as usize
+    }
+}
+
 fn mode_of(bits: u8, base: u8) -> PagingMode {
     let phys = match bits >> 1 {
         0 => 52,
@@ -109,20 +238,43 @@ fn mode_of(bits: u8, base: u8) -> PagingMode {
     PagingMode::new(bits & 1 == 0, phys)
 }
 
-/// Runs one input; the view it built, if any.
-pub fn run(data: &[u8]) -> Option<View> {
+/// What a case came to.
+#[derive(Debug)]
+pub enum Outcome {
+    /// `ViewLayout::for_guest` found no room (nothing else was run).
+    NoLayout,
+    /// `BouncePlan::new` refused the buffers (no view was built).
+    NoPlan(BounceError),
+    /// What `build_view` returned.
+    Built(Result<View, ViewError>),
+}
+
+impl Outcome {
+    /// The view built, if any.
+    pub fn view(&self) -> Option<&View> {
+        match self {
+            Outcome::Built(Ok(view)) => Some(view),
+            _ => None,
+        }
+    }
+}
+
+/// Runs one input.
+pub fn run(data: &[u8]) -> Outcome {
     check(&Case::decode(data))
 }
 
-/// Runs one case and checks the promises; the view it built, if any.
-pub fn check(case: &Case) -> Option<View> {
+/// Runs one case and checks the promises.
+pub fn check(case: &Case) -> Outcome {
     let text_start = (u64::from(case.text_page) % 0x8_0000) << 12;
     let text = (
         text_start,
         text_start + ((1 + u64::from(case.text_pages) % 2048) << 12),
     );
     let gvm_end = case.gvm.end() + (u64::from(case.gvm_end_gib % 8) << 30);
-    let mut layout = ViewLayout::for_guest(gvm_end, text)?;
+    let Some(mut layout) = ViewLayout::for_guest(gvm_end, text) else {
+        return Outcome::NoLayout;
+    };
     layout.also_exec = match case.also_kind % 3 {
         0 => None,
         1 => {
@@ -136,50 +288,143 @@ pub fn check(case: &Case) -> Option<View> {
     };
     let places = Places {
         window_gpa: layout.window_gpa,
-        svm_base: layout.svm_base,
+        bounce_gpa: layout.bounce_gpa,
     };
     let gvm = case.gvm.build(places);
-    let svm = case.svm.build(places);
     let gvm_cr3 = gvm.addr(&case.gvm_cr3);
-    let svm_cr3 = svm.addr(&case.svm_cr3);
-    let svm_mode = mode_of(case.svm_mode, 31);
 
+    let ranges = case.ranges();
+    let max_pages = case.max_pages();
+    let plan = BouncePlan::new(&ranges, max_pages);
+    check_plan(&ranges, max_pages, &plan);
+    let outcome = match plan {
+        Err(e) => Outcome::NoPlan(e),
+        Ok(plan) => Outcome::Built(check_build(&layout, &gvm, gvm_cr3, &plan)),
+    };
+    check_walker(&gvm, gvm_cr3, &mode_of(case.walk_mode, 30), &case.probes);
+    outcome
+}
+
+/// What `BouncePlan::new` should make of `ranges`: the pages (VA → writable), or the
+/// error. Costs a page visit per page of each range, as the plan does (bounded by
+/// `MAX_RANGE_PAGES` in [`Case::ranges`]).
+fn expected_plan(ranges: &[Range], max_pages: usize) -> Result<BTreeMap<u64, bool>, BounceError> {
+    let mut pages = BTreeMap::new();
+    for r in ranges.iter().filter(|r| r.len > 0) {
+        let Some(end) = r.addr.checked_add(r.len).filter(|&e| e <= USER_END) else {
+            return Err(BounceError::NotUser {
+                addr: r.addr,
+                len: r.len,
+            });
+        };
+        let first = r.addr & !(PAGE - 1);
+        if (end - first).div_ceil(PAGE) > max_pages as u64 {
+            return Err(BounceError::TooLarge(max_pages));
+        }
+        for va in (first..end).step_by(PAGE as usize) {
+            *pages.entry(va).or_insert(false) |= r.write;
+        }
+        if pages.len() > max_pages {
+            return Err(BounceError::TooLarge(max_pages));
+        }
+    }
+    Ok(pages)
+}
+
+fn check_plan(ranges: &[Range], max_pages: usize, plan: &Result<BouncePlan, BounceError>) {
+    match (expected_plan(ranges, max_pages), plan) {
+        (Ok(want), Ok(plan)) => {
+            let got: BTreeMap<u64, bool> = plan.pages().map(|p| (p.va, p.writable)).collect();
+            assert_eq!(got.len(), plan.len(), "the plan lists a page twice");
+            if got != want {
+                let diff = want
+                    .iter()
+                    .find(|(va, w)| got.get(va) != Some(w))
+                    .or_else(|| got.iter().find(|(va, w)| want.get(va) != Some(w)));
+                panic!(
+                    "the plan's pages are not the ranges' ({} vs {}; first difference at \
+                     {diff:x?}, planned {:?}, wanted {:?})",
+                    got.len(),
+                    want.len(),
+                    diff.and_then(|(va, _)| got.get(va)),
+                    diff.and_then(|(va, _)| want.get(va)),
+                );
+            }
+            let mut offsets: Vec<u64> = plan.pages().map(|p| p.offset).collect();
+            offsets.sort_unstable();
+            assert!(
+                offsets.iter().zip(0u64..).all(|(&o, i)| o == i * PAGE),
+                "the plan's bounce offsets are not 0, 4096, .. one per page"
+            );
+            assert!(plan.len() <= max_pages && plan.is_empty() == want.is_empty());
+        }
+        (
+            Err(BounceError::NotUser { addr, len }),
+            Err(BounceError::NotUser { addr: a, len: l }),
+        ) if (addr, len) == (*a, *l) => {}
+        (Err(BounceError::TooLarge(m)), Err(BounceError::TooLarge(n))) if m == *n => {}
+        (want, got) => panic!("BouncePlan::new gave {got:?}, not {want:?}"),
+    }
+}
+
+/// `build_view` on `plan`: no GVM writes, errors only for a reason, and a view that keeps
+/// the promises.
+fn check_build(
+    layout: &ViewLayout,
+    gvm: &Built,
+    gvm_cr3: u64,
+    plan: &BouncePlan,
+) -> Result<View, ViewError> {
     let window_mem = MemoryImage::new(WINDOW_SIZE as usize);
     let window = Relocated {
         inner: &window_mem,
         base: layout.window_gpa,
     };
     let gvm_seen = Recorder::new(&gvm.mem);
-    let svm_seen = Recorder::new(&svm.mem);
-    let view = build_view(
-        &window, &layout, &gvm_seen, gvm_cr3, &svm_seen, &svm_mode, svm_cr3,
-    );
+    let view = build_view(&window, layout, &gvm_seen, gvm_cr3, plan);
     assert!(
         gvm_seen.writes.borrow().is_empty(),
         "build_view wrote GVM memory: {:x?}",
         gvm_seen.writes.borrow()
     );
-    assert!(
-        svm_seen.writes.borrow().is_empty(),
-        "build_view wrote SVM memory: {:x?}",
-        svm_seen.writes.borrow()
-    );
-    if let Ok(view) = &view {
-        let svm_alias = Relocated {
-            inner: &svm.mem,
-            base: layout.svm_base,
-        };
-        let composed = Composed(vec![&gvm.mem, &window, &svm_alias]);
-        check_view(
-            view,
-            &layout,
-            &window_mem,
-            &composed,
-            (&svm.mem, &svm_mode, svm_cr3),
-        );
+    // Which user PML4 slots hold buffer pages.
+    let mut slots = [false; 256];
+    for p in plan.pages() {
+        if let Some(s) = slots.get_mut((p.va >> 39) as usize) {
+            *s = true;
+        }
     }
-    check_walker(&gvm, gvm_cr3, &mode_of(case.walk_mode, 30), &case.probes);
-    view.ok()
+    match &view {
+        Ok(view) => {
+            let bounce_mem = MemoryImage::new(BOUNCE_IMAGE as usize);
+            let bounce = Relocated {
+                inner: &bounce_mem,
+                base: layout.bounce_gpa,
+            };
+            let composed = Composed(vec![&gvm.mem, &window, &bounce]);
+            check_view(view, layout, &window_mem, &composed, plan, &slots);
+        }
+        Err(ViewError::Window(e)) => panic!("build_view failed on its own window: {e}"),
+        Err(ViewError::GvmTables { .. }) => {}
+        Err(ViewError::SlotInUse) => {
+            let e = gvm.mem.read_u64((gvm_cr3 & ADDR) + WINDOW_SLOT as u64 * 8);
+            assert!(
+                e.as_ref().is_ok_and(|&e| e != 0),
+                "SlotInUse, but the GVM's PML4 entry is {e:x?}"
+            );
+        }
+        Err(ViewError::PoolExhausted(n)) => assert_eq!(*n, POOL_PAGES, "PoolExhausted({n})"),
+        Err(ViewError::BounceOutOfRange { va, offset }) => assert!(
+            plan.pages().any(|p| (p.va, p.offset) == (*va, *offset)
+                && (p.offset >= BOUNCE_SIZE || p.va >= USER_END)),
+            "BounceOutOfRange names {va:#x} at {offset:#x}, which fits (or is not planned)"
+        ),
+        Err(ViewError::NoStubSlot) => assert!(
+            slots[1..].iter().all(|&s| s),
+            "NoStubSlot, but a user slot 1..256 holds no buffer page"
+        ),
+    }
+    view
 }
 
 fn check_view(
@@ -187,7 +432,8 @@ fn check_view(
     layout: &ViewLayout,
     window: &MemoryImage,
     composed: &dyn GuestPhysMemory,
-    (svm, svm_mode, svm_cr3): (&dyn GuestPhysMemory, &PagingMode, u64),
+    plan: &BouncePlan,
+    slots: &[bool; 256],
 ) {
     let w = layout.window_gpa;
     assert_eq!(view.cr3, w + offsets::PML4);
@@ -199,6 +445,25 @@ fn check_view(
             assert!(e & XD != 0, "PML4 slot {slot} is executable: {e:#x}");
         }
     }
+
+    // Every table the view wrote: accessed on every present entry, dirty where writable.
+    assert!(view.tables <= POOL_PAGES, "{} pool pages", view.tables);
+    let pool = (0..view.tables).map(|i| offsets::TABLES + i * PAGE);
+    let mut raw = [0u8; PAGE as usize];
+    for table in std::iter::once(offsets::PML4).chain(pool) {
+        window
+            .read_phys(table, &mut raw)
+            .expect("the view's tables are in the window");
+        for (i, b) in raw.chunks_exact(8).enumerate() {
+            let e = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            assert!(
+                e & P == 0 || (e & A != 0 && (e & RW == 0 || e & D != 0)),
+                "entry {i} of the view's table at window offset {table:#x} lacks accessed or \
+                 dirty: {e:#x}"
+            );
+        }
+    }
+
     let mode = PagingMode::default();
     let walk = |range, limit, f: &mut dyn FnMut(&Mapping)| match for_each_mapping(
         composed,
@@ -283,42 +548,47 @@ fn check_view(
     want.push(page(KSTUB_KVA, w + offsets::KSTUB, false, false));
     assert_eq!(seen, want, "the window's slot maps something else");
 
-    // The user half: the stub, the sentinel and the program's pages, rebased.
-    let mut program = 0usize;
-    let complete = walk(0..=USER_TOP, 1024, &mut |m| {
-        assert!(
-            m.user,
-            "a user-half mapping of the view is supervisor: {m:x?}"
-        );
-        let page = |gpa, writable, nx| Mapping {
-            user: true,
-            ..page(m.gva, gpa, writable, nx)
-        };
-        if m.gva == view.stub_va {
-            assert_eq!(*m, page(w + offsets::STUB, false, false), "the stub");
-        } else if m.gva == view.sentinel_va {
-            assert_eq!(*m, page(layout.sentinel_gpa, true, true), "the sentinel");
-        } else {
-            program += 1;
-            if program > 64 {
-                return;
-            }
-            let t = translate(svm, svm_mode, svm_cr3, m.gva, Access::USER_READ)
-                .unwrap_or_else(|e| panic!("view maps {m:x?}, the SVM program does not: {e}"));
-            let rebased = layout.svm_base.checked_add(t.gpa);
-            // A page past 52 bits once wrapped onto low memory; build_view now refuses
-            // the view (ViewError::SvmPageOutOfRange, found by this target: reproducers in
-            // seeds/view_builder/svm-user-page-wraps-*).
-            assert_eq!(
-                (rebased, t.page_size, t.writable, t.nx),
-                (Some(m.gpa), m.page_size, m.writable, m.nx),
-                "the view's user mapping {m:x?} is not the program's {t:x?} rebased to {:#x}",
-                layout.svm_base
+    // The user half: the stub, the sentinel and the plan's pages, nothing else.
+    let stub_slot = (1..256).find(|&s| !slots[s]).map(|s| (s as u64) << 39);
+    assert_eq!(
+        Some(view.stub_va),
+        stub_slot,
+        "the stub is not in the first user slot without buffers"
+    );
+    let user = |gva, gpa, writable, nx| Mapping {
+        user: true,
+        ..page(gva, gpa, writable, nx)
+    };
+    let mut want: Vec<Mapping> = plan
+        .pages()
+        .map(|p| {
+            assert!(
+                p.offset < BOUNCE_SIZE && p.va < USER_END,
+                "the view maps buffer page {p:x?} outside the bounce area or the user half"
             );
-        }
-    });
-    assert!(complete, "the view's user half has too many tables");
-    assert_eq!(program, view.user_mappings, "user mappings in the view");
+            user(p.va, layout.bounce_gpa + p.offset, p.writable, true)
+        })
+        .collect();
+    assert_eq!(want.len(), view.user_mappings, "user mappings in the view");
+    want.push(user(view.stub_va, w + offsets::STUB, false, false));
+    want.push(user(view.sentinel_va, layout.sentinel_gpa, true, true));
+    want.sort_by_key(|m| m.gva);
+    let mut seen = Vec::new();
+    assert!(
+        walk(0..=USER_TOP, 1024, &mut |m| seen.push(*m)),
+        "the view's user half has too many tables"
+    );
+    if seen != want {
+        let i = seen.iter().zip(&want).take_while(|(s, w)| s == w).count();
+        panic!(
+            "the view's user half maps {} pages, not the stub, the sentinel and the {} \
+             buffer pages; first difference: {:x?}, wanted {:x?}",
+            seen.len(),
+            view.user_mappings,
+            seen.get(i),
+            want.get(i)
+        );
+    }
 }
 
 /// The walker over the GVM image: `for_each_mapping` and `translate` agree, and strings
@@ -455,21 +725,28 @@ fn check_walker(gvm: &Built, cr3: u64, mode: &PagingMode, probes: &[Probe]) {
     }
 }
 
-/// Small valid cases: the view unit tests' guest, a GVM that points the text at a copy
-/// (2 MiB entry and 1 GiB page), one with modules, a direct map and `also_exec`, and an
-/// aliasing program.
+/// Small valid cases: the view unit tests' guest and call (a read buffer and a written
+/// one), a GVM that points the text at a copy (2 MiB entry and 1 GiB page), one with
+/// modules, a direct map and `also_exec`, one whose kernel tables point into the bounce
+/// area and the window, a call without buffers, buffers that share and straddle pages,
+/// end the user half and fill slots 1..5; and two that stop at a limit: buffers in every
+/// user slot (the pool runs out before the stub has nowhere to go) and one page past the
+/// bounce area.
 pub fn seeds() -> Vec<(&'static str, Case)> {
+    let raw = |addr: u64, len: u32, write: bool| Buffer {
+        kind: 0,
+        at: addr,
+        len,
+        flags: u8::from(write),
+        repeat: 0,
+    };
     let base = Case {
         gvm: ImageSpec {
             pages: 16,
             ..ImageSpec::default()
         },
         gvm_cr3: Addr::page(1),
-        svm: ImageSpec {
-            pages: 16,
-            ..ImageSpec::default()
-        },
-        svm_cr3: Addr::page(1),
+        buffers: vec![raw(0x40_0010, 16, false), raw(0x7f00_0000_1ff8, 8, true)],
         text_page: 0,
         text_pages: 2,
         probes: vec![
@@ -488,6 +765,11 @@ pub fn seeds() -> Vec<(&'static str, Case)> {
         let mut c = base.clone();
         c.gvm.ops = ops;
         c
+    };
+    let with_buffers = |buffers: Vec<Buffer>, max_pages: u16| Case {
+        buffers,
+        max_pages,
+        ..base.clone()
     };
     let mut hostile_1g = with_gvm_ops(vec![Op::entry(
         Addr::page(3),
@@ -511,13 +793,77 @@ pub fn seeds() -> Vec<(&'static str, Case)> {
     modules.also_kind = 1;
     modules.also_start = (511 << 30) + 0x1000;
     modules.also_len = 0x1000;
-    let mut aliasing = base.clone();
-    // Two PD entries share one full PT: 1024 user pages.
-    aliasing.svm.ops = vec![
-        Op::entry(Addr::page(5), 3, Addr::page(6), 7),
-        Op::table(Addr::page(6), 1, Addr::frame_2m(1), 7),
-    ];
-    aliasing.svm_mode = 1;
+    // Kernel tables a hostile GVM aims at the redirect VM's own memory: PML4[300] at a
+    // bounce page, PML4[301] at the window's first page (the view's PML4), the image's
+    // PDPT[509] and a whole PD of 2 MiB entries at the bounce area.
+    let into_bounce = with_gvm_ops(vec![
+        Op::entry(Addr::page(1), 300, Addr::bounce(0), 3),
+        Op::entry(Addr::page(1), 301, Addr::window(0), 3),
+        Op::entry(Addr::page(3), 509, Addr::bounce(1), 3),
+        Op::entry(Addr::page(3), 508, Addr::page(10), 3),
+        Op::table(Addr::page(10), 2, Addr::bounce(0), 0x83),
+    ]);
+    let near = |delta: i64, len: u32, write: bool| Buffer {
+        kind: 4,
+        at: delta as u64,
+        len,
+        flags: u8::from(write),
+        repeat: 0,
+    };
+    let shared = with_buffers(
+        vec![
+            // Straddling 0x400000 and 0x401000, read; then written in 0x401000 and 0x403000
+            // (0x402000 read), and once more read in 0x401000.
+            Buffer {
+                kind: 1,
+                at: 0x40_0ff0,
+                len: 0x20,
+                ..Buffer::default()
+            },
+            near(0x110, 8, true),
+            near(0xef8, 0x1010, false),
+            near(0x1008, 1, true),
+            near(-0x1500, 0x10, false),
+            // An empty range is no page; the last 16 bytes of the user half, written.
+            near(0x8000, 0, true),
+            Buffer {
+                kind: 3,
+                at: 0x10,
+                len: 0x10,
+                flags: 1,
+                repeat: 0,
+            },
+            // Slots 1 to 5, 16 bytes across a page boundary in each: the stub goes to 6.
+            Buffer {
+                kind: 2,
+                at: 1 | (0x1ff8 << 8),
+                len: 16,
+                flags: (39 - 12) << 2,
+                repeat: 4,
+            },
+        ],
+        0,
+    );
+    let every_slot = with_buffers(
+        vec![Buffer {
+            kind: 2,
+            at: 1,
+            len: 1,
+            flags: (39 - 12) << 2,
+            repeat: 254,
+        }],
+        (300 << 2) | 2,
+    );
+    let past_the_bounce_area = with_buffers(
+        vec![Buffer {
+            kind: 1,
+            at: 0x1000,
+            len: (BOUNCE_SIZE + PAGE) as u32,
+            flags: 2,
+            repeat: 0,
+        }],
+        (3 << 2) | 3,
+    );
     vec![
         ("guest", base.clone()),
         (
@@ -526,6 +872,10 @@ pub fn seeds() -> Vec<(&'static str, Case)> {
         ),
         ("text-in-a-1g-page", hostile_1g),
         ("modules-and-also-exec", modules),
-        ("aliasing-program", aliasing),
+        ("gvm-tables-into-the-bounce-area", into_bounce),
+        ("no-buffers", with_buffers(Vec::new(), 0)),
+        ("shared-straddling-and-top-buffers", shared),
+        ("buffers-in-every-user-slot", every_slot),
+        ("one-page-past-the-bounce-area", past_the_bounce_area),
     ]
 }

@@ -16,6 +16,8 @@
 //!   reads, and a bounded enumeration of all mappings (used to build view page tables);
 //! - [`profile`]: symbols and struct layouts of the pinned kernel;
 //! - [`view`]: the private window's layout and the view page tables of a redirected call;
+//! - [`bounce`]: the bounce pages that carry a call's user buffers (no SVM memory is in
+//!   the redirect VM);
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
 //! - [`call_profile`]: what a call needs from the kernel profile, derived once;
@@ -30,6 +32,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod bounce;
 pub mod call_profile;
 pub mod lend;
 pub mod memory;

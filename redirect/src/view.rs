@@ -1,18 +1,19 @@
 //! The redirect view's private window and its page tables (DESIGN.md 4.1 and 4.2 step 3).
 //!
 //! The redirect vCPU runs in a guest-physical space composed of memslots: GVM RAM at its own
-//! addresses, the kernel text from the SVM, SVM RAM at a high offset `svm_base` and a private
-//! window owned by the VMM. This module lays out the window and builds, in it, the page tables
-//! the redirect vCPU runs on:
+//! addresses, the kernel text from the SVM, a private window owned by the VMM (read-only but
+//! for its scratch stack) and the call's bounce pages ([`crate::bounce`]) — no SVM memory.
+//! This module lays out the window and builds, in it, the page tables the redirect vCPU
+//! runs on:
 //! - kernel half (PML4 entries 256..511): the GVM's own kernel entries, copied from a GVM
 //!   vCPU's CR3, so the GVM kernel sees its usual address space;
 //! - PML4 entry [`WINDOW_SLOT`]: of the window at [`WINDOW_KVA`], only the scratch stack
 //!   (supervisor, no-execute) — these tables and the stubs have no virtual alias, so code
 //!   the call runs cannot rewrite them; then the trap page and the read-only kernel stub
 //!   page ([`KSTUB_KVA`]);
-//! - user half: the calling SVM program's present mappings, each rebased to
-//!   `svm_base + its SVM physical address`, so user pointers in the call reach the program's
-//!   own pages in SVM memory and nothing else of the SVM;
+//! - user half: the pages of the call's buffers, each at the program's own address, mapped to
+//!   its bounce page (read-only unless a range in it is written, never executable), so user
+//!   pointers in the call reach copies of the listed bytes and nothing else of the SVM;
 //! - execution is confined to the trusted kernel text ([`ViewLayout::exec_text`]): every
 //!   other kernel-half range (modules, heap, direct map, vmalloc) is no-execute in the view,
 //!   set at the highest table level that covers only untrusted memory (the PML4 for most
@@ -24,18 +25,15 @@
 //! - one free user PML4 slot: the stub page (`syscall`, then a store to the *sentinel* page,
 //!   whose guest-physical address no memslot backs, so the store exits to the VMM with RAX).
 //!
-//! Everything read from the GVM or the SVM is bounded: the user-half walk goes through
-//! [`for_each_mapping`] with a table budget, and tables come from a fixed pool in the window.
-
-use std::ops::ControlFlow;
+//! Everything read from the GVM is bounded (a fixed number of tables copied), and tables come
+//! from a fixed pool in the window: a view that needs more (buffers scattered over very many
+//! GiB) is refused with [`ViewError::PoolExhausted`].
 
 use thiserror::Error;
 
+use crate::bounce::{BouncePlan, BOUNCE_SIZE};
 use crate::memory::{GuestPhysMemory, MemError};
-use crate::paging::{
-    for_each_mapping, PageSize, PagingMode, WalkError, ADDR_FIELD, PTE_P, PTE_PS, PTE_RW, PTE_US,
-    PTE_XD,
-};
+use crate::paging::{PageSize, ADDR_FIELD, PTE_P, PTE_PS, PTE_RW, PTE_US, PTE_XD};
 
 /// PML4 slot of the window's kernel mapping: 0xffff_f800_0000_0000, inside the range x86-64
 /// Linux reserves for KASAN shadow memory, which the pinned (non-KASAN) kernel leaves empty.
@@ -78,16 +76,17 @@ const USER_TOP: u64 = 0x0000_7fff_ffff_ffff;
 /// Accessed and dirty: set up front, so the CPU never writes them back into the window.
 const PTE_A: u64 = 1 << 5;
 const PTE_D: u64 = 1 << 6;
-/// Most SVM page-table pages one view walk may read.
-const MAX_SVM_TABLES: usize = 4096;
+/// Where the bounce area starts, from the window's start: past the window, the sentinel
+/// and trap pages, and the engine's flush page (at the sentinel + 2 MiB).
+pub const BOUNCE_OFFSET: u64 = 8 << 20;
 
-/// Where the window, the SVM alias and the sentinel sit in the redirect VM.
+/// Where the window, the sentinel and the bounce area sit in the redirect VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ViewLayout {
     /// Guest-physical start of the window (2 MiB aligned).
     pub window_gpa: u64,
-    /// SVM guest-physical address `a` appears at `svm_base + a`.
-    pub svm_base: u64,
+    /// Guest-physical start of the bounce area ([`crate::bounce::BOUNCE_SIZE`] bytes).
+    pub bounce_gpa: u64,
     /// A guest-physical page no memslot backs: the stub's store there exits with RAX.
     pub sentinel_gpa: u64,
     /// The kernel-virtual range [start, end) the view leaves executable: the trusted
@@ -113,8 +112,8 @@ pub fn text_phys(link: u64, size: u64) -> Option<(u64, u64)> {
 impl ViewLayout {
     /// The redirect VM's layout for a GVM whose RAM ends at guest-physical `gvm_end` and
     /// whose kernel text is at guest-physical `text`: the window at the next 1 GiB
-    /// boundary, the sentinel and trap pages right after it, and the SVM's RAM at the next
-    /// 64 GiB boundary past those. `None` if that does not fit in the address space.
+    /// boundary, the sentinel and trap pages right after it, and the bounce area 8 MiB
+    /// past the window's start. `None` if that does not fit in the address space.
     pub fn for_guest(gvm_end: u64, text: (u64, u64)) -> Option<ViewLayout> {
         let align = |v: u64, a: u64| v.checked_add(a - 1).map(|v| v & !(a - 1));
         let window_gpa = align(gvm_end, 1 << 30)?;
@@ -127,7 +126,9 @@ impl ViewLayout {
                 START_KERNEL_MAP.checked_add(text.1)?,
             ),
             also_exec: None,
-            svm_base: align(sentinel_gpa.checked_add(0x1000)?, 1 << 36)?,
+            bounce_gpa: window_gpa
+                .checked_add(BOUNCE_OFFSET)
+                .filter(|b| b.checked_add(BOUNCE_SIZE).is_some_and(|e| e <= 1 << 52))?,
         })
     }
 
@@ -166,29 +167,19 @@ pub enum ViewError {
         "the GVM kernel uses PML4 slot {WINDOW_SLOT:#x}, which the view reserves for its window"
     )]
     SlotInUse,
-    /// Walking the SVM program's user half failed.
-    #[error("the SVM program's page tables: {0}")]
-    SvmTables(WalkError),
     /// The window's page-table pool ran out; holds the number of pages used.
-    #[error(
-        "the SVM program maps too much memory for the view ({0} page-table pages are not enough)"
-    )]
+    #[error("the view needs more than its {0} page-table pages")]
     PoolExhausted(u64),
-    /// A page of the SVM program's does not fit in the SVM alias: rebased by `svm_base` it
-    /// would pass the 52-bit physical address space and wrap onto low memory (the GVM's, or
-    /// the window's own tables).
-    #[error(
-        "the SVM program maps {gva:#x} to SVM-physical {gpa:#x}, which does not fit in the \
-         view's SVM alias"
-    )]
-    SvmPageOutOfRange {
-        /// The program's virtual address.
-        gva: u64,
-        /// Its SVM-physical address.
-        gpa: u64,
+    /// A bounce page lies outside the bounce area, or a buffer page outside user memory.
+    #[error("the call's buffer page {va:#x} (bounce offset {offset:#x}) does not fit the view")]
+    BounceOutOfRange {
+        /// The program's virtual address of the page.
+        va: u64,
+        /// Its offset in the bounce area.
+        offset: u64,
     },
-    /// User PML4 slots 1..256 are all taken, so the stub has nowhere to go.
-    #[error("the SVM program uses every user PML4 slot: no room for the stub")]
+    /// User PML4 slots 1..256 all hold buffers, so the stub has nowhere to go.
+    #[error("the call's buffers are in every user PML4 slot: no room for the stub")]
     NoStubSlot,
 }
 
@@ -201,7 +192,7 @@ pub struct View {
     pub stub_va: u64,
     /// User-virtual address the stub stores RAX to (maps `sentinel_gpa`).
     pub sentinel_va: u64,
-    /// User mappings taken from the SVM program.
+    /// Buffer pages mapped (one per bounce page).
     pub user_mappings: usize,
     /// Page-table pages used from the pool.
     pub tables: u64,
@@ -257,9 +248,11 @@ impl Pool<'_> {
             return Ok(entry & ADDR_FIELD);
         }
         // Absent (or a large page we overwrite: mappings never overlap, so this is not hit
-        // for well-formed input; a hostile SVM table only breaks its own view).
+        // for well-formed input: buffer pages are 4 KiB and distinct).
         let child = self.alloc()?;
-        let flags = PTE_P | PTE_RW | PTE_A | if user { PTE_US } else { 0 };
+        // Dirty is ignored here (the entry points to a table): preset like everything in
+        // the read-only window (see `write_table`).
+        let flags = PTE_P | PTE_RW | PTE_A | PTE_D | if user { PTE_US } else { 0 };
         self.window
             .write_u64(slot, child | flags)
             .map_err(ViewError::Window)?;
@@ -321,9 +314,13 @@ fn copy_table(
     Ok((pool.alloc()?, entries))
 }
 
+/// Writes a table into the pool with accessed and dirty set on every present entry (dirty
+/// is ignored in entries that point to a table): the window is read-only to the redirect
+/// vCPU, so its page walker must find nothing to write back.
 fn write_table(pool: &Pool<'_>, gpa: u64, entries: &[u64; 512]) -> Result<(), ViewError> {
     let mut raw = [0u8; 4096];
-    for (b, e) in raw.chunks_exact_mut(8).zip(entries) {
+    for (b, &e) in raw.chunks_exact_mut(8).zip(entries) {
+        let e = if e & PTE_P != 0 { e | PTE_A | PTE_D } else { e };
         b.copy_from_slice(&e.to_le_bytes());
     }
     pool.window.write_phys(gpa, &raw).map_err(ViewError::Window)
@@ -371,7 +368,7 @@ fn confine_execution(
     let flags = if top & PTE_P != 0 {
         top & !ADDR_FIELD
     } else {
-        PTE_P | PTE_RW | PTE_A
+        PTE_P | PTE_RW | PTE_A | PTE_D
     };
     pool.window
         .write_u64(pml4 + 511 * 8, pdpt_copy | flags)
@@ -463,16 +460,14 @@ fn own_text_gib(
 }
 
 /// Builds the view page tables in `window` (see the module docs). `gvm_cr3` is any GVM
-/// vCPU's CR3 (every process shares the kernel half); `svm_cr3` and `svm_mode` are the
-/// calling program's.
+/// vCPU's CR3 (every process shares the kernel half); `buffers` are the call's bounce
+/// pages, mapped at [`ViewLayout::bounce_gpa`].
 pub fn build_view(
     window: &dyn GuestPhysMemory,
     layout: &ViewLayout,
     gvm: &dyn GuestPhysMemory,
     gvm_cr3: u64,
-    svm: &dyn GuestPhysMemory,
-    svm_mode: &PagingMode,
-    svm_cr3: u64,
+    buffers: &BouncePlan,
 ) -> Result<View, ViewError> {
     let pml4 = layout.gpa(offsets::PML4);
     let mut top = [0u8; 4096];
@@ -486,13 +481,15 @@ pub fn build_view(
     if top[slot..slot + 8] != [0u8; 8] {
         return Err(ViewError::SlotInUse);
     }
-    // Slots 256..510 hold no kernel text: no-execute as a whole.
-    for entry in top[256 * 8..511 * 8].chunks_exact_mut(8) {
+    // Slots 256..510 hold no kernel text: no-execute as a whole. Accessed is preset on
+    // every kernel slot (see `write_table`).
+    for (i, entry) in (256..).zip(top[256 * 8..].chunks_exact_mut(8)) {
         let mut raw = [0u8; 8];
         raw.copy_from_slice(entry);
         let value = u64::from_le_bytes(raw);
         if value & PTE_P != 0 {
-            entry.copy_from_slice(&(value | PTE_XD).to_le_bytes());
+            let nx = if i < 511 { PTE_XD } else { 0 };
+            entry.copy_from_slice(&(value | PTE_A | PTE_D | nx).to_le_bytes());
         }
     }
     window.write_phys(pml4, &top).map_err(ViewError::Window)?;
@@ -536,49 +533,24 @@ pub fn build_view(
         .write_phys(layout.gpa(offsets::KSTUB), &kstub_code())
         .map_err(ViewError::Window)?;
 
-    // The program's user half, rebased into the SVM alias.
+    // The call's buffers, at the program's addresses, in their bounce pages.
     let mut user_mappings = 0usize;
-    let mut failure = None;
-    for_each_mapping(svm, svm_mode, svm_cr3, 0..=USER_TOP, MAX_SVM_TABLES, |m| {
-        if !m.user {
-            return ControlFlow::Continue(());
-        }
-        let flags = PTE_P
-            | PTE_US
-            | PTE_A
-            | PTE_D
-            | if m.writable { PTE_RW } else { 0 }
-            | if m.nx { PTE_XD } else { 0 };
-        // Checked: the SVM's tables are trusted, but a sum past 52 bits would be masked
-        // onto low memory by the entry format (found by the `view_builder` fuzz target).
-        let rebased = layout.svm_base.checked_add(m.gpa).filter(|a| {
-            a.checked_add(m.page_size.bytes())
-                .is_some_and(|end| end <= 1 << 52)
-        });
-        let Some(rebased) = rebased else {
-            failure = Some(ViewError::SvmPageOutOfRange {
-                gva: m.gva,
-                gpa: m.gpa,
-            });
-            return ControlFlow::Break(());
-        };
-        match pool.map(pml4, m.gva, rebased, m.page_size, flags) {
-            Ok(()) => {
-                user_mappings += 1;
-                ControlFlow::Continue(())
-            }
-            Err(e) => {
-                failure = Some(e);
-                ControlFlow::Break(())
-            }
-        }
-    })
-    .map_err(ViewError::SvmTables)?;
-    if let Some(e) = failure {
-        return Err(e);
+    for page in buffers.pages() {
+        let gpa = layout
+            .bounce_gpa
+            .checked_add(page.offset)
+            .filter(|_| page.offset < BOUNCE_SIZE && page.va < USER_TOP)
+            .ok_or(ViewError::BounceOutOfRange {
+                va: page.va,
+                offset: page.offset,
+            })?;
+        let rw = if page.writable { PTE_RW } else { 0 };
+        let flags = PTE_P | PTE_US | PTE_A | PTE_D | PTE_XD | rw;
+        pool.map(pml4, page.va, gpa, PageSize::Size4K, flags)?;
+        user_mappings += 1;
     }
 
-    // The stub, in the first user slot the program leaves empty.
+    // The stub, in the first user slot the buffers leave empty.
     let mut stub_slot = None;
     for i in 1..256u64 {
         if window.read_u64(pml4 + i * 8).map_err(ViewError::Window)? == 0 {
@@ -617,8 +589,11 @@ pub fn build_view(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ops::ControlFlow;
+
+    use crate::bounce::Range;
     use crate::memory::MemoryImage;
-    use crate::paging::{translate, Access};
+    use crate::paging::{translate, Access, PagingMode};
 
     const WINDOW_GPA: u64 = 0x4000_0000;
 
@@ -632,16 +607,20 @@ mod tests {
         assert_eq!(l.window_gpa, 0x8000_0000);
         assert_eq!(l.sentinel_gpa, 0x8000_0000 + WINDOW_SIZE);
         assert_eq!(l.trap_gpa(), l.sentinel_gpa + 0x1000);
-        assert_eq!(l.svm_base, 1 << 36);
+        assert_eq!(l.bounce_gpa, 0x8000_0000 + BOUNCE_OFFSET);
+        assert!(
+            l.bounce_gpa >= l.trap_gpa() + 0x1000 && BOUNCE_OFFSET >= WINDOW_SIZE + (3 << 20),
+            "the bounce area overlaps the window, the sentinel, the trap or the flush page"
+        );
         assert_eq!(l.exec_text, (0xffff_ffff_8100_0000, 0xffff_ffff_8180_1000));
         assert_eq!(ViewLayout::for_guest(u64::MAX - 0x1000, text), None);
     }
-    const SVM_BASE: u64 = 0x80_0000_0000;
+    const BOUNCE_GPA: u64 = WINDOW_GPA + BOUNCE_OFFSET;
 
     fn layout() -> ViewLayout {
         ViewLayout {
             window_gpa: WINDOW_GPA,
-            svm_base: SVM_BASE,
+            bounce_gpa: BOUNCE_GPA,
             sentinel_gpa: WINDOW_GPA + WINDOW_SIZE,
             exec_text: (0xffff_ffff_8000_0000, 0xffff_ffff_8000_3000),
             also_exec: None,
@@ -676,26 +655,47 @@ mod tests {
         mem
     }
 
+    fn no_buffers() -> BouncePlan {
+        BouncePlan::default()
+    }
+
+    /// A call that reads 16 bytes at 0x400010 and writes 8 at 0x7f00_0000_1ff8.
+    fn two_buffers() -> BouncePlan {
+        let r = |addr, len, write| Range { addr, len, write };
+        BouncePlan::new(&[r(0x40_0010, 16, false), r(0x7f00_0000_1ff8, 8, true)], 16).unwrap()
+    }
+
     #[test]
-    fn the_view_has_the_gvm_kernel_the_program_rebased_the_window_and_the_stub() {
+    fn the_view_has_the_gvm_kernel_the_buffers_the_window_and_the_stub() {
         let window =
             MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
         let gvm = guest();
-        let svm = guest();
         let mode = PagingMode::default();
-        let view = build_view(&window, &layout(), &gvm, 0x1000, &svm, &mode, 0x1000).unwrap();
+        let view = build_view(&window, &layout(), &gvm, 0x1000, &two_buffers()).unwrap();
         assert_eq!(view.cr3, WINDOW_GPA);
-        assert_eq!(view.user_mappings, 1);
+        assert_eq!(view.user_mappings, 2);
         let composed = composed(&window, &gvm);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         assert_eq!(
             walk(0xffff_ffff_8000_1234, Access::READ).unwrap().gpa,
             0x1234
         );
+        // The buffers, at the program's addresses, in their bounce pages: the read one
+        // read-only, neither executable.
         assert_eq!(
-            walk(0x40_0010, Access::USER_WRITE).unwrap().gpa,
-            SVM_BASE + 0x20_0010
+            walk(0x40_0010, Access::USER_READ).unwrap().gpa,
+            BOUNCE_GPA + 0x10
         );
+        assert!(walk(0x40_0010, Access::USER_WRITE).is_err());
+        assert_eq!(
+            walk(0x7f00_0000_1ffc, Access::USER_WRITE).unwrap().gpa,
+            BOUNCE_GPA + 0x1ffc
+        );
+        assert!(walk(0x7f00_0000_1ffc, Access::USER_EXECUTE).is_err());
+        // Nothing else of the program: the guest's own user mapping at 0x400000 is gone
+        // from the page next to the buffer.
+        assert!(walk(0x40_1000, Access::USER_READ).is_err());
+        assert!(walk(0x7f00_0000_3000, Access::USER_READ).is_err());
         assert_eq!(
             walk(TRAP_KVA, Access::WRITE).unwrap().gpa,
             WINDOW_GPA + WINDOW_SIZE + 0x1000
@@ -756,7 +756,25 @@ mod tests {
             writable >= 4,
             "the walk saw no writable mapping: {writable}"
         );
-        assert_eq!(view.stub_va, 1 << 39, "first free user slot");
+        assert_eq!(view.stub_va, 1 << 39, "first user slot without buffers");
+        let beside = build_view(
+            &window,
+            &layout(),
+            &gvm,
+            0x1000,
+            &BouncePlan::new(
+                &[Range {
+                    addr: (1 << 39) + 0x10,
+                    len: 1,
+                    write: false,
+                }],
+                1,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(beside.stub_va, 2 << 39, "the stub avoids the buffers' slot");
+        let view = build_view(&window, &layout(), &gvm, 0x1000, &two_buffers()).unwrap();
         assert_eq!(
             walk(view.stub_va, Access::USER_EXECUTE).unwrap().gpa,
             WINDOW_GPA + offsets::STUB
@@ -786,7 +804,7 @@ mod tests {
         let window =
             MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
         let mode = PagingMode::default();
-        let view = build_view(&window, &layout(), &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
+        let view = build_view(&window, &layout(), &gvm, 0x1000, &no_buffers()).unwrap();
         let composed = composed(&window, &gvm);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         assert_eq!(
@@ -825,8 +843,7 @@ mod tests {
             let window =
                 MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])])
                     .unwrap();
-            let view =
-                build_view(&window, &layout(), &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
+            let view = build_view(&window, &layout(), &gvm, 0x1000, &no_buffers()).unwrap();
             let composed = composed(&window, &gvm);
             let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
             // Every text page leads to its own physical page: the trusted text's slot.
@@ -862,7 +879,7 @@ mod tests {
             also_exec: Some((0xffff_ffff_c000_1000, 0xffff_ffff_c000_2000)),
             ..layout()
         };
-        let view = build_view(&window, &layout, &gvm, 0x1000, &guest(), &mode, 0x1000).unwrap();
+        let view = build_view(&window, &layout, &gvm, 0x1000, &no_buffers()).unwrap();
         let composed = composed(&window, &gvm);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         assert!(walk(0xffff_ffff_c000_0000, Access::EXECUTE).is_err());
@@ -885,16 +902,7 @@ mod tests {
         let gvm = guest();
         gvm.write_u64(0x1000 + (WINDOW_SLOT as u64) * 8, 0x7000 | 3)
             .unwrap();
-        let err = build_view(
-            &window,
-            &layout(),
-            &gvm,
-            0x1000,
-            &guest(),
-            &PagingMode::default(),
-            0x1000,
-        )
-        .unwrap_err();
+        let err = build_view(&window, &layout(), &gvm, 0x1000, &no_buffers()).unwrap_err();
         assert!(matches!(err, ViewError::SlotInUse), "{err}");
     }
 
@@ -902,58 +910,81 @@ mod tests {
     fn unreadable_tables_are_errors_not_panics() {
         let window =
             MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
-        let mode = PagingMode::default();
-        let err = build_view(
-            &window,
-            &layout(),
-            &guest(),
-            0x7fff_f000,
-            &guest(),
-            &mode,
-            0x1000,
-        )
-        .unwrap_err();
+        let err = build_view(&window, &layout(), &guest(), 0x7fff_f000, &no_buffers()).unwrap_err();
         assert!(matches!(err, ViewError::GvmTables { .. }), "{err}");
-        let err = build_view(
-            &window,
-            &layout(),
-            &guest(),
-            0x1000,
-            &guest(),
-            &mode,
-            0x7fff_f000,
-        )
-        .unwrap_err();
-        assert!(matches!(err, ViewError::SvmTables(_)), "{err}");
     }
 
     #[test]
-    fn a_program_mapping_more_than_the_pool_holds_is_an_error() {
-        // A hostile SVM table: PT 0x6000 full of present 4 KiB pages in 512 PDs that all
-        // alias — each PD entry needs its own PT page in the view.
-        let svm = guest();
-        for i in 0..512u64 {
-            svm.write_u64(0x5000 + i * 8, 0x6000 | 7).unwrap();
-            svm.write_u64(0x6000 + i * 8, 0x20_0000 | 7).unwrap();
-        }
-        for i in 0..512u64 {
-            svm.write_u64(0x2000 + i * 8, 0x5000 | 7).unwrap();
-        }
+    fn buffers_past_the_bounce_area_or_filling_the_pool_are_errors() {
         let window =
             MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
-        let err = build_view(
-            &window,
-            &layout(),
-            &guest(),
-            0x1000,
-            &svm,
-            &PagingMode::default(),
-            0x1000,
+        let pages = (BOUNCE_SIZE / 0x1000) as usize;
+        let past = BouncePlan::new(
+            &[Range {
+                addr: 0x1000,
+                len: BOUNCE_SIZE + 0x1000,
+                write: false,
+            }],
+            pages + 1,
         )
-        .unwrap_err();
+        .unwrap();
+        let err = build_view(&window, &layout(), &guest(), 0x1000, &past).unwrap_err();
         assert!(
-            matches!(err, ViewError::PoolExhausted(_) | ViewError::SvmTables(_)),
+            matches!(err, ViewError::BounceOutOfRange { va, .. } if va == 0x1000 + BOUNCE_SIZE),
             "{err}"
         );
+        // One page in each of 1024 PDs: a PT page for each, more than the pool holds.
+        let scattered: Vec<Range> = (0..1024u64)
+            .map(|i| Range {
+                addr: (1 << 21) * (i + 1),
+                len: 1,
+                write: true,
+            })
+            .collect();
+        let plan = BouncePlan::new(&scattered, 1024).unwrap();
+        let err = build_view(&window, &layout(), &guest(), 0x1000, &plan).unwrap_err();
+        assert!(matches!(err, ViewError::PoolExhausted(_)), "{err}");
+    }
+
+    #[test]
+    fn every_table_entry_the_view_writes_is_accessed_and_leaves_dirty() {
+        // The window is read-only to the redirect vCPU: a walk that found an entry without
+        // accessed (or a leaf without dirty) would write to it.
+        let gvm = guest();
+        gvm.write_u64(0x1000 + 273 * 8, 0x8000 | 3).unwrap();
+        gvm.write_u64(0x8000, 0x83).unwrap();
+        gvm.write_u64(0x3000 + 511 * 8, 0x7000 | 3).unwrap();
+        gvm.write_u64(0x7000, 0x9000 | 3).unwrap();
+        gvm.write_u64(0x9000, 0x1000 | 3).unwrap();
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let layout = ViewLayout {
+            also_exec: Some((0xffff_ffff_c000_0000, 0xffff_ffff_c000_1000)),
+            ..layout()
+        };
+        let view = build_view(&window, &layout, &gvm, 0x1000, &two_buffers()).unwrap();
+        let tables =
+            WINDOW_GPA + offsets::TABLES..WINDOW_GPA + offsets::TABLES + view.tables * 4096;
+        let mut checked = 0;
+        for table in std::iter::once(WINDOW_GPA).chain(tables.step_by(4096)) {
+            for i in 0..512u64 {
+                let e = window.read_u64(table + i * 8).unwrap();
+                if e & PTE_P == 0 {
+                    continue;
+                }
+                checked += 1;
+                assert_ne!(e & PTE_A, 0, "entry {i} of table {table:#x}: {e:#x}");
+                if e & PTE_RW != 0 {
+                    assert_ne!(e & PTE_D, 0, "entry {i} of table {table:#x}: {e:#x}");
+                }
+            }
+        }
+        assert!(checked > 20, "only {checked} entries");
+        // A GVM without PML4[511]: the view makes that entry itself (found by the
+        // `view_builder` fuzz target without dirty).
+        gvm.write_u64(0x1000 + 511 * 8, 0).unwrap();
+        build_view(&window, &layout, &gvm, 0x1000, &two_buffers()).unwrap();
+        let e = window.read_u64(WINDOW_GPA + 511 * 8).unwrap();
+        assert_eq!(e & (PTE_P | PTE_A | PTE_D), PTE_P | PTE_A | PTE_D, "{e:#x}");
     }
 }

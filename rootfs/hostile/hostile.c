@@ -33,6 +33,19 @@
  *                   domainname,osrelease,ostype,version} and anything else that takes
  *                   it sleep (D state) until 0 releases it. The holder is a kernel
  *                   thread of this module, [hostile_uts], asleep (S) while it holds.
+ *   alias_uts=B     B: a page-aligned guest-physical base (hex with 0x, or decimal).
+ *                   Maps B + the physical address of init_uts_ns (ioremap, a vmalloc
+ *                   alias in the kernel half of every page table) and points the
+ *                   uts_ns of init_task's nsproxy at it (hole 2). init_task has a
+ *                   private copy of init_nsproxy from load on (identical until a
+ *                   switch): every real GVM task keeps init_nsproxy, so the GVM itself
+ *                   never touches the alias, but the exterior view's shadow task, a
+ *                   copy of init_task made at an instance's first redirected call,
+ *                   takes the copy: its uname and sethostname go to physical B + that
+ *                   address. Refused (-EINVAL) for a B that is not page-aligned, that
+ *                   leads past the CPU's physical address width or onto the GVM's own
+ *                   RAM. The ok line shows the physical address and the alias. 0 points
+ *                   uts_ns at init_uts_ns again and unmaps the alias.
  *
  * patch_uname and remap_uname exclude each other (-EBUSY). While remap_uname=1,
  * nothing may rewrite text in the remapped region (the kernel's text_poke writes
@@ -46,8 +59,9 @@
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
  * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, hook_lstar,
- * hold_uts_sem, each back to 0 before the next is fine; module exit undoes all, remap
- * first.
+ * hold_uts_sem, alias_uts, each back to 0 before the next is fine; module exit undoes
+ * all, remap first, and gives init_task back init_nsproxy (the copy stays allocated: a
+ * shadow task may still point at it).
  */
 #define pr_fmt(fmt) "hostile: " fmt
 
@@ -71,6 +85,10 @@
 #include <linux/kthread.h>
 #include <linux/rwsem.h>
 #include <linux/completion.h>
+#include <linux/io.h>
+#include <linux/ioport.h>
+#include <linux/nsproxy.h>
+#include <linux/sched/task.h>
 #include <asm/nops.h>
 #include <asm/sync_core.h>
 #include <asm/tlbflush.h>
@@ -813,6 +831,125 @@ static int hold_uts_sem_switch(int on)
 	return 0;
 }
 
+/* ---- 7. alias_uts: the shadow task's uts_ns at a physical address we choose --- */
+
+/*
+ * Hole 2 of docs/SECURITY.md: a redirected call runs the trusted text on the GVM's own
+ * kernel page tables, so a mapping the GVM made decides which physical memory the call's
+ * data accesses reach. In the redirect VM, the guest-physical addresses past GVM RAM
+ * held the VMM's window (at the next 1 GiB boundary; its first page the view's PML4)
+ * and, from svm_base (the next 64 GiB boundary) up, all of SVM RAM, writable; in the
+ * GVM they are backed by nothing, and the GVM never touches the alias. The SVM runs the
+ * same kernel at the same physical address, so B = svm_base makes the alias the SVM's
+ * own init_uts_ns: an exterior uname reads the SVM's hostname, sethostname writes it.
+ *
+ * Only the shadow task may follow the alias. It is a copy of init_task (the idle task
+ * of CPU 0), so init_task gets a private nsproxy at load: a copy of init_nsproxy, the
+ * same namespaces. Every other task got init_nsproxy by fork from a task that had it
+ * (the other CPUs' idle tasks too: forked at boot under pid 1), and the idle task forks
+ * nothing after boot and never exits; so nobody takes or drops a reference to the copy.
+ * Its count is 1 (init_task's); the namespaces it points at are the static init ones,
+ * which need no reference of their own, and init_nsproxy keeps a count one too high,
+ * harmless for a static object. The copy is never freed: a shadow task made while it
+ * was installed keeps pointing at it, after module exit too.
+ */
+static struct nsproxy *fake_nsproxy;	/* init_task's copy; NULL if it could not be made */
+static struct nsproxy *saved_nsproxy;	/* init_task's nsproxy at load: init_nsproxy */
+static void __iomem *uts_alias;		/* the current alias (page-aligned), or NULL */
+static unsigned long alias_uts;		/* the knob: B, or 0 */
+
+static void __init alias_uts_init(void)
+{
+	struct nsproxy *fake;
+
+	saved_nsproxy = init_task.nsproxy;
+	fake = kmemdup(saved_nsproxy, sizeof(*fake), GFP_KERNEL);
+	if (!fake) {
+		pr_warn("no copy of init_nsproxy; alias_uts fails\n");
+		return;
+	}
+	atomic_set(&fake->count, 1);	/* init_task's reference, the only one */
+	/* Under task_lock, as switch_task_namespaces; release for the lockless readers
+	 * (current->nsproxy in an interrupt on CPU 0): they see the whole copy. */
+	task_lock(&init_task);
+	smp_store_release(&init_task.nsproxy, fake);
+	task_unlock(&init_task);
+	fake_nsproxy = fake;
+}
+
+/*
+ * The stores to uts_ns are single aligned words (WRITE_ONCE): no redirected call sees a
+ * torn pointer, and none runs meanwhile anyway (the GVM is paused during a call; a
+ * call parked in uname or sethostname reads the pointer only once it holds uts_sem,
+ * and copies under it without sleeping). The old alias is unmapped after the switch.
+ * ioremap WARNs on RAM and on addresses past the CPU's physical address width, which
+ * the tests' console checks would count as kernel trouble: those are refused first.
+ */
+static int alias_uts_switch(unsigned long base)
+{
+	const unsigned long uts_phys = __pa_symbol(&init_uts_ns);
+	const unsigned long off = offset_in_page(uts_phys);
+	const unsigned long size = PAGE_ALIGN(off + sizeof(struct uts_namespace));
+	const u64 limit = 1ULL << boot_cpu_data.x86_phys_bits;
+	void __iomem *old = uts_alias, *map;
+	u64 phys;
+
+	if (!fake_nsproxy)
+		return -ENOENT;
+	if (!base) {
+		WRITE_ONCE(fake_nsproxy->uts_ns, &init_uts_ns);
+		uts_alias = NULL;
+		snprintf(knob_note, sizeof(knob_note), " (uts_ns back at init_uts_ns %px)",
+			 &init_uts_ns);
+		goto unmap_old;
+	}
+	if (offset_in_page(base)) {
+		pr_err("alias_uts: %#lx is not page-aligned\n", base);
+		return -EINVAL;
+	}
+	if (check_add_overflow((u64)base, (u64)(uts_phys & PAGE_MASK), &phys) ||
+	    phys >= limit || size > limit - phys) {
+		pr_err("alias_uts: %#lx + %#lx is past the %u-bit physical address space\n",
+		       base, uts_phys & PAGE_MASK, boot_cpu_data.x86_phys_bits);
+		return -EINVAL;
+	}
+	if (region_intersects(phys, size, IORESOURCE_SYSTEM_RAM, IORES_DESC_NONE) !=
+	    REGION_DISJOINT) {
+		pr_err("alias_uts: %#llx is the GVM's own RAM; ioremap maps no RAM\n", phys);
+		return -EINVAL;
+	}
+	map = ioremap_cache(phys, size);
+	if (!map)
+		map = ioremap(phys, size);
+	if (!map) {
+		pr_err("alias_uts: ioremap of %#llx (%#lx bytes) refused\n", phys, size);
+		return -EINVAL;
+	}
+	WRITE_ONCE(fake_nsproxy->uts_ns, (struct uts_namespace __force *)(map + off));
+	uts_alias = map;
+	snprintf(knob_note, sizeof(knob_note),
+		 " (phys %#llx mapped at %px: init_task's uts_ns; init_uts_ns at phys %#lx)",
+		 phys + off, map + off, uts_phys);
+unmap_old:
+	if (old)
+		iounmap(old);
+	return 0;
+}
+
+/* Module exit: init_task back on init_nsproxy; the copy stays, on init_uts_ns. */
+static void alias_uts_exit(void)
+{
+	if (!fake_nsproxy)
+		return;
+	WRITE_ONCE(fake_nsproxy->uts_ns, &init_uts_ns);
+	if (uts_alias)
+		iounmap(uts_alias);
+	uts_alias = NULL;
+	task_lock(&init_task);
+	WRITE_ONCE(init_task.nsproxy, saved_nsproxy);
+	task_unlock(&init_task);
+}
+
 /* ---- the knobs ------------------------------------------------------------ */
 
 static int knob_set(const char *val, const struct kernel_param *kp,
@@ -860,6 +997,37 @@ MODULE_PARM_DESC(hook_lstar, "1 = MSR_LSTAR points at a trampoline in the module
 KNOB(hold_uts_sem, hold_uts_sem_switch);
 MODULE_PARM_DESC(hold_uts_sem, "1 = uts_sem held for writing: uname, sethostname and co. sleep until 0");
 
+/* alias_uts takes an address, an unsigned long: knob_set's steps for that type. */
+static int set_alias_uts(const char *val, const struct kernel_param *kp)
+{
+	unsigned long v;
+	int ret;
+
+	ret = kstrtoul(val, 0, &v);	/* base 0: 0x1000000000 as well as 68719476736 */
+	if (ret)
+		return ret;
+	mutex_lock(&knob_lock);
+	knob_note[0] = '\0';
+	if (!ready || exiting)
+		ret = -EBUSY;	/* not at insmod time: switch after load */
+	else
+		ret = alias_uts_switch(v);
+	if (!ret)
+		*(unsigned long *)kp->arg = v;
+	if (ret)
+		pr_info("%s failed: %d\n", kp->name, ret);
+	else
+		pr_info("%s = %#lx ok%s\n", kp->name, v, knob_note);
+	mutex_unlock(&knob_lock);
+	return ret;
+}
+
+static const struct kernel_param_ops alias_uts_ops = {
+	.set = set_alias_uts, .get = param_get_ulong,
+};
+module_param_cb(alias_uts, &alias_uts_ops, &alias_uts, 0644);
+MODULE_PARM_DESC(alias_uts, "B = the uts_ns of init_task's (the shadow task's) nsproxy at physical B + that of init_uts_ns (0 = off)");
+
 /* ---- load and unload ------------------------------------------------------ */
 
 static unsigned long __init resolve(const char *name)
@@ -898,6 +1066,7 @@ static int __init hostile_init(void)
 	p_stop_machine_cpuslocked = (stop_cpuslocked_fn)resolve("stop_machine_cpuslocked");
 	a_entry_syscall = resolve("entry_SYSCALL_64");
 	p_uts_sem = (struct rw_semaphore *)resolve("uts_sem");
+	alias_uts_init();
 
 	mutex_lock(&knob_lock);
 	ready = true;
@@ -916,6 +1085,7 @@ static void __exit hostile_exit(void)
 		kthread_stop(uts_holder);	/* up_write by the thread itself */
 		uts_holder = NULL;
 	}
+	alias_uts_exit();
 	/* Remap first: the hooks can only go (text pokes) once the text is back. */
 	remap_uname_off(true);
 	if (patch_uname && text_write(a_newuname, uname_saved, JMP_LEN))

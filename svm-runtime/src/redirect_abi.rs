@@ -9,13 +9,17 @@
 //! | --- | --- | --- |
 //! | RAX | system call number | result: a value or `-errno`, exactly as `syscall` returns |
 //! | RDI RSI RDX R10 R8 R9 | arguments 1–6 (fds already translated to the GVM's) | unchanged |
-//! | RCX | anything (declared clobbered) | a [`Status`] |
+//! | RCX | the address of the call's [`BufferList`] | a [`Status`] |
 //!
-//! Pointer arguments are the program's own virtual addresses; the VMM walks the program's
-//! page tables from the exit's CR3. The shim makes every page that the call reads present,
-//! and every page that it writes present and writable, before the `out` (at most
-//! [`MAX_TOUCH`] bytes per call), so the walk never meets a page the guest kernel still has
-//! to fault in.
+//! Pointer arguments are the program's own virtual addresses. The call reaches no memory
+//! of the program but the byte ranges its [`BufferList`] names: the VMM copies them into
+//! bounce pages of its own, maps those (and nothing else of the SVM) at the same addresses
+//! in the call's view, and after a call that ran copies back only the ranges marked
+//! [`BUFFER_WRITE`]. The shim lists every range the call's kernel code reads or writes
+//! (its buffers, iovec arrays and `msghdr`s, the path it rewrote) and makes their pages
+//! present, and writable where written, before the `out` (at most [`MAX_TOUCH`] bytes of
+//! buffers per call), so the VMM's walk of its page tables never meets a page the SVM
+//! kernel still has to fault in.
 //!
 //! Nothing else crosses: no shared memory, no second port. A status other than
 //! [`Status::Done`] means the call did not run in the GVM; RAX then holds the errno the
@@ -49,6 +53,132 @@ pub const MAX_MODULE_TOUCH: usize = 64 << 20;
 /// Most iovec entries the shim walks for one call (the kernel's `UIO_MAXIOV`; more is
 /// `EINVAL` anyway).
 pub const MAX_IOV: usize = 1024;
+
+/// Most byte ranges one call's [`BufferList`] holds (contiguous ranges of one direction
+/// are merged). A call with more fails in the shim with `EINVAL`, before the `out`.
+pub const MAX_BUFFERS: usize = 128;
+
+/// Set in a [`BufferList`] entry's length: the call may write the range (else it only
+/// reads it), so the VMM copies it back after the call.
+pub const BUFFER_WRITE: u64 = 1 << 63;
+
+/// The program memory one redirected call may reach, in the program's memory at RCX on
+/// the `out`: `count`, then `count` pairs of (address, length | [`BUFFER_WRITE`]).
+#[repr(C)]
+#[derive(Debug, Clone)]
+pub struct BufferList {
+    /// Entries in use.
+    pub count: u64,
+    /// (address, length | [`BUFFER_WRITE`]) for each range.
+    pub entries: [[u64; 2]; MAX_BUFFERS],
+}
+
+/// Size in bytes of a [`BufferList`] in memory.
+pub const BUFFER_LIST_SIZE: usize = core::mem::size_of::<BufferList>();
+
+/// One range of a [`BufferList`], decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BufferRange {
+    /// The program's virtual address of the first byte.
+    pub addr: u64,
+    /// Length in bytes (never 0).
+    pub len: u64,
+    /// Whether the call may write it.
+    pub write: bool,
+}
+
+/// Why the VMM refused a [`BufferList`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BufferListError {
+    /// `count` is more than [`MAX_BUFFERS`].
+    #[error("the call's buffer list says it has {0} ranges, more than {MAX_BUFFERS}")]
+    TooMany(u64),
+    /// Fewer bytes than `count` needs.
+    #[error("the call's buffer list is truncated")]
+    Truncated,
+}
+
+impl Default for BufferList {
+    fn default() -> Self {
+        BufferList {
+            count: 0,
+            entries: [[0; 2]; MAX_BUFFERS],
+        }
+    }
+}
+
+impl BufferList {
+    /// Adds `[addr, addr + len)`, merged into the last entry when it continues it in the
+    /// same direction. Empty ranges and null pointers add nothing. False if the list is
+    /// full or the range wraps.
+    pub fn push(&mut self, addr: u64, len: u64, write: bool) -> bool {
+        if addr == 0 || len == 0 {
+            return true;
+        }
+        if len & BUFFER_WRITE != 0 || addr.checked_add(len).is_none() {
+            return false;
+        }
+        let flag = if write { BUFFER_WRITE } else { 0 };
+        let n = self.count as usize;
+        if let Some([a, l]) = n.checked_sub(1).and_then(|i| self.entries.get_mut(i)) {
+            let (last_len, last_flag) = (*l & !BUFFER_WRITE, *l & BUFFER_WRITE);
+            if last_flag == flag && a.checked_add(last_len) == Some(addr) {
+                let merged = last_len + len;
+                if merged & BUFFER_WRITE == 0 {
+                    *l = merged | flag;
+                    return true;
+                }
+            }
+        }
+        match self.entries.get_mut(n) {
+            Some(e) => {
+                *e = [addr, len | flag];
+                self.count += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Decodes a list as the VMM reads it from program memory: `count` first, then that
+    /// many entries. Entries of length 0 are dropped.
+    pub fn decode(raw: &[u8]) -> Result<Vec<BufferRange>, BufferListError> {
+        let word = |i: usize| -> Option<u64> {
+            let b = raw.get(i * 8..i * 8 + 8)?;
+            Some(u64::from_le_bytes(b.try_into().ok()?))
+        };
+        let count = word(0).ok_or(BufferListError::Truncated)?;
+        if count > MAX_BUFFERS as u64 {
+            return Err(BufferListError::TooMany(count));
+        }
+        let mut out = Vec::with_capacity(count as usize);
+        for i in 0..count as usize {
+            let (Some(addr), Some(len)) = (word(1 + 2 * i), word(2 + 2 * i)) else {
+                return Err(BufferListError::Truncated);
+            };
+            let range = BufferRange {
+                addr,
+                len: len & !BUFFER_WRITE,
+                write: len & BUFFER_WRITE != 0,
+            };
+            if range.len > 0 {
+                out.push(range);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The bytes of the list's first `count` entries, as [`BufferList::decode`] reads them.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = (self.count as usize).min(MAX_BUFFERS);
+        let mut raw = self.count.to_le_bytes().to_vec();
+        for [a, l] in &self.entries[..n] {
+            raw.extend_from_slice(&a.to_le_bytes());
+            raw.extend_from_slice(&l.to_le_bytes());
+        }
+        raw
+    }
+}
 
 /// What the VMM writes to RCX after a redirect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -123,9 +253,56 @@ mod tests {
     }
 
     #[test]
+    fn contiguous_ranges_of_one_direction_merge_and_others_do_not() {
+        let mut l = BufferList::default();
+        assert!(l.push(0x1000, 0x10, false));
+        assert!(l.push(0x1010, 0x20, false));
+        assert!(l.push(0x1030, 0x8, true));
+        assert!(l.push(0, 0x100, true) && l.push(0x5000, 0, true));
+        assert!(l.push(0x2000, 4, true));
+        let ranges = BufferList::decode(&l.to_bytes()).unwrap();
+        let r = |addr, len, write| BufferRange { addr, len, write };
+        assert_eq!(
+            ranges,
+            [
+                r(0x1000, 0x30, false),
+                r(0x1030, 8, true),
+                r(0x2000, 4, true)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_list_or_a_wrapping_range_is_refused() {
+        let mut l = BufferList::default();
+        for i in 0..MAX_BUFFERS as u64 {
+            assert!(l.push(0x1000 + i * 0x100, 1, i % 2 == 0));
+        }
+        assert!(!l.push(0x10_0000, 1, false));
+        assert_eq!(l.count, MAX_BUFFERS as u64);
+        assert!(!BufferList::default().push(u64::MAX - 1, 4, false));
+        assert!(!BufferList::default().push(0x1000, BUFFER_WRITE, false));
+    }
+
+    #[test]
+    fn a_hostile_or_short_list_is_an_error() {
+        let mut raw = (MAX_BUFFERS as u64 + 1).to_le_bytes().to_vec();
+        assert_eq!(
+            BufferList::decode(&raw),
+            Err(BufferListError::TooMany(MAX_BUFFERS as u64 + 1))
+        );
+        raw = 2u64.to_le_bytes().to_vec();
+        raw.extend_from_slice(&[0u8; 24]);
+        assert_eq!(BufferList::decode(&raw), Err(BufferListError::Truncated));
+        assert_eq!(BufferList::decode(&[1, 2]), Err(BufferListError::Truncated));
+        assert_eq!(BufferList::decode(&0u64.to_le_bytes()), Ok(vec![]));
+    }
+
+    #[test]
     fn abi_constants() {
         assert_eq!(PORT, 0xE7);
         assert_eq!(SYS_IOPERM, libc::SYS_ioperm as u64);
         assert!(MAX_TOUCH.is_power_of_two() && MAX_MODULE_TOUCH > MAX_TOUCH);
+        assert_eq!(BUFFER_LIST_SIZE, 8 + 16 * MAX_BUFFERS);
     }
 }

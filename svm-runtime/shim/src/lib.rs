@@ -5,8 +5,10 @@
 //! holding all of the shim's `syscall` instructions) raises SIGSYS. The handler asks
 //! [`svm_runtime::policy`] what to do with the call:
 //!
-//! - **redirect** it to the GVM: fault in its user buffers, then `out %al, $0xE7` with the
-//!   call in the registers ([`svm_runtime::redirect_abi`]); the VMM runs it in the program's
+//! - **redirect** it to the GVM: fault in its user buffers and list them (the only program
+//!   memory the call will reach: the VMM copies those bytes through bounce pages), then
+//!   `out %al, $0xE7` with the call in the registers and the list's address in RCX
+//!   ([`svm_runtime::redirect_abi`]); the VMM runs it in the program's
 //!   shadow task in the GVM and writes the result to RAX and a status to RCX. A redirected
 //!   call that creates an fd gets a *placeholder* fd in the SVM (`/dev/null`, reserving the
 //!   number) mapped to the GVM's fd; calls on the placeholder are redirected with the fd
@@ -36,7 +38,7 @@
 //! - Only dynamically linked programs load a preload library: a static binary (busybox-static,
 //!   most Go programs), or a program whose environment lost `LD_PRELOAD`, runs locally.
 //! - The handler runs on the stack of the diverted call (no `SA_ONSTACK`) and needs about
-//!   5 KiB of it besides the kernel's signal frame; a runtime that makes system calls on tiny
+//!   7 KiB of it besides the kernel's signal frame; a runtime that makes system calls on tiny
 //!   stacks (Go's goroutines) is not supported.
 //! - Dispatch is per thread and not inherited by `fork`, `clone` or `execve`. Each exec'd
 //!   program re-arms through `LD_PRELOAD` (if its environment still carries it). A fork
@@ -70,7 +72,7 @@ use core::ffi::{c_int, c_void, CStr};
 use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use svm_runtime::policy::{self, nr, Accept, Decision, FdTable, Len, Redirect, Shape, Str, Then};
-use svm_runtime::redirect_abi::{self, Status};
+use svm_runtime::redirect_abi::{self, BufferList, Status};
 
 // The gate: every `syscall` instruction of the shim, and nothing else. Syscall user dispatch
 // lets calls from [exterior_gate_start, exterior_gate_end) through.
@@ -409,7 +411,12 @@ fn arm_child() {
     // files of its own, so that its close does not close its parent's.
     for fd in 0..policy::FD_TABLE_SIZE as i32 {
         if let Some(remote) = FDS.remote(fd as u64) {
-            let own = checked_call(nr::DUP, [remote as u64, 0, 0, 0, 0, 0], Accept::FD);
+            let own = checked_call(
+                nr::DUP,
+                [remote as u64, 0, 0, 0, 0, 0],
+                Accept::FD,
+                &BufferList::default(),
+            );
             match policy::gvm_fd(own) {
                 Some(own) if FDS.insert(fd, own) => {}
                 _ => {
@@ -584,13 +591,17 @@ fn copy_str(at: u64, buf: &mut [u8; policy::PATH_MAX]) -> Str<'_> {
 }
 
 /// Makes the pages of `[at, at + len)` present (and writable if `write`) in the program's
-/// page tables by reading one byte per page (and writing it back), at most `*budget` bytes.
-/// False if a page is not accessible that way.
-fn touch(at: u64, len: u64, write: bool, budget: &mut u64) -> bool {
+/// page tables by reading one byte per page (and writing it back), at most `*budget` bytes,
+/// and lists the range in `list`: what the call may reach. False if a page is not
+/// accessible that way, or the list is full.
+fn touch(at: u64, len: u64, write: bool, budget: &mut u64, list: &mut BufferList) -> bool {
     let len = len.min(*budget);
     *budget -= len;
     if at == 0 || len == 0 {
         return true;
+    }
+    if !list.push(at, len, write) {
+        return false;
     }
     const BATCH: usize = 64;
     let end = at.saturating_add(len);
@@ -637,10 +648,20 @@ fn touch(at: u64, len: u64, write: bool, budget: &mut u64) -> bool {
     true
 }
 
-/// Touches the buffers of an iovec array (`count` entries, at most MAX_IOV). Returns their
-/// total length (saturating), or None if the array or a buffer is inaccessible.
-fn touch_iov(at: u64, count: u64, write: bool, budget: &mut u64) -> Option<u64> {
+/// Touches the buffers of an iovec array (`count` entries, at most MAX_IOV) and lists the
+/// array (which the kernel reads) and them. Returns their total length (saturating), or
+/// None if the array or a buffer is inaccessible.
+fn touch_iov(
+    at: u64,
+    count: u64,
+    write: bool,
+    budget: &mut u64,
+    list: &mut BufferList,
+) -> Option<u64> {
     let count = count.min(redirect_abi::MAX_IOV as u64);
+    if !list.push(at, count * 16, false) {
+        return None;
+    }
     let mut i = 0;
     let mut total = 0u64;
     while i < count {
@@ -654,7 +675,7 @@ fn touch_iov(at: u64, count: u64, write: bool, budget: &mut u64) -> Option<u64> 
         for e in raw[..want].chunks_exact(16) {
             let base = u64::from_ne_bytes(e[..8].try_into().unwrap_or_default());
             let len = u64::from_ne_bytes(e[8..].try_into().unwrap_or_default());
-            if !touch(base, len, write, budget) {
+            if !touch(base, len, write, budget, list) {
                 return None;
             }
         }
@@ -663,27 +684,36 @@ fn touch_iov(at: u64, count: u64, write: bool, budget: &mut u64) -> Option<u64> 
     Some(total)
 }
 
-/// Touches a `struct msghdr` and everything it points to. Returns the total length of its
-/// iovecs (what a send or receive of it may count), or None if something is inaccessible.
-fn touch_msg(at: u64, write: bool, budget: &mut u64) -> Option<u64> {
+/// Touches a `struct msghdr` and everything it points to, and lists them (the header is
+/// written back by a receive). Returns the total length of its iovecs (what a send or
+/// receive of it may count), or None if something is inaccessible.
+fn touch_msg(at: u64, write: bool, budget: &mut u64, list: &mut BufferList) -> Option<u64> {
     let mut h = [0u8; 56];
-    if peek(at, &mut h) < h.len() || (write && !touch(at, 56, true, budget)) {
+    if peek(at, &mut h) < h.len() {
+        return None;
+    }
+    let listed = if write {
+        touch(at, 56, true, budget, list)
+    } else {
+        list.push(at, 56, false)
+    };
+    if !listed {
         return None;
     }
     let word = |o: usize| u64::from_ne_bytes(h[o..o + 8].try_into().unwrap_or_default());
     let namelen = u64::from(u32::from_ne_bytes(h[8..12].try_into().unwrap_or_default()));
-    if !touch(word(0), namelen, write, budget) {
+    if !touch(word(0), namelen, write, budget, list) {
         return None;
     }
-    let total = touch_iov(word(16), word(24), write, budget)?;
-    touch(word(32), word(40), write, budget).then_some(total)
+    let total = touch_iov(word(16), word(24), write, budget, list)?;
+    touch(word(32), word(40), write, budget, list).then_some(total)
 }
 
-/// Faults in every buffer of a redirected call. Returns whether all of them are accessible,
-/// and each one's length in bytes as the program gives it now, before the call (for an
-/// iovec array or a `msghdr`, its iovecs' total): what the call's result may count
-/// ([`Redirect::accept`]).
-fn touch_buffers(r: &Redirect) -> (bool, [Option<u64>; 3]) {
+/// Faults in every buffer of a redirected call and lists it in `list`. Returns whether all
+/// of them are accessible (and listed), and each one's length in bytes as the program
+/// gives it now, before the call (for an iovec array or a `msghdr`, its iovecs' total):
+/// what the call's result may count ([`Redirect::accept`]).
+fn touch_buffers(r: &Redirect, list: &mut BufferList) -> (bool, [Option<u64>; 3]) {
     let mut budget = r.touch_limit as u64;
     let mut ok = true;
     let mut sizes = [None; 3];
@@ -701,10 +731,10 @@ fn touch_buffers(r: &Redirect) -> (bool, [Option<u64>; 3]) {
             other => other.of(&r.args).unwrap_or(0),
         };
         *size = match b.shape {
-            Shape::Flat => touch(ptr, len, b.write, &mut budget).then_some(len),
-            Shape::Iov => touch_iov(ptr, len, b.write, &mut budget),
+            Shape::Flat => touch(ptr, len, b.write, &mut budget, list).then_some(len),
+            Shape::Iov => touch_iov(ptr, len, b.write, &mut budget, list),
             Shape::Msg if ptr == 0 => Some(0),
-            Shape::Msg => touch_msg(ptr, b.write, &mut budget),
+            Shape::Msg => touch_msg(ptr, b.write, &mut budget, list),
         };
         ok &= size.is_some();
     }
@@ -714,8 +744,9 @@ fn touch_buffers(r: &Redirect) -> (bool, [Option<u64>; 3]) {
 // ---------------------------------------------------------------------------------------
 // Redirecting.
 
-/// One redirected call: through the VMM, or locally in loopback mode.
-fn vmm_call(nr: u64, a: [u64; 6]) -> i64 {
+/// One redirected call: through the VMM, or locally in loopback mode. `list` names the
+/// program memory the call may reach; nothing else of the program is in its view.
+fn vmm_call(nr: u64, a: [u64; 6], list: &BufferList) -> i64 {
     if LOOPBACK.load(Relaxed) {
         // SAFETY: the program's own call with its own (or our translated) arguments, whose
         // buffers it vouched for by making the call.
@@ -744,9 +775,9 @@ fn vmm_call(nr: u64, a: [u64; 6]) -> i64 {
     }
     let (rax, rcx): (u64, u64);
     // SAFETY: ioperm granted this port in the constructor. The VMM runs the call in the GVM
-    // and may write the call's output buffers (program memory, hence no `nomem`); it writes
-    // RAX and RCX only. The argument registers are declared clobbered in case it does not
-    // keep them.
+    // and may write the ranges `list` marks written (program memory, hence no `nomem`); it
+    // writes RAX and RCX only. The argument registers are declared clobbered in case it
+    // does not keep them. `list` lives until the `out` returns.
     unsafe {
         asm!(
             "out {port}, al",
@@ -758,7 +789,7 @@ fn vmm_call(nr: u64, a: [u64; 6]) -> i64 {
             inout("r10") a[3] => _,
             inout("r8") a[4] => _,
             inout("r9") a[5] => _,
-            lateout("rcx") rcx,
+            inout("rcx") list as *const BufferList as u64 => rcx,
             options(nostack, preserves_flags),
         );
     }
@@ -782,8 +813,8 @@ fn vmm_call(nr: u64, a: [u64; 6]) -> i64 {
 /// A redirected call whose result is checked against what it `accept`s: a result out of
 /// contract (a hostile GVM kernel's) becomes `-EIO`, with one line on stderr naming the
 /// call and the value, before anything uses it.
-fn checked_call(nr: u64, a: [u64; 6], accept: Accept) -> i64 {
-    let ret = vmm_call(nr, a);
+fn checked_call(nr: u64, a: [u64; 6], accept: Accept, list: &BufferList) -> i64 {
+    let ret = vmm_call(nr, a, list);
     accept.check(ret).unwrap_or_else(|bad| {
         let mut line = Line::new();
         line.push(b"exterior: the guest kernel returned ")
@@ -805,7 +836,11 @@ fn checked_call(nr: u64, a: [u64; 6], accept: Accept) -> i64 {
 
 fn remote_close(remote: i32) {
     // The result is not used: the placeholder is gone whatever the GVM says.
-    vmm_call(nr::CLOSE, [remote as u64, 0, 0, 0, 0, 0]);
+    vmm_call(
+        nr::CLOSE,
+        [remote as u64, 0, 0, 0, 0, 0],
+        &BufferList::default(),
+    );
 }
 
 /// Reserves a placeholder for a new GVM fd and returns it (or -errno, the GVM fd closed).
@@ -842,15 +877,27 @@ fn reserve(remote: i32, cloexec: bool) -> i64 {
 /// against the call's contract first ([`Redirect::accept`], with the buffer lengths measured
 /// before the call), so what follows sees only `-errno` or a value in contract.
 fn redirect(mut r: Redirect, nr: u64, orig: [u64; 6], path: &mut [u8; policy::PATH_MAX]) -> i64 {
-    let (accessible, sizes) = touch_buffers(&r);
+    let mut list = BufferList::default();
+    let (accessible, sizes) = touch_buffers(&r, &mut list);
     if !accessible && r.strict {
-        return -i64::from(libc::EFAULT);
+        return -i64::from(if list.count as usize == redirect_abi::MAX_BUFFERS {
+            libc::EINVAL
+        } else {
+            libc::EFAULT
+        });
     }
     if let Some(i) = r.string_arg {
         policy::rewrite_for_gvm(path);
         r.args[i] = path.as_ptr() as u64;
+        let len = path
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(path.len(), |n| n + 1);
+        if !list.push(r.args[i], len as u64, false) {
+            return -i64::from(libc::EINVAL);
+        }
     }
-    let ret = checked_call(r.nr, r.args, r.accept(&sizes));
+    let ret = checked_call(r.nr, r.args, r.accept(&sizes), &list);
     match r.then {
         Then::Result => ret,
         Then::NewFd { cloexec } => match policy::gvm_fd(ret) {

@@ -36,6 +36,33 @@ fn assert_vmm_and_svm_answer(rt: &Path, name: &str) {
     assert_eq!((code, out.trim()), (0, "svm-ok"), "the SVM: {err}");
 }
 
+/// `exec` of a stock command expected to fail, run as [`exterior`] runs it: (exit code,
+/// stdout, stderr), whatever they are.
+fn exterior_outcome(rt: &Path, name: &str, argv: &[&str]) -> (i32, String, String) {
+    run(vmm_in(rt).args(["exec", name, "--"]).args(argv))
+}
+
+/// The SVM's own hostname, read without redirection.
+fn svm_hostname(rt: &Path, name: &str) -> String {
+    let (code, out, err) = run(vmm_in(rt).args([
+        "exec",
+        name,
+        "--local",
+        "--",
+        "cat",
+        "/proc/sys/kernel/hostname",
+    ]));
+    assert_eq!(code, 0, "the SVM's own hostname: {err}");
+    out.trim().to_string()
+}
+
+/// What the shim prints when the VMM refuses a redirected `sethostname`.
+const REFUSED_SETHOSTNAME: &str = "exterior: the redirect failed in the VMM (sethostname)";
+
+/// `__START_KERNEL_map`: the GVM boots `nokaslr`, its image at its link address, so a
+/// kernel-image symbol's physical address is its address less this (as the view assumes).
+const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
+
 #[test]
 fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     let rt = runtime("hostile");
@@ -136,5 +163,117 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
         "the exterior ps under a hooked LSTAR: {outside:?}"
     );
     switch(&mut gvm, "hook_lstar", "0");
+    assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 6. Hole 2: a redirected call runs on the GVM's own kernel page tables, so a mapping
+    // the GVM makes decides which physical memory the trusted text reads and writes for
+    // the operator. The module points the uts_ns of the shadow task's nsproxy (the shadow
+    // copies init_task, whose nsproxy the module replaced at insmod, before this
+    // instance's first redirected call; the GVM's real tasks keep theirs) at an ioremap
+    // alias of physical B + init_uts_ns. Where B leads must not be SVM memory nor the
+    // view's own tables: the exterior uname and hostname must fail there, not read or
+    // write them. The addresses are the redirect VM's layout before the fix
+    // (`ViewLayout::for_guest`) for this GVM, which `start` runs with `--mem 256M`
+    // (checked here): the window at the 1 GiB boundary after GVM RAM, 0x4000_0000, its
+    // first page the view's PML4; all of SVM RAM, writable, at svm_base, the 64 GiB
+    // boundary after the window, 0x10_0000_0000. The SVM runs the same kernel at the same
+    // physical address, so B = svm_base made the alias the SVM's own init_uts_ns.
+    let ram_end = gvm
+        .run("grep 'System RAM' /proc/iomem")
+        .lines()
+        .filter_map(|l| l.trim().split_once('-'))
+        .filter_map(|(_, rest)| rest.split_whitespace().next())
+        .filter_map(|end| u64::from_str_radix(end, 16).ok())
+        .max()
+        .unwrap_or(0);
+    assert!(
+        ram_end > 0 && ram_end < 1 << 30,
+        "GVM RAM must end below 1 GiB for the layout above: {ram_end:#x}"
+    );
+    gvm.run("hostname hk-gvm");
+    let gvm_host = gvm.run("cat /proc/sys/kernel/hostname").trim().to_string();
+    assert_eq!(gvm_host, "hk-gvm", "the GVM's hostname did not change");
+    let svm_host = svm_hostname(&rt, "hk");
+    assert!(
+        !svm_host.is_empty() && svm_host != gvm_host,
+        "the SVM's hostname {svm_host:?} must be set and differ from the GVM's"
+    );
+    let uts_va = gvm
+        .run("grep -w init_uts_ns /proc/kallsyms")
+        .split_whitespace()
+        .next()
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .unwrap_or(0);
+    let uts_pa = uts_va.wrapping_sub(START_KERNEL_MAP);
+    assert!(
+        uts_va != 0 && uts_pa < ram_end,
+        "init_uts_ns at {uts_va:#x} (phys {uts_pa:#x}) is not in the GVM's kernel image"
+    );
+
+    // 6a. The alias at svm_base + init_uts_ns: the SVM's own hostname.
+    switch(&mut gvm, "alias_uts", "0x1000000000");
+    let note = gvm.run("dmesg | grep 'alias_uts = ' | tail -n 1");
+    assert!(
+        note.contains(&format!("init_uts_ns at phys {uts_pa:#x}")),
+        "the module's alias is not where the test computed: {note}"
+    );
+    let (code, out, err) = exterior_outcome(&rt, "hk", &["uname", "-n"]);
+    assert!(
+        !out.contains(&svm_host),
+        "the exterior uname read the SVM's memory: {out:?}"
+    );
+    assert_ne!(
+        code, 0,
+        "the exterior uname succeeded through the alias (printed {out:?}, stderr {err:?}); \
+         if it printed the GVM's hostname, the shadow task did not take the module's nsproxy"
+    );
+    // Debian's hostname(1) exits 0 when sethostname fails with anything but EPERM or
+    // EINVAL, so the refusal is read from the shim's notice and the VMM's last error.
+    let (_, _, err) = exterior_outcome(&rt, "hk", &["hostname", "pwned"]);
+    assert!(
+        err.contains(REFUSED_SETHOSTNAME),
+        "the exterior sethostname was not refused through the alias: {err}"
+    );
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    assert!(
+        info.contains("which the view does not back"),
+        "the refusal does not name the unbacked access: {info}"
+    );
+    assert_eq!(
+        svm_hostname(&rt, "hk"),
+        svm_host,
+        "the exterior sethostname wrote the SVM's memory"
+    );
+    assert_eq!(
+        gvm.run("cat /proc/sys/kernel/hostname").trim(),
+        gvm_host,
+        "the GVM's own hostname changed"
+    );
+
+    // 6b. The alias at the window's first page, the view's PML4: B is chosen so that B +
+    // init_uts_ns's page is 0x4000_0000 (0x4000_0000 itself plus init_uts_ns, some 44 MiB
+    // on, would miss the 4 MiB window). sethostname would write the name over PML4
+    // entries of the kernel half; the window is read-only now, so the call must fail.
+    let window_base = (1u64 << 30) - (uts_pa & !0xfff);
+    switch(&mut gvm, "alias_uts", &format!("{window_base:#x}"));
+    let (_, _, err) = exterior_outcome(&rt, "hk", &["hostname", "pwned"]);
+    assert!(
+        err.contains(REFUSED_SETHOSTNAME),
+        "the exterior sethostname was not refused with the alias on the view's tables: {err}"
+    );
+    assert_eq!(
+        gvm.run("cat /proc/sys/kernel/hostname").trim(),
+        gvm_host,
+        "the GVM's own hostname changed"
+    );
+
+    // 6c. Back on init_uts_ns: the engine and its view survived both.
+    switch(&mut gvm, "alias_uts", "0");
+    assert_eq!(
+        exterior(&rt, "hk", &["uname", "-n"]).trim(),
+        gvm_host,
+        "the exterior uname after the alias is gone"
+    );
+    assert_eq!(svm_hostname(&rt, "hk"), svm_host);
     assert_vmm_and_svm_answer(&rt, "hk");
 }

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use redirect::call_profile::CallProfile;
+use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
+use svm_runtime::redirect_abi::{BufferList, BUFFER_LIST_SIZE};
 
 use super::engine::Engine;
 use super::error::Error;
@@ -66,10 +68,31 @@ impl Executor {
         }
         let trusted = self.svm_control.get().ok_or(Error::NoTrustedControl)?;
         engine.trusted = Some(trusted.checked(profile.kernel.symbols.entry_syscall_64)?);
+        // The call reaches copies of the ranges the shim listed, and nothing else of the
+        // SVM; what it may write is copied back only if it returns.
+        let svm_mem = engine.parts.svm_mem.clone();
+        let mode =
+            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
+                .map_err(Error::SvmPaging)?;
+        let program = AddressSpace::new(&svm_mem, mode, sregs.cr3);
+        let mut list = vec![0u8; BUFFER_LIST_SIZE];
+        program
+            .read(regs.rcx, &mut list, Privilege::User)
+            .map_err(|source| Error::BufferListUnreadable {
+                at: regs.rcx,
+                source,
+            })?;
+        engine.load_buffers(&BufferList::decode(&list)?, &program)?;
         let _exclusive = self.hold_gvm();
         let result = self.segments(engine, profile, regs, sregs);
         engine.layout.also_exec = None;
-        result
+        match result {
+            Ok(v) => engine.return_buffers(Some(&program)).map(|_| v),
+            Err(e) => {
+                engine.return_buffers(None)?;
+                Err(e)
+            }
+        }
     }
 
     fn segments(

@@ -1,8 +1,10 @@
 //! The redirect VM: a KVM VM of its own whose memslots compose a call's view — GVM RAM at
 //! its own addresses (mapped copy-on-write, `cow.rs`) except the kernel text, which is a
-//! read-only copy of the SVM's trusted text; the private window; SVM RAM at `svm_base` —
-//! and one vCPU that runs calls as a lent GVM CPU. Everything here touches KVM; what is
-//! written into guest memory is computed in the `redirect` crate and in `regs`.
+//! read-only copy of the SVM's trusted text; the private window, read-only but for its
+//! scratch stack; the bounce area that carries the call's user buffers (no SVM memory at
+//! all: `redirect::bounce`) — and one vCPU that runs calls as a lent GVM CPU. Everything
+//! here touches KVM; what is written into guest memory is computed in the `redirect` crate
+//! and in `regs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,9 +15,10 @@ use kvm_bindings::{
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use redirect::bounce::{BouncePlan, Range, BOUNCE_SIZE};
 use redirect::call_profile::CallProfile;
 use redirect::memory::Relocated;
-use redirect::paging::{AddressSpace, PagingMode, DEFAULT_MAX_PHYS_BITS};
+use redirect::paging::AddressSpace;
 use redirect::profile::KernelImage;
 use redirect::shadow::ShadowBlock;
 use redirect::stores::{Store, StoreSites};
@@ -25,6 +28,7 @@ use redirect::view::{
     WINDOW_SIZE,
 };
 use redirect::GuestPhysMemory;
+use svm_runtime::redirect_abi::BufferRange;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::cow::{CowError, CowRam};
@@ -86,6 +90,10 @@ pub(super) struct Engine {
     vm: Vm,
     vcpu: VcpuFd,
     window: SharedMemory,
+    /// The bounce area: the current call's user buffers, copied in from the program.
+    bounce: SharedMemory,
+    /// The current call's bounce pages (empty between calls).
+    buffers: BouncePlan,
     pub layout: ViewLayout,
     pub parts: Parts,
     /// The kernel text the redirect vCPU runs.
@@ -210,6 +218,7 @@ impl Engine {
         vm.fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         let gvm = host_ranges(&parts.gvm_mem)?;
         let svm = host_ranges(&parts.svm_mem)?;
+        // Of the SVM, the redirect VM maps only its kernel text (below), read-only.
         let (text_lo, text_hi) = text;
         let text_error = |why| Unavailable::Text {
             start: text_lo,
@@ -241,25 +250,45 @@ impl Engine {
         let text_slot = text_slot.ok_or_else(|| text_error(not_in_both))?;
         let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)?;
         let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
-        let window_host = host_ranges(&window.mem)?;
-        for &(_, len, host) in &window_host {
-            slots.add(layout.window_gpa, len, host, 0)?;
+        let window_host = host_ranges(&window.mem)?
+            .first()
+            .map(|r| r.2)
+            .ok_or(Unavailable::Unmapped(0))?;
+        // The window is read-only to the redirect vCPU but for its scratch stack: a GVM
+        // page table that maps the window's tables or stubs (any GVM table may name any
+        // guest-physical page) cannot change them; a store there exits and fails the call.
+        let stack = (offsets::SCRATCH_STACK, SCRATCH_STACK_TOP);
+        for (start, end, flags) in [
+            (0, stack.0, KVM_MEM_READONLY),
+            (stack.0, stack.1, 0),
+            (stack.1, WINDOW_SIZE, KVM_MEM_READONLY),
+        ] {
+            slots.add(
+                layout.window_gpa + start,
+                end - start,
+                window_host + start,
+                flags,
+            )?;
         }
-        for &(gpa, len, host) in &svm {
-            slots.add(layout.svm_base + gpa, len, host, 0)?;
-        }
+        let bounce = create_guest_memory("exterior-redirect-bounce", BOUNCE_SIZE)?;
+        let bounce_host = host_ranges(&bounce.mem)?
+            .first()
+            .map(|r| r.2)
+            .ok_or(Unavailable::Unmapped(0))?;
+        slots.add(layout.bounce_gpa, BOUNCE_SIZE, bounce_host, 0)?;
         let flush_gpa = layout.sentinel_gpa + (2 << 20);
-        let flush_host = window_host.first().map(|r| r.2).unwrap_or(0);
         let flush_slot = (
-            slots.add(flush_gpa, 0x1000, flush_host, 0)?,
+            slots.add(flush_gpa, 0x1000, window_host, KVM_MEM_READONLY)?,
             flush_gpa,
-            flush_host,
+            window_host,
         );
         let vcpu = Self::create_vcpu(&vm, parts.spare_cpu)?;
         Ok(Engine {
             vm,
             vcpu,
             window,
+            bounce,
+            buffers: BouncePlan::default(),
             layout,
             parts,
             text: TextSlot {
@@ -343,22 +372,50 @@ impl Engine {
 
     fn forget_cached_translations(&self) -> Result<(), Error> {
         let (slot, gpa, host) = self.flush_slot;
-        set_slot(&self.vm, slot, gpa, 0, host, 0)
-            .and_then(|()| set_slot(&self.vm, slot, gpa, 0x1000, host, 0))
+        set_slot(&self.vm, slot, gpa, 0, host, KVM_MEM_READONLY)
+            .and_then(|()| set_slot(&self.vm, slot, gpa, 0x1000, host, KVM_MEM_READONLY))
             .map_err(kvm("flushing the redirect VM's MMU"))
+    }
+
+    /// Copies the call's buffers (`ranges`, from the shim's list) from `program` into the
+    /// bounce area: the pages the next views map at the program's addresses.
+    pub fn load_buffers(
+        &mut self,
+        ranges: &[BufferRange],
+        program: &AddressSpace<'_>,
+    ) -> Result<(), Error> {
+        let ranges: Vec<Range> = ranges
+            .iter()
+            .map(|r| Range {
+                addr: r.addr,
+                len: r.len,
+                write: r.write,
+            })
+            .collect();
+        self.buffers = BouncePlan::new(&ranges, (BOUNCE_SIZE / 0x1000) as usize)?;
+        if let Err(e) = self.buffers.fill(program, &self.bounce.mem) {
+            self.return_buffers(None)?;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Copies what the call may have written (its ranges marked written, nothing else)
+    /// back into `program` (none if `None`: the call failed), then zeroes and forgets the
+    /// call's bounce pages; the number of bytes.
+    pub fn return_buffers(&mut self, program: Option<&AddressSpace<'_>>) -> Result<u64, Error> {
+        let plan = std::mem::take(&mut self.buffers);
+        let bytes = match program {
+            Some(p) => plan.write_back(&self.bounce.mem, p),
+            None => Ok(0),
+        };
+        plan.clear(&self.bounce.mem)?;
+        Ok(bytes?)
     }
 
     /// Builds the view tables for a run on `control`'s address space and drops the
     /// redirect VM's cached translations of the last one.
-    fn fresh_view(
-        &mut self,
-        profile: &CallProfile,
-        control: &ControlState,
-        sregs: &kvm_sregs,
-    ) -> Result<View, Error> {
-        let svm_mode =
-            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
-                .map_err(Error::SvmPaging)?;
+    fn fresh_view(&mut self, profile: &CallProfile, control: &ControlState) -> Result<View, Error> {
         let window = Relocated {
             inner: &self.window.mem,
             base: self.layout.window_gpa,
@@ -368,9 +425,7 @@ impl Engine {
             &self.layout,
             &self.parts.gvm_mem,
             control.cr3,
-            &self.parts.svm_mem,
-            &svm_mode,
-            sregs.cr3,
+            &self.buffers,
         )?;
         self.private_text(&profile.traps)?;
         self.forget_cached_translations()?;
@@ -388,7 +443,7 @@ impl Engine {
     ) -> Result<i64, Stop> {
         self.complete_pending_exit();
         let syms = &profile.kernel.symbols;
-        let view = self.fresh_view(profile, cpu.control, sregs)?;
+        let view = self.fresh_view(profile, cpu.control)?;
         let mode = match entry {
             Entry::Function { .. } => regs::Mode::Kernel,
             Entry::Syscall(_) => regs::Mode::User {
@@ -456,11 +511,10 @@ impl Engine {
         &mut self,
         profile: &CallProfile,
         control: &ControlState,
-        sregs: &kvm_sregs,
         at: &kvm_regs,
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
-        let view = self.fresh_view(profile, control, sregs)?;
+        let view = self.fresh_view(profile, control)?;
         let vcpu = &self.vcpu;
         let mut s = vcpu.get_sregs().map_err(kvm("get sregs"))?;
         s.cr3 = view.cr3;
@@ -586,5 +640,30 @@ impl Engine {
                 log::warn!("redirect: reschedule IPI to GVM CPU {cpu}: {e}");
             }
         }
+    }
+}
+
+// The bounce area holds the largest call the shim lets through: the touch budget (a module
+// image at most), the ranges outside the budget (three iovec arrays, a msghdr, the path),
+// and one page more per range for straddling.
+const _: () = assert!(
+    svm_runtime::redirect_abi::MAX_MODULE_TOUCH as u64 / 0x1000
+        + (3 * svm_runtime::redirect_abi::MAX_IOV as u64 * 16 + 56 + 4096).div_ceil(0x1000)
+        + 2 * svm_runtime::redirect_abi::MAX_BUFFERS as u64
+        <= BOUNCE_SIZE / 0x1000
+);
+// The window's writable slot (the scratch stack) lies inside it, read-only on both sides.
+const _: () = assert!(offsets::SCRATCH_STACK > 0 && SCRATCH_STACK_TOP < WINDOW_SIZE);
+
+#[cfg(test)]
+mod tests {
+    use redirect::view::{ViewLayout, BOUNCE_OFFSET};
+
+    #[test]
+    fn the_flush_page_lies_between_the_trap_page_and_the_bounce_area() {
+        let layout = ViewLayout::for_guest(256 << 20, (0x100_0000, 0x200_0000)).unwrap();
+        let flush = layout.sentinel_gpa + (2 << 20);
+        assert!(flush > layout.trap_gpa() && flush + 0x1000 <= layout.bounce_gpa);
+        assert_eq!(layout.bounce_gpa, layout.window_gpa + BOUNCE_OFFSET);
     }
 }

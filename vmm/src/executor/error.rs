@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use redirect::bounce::BounceError;
 use redirect::call_profile::CallProfileError;
 use redirect::lend::LendError;
 use redirect::profile::{KallsymsError, ProfileError};
@@ -12,6 +13,7 @@ use redirect::stores::ForgedStore;
 use redirect::traps::TrapError;
 use redirect::view::ViewError;
 use redirect::{MemError, WalkError};
+use svm_runtime::redirect_abi::BufferListError;
 use thiserror::Error;
 
 use super::cow::CowError;
@@ -137,6 +139,16 @@ pub enum Error {
     },
     #[error("SVM program: {0}")]
     SvmPaging(#[source] WalkError),
+    #[error("the shim's buffer list at {at:#x}: {source}")]
+    BufferListUnreadable {
+        at: u64,
+        #[source]
+        source: WalkError,
+    },
+    #[error(transparent)]
+    BufferList(#[from] BufferListError),
+    #[error(transparent)]
+    Bounce(#[from] BounceError),
     #[error("the SVM's control state is not known yet (it is learnt at the first call)")]
     NoTrustedControl,
     #[error(transparent)]

@@ -139,10 +139,9 @@ impl<'a> Segment<'a> {
                 self.engine
                     .start(profile, as_cpu, self.sregs, entry, counters)
             }
-            (Ok(()), Some(p)) => {
-                self.engine
-                    .resume(profile, &self.control, self.sregs, &p.regs, counters)
-            }
+            (Ok(()), Some(p)) => self
+                .engine
+                .resume(profile, &self.control, &p.regs, counters),
         };
         let end = self.settle(kernel, shadow, run, resume.is_some());
         let restored = self.words.give_back(kernel);

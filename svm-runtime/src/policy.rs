@@ -535,7 +535,8 @@ pub struct Redirect {
     pub string_arg: Option<usize>,
     /// The user buffers the call reads or writes.
     pub bufs: [Option<Buf>; 3],
-    /// Most bytes to fault in per buffer.
+    /// Most bytes of buffers to fault in for the call (plus
+    /// [`crate::redirect_abi::MAX_SIDE_TOUCH`]); a call whose buffers need more fails.
     pub touch_limit: usize,
     /// Whether a buffer that cannot be touched fails the call with `EFAULT` (false for
     /// `ioctl`, whose argument may not be a pointer at all).
@@ -931,7 +932,7 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             c
         }
         SENDTO => call.input(1, Len::Arg(2)).input(4, Len::Arg(5)).ret(bytes),
-        RECVFROM => socklen_out(call.output(1, Len::Arg(2)), 4, 5).ret(received(a[3])),
+        RECVFROM => socklen_out(call.clamp(2).output(1, Len::Arg(2)), 4, 5).ret(received(a[3])),
         SENDMSG => call.buf(1, Len::Const(0), false, Shape::Msg).ret(bytes),
         RECVMSG => call
             .buf(1, Len::Const(0), true, Shape::Msg)

@@ -46,6 +46,12 @@ pub const EXIT_UNREACHABLE: i32 = 126;
 /// their contracts allow.
 pub const MAX_TOUCH: usize = 1 << 20;
 
+/// Bytes of a call's other buffers the shim faults in beyond [`MAX_TOUCH`] (or
+/// [`MAX_MODULE_TOUCH`]): the address and length of a `recvfrom`, the name and control data
+/// of a `msghdr`. A call whose buffers need more fails with `EFAULT` rather than reach
+/// only part of them.
+pub const MAX_SIDE_TOUCH: usize = 64 << 10;
+
 /// Most bytes of a module image (`init_module`) the shim faults in: modules are bigger than
 /// [`MAX_TOUCH`] and the call cannot be shortened.
 pub const MAX_MODULE_TOUCH: usize = 64 << 20;

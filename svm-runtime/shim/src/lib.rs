@@ -591,18 +591,24 @@ fn copy_str(at: u64, buf: &mut [u8; policy::PATH_MAX]) -> Str<'_> {
 }
 
 /// Makes the pages of `[at, at + len)` present (and writable if `write`) in the program's
-/// page tables by reading one byte per page (and writing it back), at most `*budget` bytes,
-/// and lists the range in `list`: what the call may reach. False if a page is not
-/// accessible that way, or the list is full.
+/// page tables by reading one byte per page (and writing it back), and then lists the range
+/// in `list`: what the call may reach. False — and nothing listed — if a page is not
+/// accessible that way, the range is longer than what is left of `*budget` (a call
+/// reaches all of its buffers or fails: a range cut short would fault in the GVM's kernel
+/// half-way through the call), or the list is full.
 fn touch(at: u64, len: u64, write: bool, budget: &mut u64, list: &mut BufferList) -> bool {
-    let len = len.min(*budget);
-    *budget -= len;
     if at == 0 || len == 0 {
         return true;
     }
-    if !list.push(at, len, write) {
+    if len > *budget {
         return false;
     }
+    *budget -= len;
+    touch_pages(at, len, write) && list.push(at, len, write)
+}
+
+/// The faulting-in of [`touch`].
+fn touch_pages(at: u64, len: u64, write: bool) -> bool {
     const BATCH: usize = 64;
     let end = at.saturating_add(len);
     let mut next = at;
@@ -714,7 +720,7 @@ fn touch_msg(at: u64, write: bool, budget: &mut u64, list: &mut BufferList) -> O
 /// gives it now, before the call (for an iovec array or a `msghdr`, its iovecs' total):
 /// what the call's result may count ([`Redirect::accept`]).
 fn touch_buffers(r: &Redirect, list: &mut BufferList) -> (bool, [Option<u64>; 3]) {
-    let mut budget = r.touch_limit as u64;
+    let mut budget = (r.touch_limit + redirect_abi::MAX_SIDE_TOUCH) as u64;
     let mut ok = true;
     let mut sizes = [None; 3];
     for (b, size) in r.bufs.iter().zip(sizes.iter_mut()) {
@@ -806,6 +812,10 @@ fn vmm_call(nr: u64, a: [u64; 6], list: &BufferList) -> i64 {
             None => line.num(nr),
         };
         line.push(b")\n").write_stderr();
+    }
+    if Status::from_rcx(rcx).is_none() {
+        // No status (the VMM did not answer: RCX still holds the list): RAX is not a result.
+        return -i64::from(libc::EIO);
     }
     rax as i64
 }

@@ -644,10 +644,12 @@ impl Engine {
 }
 
 // The bounce area holds the largest call the shim lets through: the touch budget (a module
-// image at most), the ranges outside the budget (three iovec arrays, a msghdr, the path),
-// and one page more per range for straddling.
+// image at most, and the side buffers), the ranges outside the budget (three iovec arrays,
+// a msghdr, the path), and one page more per range for straddling.
 const _: () = assert!(
-    svm_runtime::redirect_abi::MAX_MODULE_TOUCH as u64 / 0x1000
+    (svm_runtime::redirect_abi::MAX_MODULE_TOUCH + svm_runtime::redirect_abi::MAX_SIDE_TOUCH)
+        as u64
+        / 0x1000
         + (3 * svm_runtime::redirect_abi::MAX_IOV as u64 * 16 + 56 + 4096).div_ceil(0x1000)
         + 2 * svm_runtime::redirect_abi::MAX_BUFFERS as u64
         <= BOUNCE_SIZE / 0x1000

@@ -71,10 +71,7 @@ impl Executor {
         // The call reaches copies of the ranges the shim listed, and nothing else of the
         // SVM; what it may write is copied back only if it returns.
         let svm_mem = engine.parts.svm_mem.clone();
-        let mode =
-            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
-                .map_err(Error::SvmPaging)?;
-        let program = AddressSpace::new(&svm_mem, mode, sregs.cr3);
+        let program = AddressSpace::new(&svm_mem, svm_paging(sregs)?, sregs.cr3);
         let mut list = vec![0u8; BUFFER_LIST_SIZE];
         program
             .read(regs.rcx, &mut list, Privilege::User)
@@ -160,6 +157,12 @@ impl Executor {
             }
         }
     }
+}
+
+/// How to walk the page tables of the SVM program whose control registers are `sregs`.
+pub(super) fn svm_paging(sregs: &kvm_sregs) -> Result<PagingMode, Error> {
+    PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
+        .map_err(Error::SvmPaging)
 }
 
 /// A parked call that cannot be finished stays parked in the GVM; the engine stops.

@@ -173,6 +173,15 @@ fn host_ranges(mem: &GuestMemory) -> Result<Vec<(u64, u64, u64)>, Unavailable> {
         .collect()
 }
 
+/// Host address of the first byte of `mem`, a VMM memfd of one region (the window, the
+/// bounce area, the text copy).
+fn host_base(mem: &GuestMemory) -> Result<u64, Unavailable> {
+    host_ranges(mem)?
+        .first()
+        .map(|r| r.2)
+        .ok_or(Unavailable::Unmapped(0))
+}
+
 /// Hands out the redirect VM's memslots in order.
 struct Slots<'a> {
     vm: &'a Vm,
@@ -250,10 +259,7 @@ impl Engine {
         let text_slot = text_slot.ok_or_else(|| text_error(not_in_both))?;
         let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)?;
         let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
-        let window_host = host_ranges(&window.mem)?
-            .first()
-            .map(|r| r.2)
-            .ok_or(Unavailable::Unmapped(0))?;
+        let window_host = host_base(&window.mem)?;
         // The window is read-only to the redirect vCPU but for its scratch stack: a GVM
         // page table that maps the window's tables or stubs (any GVM table may name any
         // guest-physical page) cannot change them; a store there exits and fails the call.
@@ -271,10 +277,7 @@ impl Engine {
             )?;
         }
         let bounce = create_guest_memory("exterior-redirect-bounce", BOUNCE_SIZE)?;
-        let bounce_host = host_ranges(&bounce.mem)?
-            .first()
-            .map(|r| r.2)
-            .ok_or(Unavailable::Unmapped(0))?;
+        let bounce_host = host_base(&bounce.mem)?;
         slots.add(layout.bounce_gpa, BOUNCE_SIZE, bounce_host, 0)?;
         let flush_gpa = layout.sentinel_gpa + (2 << 20);
         let flush_slot = (
@@ -356,13 +359,10 @@ impl Engine {
         self.parts.svm_mem.read_phys(t.gpa, &mut bytes)?;
         traps::patch_text(&mut bytes, START_KERNEL_MAP + t.gpa, traps)?;
         t.copy.mem.write_phys(0, &bytes)?;
-        let host = host_ranges(&t.copy.mem)
-            .ok()
-            .and_then(|r| r.first().map(|r| r.2))
-            .ok_or(redirect::MemError::OutOfRange {
-                gpa: 0,
-                len: t.size,
-            })?;
+        let host = host_base(&t.copy.mem).map_err(|_| redirect::MemError::OutOfRange {
+            gpa: 0,
+            len: t.size,
+        })?;
         set_slot(&self.vm, t.slot, t.gpa, 0, t.svm_host, KVM_MEM_READONLY)
             .and_then(|()| set_slot(&self.vm, t.slot, t.gpa, t.size, host, KVM_MEM_READONLY))
             .map_err(kvm("switching to the private kernel text"))?;

@@ -319,8 +319,7 @@ impl<'a> Segment<'a> {
         regs: &kvm_regs,
     ) -> Option<(u64, u64)> {
         let s = self.sregs;
-        let mode =
-            PagingMode::from_control_regs(s.cr0, s.cr4, s.efer, DEFAULT_MAX_PHYS_BITS).ok()?;
+        let mode = super::call::svm_paging(s).ok()?;
         let program = AddressSpace::new(&self.engine.parts.svm_mem, mode, s.cr3);
         let raw = program
             .read_cstr(regs.rdi, traps::MODULE_NAME_LEN, Privilege::User)

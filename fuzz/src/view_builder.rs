@@ -544,8 +544,20 @@ fn check_view(
             page(WINDOW_KVA + off, w + off, true, true)
         })
         .collect();
+    // The CPU's private stacks: eight of 8 KiB, each above a 4 KiB guard page that is not
+    // mapped; the CPU's tables, read-only.
+    for stack in 0..8 {
+        for i in 1..3 {
+            let off = offsets::CPU_STACKS + stack * 0x3000 + i * 0x1000;
+            want.push(page(WINDOW_KVA + off, w + off, true, true));
+        }
+    }
+    for off in [offsets::GDT_TSS, offsets::IDT] {
+        want.push(page(WINDOW_KVA + off, w + off, false, true));
+    }
     want.push(page(TRAP_KVA, layout.trap_gpa(), true, true));
     want.push(page(KSTUB_KVA, w + offsets::KSTUB, false, false));
+    want.sort_by_key(|m| m.gva);
     assert_eq!(seen, want, "the window's slot maps something else");
 
     // The user half: the stub, the sentinel and the plan's pages, nothing else.

@@ -18,6 +18,7 @@
 //! - [`view`]: the private window's layout and the view page tables of a redirected call;
 //! - [`bounce`]: the bounce pages that carry a call's user buffers (no SVM memory is in
 //!   the redirect VM);
+//! - [`cpu_tables`]: the IDT, GDT and TSS the redirect vCPU runs on (never the GVM's);
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
 //! - [`call_profile`]: what a call needs from the kernel profile, derived once;
@@ -34,6 +35,7 @@
 
 pub mod bounce;
 pub mod call_profile;
+pub mod cpu_tables;
 pub mod lend;
 pub mod memory;
 pub mod paging;

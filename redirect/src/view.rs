@@ -8,9 +8,10 @@
 //! - kernel half (PML4 entries 256..511): the GVM's own kernel entries, copied from a GVM
 //!   vCPU's CR3, so the GVM kernel sees its usual address space;
 //! - PML4 entry [`WINDOW_SLOT`]: of the window at [`WINDOW_KVA`], only the scratch stack
-//!   (supervisor, no-execute) — these tables and the stubs have no virtual alias, so code
-//!   the call runs cannot rewrite them; then the trap page and the read-only kernel stub
-//!   page ([`KSTUB_KVA`]);
+//!   and the CPU's private stacks (supervisor, no-execute, each below a guard page) and,
+//!   read-only, the CPU's GDT, TSS and IDT ([`crate::cpu_tables`]) — these page tables and
+//!   the stubs have no virtual alias, so code the call runs cannot rewrite them; then the
+//!   trap page and the read-only kernel stub page ([`KSTUB_KVA`]);
 //! - user half: the pages of the call's buffers, each at the program's own address, mapped to
 //!   its bounce page (read-only unless a range in it is written, never executable), so user
 //!   pointers in the call reach copies of the listed bytes and nothing else of the SVM;
@@ -62,11 +63,30 @@ pub mod offsets {
     pub const STUB: u64 = 0x1000;
     /// The kernel stub page ([`super::KSTUB_KVA`]).
     pub const KSTUB: u64 = 0x2000;
+    /// The GDT (at the page's start) and the TSS (at [`TSS_IN_PAGE`]) the redirect vCPU
+    /// runs on (`crate::cpu_tables`); mapped read-only at [`super::ViewLayout::kva`].
+    pub const GDT_TSS: u64 = 0x3000;
+    /// Where the TSS sits in the [`GDT_TSS`] page.
+    pub const TSS_IN_PAGE: u64 = 0x800;
+    /// The IDT the redirect vCPU runs on (one page), mapped read-only.
+    pub const IDT: u64 = 0x4000;
     /// The stack the executor's own kernel-function calls run on (16 KiB). The shadow
     /// task, its stack and its file table live in GVM memory (see the executor).
     pub const SCRATCH_STACK: u64 = 0x2_0000;
     /// Size in bytes of the scratch stack at [`SCRATCH_STACK`].
     pub const STACK_SIZE: u64 = 0x4000;
+    /// The CPU's private stacks (`RSP0`, then IST1..IST7; [`crate::cpu_tables::tss`]), one
+    /// per [`CPU_STACK_SLOT`] bytes: an unmapped guard page, then [`CPU_STACK_SIZE`] bytes
+    /// of stack. After the scratch stack, whose top the first guard page also guards.
+    pub const CPU_STACKS: u64 = SCRATCH_STACK + STACK_SIZE;
+    /// Bytes of one private stack: Linux's `EXCEPTION_STKSZ` (its NMI entry code finds
+    /// out whether it interrupted itself by that size).
+    pub const CPU_STACK_SIZE: u64 = 0x2000;
+    /// Bytes of a guard page and a private stack.
+    pub const CPU_STACK_SLOT: u64 = 0x1000 + CPU_STACK_SIZE;
+    /// The end of the window's writable part: the scratch stack and the private stacks.
+    pub const WRITABLE_END: u64 =
+        CPU_STACKS + CPU_STACK_SLOT * crate::cpu_tables::CPU_STACKS as u64;
     /// Page-table pages for the view, to the end of the window.
     pub const TABLES: u64 = 0x10_0000;
 }
@@ -145,6 +165,15 @@ impl ViewLayout {
     /// Kernel-virtual address of window offset `off`.
     pub fn kva(off: u64) -> u64 {
         WINDOW_KVA + off
+    }
+
+    /// Kernel-virtual tops of the CPU's private stacks: `RSP0`, IST1..IST7.
+    pub fn cpu_stack_tops() -> [u64; crate::cpu_tables::CPU_STACKS] {
+        let mut tops = [0; crate::cpu_tables::CPU_STACKS];
+        for (i, top) in (0u64..).zip(tops.iter_mut()) {
+            *top = Self::kva(offsets::CPU_STACKS + (i + 1) * offsets::CPU_STACK_SLOT);
+        }
+        tops
     }
 }
 
@@ -501,18 +530,33 @@ pub fn build_view(
     };
     confine_execution(&mut pool, pml4, gvm, gvm_cr3, layout)?;
 
-    // Of the window, the kernel half maps only the scratch stack: the view's tables and
-    // stubs have no virtual alias in the view, so no code the call runs can rewrite them.
-    let mut off = offsets::SCRATCH_STACK;
-    while off < offsets::SCRATCH_STACK + offsets::STACK_SIZE {
+    // Of the window, the kernel half maps only the stacks and, read-only, the CPU's
+    // descriptor tables: the view's page tables and stubs have no virtual alias in the
+    // view, so no code the call runs can rewrite them.
+    let stacks = (0..crate::cpu_tables::CPU_STACKS as u64).map(|i| {
+        let bottom = offsets::CPU_STACKS + i * offsets::CPU_STACK_SLOT + 0x1000;
+        (bottom, offsets::CPU_STACK_SIZE)
+    });
+    for (start, len) in std::iter::once((offsets::SCRATCH_STACK, offsets::STACK_SIZE)).chain(stacks)
+    {
+        for off in (start..start + len).step_by(0x1000) {
+            pool.map(
+                pml4,
+                ViewLayout::kva(off),
+                layout.gpa(off),
+                PageSize::Size4K,
+                PTE_P | PTE_RW | PTE_A | PTE_D | PTE_XD,
+            )?;
+        }
+    }
+    for off in [offsets::GDT_TSS, offsets::IDT] {
         pool.map(
             pml4,
             ViewLayout::kva(off),
             layout.gpa(off),
             PageSize::Size4K,
-            PTE_P | PTE_RW | PTE_A | PTE_D | PTE_XD,
+            PTE_P | PTE_A | PTE_D | PTE_XD,
         )?;
-        off += 0x1000;
     }
 
     pool.map(
@@ -717,6 +761,29 @@ mod tests {
             walk(stack, Access::USER_READ).is_err(),
             "the stack is kernel-only"
         );
+        // The CPU's tables: read-only, never executable, kernel-only.
+        for off in [offsets::GDT_TSS, offsets::IDT] {
+            let at = WINDOW_KVA + off;
+            assert_eq!(walk(at, Access::READ).unwrap().gpa, WINDOW_GPA + off);
+            for access in [Access::WRITE, Access::EXECUTE, Access::USER_READ] {
+                assert!(walk(at, access).is_err(), "{off:#x}: {access:?}");
+            }
+        }
+        // Each private stack: its pages writable up to its top, the page below it a guard.
+        for top in ViewLayout::cpu_stack_tops() {
+            let off = top - WINDOW_KVA;
+            assert_eq!(
+                walk(top - 8, Access::WRITE).unwrap().gpa,
+                WINDOW_GPA + off - 8
+            );
+            let bottom = top - offsets::CPU_STACK_SIZE;
+            assert!(walk(bottom, Access::WRITE).is_ok());
+            assert!(
+                walk(bottom - 1, Access::READ).is_err(),
+                "guard below {top:#x}"
+            );
+            assert!(walk(top - 8, Access::EXECUTE).is_err());
+        }
         // Nothing else of the window has a virtual address in the view: not its tables,
         // not the stubs' code (which runs from its own read-only mappings).
         for off in [
@@ -725,6 +792,7 @@ mod tests {
             offsets::KSTUB,
             offsets::SCRATCH_STACK - 0x1000,
             offsets::SCRATCH_STACK + offsets::STACK_SIZE,
+            offsets::WRITABLE_END,
             offsets::TABLES,
             WINDOW_SIZE - 0x1000,
         ] {
@@ -733,9 +801,9 @@ mod tests {
                 "window offset {off:#x} is mapped"
             );
         }
-        // Every writable mapping of the view: none reaches the window outside the stack.
+        // Every writable mapping of the view: none reaches the window outside the stacks.
         let stack_gpa = WINDOW_GPA + offsets::SCRATCH_STACK;
-        let stack_gpa = stack_gpa..stack_gpa + offsets::STACK_SIZE;
+        let stack_gpa = stack_gpa..WINDOW_GPA + offsets::WRITABLE_END;
         let mut writable = 0;
         crate::paging::for_each_mapping(&composed, &mode, view.cr3, 0..=u64::MAX, 4096, |m| {
             let start = m.gpa;

@@ -46,6 +46,16 @@
  *                   leads past the CPU's physical address width or onto the GVM's own
  *                   RAM. The ok line shows the physical address and the alias. 0 points
  *                   uts_ns at init_uts_ns again and unmaps the alias.
+ *   hijack_idt=1    every online CPU loads a private copy of the IDT (intact), then the
+ *                   page-fault gate of idt_table, the table the kernel's symbol names
+ *                   and the CPU entry area maps, is pointed at asm_exc_int3. The GVM
+ *                   keeps working on its copies; a view that takes the IDT from GVM
+ *                   memory sends its page faults to the breakpoint handler (hole 4).
+ *                   0 restores the gate and idt_table on every CPU. A CPU brought
+ *                   online meanwhile would load the hijacked table: do not hotplug.
+ *
+ * Always there while loaded: /proc/hostile_hook, whose read runs this module's code
+ * (its seq_file show function) and prints "hostile hook ran".
  *
  * patch_uname and remap_uname exclude each other (-EBUSY). While remap_uname=1,
  * nothing may rewrite text in the remapped region (the kernel's text_poke writes
@@ -59,7 +69,7 @@
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
  * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, hook_lstar,
- * hold_uts_sem, alias_uts, each back to 0 before the next is fine; module exit undoes
+ * hold_uts_sem, alias_uts, hijack_idt, each back to 0 before the next is fine; module exit undoes
  * all, remap first, and gives init_task back init_nsproxy (the copy stays allocated: a
  * shadow task may still point at it).
  */
@@ -89,6 +99,10 @@
 #include <linux/ioport.h>
 #include <linux/nsproxy.h>
 #include <linux/sched/task.h>
+#include <linux/proc_fs.h>
+#include <linux/seq_file.h>
+#include <asm/desc.h>
+#include <asm/trapnr.h>
 #include <asm/nops.h>
 #include <asm/sync_core.h>
 #include <asm/tlbflush.h>
@@ -115,6 +129,8 @@ static struct mutex *p_text_mutex, *p_module_mutex;
 static struct list_head *p_modules;
 static unsigned long a_entry_syscall;
 static struct rw_semaphore *p_uts_sem;
+static gate_desc *p_idt_table;
+static unsigned long a_asm_exc_int3;
 typedef int (*stop_cpuslocked_fn)(cpu_stop_fn_t, void *, const struct cpumask *);
 static stop_cpuslocked_fn p_stop_machine_cpuslocked;
 
@@ -950,6 +966,99 @@ static void alias_uts_exit(void)
 	task_unlock(&init_task);
 }
 
+/* ---- 8. hijack_idt: idt_table no longer the IDT the GVM's CPUs use -------- */
+
+static int hijack_idt;
+static gate_desc *idt_copy;	/* the GVM's CPUs' IDT while hijacked */
+static struct desc_ptr idt_saved;	/* what they had: the entry area's alias of idt_table */
+static gate_desc pf_saved;
+
+static void load_idt_ipi(void *desc)
+{
+	native_load_idt(desc);
+}
+
+/* idt_table is read-only after boot: gate VECTOR is written through a vmap alias. */
+static int idt_table_write(int vector, const gate_desc *gate)
+{
+	struct page *page = virt_to_page(p_idt_table);
+	gate_desc *alias = vmap(&page, 1, VM_MAP, PAGE_KERNEL);
+
+	if (!alias)
+		return -ENOMEM;
+	memcpy(&alias[vector], gate, sizeof(*gate));
+	vunmap(alias);
+	return 0;
+}
+
+static int hijack_idt_on(void)
+{
+	unsigned long target = a_asm_exc_int3;
+	struct desc_ptr mine;
+	gate_desc gate;
+	int ret;
+
+	if (!p_idt_table || !target)
+		return -ENOENT;
+	idt_copy = (gate_desc *)get_zeroed_page(GFP_KERNEL);
+	if (!idt_copy)
+		return -ENOMEM;
+	memcpy(idt_copy, p_idt_table, PAGE_SIZE);
+	store_idt(&idt_saved);
+	mine.address = (unsigned long)idt_copy;
+	mine.size = idt_saved.size;
+	cpus_read_lock();
+	on_each_cpu(load_idt_ipi, &mine, 1);
+	pf_saved = p_idt_table[X86_TRAP_PF];
+	gate = pf_saved;
+	gate.offset_low = (u16)target;
+	gate.offset_middle = (u16)(target >> 16);
+	gate.offset_high = (u32)(target >> 32);
+	ret = idt_table_write(X86_TRAP_PF, &gate);
+	if (ret)
+		on_each_cpu(load_idt_ipi, &idt_saved, 1);
+	cpus_read_unlock();
+	if (ret) {
+		free_page((unsigned long)idt_copy);
+		idt_copy = NULL;
+		return ret;
+	}
+	snprintf(knob_note, sizeof(knob_note),
+		 " (CPUs on a private IDT at %px; idt_table %px: #PF gate -> asm_exc_int3 %#lx)",
+		 idt_copy, p_idt_table, target);
+	return 0;
+}
+
+static void hijack_idt_off(void)
+{
+	if (idt_table_write(X86_TRAP_PF, &pf_saved))
+		pr_warn("hijack_idt: the #PF gate of idt_table could not be restored\n");
+	cpus_read_lock();
+	on_each_cpu(load_idt_ipi, &idt_saved, 1);
+	cpus_read_unlock();
+	free_page((unsigned long)idt_copy);
+	idt_copy = NULL;
+}
+
+static int hijack_idt_switch(int on)
+{
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (!!on == !!hijack_idt)
+		return 0;
+	if (on)
+		return hijack_idt_on();
+	hijack_idt_off();
+	return 0;
+}
+
+/* /proc/hostile_hook: module code a read runs. */
+static int hook_show(struct seq_file *m, void *v)
+{
+	seq_puts(m, "hostile hook ran\n");
+	return 0;
+}
+
 /* ---- the knobs ------------------------------------------------------------ */
 
 static int knob_set(const char *val, const struct kernel_param *kp,
@@ -996,6 +1105,8 @@ KNOB(hook_lstar, hook_lstar_switch);
 MODULE_PARM_DESC(hook_lstar, "1 = MSR_LSTAR points at a trampoline in the module that jumps to entry_SYSCALL_64");
 KNOB(hold_uts_sem, hold_uts_sem_switch);
 MODULE_PARM_DESC(hold_uts_sem, "1 = uts_sem held for writing: uname, sethostname and co. sleep until 0");
+KNOB(hijack_idt, hijack_idt_switch);
+MODULE_PARM_DESC(hijack_idt, "1 = CPUs on a private IDT copy, idt_table's #PF gate -> asm_exc_int3");
 
 /* alias_uts takes an address, an unsigned long: knob_set's steps for that type. */
 static int set_alias_uts(const char *val, const struct kernel_param *kp)
@@ -1066,7 +1177,11 @@ static int __init hostile_init(void)
 	p_stop_machine_cpuslocked = (stop_cpuslocked_fn)resolve("stop_machine_cpuslocked");
 	a_entry_syscall = resolve("entry_SYSCALL_64");
 	p_uts_sem = (struct rw_semaphore *)resolve("uts_sem");
+	p_idt_table = (gate_desc *)resolve("idt_table");
+	a_asm_exc_int3 = resolve("asm_exc_int3");
 	alias_uts_init();
+	if (!proc_create_single("hostile_hook", 0444, NULL, hook_show))
+		pr_warn("/proc/hostile_hook could not be made\n");
 
 	mutex_lock(&knob_lock);
 	ready = true;
@@ -1081,6 +1196,9 @@ static void __exit hostile_exit(void)
 	/* Before anything else: the trampoline lives in this module's text. */
 	if (hook_lstar)
 		hook_lstar_off();
+	remove_proc_entry("hostile_hook", NULL);
+	if (hijack_idt)
+		hijack_idt_off();
 	if (uts_holder) {
 		kthread_stop(uts_holder);	/* up_write by the thread itself */
 		uts_holder = NULL;

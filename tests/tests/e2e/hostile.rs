@@ -276,4 +276,45 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     );
     assert_eq!(svm_hostname(&rt, "hk"), svm_host);
     assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 7. Hole 4: the IDT. Reading /proc/hostile_hook runs the module's code; from outside
+    // that is a fetch from a no-execute page, which the trusted page-fault handler reports:
+    // the call is refused naming the module (promise 1). The module now gives every GVM
+    // CPU a private copy of its IDT and points the page-fault gate of idt_table, the table
+    // the kernel's symbol names, at the breakpoint handler: the GVM keeps working, and a
+    // view that took its IDT from GVM memory would hand that fault to the wrong handler.
+    assert!(
+        gvm.run("cat /proc/hostile_hook")
+            .contains("hostile hook ran"),
+        "the module's /proc/hostile_hook does not work in the GVM"
+    );
+    switch(&mut gvm, "hijack_idt", "1");
+    let note = gvm.run("dmesg | grep 'hijack_idt = ' | tail -n 1");
+    assert!(
+        note.contains("#PF gate -> asm_exc_int3"),
+        "the module did not hijack the gate: {note}"
+    );
+    assert!(
+        gvm.run("cat /proc/hostile_hook")
+            .contains("hostile hook ran"),
+        "the GVM broke on its private IDT"
+    );
+    let (code, out, err) = exterior_outcome(&rt, "hk", &["cat", "/proc/hostile_hook"]);
+    assert!(
+        code != 0 && !out.contains("hostile hook ran"),
+        "the exterior read of /proc/hostile_hook ran the module's code (exit {code}, \
+         stdout {out:?}, stderr {err:?})"
+    );
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    assert!(
+        info.contains("outside the trusted kernel image") && info.contains("(in module hostile)"),
+        "the fault did not reach the trusted page-fault handler: {info}"
+    );
+    assert_eq!(
+        exterior(&rt, "hk", &["uname", "-n"]).trim(),
+        gvm_host,
+        "the exterior uname under the hijacked IDT"
+    );
+    switch(&mut gvm, "hijack_idt", "0");
+    assert_vmm_and_svm_answer(&rt, "hk");
 }

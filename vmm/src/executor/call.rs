@@ -67,7 +67,8 @@ impl Executor {
             return Err(Error::DeleteModuleOnSmp);
         }
         let trusted = self.svm_control.get().ok_or(Error::NoTrustedControl)?;
-        engine.trusted = Some(trusted.checked(profile.kernel.symbols.entry_syscall_64)?);
+        let syms = &profile.kernel.symbols;
+        engine.trust(trusted.checked(syms.entry_syscall_64)?, syms.idt_table)?;
         // The call reaches copies of the ranges the shim listed, and nothing else of the
         // SVM; what it may write is copied back only if it returns.
         let svm_mem = engine.parts.svm_mem.clone();

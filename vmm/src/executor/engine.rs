@@ -1,7 +1,7 @@
 //! The redirect VM: a KVM VM of its own whose memslots compose a call's view — GVM RAM at
 //! its own addresses (mapped copy-on-write, `cow.rs`) except the kernel text, which is a
 //! read-only copy of the SVM's trusted text; the private window, read-only but for its
-//! scratch stack; the bounce area that carries the call's user buffers (no SVM memory at
+//! stacks; the bounce area that carries the call's user buffers (no SVM memory at
 //! all: `redirect::bounce`) — and one vCPU that runs calls as a lent GVM CPU. Everything
 //! here touches KVM; what is written into guest memory is computed in the `redirect` crate
 //! and in `regs`.
@@ -17,6 +17,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use redirect::bounce::{BouncePlan, Range, BOUNCE_SIZE};
 use redirect::call_profile::CallProfile;
+use redirect::cpu_tables::{self, IDT_SIZE};
 use redirect::memory::Relocated;
 use redirect::paging::AddressSpace;
 use redirect::profile::KernelImage;
@@ -105,8 +106,8 @@ pub(super) struct Engine {
     /// Set when a call was left parked in the GVM kernel: calls are refused from then on.
     pub stopped: bool,
     /// The control state every run uses: the trusted SVM kernel's, learnt at the first
-    /// call (see `regs`).
-    pub trusted: Option<TrustedControl>,
+    /// call (see `regs`), with the CPU's tables in the window ([`Engine::trust`]).
+    trusted: Option<TrustedControl>,
     /// A spare one-page slot, deleted and re-added before every run: deleting a memslot
     /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
     /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
@@ -260,10 +261,11 @@ impl Engine {
         let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)?;
         let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
         let window_host = host_base(&window.mem)?;
-        // The window is read-only to the redirect vCPU but for its scratch stack: a GVM
-        // page table that maps the window's tables or stubs (any GVM table may name any
-        // guest-physical page) cannot change them; a store there exits and fails the call.
-        let stack = (offsets::SCRATCH_STACK, SCRATCH_STACK_TOP);
+        // The window is read-only to the redirect vCPU but for its stacks: a GVM page
+        // table that maps the window's page tables, stubs or CPU tables (any GVM table may
+        // name any guest-physical page) cannot change them; a store there exits and fails
+        // the call.
+        let stack = (offsets::SCRATCH_STACK, offsets::WRITABLE_END);
         for (start, end, flags) in [
             (0, stack.0, KVM_MEM_READONLY),
             (stack.0, stack.1, 0),
@@ -309,6 +311,38 @@ impl Engine {
             flush_slot,
             watchdog,
         })
+    }
+
+    /// Makes `control` (the trusted SVM kernel's, checked) the control state of every run;
+    /// the first time, also writes the CPU's tables into the window: the IDT checked from
+    /// the SVM kernel's `idt_table` (its virtual address `idt_table`), the GDT and the TSS
+    /// built (`redirect::cpu_tables`). The GVM's own tables are never used.
+    pub fn trust(&mut self, control: TrustedControl, idt_table: u64) -> Result<(), Error> {
+        if self.trusted.is_none() {
+            let phys = idt_table
+                .checked_sub(START_KERNEL_MAP)
+                .ok_or(Error::IdtAddress(idt_table))?;
+            let mut trusted = vec![0u8; IDT_SIZE];
+            self.parts.svm_mem.read_phys(phys, &mut trusted)?;
+            let idt = cpu_tables::checked_idt(&trusted, self.layout.exec_text)?;
+            if !idt.left_out.is_empty() {
+                log::info!(
+                    "redirect: IDT vectors whose handler is not in the trusted text (boot \
+                     handlers the kernel never replaced) are not present in the view: {:x?}",
+                    idt.left_out
+                );
+            }
+            let tss_kva = ViewLayout::kva(offsets::GDT_TSS + offsets::TSS_IN_PAGE);
+            let window = &self.window.mem;
+            window.write_phys(offsets::IDT, &idt.table)?;
+            window.write_phys(offsets::GDT_TSS, &cpu_tables::gdt(tss_kva))?;
+            window.write_phys(
+                offsets::GDT_TSS + offsets::TSS_IN_PAGE,
+                &cpu_tables::tss(ViewLayout::cpu_stack_tops()),
+            )?;
+        }
+        self.trusted = Some(control);
+        Ok(())
     }
 
     /// The redirect vCPU: numbered like the GVM's spare CPU, with the GVM's CPUID.
@@ -442,7 +476,6 @@ impl Engine {
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
         self.complete_pending_exit();
-        let syms = &profile.kernel.symbols;
         let view = self.fresh_view(profile, cpu.control)?;
         let mode = match entry {
             Entry::Function { .. } => regs::Mode::Kernel,
@@ -450,16 +483,10 @@ impl Engine {
                 fs_base: sregs.fs.base,
             },
         };
-        let tables = regs::CpuTables {
-            pcpu_base: cpu.pcpu_base,
-            gdt_page: syms.gdt_page,
-            cpu_tss_rw: syms.cpu_tss_rw,
-            idt_table: syms.idt_table,
-        };
         let trusted = self.trusted.ok_or(Error::NoTrustedControl)?;
         let vcpu = &self.vcpu;
         let current = vcpu.get_sregs().map_err(kvm("get sregs"))?;
-        let s = regs::segment_registers(current, &trusted, view.cr3, &tables, mode)?;
+        let s = regs::segment_registers(current, &trusted, view.cr3, cpu.pcpu_base, mode);
         vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
         let entries = regs::msrs(&trusted, cpu.control.tsc, cpu.pcpu_base, mode);
         let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList)?;
@@ -654,8 +681,17 @@ const _: () = assert!(
         + 2 * svm_runtime::redirect_abi::MAX_BUFFERS as u64
         <= BOUNCE_SIZE / 0x1000
 );
-// The window's writable slot (the scratch stack) lies inside it, read-only on both sides.
-const _: () = assert!(offsets::SCRATCH_STACK > 0 && SCRATCH_STACK_TOP < WINDOW_SIZE);
+// The window's writable slot (the stacks) lies inside it, read-only on both sides, and the
+// CPU's tables in the read-only part before it.
+const _: () = assert!(
+    offsets::SCRATCH_STACK > 0
+        && SCRATCH_STACK_TOP <= offsets::CPU_STACKS
+        && offsets::WRITABLE_END <= offsets::TABLES
+        && offsets::GDT_TSS + 0x1000 <= offsets::SCRATCH_STACK
+        && offsets::IDT + 0x1000 <= offsets::SCRATCH_STACK
+        && cpu_tables::GDT_SIZE as u64 <= offsets::TSS_IN_PAGE
+        && offsets::TSS_IN_PAGE + cpu_tables::TSS_SIZE as u64 <= 0x1000
+);
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use svm_runtime::redirect_abi::BufferListError;
 use thiserror::Error;
 
 use super::cow::CowError;
-use super::regs::{ControlError, PerCpuOverflow};
+use super::regs::ControlError;
 use crate::vstate::memory::MemoryError;
 use crate::vstate::quiesce::QuiesceError;
 use crate::vstate::vm::VmError;
@@ -161,8 +161,10 @@ pub enum Error {
         #[source]
         source: LendError,
     },
-    #[error(transparent)]
-    PerCpu(#[from] PerCpuOverflow),
+    #[error("the trusted SVM kernel's IDT: {0}")]
+    Idt(#[from] redirect::cpu_tables::IdtError),
+    #[error("the trusted SVM kernel's idt_table {0:#x} is not in the kernel image")]
+    IdtAddress(u64),
     #[error("the shadow task: {0}")]
     Shadow(#[from] ShadowError),
     #[error("allocating the shadow task in the GVM: {0}")]

@@ -3,11 +3,14 @@
 //! the system-call MSRs and XCR0. The control registers, EFER, the system-call MSRs and
 //! XCR0 are the trusted SVM kernel's ([`TrustedControl`]: the same image on the same CPU
 //! model sets them identically), never the GVM's, whose vCPU state a hostile kernel
-//! chooses (write protection off, SMEP off, its own syscall entry); from the lent GVM CPU
-//! come only its TSC and, through GVM memory, its per-cpu base. They return what the
+//! chooses (write protection off, SMEP off, its own syscall entry); the GDT, IDT and TSS
+//! are the window's (`redirect::cpu_tables`), never the GVM's; from the lent GVM CPU come
+//! only its TSC and, through GVM memory, its per-cpu base (GS: data). They return what the
 //! executor hands to `KVM_SET_SREGS`, `KVM_SET_MSRS` and `KVM_SET_XCRS`.
 
 use kvm_bindings::{kvm_dtable, kvm_msr_entry, kvm_segment, kvm_sregs, kvm_xcrs};
+use redirect::cpu_tables::{GDT_SIZE, IDT_SIZE, TSS_SIZE};
+use redirect::view::{offsets, ViewLayout};
 
 use crate::boot::cpu::{MSR_IA32_TSC, MSR_KERNEL_GS_BASE, MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
 
@@ -18,11 +21,10 @@ pub const KERNEL_DS: u16 = 0x18;
 pub const USER_DS: u16 = 0x2b;
 pub const USER_CS: u16 = 0x33;
 pub const TSS_SELECTOR: u16 = 0x40;
-/// The kernel's per-cpu GDT (`GDT_ENTRIES` = 16 descriptors), IDT (256 gates of 16 bytes)
-/// and 64-bit TSS limits.
-pub const GDT_LIMIT: u16 = 16 * 8 - 1;
-pub const IDT_LIMIT: u16 = 256 * 16 - 1;
-pub const TSS_LIMIT: u32 = 0x67;
+/// The GDT, IDT and TSS limits.
+const GDT_LIMIT: u16 = GDT_SIZE as u16 - 1;
+const IDT_LIMIT: u16 = IDT_SIZE as u16 - 1;
+const TSS_LIMIT: u32 = TSS_SIZE as u32 - 1;
 /// Segment descriptor types: execute/read code, accessed; read/write data, accessed; busy
 /// 64-bit TSS.
 const TYPE_CODE: u8 = 11;
@@ -99,31 +101,6 @@ pub enum Mode {
     User { fs_base: u64 },
 }
 
-/// Where the lent CPU's descriptor tables are: its per-cpu base (read from GVM memory)
-/// and the kernel's per-cpu offsets and IDT address (from the trusted profile).
-#[derive(Debug, Clone, Copy)]
-pub struct CpuTables {
-    pub pcpu_base: u64,
-    pub gdt_page: u64,
-    pub cpu_tss_rw: u64,
-    pub idt_table: u64,
-}
-
-/// A per-cpu address that does not fit in 64 bits: the per-cpu base comes from GVM memory
-/// and is not trusted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the lent CPU's per-cpu base {pcpu_base:#x} plus offset {offset:#x} overflows")]
-pub struct PerCpuOverflow {
-    pub pcpu_base: u64,
-    pub offset: u64,
-}
-
-fn per_cpu(pcpu_base: u64, offset: u64) -> Result<u64, PerCpuOverflow> {
-    pcpu_base
-        .checked_add(offset)
-        .ok_or(PerCpuOverflow { pcpu_base, offset })
-}
-
 /// A flat 64-bit segment: code (long mode) or data, at privilege `dpl`.
 fn flat(selector: u16, code: bool, base: u64, dpl: u8) -> kvm_segment {
     kvm_segment {
@@ -144,15 +121,16 @@ fn flat(selector: u16, code: bool, base: u64, dpl: u8) -> kvm_segment {
 }
 
 /// `current` with the control registers, segments, GDT, IDT and TR of a segment that
-/// starts in `mode` with the view's page tables at `view_cr3`. Everything else of
-/// `current` (the vCPU's other state) is kept.
+/// starts in `mode` with the view's page tables at `view_cr3`, on the lent CPU whose
+/// per-cpu base is `pcpu_base`. Everything else of `current` (the vCPU's other state) is
+/// kept.
 pub fn segment_registers(
     current: kvm_sregs,
     control: &TrustedControl,
     view_cr3: u64,
-    tables: &CpuTables,
+    pcpu_base: u64,
     mode: Mode,
-) -> Result<kvm_sregs, PerCpuOverflow> {
+) -> kvm_sregs {
     let mut s = current;
     s.cr0 = control.cr0;
     s.cr3 = view_cr3;
@@ -166,7 +144,7 @@ pub fn segment_registers(
             s.ds = flat(0, false, 0, 0);
             s.es = flat(0, false, 0, 0);
             s.fs = flat(0, false, 0, 0);
-            s.gs = flat(0, false, tables.pcpu_base, 0);
+            s.gs = flat(0, false, pcpu_base, 0);
         }
         Mode::User { fs_base } => {
             s.cs = flat(USER_CS, true, 0, 3);
@@ -178,24 +156,24 @@ pub fn segment_registers(
         }
     }
     s.gdt = kvm_dtable {
-        base: per_cpu(tables.pcpu_base, tables.gdt_page)?,
+        base: ViewLayout::kva(offsets::GDT_TSS),
         limit: GDT_LIMIT,
         padding: [0; 3],
     };
     s.idt = kvm_dtable {
-        base: tables.idt_table,
+        base: ViewLayout::kva(offsets::IDT),
         limit: IDT_LIMIT,
         padding: [0; 3],
     };
     s.tr = kvm_segment {
-        base: per_cpu(tables.pcpu_base, tables.cpu_tss_rw)?,
+        base: ViewLayout::kva(offsets::GDT_TSS + offsets::TSS_IN_PAGE),
         limit: TSS_LIMIT,
         selector: TSS_SELECTOR,
         type_: TYPE_BUSY_TSS,
         present: 1,
         ..Default::default()
     };
-    Ok(s)
+    s
 }
 
 /// The trusted system-call MSRs, the lent CPU's TSC, and `KERNEL_GS_BASE` (the kernel's GS
@@ -282,12 +260,7 @@ mod tests {
         );
     }
 
-    const TABLES: CpuTables = CpuTables {
-        pcpu_base: 0xffff_8880_1f00_0000,
-        gdt_page: 0xb000,
-        cpu_tss_rw: 0x6000,
-        idt_table: 0xffff_ffff_82c0_0000,
-    };
+    const PCPU_BASE: u64 = 0xffff_8880_1f00_0000;
 
     #[test]
     fn a_kernel_segment_runs_at_cpl0_with_the_kernel_gs_base() {
@@ -295,10 +268,9 @@ mod tests {
             kvm_sregs::default(),
             &control(),
             0x9000,
-            &TABLES,
+            PCPU_BASE,
             Mode::Kernel,
-        )
-        .unwrap();
+        );
         assert_eq!(
             (s.cr0, s.cr3, s.cr4, s.efer),
             (0x8005_0033, 0x9000, 0x3506f0, 0xd01)
@@ -308,15 +280,17 @@ mod tests {
             (KERNEL_CS, 0, 1, 0)
         );
         assert_eq!((s.ss.selector, s.ss.dpl, s.ss.db), (KERNEL_DS, 0, 1));
-        assert_eq!(s.gs.base, TABLES.pcpu_base);
+        assert_eq!(s.gs.base, PCPU_BASE);
         assert_eq!(s.fs.base, 0);
-        assert_eq!((s.gdt.base, s.gdt.limit), (TABLES.pcpu_base + 0xb000, 127));
-        assert_eq!((s.idt.base, s.idt.limit), (TABLES.idt_table, 4095));
+        // The window's tables (kernel-virtual 0xffff_f800_0000_0000 + offset), never an
+        // address derived from the GVM's per-cpu base.
+        assert_eq!((s.gdt.base, s.gdt.limit), (0xffff_f800_0000_3000, 127));
+        assert_eq!((s.idt.base, s.idt.limit), (0xffff_f800_0000_4000, 4095));
         assert_eq!(
-            (s.tr.selector, s.tr.base),
-            (TSS_SELECTOR, TABLES.pcpu_base + 0x6000)
+            (s.tr.selector, s.tr.base, s.tr.limit, s.tr.type_),
+            (TSS_SELECTOR, 0xffff_f800_0000_3800, 0x67, 11)
         );
-        let m = msrs(&control(), 123_456, TABLES.pcpu_base, Mode::Kernel);
+        let m = msrs(&control(), 123_456, PCPU_BASE, Mode::Kernel);
         assert_eq!(m[3].index, MSR_KERNEL_GS_BASE);
         assert_eq!(m[3].data, 0);
     }
@@ -326,36 +300,19 @@ mod tests {
         let mode = Mode::User {
             fs_base: 0x7f00_1234_5000,
         };
-        let s = segment_registers(kvm_sregs::default(), &control(), 0x9000, &TABLES, mode).unwrap();
+        let s = segment_registers(kvm_sregs::default(), &control(), 0x9000, PCPU_BASE, mode);
         assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (USER_CS, 3, 1));
         for seg in [s.ss, s.ds, s.es] {
             assert_eq!((seg.selector, seg.dpl, seg.type_), (USER_DS, 3, TYPE_DATA));
         }
         assert_eq!((s.fs.base, s.gs.base), (0x7f00_1234_5000, 0));
-        let m = msrs(&control(), 123_456, TABLES.pcpu_base, mode);
+        let m = msrs(&control(), 123_456, PCPU_BASE, mode);
         let by_index = |i: u32| m.iter().find(|e| e.index == i).map(|e| e.data);
-        assert_eq!(by_index(MSR_KERNEL_GS_BASE), Some(TABLES.pcpu_base));
+        assert_eq!(by_index(MSR_KERNEL_GS_BASE), Some(PCPU_BASE));
         assert_eq!(by_index(MSR_LSTAR), Some(control().lstar));
         assert_eq!(by_index(MSR_STAR), Some(control().star));
         assert_eq!(by_index(MSR_SYSCALL_MASK), Some(control().sfmask));
         assert_eq!(by_index(MSR_IA32_TSC), Some(123_456));
-    }
-
-    #[test]
-    fn a_per_cpu_base_from_the_gvm_that_overflows_is_an_error() {
-        let tables = CpuTables {
-            pcpu_base: u64::MAX - 0x100,
-            ..TABLES
-        };
-        let err = segment_registers(kvm_sregs::default(), &control(), 0, &tables, Mode::Kernel)
-            .unwrap_err();
-        assert_eq!(
-            err,
-            PerCpuOverflow {
-                pcpu_base: u64::MAX - 0x100,
-                offset: 0xb000
-            }
-        );
     }
 
     #[test]

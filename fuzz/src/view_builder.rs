@@ -523,7 +523,8 @@ fn check_view(
         }
     }
 
-    // The window's slot: the scratch stack, the trap page and the kernel stub, nothing else.
+    // The window's slot: the scratch stack, the CPU's private stacks and tables, the trap
+    // page and the kernel stub, nothing else.
     let mut seen = Vec::new();
     assert!(
         walk(WINDOW_KVA..=WINDOW_KVA + (1 << 39) - 1, 64, &mut |m| seen

@@ -13,9 +13,12 @@
 //!   the exception vectors it installs no handler for keep their boot-time handler in
 //!   `.init.text`, freed after boot (in the pinned kernel, without `CONFIG_X86_MCE`,
 //!   vector 18 and the reserved ones), so the kernel itself would run freed memory there;
-//! - the GDT is built here: the six descriptors Linux's `gdt_page` starts with on x86-64
-//!   (`arch/x86/kernel/cpu/common.c`) and the TSS; the LDT, TLS and getcpu entries stay
-//!   empty, since only user code loads them and no GVM user code runs in the view;
+//! - the GDT is built here, for the lent CPU: the six descriptors Linux's `gdt_page` starts
+//!   with on x86-64 (`arch/x86/kernel/cpu/common.c`), the TSS, and the lent CPU's getcpu
+//!   entry (`setup_getcpu`), which the kernel's own entry code reads: with FSGSBASE,
+//!   `paranoid_entry` (NMI, #DB, #MC, #DF) finds the per-cpu base with `lsl` on it. The
+//!   LDT and TLS entries stay empty: only user code and a context switch (which the view
+//!   traps at `__schedule`) load them;
 //! - the TSS is built here too: `RSP0` and the seven IST pointers lead to the window's
 //!   private stacks, and the I/O bitmap lies past the TSS's limit (user port I/O faults).
 //!
@@ -42,6 +45,10 @@ pub const CPU_STACKS: usize = 8;
 const KERNEL_CS: u16 = 0x10;
 /// GDT entry of the TSS (`GDT_ENTRY_TSS`; 16 bytes, entries 8 and 9).
 const GDT_ENTRY_TSS: usize = 8;
+/// GDT entry whose limit holds the CPU and node numbers (`GDT_ENTRY_CPUNODE`).
+const GDT_ENTRY_CPUNODE: usize = 15;
+/// Bits of the CPU number in that limit (`VDSO_CPUNODE_BITS`); the node number is above.
+const CPUNODE_BITS: u32 = 12;
 /// Gate types (`GATE_INTERRUPT`, `GATE_TRAP`), with the descriptor's S bit (0).
 const GATE_INTERRUPT: u8 = 0x0e;
 const GATE_TRAP: u8 = 0x0f;
@@ -162,12 +169,17 @@ fn gate_bytes(handler: u64, ist: u8, flags: u8) -> [u8; 16] {
     g
 }
 
-/// The GDT the view uses: Linux's code and data descriptors and a busy TSS at `tss_base`.
-pub fn gdt(tss_base: u64) -> [u8; GDT_SIZE] {
+/// The GDT the view uses on GVM CPU `cpu` (NUMA node 0: the VMM describes no other):
+/// Linux's code and data descriptors, a busy TSS at `tss_base`, and the getcpu entry.
+pub fn gdt(tss_base: u64, cpu: u8) -> [u8; GDT_SIZE] {
     let mut entries = [0u64; GDT_ENTRIES];
     for (i, d) in GDT_SEGMENTS {
         entries[i] = d;
     }
+    // `setup_getcpu`: limit = node << 12 | cpu; read-only data, accessed (type 5), user
+    // (DPL 3), present, 32-bit.
+    let limit = u64::from(u32::from(cpu) & ((1 << CPUNODE_BITS) - 1));
+    entries[GDT_ENTRY_CPUNODE] = limit | 0xf5 << 40 | 1 << 54;
     let limit = (TSS_SIZE - 1) as u64;
     entries[GDT_ENTRY_TSS] = (limit & 0xffff)
         | (tss_base & 0xff_ffff) << 16
@@ -320,12 +332,11 @@ mod tests {
 
     #[test]
     fn the_gdt_is_linuxs_with_a_busy_tss_at_the_given_base() {
-        let gdt = gdt(0xffff_f800_1234_5678);
+        let gdt = gdt(0xffff_f800_1234_5678, 3);
         let entry = |i: usize| u64::from_le_bytes(gdt[i * 8..i * 8 + 8].try_into().unwrap());
         // What Linux 6.1's `gdt_page` initialiser gives: `GDT_ENTRY_INIT(flags, 0, 0xfffff)`
         // with its flags, expanded field by field as the kernel's macro does.
-        let linux = |flags: u64| {
-            let limit = 0xfffff_u64;
+        let linux_with = |flags: u64, limit: u64| {
             (limit & 0xffff)
                 | (flags & 0x0f) << 40
                 | (flags >> 4 & 1) << 44
@@ -337,6 +348,7 @@ mod tests {
                 | (flags >> 14 & 1) << 54
                 | (flags >> 15 & 1) << 55
         };
+        let linux = |flags: u64| linux_with(flags, 0xfffff);
         assert_eq!(entry(0), 0);
         assert_eq!(entry(1), linux(0xc09b), "GDT_ENTRY_KERNEL32_CS");
         assert_eq!(entry(2), linux(0xa09b), "__KERNEL_CS: 64-bit, DPL 0");
@@ -347,7 +359,10 @@ mod tests {
         // The TSS descriptor: limit 0x67, base split over both words, type 0xb, present.
         assert_eq!(entry(8), 0x1200_8b34_5678_0067);
         assert_eq!(entry(9), 0xffff_f800);
-        for i in [7, 10, 11, 12, 13, 14, 15] {
+        // `setup_getcpu(3)` on node 0: `d.limit0 = 3; d.type = 5; d.dpl = 3; d.s = 1;
+        // d.p = 1; d.d = 1`, i.e. flags 0x40f5.
+        assert_eq!(entry(15), linux_with(0x40f5, 3), "GDT_ENTRY_CPUNODE");
+        for i in [7, 10, 11, 12, 13, 14] {
             assert_eq!(entry(i), 0, "entry {i} is empty");
         }
     }

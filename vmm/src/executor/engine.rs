@@ -77,6 +77,8 @@ pub(super) enum Entry<'a> {
 /// The GVM CPU a run borrows: its control state and per-cpu base.
 #[derive(Clone, Copy)]
 pub(super) struct AsCpu<'a> {
+    /// The GVM CPU's number.
+    pub cpu: u8,
     pub control: &'a ControlState,
     pub pcpu_base: u64,
 }
@@ -315,8 +317,9 @@ impl Engine {
 
     /// Makes `control` (the trusted SVM kernel's, checked) the control state of every run;
     /// the first time, also writes the CPU's tables into the window: the IDT checked from
-    /// the SVM kernel's `idt_table` (its virtual address `idt_table`), the GDT and the TSS
-    /// built (`redirect::cpu_tables`). The GVM's own tables are never used.
+    /// the SVM kernel's `idt_table` (its virtual address `idt_table`) and the TSS built
+    /// (`redirect::cpu_tables`); the GDT is the lent CPU's, written for each run
+    /// ([`Engine::lend_gdt`]). The GVM's own tables are never used.
     pub fn trust(&mut self, control: TrustedControl, idt_table: u64) -> Result<(), Error> {
         if self.trusted.is_none() {
             let phys = idt_table
@@ -332,16 +335,24 @@ impl Engine {
                     idt.left_out
                 );
             }
-            let tss_kva = ViewLayout::kva(offsets::GDT_TSS + offsets::TSS_IN_PAGE);
             let window = &self.window.mem;
             window.write_phys(offsets::IDT, &idt.table)?;
-            window.write_phys(offsets::GDT_TSS, &cpu_tables::gdt(tss_kva))?;
             window.write_phys(
                 offsets::GDT_TSS + offsets::TSS_IN_PAGE,
                 &cpu_tables::tss(ViewLayout::cpu_stack_tops()),
             )?;
         }
         self.trusted = Some(control);
+        Ok(())
+    }
+
+    /// Writes the GDT of GVM CPU `cpu` into the window: its getcpu entry names the CPU
+    /// (the kernel's paranoid entry path finds its per-cpu base by it).
+    fn lend_gdt(&self, cpu: u8) -> Result<(), Error> {
+        let tss_kva = ViewLayout::kva(offsets::GDT_TSS + offsets::TSS_IN_PAGE);
+        self.window
+            .mem
+            .write_phys(offsets::GDT_TSS, &cpu_tables::gdt(tss_kva, cpu))?;
         Ok(())
     }
 
@@ -477,6 +488,7 @@ impl Engine {
     ) -> Result<i64, Stop> {
         self.complete_pending_exit();
         let view = self.fresh_view(profile, cpu.control)?;
+        self.lend_gdt(cpu.cpu)?;
         let mode = match entry {
             Entry::Function { .. } => regs::Mode::Kernel,
             Entry::Syscall(_) => regs::Mode::User {
@@ -537,11 +549,13 @@ impl Engine {
     pub fn resume(
         &mut self,
         profile: &CallProfile,
+        cpu: u8,
         control: &ControlState,
         at: &kvm_regs,
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
         let view = self.fresh_view(profile, control)?;
+        self.lend_gdt(cpu)?;
         let vcpu = &self.vcpu;
         let mut s = vcpu.get_sregs().map_err(kvm("get sregs"))?;
         s.cr3 = view.cr3;

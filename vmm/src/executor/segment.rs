@@ -132,6 +132,7 @@ impl<'a> Segment<'a> {
             (Err(e), _) => Err(Stop::Failed(e.into())),
             (Ok(()), None) => {
                 let as_cpu = AsCpu {
+                    cpu,
                     control: &self.control,
                     pcpu_base: self.words.pcpu_base(),
                 };
@@ -141,7 +142,7 @@ impl<'a> Segment<'a> {
             }
             (Ok(()), Some(p)) => self
                 .engine
-                .resume(profile, &self.control, &p.regs, counters),
+                .resume(profile, cpu, &self.control, &p.regs, counters),
         };
         let end = self.settle(kernel, shadow, run, resume.is_some());
         let restored = self.words.give_back(kernel);
@@ -175,6 +176,7 @@ impl<'a> Segment<'a> {
             console: &self.stats.console_exits,
         };
         let as_cpu = AsCpu {
+            cpu: self.cpu,
             control: &self.control,
             pcpu_base: self.words.pcpu_base(),
         };

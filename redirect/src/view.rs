@@ -533,9 +533,11 @@ pub fn build_view(
     // Of the window, the kernel half maps only the stacks and, read-only, the CPU's
     // descriptor tables: the view's page tables and stubs have no virtual alias in the
     // view, so no code the call runs can rewrite them.
-    let stacks = (0..crate::cpu_tables::CPU_STACKS as u64).map(|i| {
-        let bottom = offsets::CPU_STACKS + i * offsets::CPU_STACK_SLOT + 0x1000;
-        (bottom, offsets::CPU_STACK_SIZE)
+    let stacks = ViewLayout::cpu_stack_tops().map(|top| {
+        (
+            top - WINDOW_KVA - offsets::CPU_STACK_SIZE,
+            offsets::CPU_STACK_SIZE,
+        )
     });
     for (start, len) in std::iter::once((offsets::SCRATCH_STACK, offsets::STACK_SIZE)).chain(stacks)
     {

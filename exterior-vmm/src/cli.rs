@@ -75,6 +75,10 @@ pub struct RunCmd {
     /// with --name: SVM memory (default 256M)
     #[argh(option, default = "String::from(\"256M\")")]
     pub svm_mem: String,
+    /// with --name: seconds a redirected call may take in all (runs, quiesces, parks)
+    /// before it is given up (default 30, 1 to 3600)
+    #[argh(option)]
+    pub call_deadline: Option<u64>,
 }
 
 /// List running instances: a line each, NAME<tab>pid PID.

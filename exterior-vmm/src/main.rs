@@ -213,6 +213,12 @@ fn run(cmd: RunCmd) -> ExitCode {
     if cmd.detach && cmd.name.is_none() {
         return fail(EXIT_BAD_INPUT, "--detach needs --name");
     }
+    if cmd.call_deadline.is_some() && cmd.name.is_none() {
+        return fail(
+            EXIT_BAD_INPUT,
+            "--call-deadline needs --name (only an instance redirects calls)",
+        );
+    }
     let config = match &cmd.image {
         Some(image) => {
             if cmd.kernel.is_some() || cmd.initrd.is_some() || cmd.append.is_some() {
@@ -263,6 +269,13 @@ fn run(cmd: RunCmd) -> ExitCode {
                     format!("an instance named {name} is already running (pid {pid})"),
                 );
             }
+            let call_deadline = match vmm::config::check_call_deadline(
+                cmd.call_deadline
+                    .unwrap_or(vmm::config::DEFAULT_CALL_DEADLINE_SECS),
+            ) {
+                Ok(d) => d,
+                Err(e) => return fail(EXIT_BAD_INPUT, e),
+            };
             let svm_log = runtime.log(name, "svm");
             let svm = match build_svm_config(&cmd, &config, &svm_log) {
                 Ok(c) => c,
@@ -278,6 +291,7 @@ fn run(cmd: RunCmd) -> ExitCode {
                     name: name.clone(),
                     gvm: config,
                     svm,
+                    call_deadline,
                 },
                 &runtime,
                 &opts,

@@ -210,6 +210,31 @@ fn bad_instance_names_and_detach_without_name() {
 }
 
 #[test]
+fn a_call_deadline_is_checked_and_needs_an_instance() {
+    let dir = scratch("deadline");
+    let kernel = minimal_elf(&dir);
+    for bad in ["0", "3601"] {
+        let mut cmd = vmm();
+        with_runtime(&mut cmd, "deadline-rt");
+        let (code, err) = run(cmd
+            .args(["run", "--name", "dl", "--call-deadline", bad, "--kernel"])
+            .arg(&kernel));
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!(
+                "--call-deadline {bad}: give a whole number of seconds from 1 to 3600"
+            )),
+            "{err}"
+        );
+    }
+    let (code, err) = run(vmm()
+        .args(["run", "--call-deadline", "10", "--kernel"])
+        .arg(&kernel));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--call-deadline needs --name"), "{err}");
+}
+
+#[test]
 fn exec_without_a_command() {
     let (code, err) = run(vmm().args(["exec", "x"]));
     assert_eq!(code, 2);

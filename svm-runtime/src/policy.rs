@@ -122,7 +122,7 @@ pub mod nr {
         FINIT_MODULE = SYS_finit_module, STATX = SYS_statx, CLONE3 = SYS_clone3,
         CLOSE_RANGE = SYS_close_range, OPENAT2 = SYS_openat2, FACCESSAT2 = SYS_faccessat2,
         EPOLL_PWAIT2 = SYS_epoll_pwait2, GETPID = SYS_getpid, EXECVE = SYS_execve,
-        EXECVEAT = SYS_execveat,
+        EXECVEAT = SYS_execveat, SCHED_YIELD = SYS_sched_yield,
     }
 }
 

@@ -10,6 +10,16 @@
 //! | RAX | system call number | result: a value or `-errno`, exactly as `syscall` returns |
 //! | RDI RSI RDX R10 R8 R9 | arguments 1–6 (fds already translated to the GVM's) | unchanged |
 //! | RCX | the address of the call's [`BufferList`] | a [`Status`] |
+//! | R11 | 0 for a new call; the token of the pending call when polling it | the token, after [`Status::Pending`] |
+//!
+//! **A call never holds the SVM's vCPU for long.** The VMM answers a new call within
+//! [`FIRST_WAIT_MS`] — with its result if it finished by then, else with
+//! [`Status::Pending`] and a token in R11 — and the shim then *polls*: it repeats the same
+//! `out` with that token in R11 (the other registers as before), and each poll is answered
+//! within [`POLL_WAIT_MS`], with the result or `Pending` again. Between polls the SVM's
+//! kernel runs (its timer ticks, RCU, the agent and other programs), however long the call
+//! takes in the GVM. The buffers are copied in when the call starts and copied back when
+//! the poll that returns the result is answered, while the SVM's vCPU is stopped.
 //!
 //! Pointer arguments are the program's own virtual addresses. The call reaches no memory
 //! of the program but the byte ranges its [`BufferList`] names: the VMM copies them into
@@ -198,7 +208,17 @@ pub enum Status {
     Failed = 2,
     /// The redirect engine has not finished starting (no shadow task yet); RAX = `-ENOSYS`.
     NotReady = 3,
+    /// The call is running (or another program's call is ahead of it): poll again with
+    /// the token the VMM wrote to R11. RAX is meaningless.
+    Pending = 4,
 }
+
+/// Longest the VMM keeps the SVM's vCPU on a new call before answering
+/// [`Status::Pending`].
+pub const FIRST_WAIT_MS: u64 = 50;
+
+/// Longest the VMM keeps the SVM's vCPU on one poll.
+pub const POLL_WAIT_MS: u64 = 10;
 
 impl Status {
     /// Decodes RCX; `None` for a value the VMM must never write.
@@ -208,6 +228,7 @@ impl Status {
             1 => Status::Busy,
             2 => Status::Failed,
             3 => Status::NotReady,
+            4 => Status::Pending,
             _ => return None,
         })
     }
@@ -219,6 +240,7 @@ impl Status {
             Status::Busy => libc::EBUSY,
             Status::Failed => libc::EIO,
             Status::NotReady => libc::ENOSYS,
+            Status::Pending => libc::EINPROGRESS,
         }
     }
 
@@ -229,6 +251,7 @@ impl Status {
             Status::Busy => "the guest is busy",
             Status::Failed => "the redirect failed in the VMM",
             Status::NotReady => "the redirect engine is not ready",
+            Status::Pending => "the call is still running",
         }
     }
 }
@@ -242,10 +265,16 @@ mod tests {
 
     #[test]
     fn status_round_trips_through_rcx() {
-        for s in [Status::Done, Status::Busy, Status::Failed, Status::NotReady] {
+        for s in [
+            Status::Done,
+            Status::Busy,
+            Status::Failed,
+            Status::NotReady,
+            Status::Pending,
+        ] {
             assert_eq!(Status::from_rcx(s as u64), Some(s));
         }
-        assert_eq!(Status::from_rcx(4), None);
+        assert_eq!(Status::from_rcx(5), None);
         assert_eq!(Status::from_rcx(u64::MAX), None);
     }
 

@@ -17,6 +17,12 @@ pub(crate) const MIN_MEM_MIB: u64 = 64;
 pub(crate) const MAX_MEM_MIB: u64 = 64 * 1024;
 /// vCPU limit: the MADT and the APIC ID space we lay out use 8-bit APIC IDs.
 pub(crate) const MAX_CPUS: u8 = 254;
+/// How long a redirected call may take in all — its runs, quiesces and parks — before it
+/// is given up, unless `--call-deadline` says otherwise (issue #12: "default 30 s").
+pub const DEFAULT_CALL_DEADLINE_SECS: u64 = 30;
+/// The longest `--call-deadline`: an hour, the longest a stuck call could ever hold the
+/// engine before this bound existed.
+pub const MAX_CALL_DEADLINE_SECS: u64 = 3600;
 /// A kernel image larger than this is certainly not one (the pinned vmlinux is ~60 MiB).
 pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 
@@ -38,6 +44,11 @@ pub enum ConfigError {
     /// Guest memory above the supported maximum (MiB asked for).
     #[error("--mem {0} MiB: larger than the {MAX_MEM_MIB} MiB this VMM supports")]
     MemTooLarge(u64),
+    /// `--call-deadline` out of range.
+    #[error(
+        "--call-deadline {0}: give a whole number of seconds from 1 to {MAX_CALL_DEADLINE_SECS}"
+    )]
+    CallDeadline(u64),
     /// `--cpus 0`.
     #[error("--cpus 0: a guest needs at least one vCPU")]
     NoCpus,
@@ -162,6 +173,14 @@ pub fn check_mem_mib(mib: u64) -> Result<u64, ConfigError> {
         return Err(ConfigError::MemTooLarge(mib));
     }
     Ok(mib)
+}
+
+/// Checks a call deadline in seconds (`--call-deadline`).
+pub fn check_call_deadline(secs: u64) -> Result<std::time::Duration, ConfigError> {
+    match secs {
+        1..=MAX_CALL_DEADLINE_SECS => Ok(std::time::Duration::from_secs(secs)),
+        _ => Err(ConfigError::CallDeadline(secs)),
+    }
 }
 
 /// Checks a vCPU count.
@@ -327,6 +346,22 @@ pub fn check_initrd_size(path: &Path, size: u64, mem_mib: u64) -> Result<(), Con
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_deadline_is_a_second_to_an_hour() {
+        assert_eq!(check_call_deadline(1).unwrap().as_secs(), 1);
+        assert_eq!(
+            check_call_deadline(DEFAULT_CALL_DEADLINE_SECS)
+                .unwrap()
+                .as_secs(),
+            30
+        );
+        assert_eq!(check_call_deadline(3600).unwrap().as_secs(), 3600);
+        for bad in [0, 3601, u64::MAX] {
+            let e = check_call_deadline(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--call-deadline {bad}:")), "{e}");
+        }
+    }
 
     #[test]
     fn mem_sizes_parse_with_units() {

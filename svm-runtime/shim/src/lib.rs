@@ -779,25 +779,39 @@ fn vmm_call(nr: u64, a: [u64; 6], list: &BufferList) -> i64 {
         }
         return ret;
     }
-    let (rax, rcx): (u64, u64);
-    // SAFETY: ioperm granted this port in the constructor. The VMM runs the call in the GVM
-    // and may write the ranges `list` marks written (program memory, hence no `nomem`); it
-    // writes RAX and RCX only. The argument registers are declared clobbered in case it
-    // does not keep them. `list` lives until the `out` returns.
-    unsafe {
-        asm!(
-            "out {port}, al",
-            port = const redirect_abi::PORT,
-            inout("rax") nr => rax,
-            inout("rdi") a[0] => _,
-            inout("rsi") a[1] => _,
-            inout("rdx") a[2] => _,
-            inout("r10") a[3] => _,
-            inout("r8") a[4] => _,
-            inout("r9") a[5] => _,
-            inout("rcx") list as *const BufferList as u64 => rcx,
-            options(nostack, preserves_flags),
-        );
+    // A new call (token 0), then polls with the token the VMM hands out while it runs:
+    // each `out` holds the SVM's vCPU for milliseconds at most (redirect_abi).
+    let (mut rax, mut rcx): (u64, u64);
+    let mut token = 0u64;
+    loop {
+        // SAFETY: ioperm granted this port in the constructor. The VMM runs the call in the
+        // GVM and may write the ranges `list` marks written (program memory, hence no
+        // `nomem`), when it answers with the result; it writes RAX, RCX and R11 only. The
+        // argument registers are declared clobbered in case it does not keep them. `list`
+        // lives until the last `out` returns.
+        unsafe {
+            asm!(
+                "out {port}, al",
+                port = const redirect_abi::PORT,
+                inout("rax") nr => rax,
+                inout("rdi") a[0] => _,
+                inout("rsi") a[1] => _,
+                inout("rdx") a[2] => _,
+                inout("r10") a[3] => _,
+                inout("r8") a[4] => _,
+                inout("r9") a[5] => _,
+                inout("rcx") list as *const BufferList as u64 => rcx,
+                inout("r11") token => token,
+                options(nostack, preserves_flags),
+            );
+        }
+        if rcx != Status::Pending as u64 || token == 0 {
+            break;
+        }
+        // The SVM's other programs first: with one SVM vCPU, a program polling back to
+        // back would keep the one whose call is done (or the agent) waiting for a tick.
+        // SAFETY: sched_yield takes no arguments and touches no memory.
+        unsafe { sys(nr::SCHED_YIELD, [0; 6]) };
     }
     if rcx != Status::Done as u64 && !NOTICED.swap(true, Relaxed) {
         let mut line = Line::new();
@@ -813,8 +827,9 @@ fn vmm_call(nr: u64, a: [u64; 6], list: &BufferList) -> i64 {
         };
         line.push(b")\n").write_stderr();
     }
-    if Status::from_rcx(rcx).is_none() {
-        // No status (the VMM did not answer: RCX still holds the list): RAX is not a result.
+    if matches!(Status::from_rcx(rcx), None | Some(Status::Pending)) {
+        // No status (the VMM did not answer: RCX still holds the list), or pending without
+        // a token to poll with: RAX is not a result.
         return -i64::from(libc::EIO);
     }
     rax as i64

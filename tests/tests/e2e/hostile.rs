@@ -42,6 +42,17 @@ fn exterior_outcome(rt: &Path, name: &str, argv: &[&str]) -> (i32, String, Strin
     run(vmm_in(rt).args(["exec", name, "--"]).args(argv))
 }
 
+/// `exec` of a stock command, started and left running (its output discarded).
+fn exterior_child(rt: &Path, name: &str, argv: &[&str]) -> std::process::Child {
+    vmm_in(rt)
+        .args(["exec", name, "--"])
+        .args(argv)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn exterior-vmm exec")
+}
+
 /// The SVM's own hostname, read without redirection.
 fn svm_hostname(rt: &Path, name: &str) -> String {
     let (code, out, err) = run(vmm_in(rt).args([
@@ -63,10 +74,39 @@ const REFUSED_SETHOSTNAME: &str = "exterior: the redirect failed in the VMM (set
 /// kernel-image symbol's physical address is its address less this (as the view assumes).
 const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 
+/// The guest-physical address of the write that `exterior-vmm info`'s
+/// `redirect_last_error` says the view does not back (`RunError::UnbackedWrite`: "the call
+/// wrote to guest-physical 0x…, which the view does not back …"), if it says that.
+fn unbacked_write(info: &str) -> Option<u64> {
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redirect_last_error="))?;
+    let (_, rest) = line.split_once("the call wrote to guest-physical 0x")?;
+    if !rest.contains("which the view does not back") {
+        return None;
+    }
+    let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    u64::from_str_radix(&hex, 16).ok()
+}
+
+/// The guest-physical range [start, end) of the fake namespace's nodename, from the
+/// module's `alias_uts_split` ok line ("nodename at phys [0x…, 0x…)").
+fn nodename_range(note: &str) -> Option<(u64, u64)> {
+    let (_, rest) = note.split_once("nodename at phys [0x")?;
+    let (start, rest) = rest.split_once(", 0x")?;
+    let end = rest.split(')').next()?;
+    Some((
+        u64::from_str_radix(start, 16).ok()?,
+        u64::from_str_radix(end, 16).ok()?,
+    ))
+}
+
 #[test]
 fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     let rt = runtime("hostile");
-    let _instance = start(&rt, "hk", &[]);
+    // Step 8's call is given up at this deadline (not the default 30 s: it shows the option
+    // reaches the engine, and saves the suite 15 s).
+    let _instance = start(&rt, "hk", &["--call-deadline", "15"]);
     let mut gvm = GvmConsole::attach(&rt, "hk");
     let loaded = gvm.run("insmod /lib/modules/hostile.ko && echo loaded=$((6*7))");
     assert!(loaded.contains("loaded=42"), "insmod hostile.ko:\n{loaded}");
@@ -169,10 +209,11 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     // the GVM makes decides which physical memory the trusted text reads and writes for
     // the operator. The module points the uts_ns of the shadow task's nsproxy (the shadow
     // copies init_task, whose nsproxy the module replaced at insmod, before this
-    // instance's first redirected call; the GVM's real tasks keep theirs) at an ioremap
-    // alias of physical B + init_uts_ns. Where B leads must not be SVM memory nor the
-    // view's own tables: the exterior uname and hostname must fail there, not read or
-    // write them. The addresses are the redirect VM's layout before the fix
+    // instance's first redirected call; the GVM's real tasks keep theirs) at an alias
+    // the module maps: of physical B + init_uts_ns (6a), or straddling physical page B
+    // and a page of GVM RAM (6b). Where B leads must not be SVM memory nor the view's own
+    // tables: the exterior uname and hostname must fail there, not read SVM memory nor
+    // write either. The addresses are the redirect VM's layout before the fix
     // (`ViewLayout::for_guest`) for this GVM, which `start` runs with `--mem 256M`
     // (checked here): the window at the 1 GiB boundary after GVM RAM, 0x4000_0000, its
     // first page the view's PML4; all of SVM RAM, writable, at svm_base, the 64 GiB
@@ -250,16 +291,41 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
         "the GVM's own hostname changed"
     );
 
-    // 6b. The alias at the window's first page, the view's PML4: B is chosen so that B +
-    // init_uts_ns's page is 0x4000_0000 (0x4000_0000 itself plus init_uts_ns, some 44 MiB
-    // on, would miss the 4 MiB window). sethostname would write the name over PML4
-    // entries of the kernel half; the window is read-only now, so the call must fail.
-    let window_base = (1u64 << 30) - (uts_pa & !0xfff);
-    switch(&mut gvm, "alias_uts", &format!("{window_base:#x}"));
+    // 6b. The window's first page, the view's PML4. The window is a read-only memslot, so
+    // a store there must exit to the VMM and fail the call. A plain alias cannot show that:
+    // sethostname first checks CAP_SYS_ADMIN in uts_ns->user_ns, which it would read from
+    // the PML4 (a table entry taken for a pointer) and fail on before any store, window
+    // read-only or not. So the module splits its namespace over two virtually contiguous
+    // pages: sysname and nodename at the end of the window's first page, user_ns and the
+    // rest in a page of GVM RAM holding init_uts_ns's own values (user_ns = &init_user_ns,
+    // which the shadow's credentials pass). The check passes, and the first access the
+    // call makes to the window is the store of the new nodename (memcpy in sethostname),
+    // over the PML4 entries from 0x1f0 on, the window's own slot; the VMM must refuse
+    // exactly that store: an unbacked write inside the nodename, inside the window page.
+    const WINDOW: u64 = 1 << 30;
+    switch(&mut gvm, "alias_uts_split", &format!("{WINDOW:#x}"));
+    let note = gvm.run("dmesg | grep 'alias_uts_split = ' | tail -n 1");
+    let nodename = nodename_range(&note)
+        .unwrap_or_else(|| panic!("the module does not say where nodename is: {note}"));
+    assert!(
+        WINDOW <= nodename.0 && nodename.0 < nodename.1 && nodename.1 <= WINDOW + 0x1000,
+        "the module's nodename is not in the window's first page: {note}"
+    );
     let (_, _, err) = exterior_outcome(&rt, "hk", &["hostname", "pwned"]);
     assert!(
         err.contains(REFUSED_SETHOSTNAME),
-        "the exterior sethostname was not refused with the alias on the view's tables: {err}"
+        "the exterior sethostname was not refused with nodename on the view's tables: {err}"
+    );
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    let wrote = unbacked_write(&info).unwrap_or_else(|| {
+        panic!("the refusal does not name an unbacked write (module: {note}): {info}")
+    });
+    assert!(
+        (WINDOW..WINDOW + 0x1000).contains(&wrote) && (nodename.0..nodename.1).contains(&wrote),
+        "the refused write at {wrote:#x} is not the nodename store into the window page \
+         [{:#x}, {:#x}) (module: {note}): {info}",
+        nodename.0,
+        nodename.1
     );
     assert_eq!(
         gvm.run("cat /proc/sys/kernel/hostname").trim(),
@@ -268,7 +334,7 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     );
 
     // 6c. Back on init_uts_ns: the engine and its view survived both.
-    switch(&mut gvm, "alias_uts", "0");
+    switch(&mut gvm, "alias_uts_split", "0");
     assert_eq!(
         exterior(&rt, "hk", &["uname", "-n"]).trim(),
         gvm_host,
@@ -316,5 +382,112 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
         "the exterior uname under the hijacked IDT"
     );
     switch(&mut gvm, "hijack_idt", "0");
+    assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 7b. Hole 4: trusted code that loads a descriptor table, reached through a function
+    // pointer in GVM data. The module points the read function of /proc/hostile_gadget (an
+    // ops table in its data) at idt_invalidate, which loads an empty IDT; the exterior
+    // read runs it — trusted text, executable in the view — and returns to the stub on
+    // that IDT. The store that ends the call comes from its site, but the lent CPU is off
+    // the window's tables: the call must be refused naming the IDTR, and rolled back.
+    // (Without the check, run by hand: the call was committed, and only the shim's
+    // contract caught its garbage count, -2130507472: EIO with no word from the VMM.)
+    switch(&mut gvm, "gadget_lidt", "1");
+    let (code, out, err) = exterior_outcome(&rt, "hk", &["cat", "/proc/hostile_gadget"]);
+    assert!(
+        code != 0 && err.contains("exterior: the redirect failed in the VMM (read)"),
+        "the exterior read through the gadget was not refused (exit {code}, stdout {out:?}, \
+         stderr {err:?})"
+    );
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    assert!(
+        info.contains("switched the lent CPU's IDTR off the VMM's descriptor tables")
+            && info.contains("rolled back"),
+        "the refusal does not name the switched IDTR: {info}"
+    );
+    switch(&mut gvm, "gadget_lidt", "0");
+    assert_eq!(
+        exterior(&rt, "hk", &["uname", "-n"]).trim(),
+        gvm_host,
+        "the exterior uname after the gadget"
+    );
+    assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 8. Hole 5: a call that sleeps in the GVM for as long as the GVM likes. The module's
+    // kernel thread takes uts_sem for writing and keeps it, so the exterior uname sleeps
+    // on it: parked, resumed, parked again until its budget is spent, then left parked
+    // (the engine stops: this step comes last). Meanwhile the SVM must keep running —
+    // the redirect port answers "pending" and the shim polls, so the SVM's vCPU is never
+    // held for the call — and so must the control socket: a local command in the SVM
+    // completes while the exterior uname is still waiting, and the SVM's kernel logs no
+    // RCU stall. (With the port synchronous, the SVM froze for the whole call.)
+    switch(&mut gvm, "hold_uts_sem", "1");
+    let mut stuck = exterior_child(&rt, "hk", &["uname", "-n"]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert!(
+        stuck.try_wait().expect("try_wait").is_none(),
+        "the exterior uname ended while uts_sem was held"
+    );
+    let (code, out, err) = run(vmm_in(&rt).args(["exec", "hk", "--local", "--", "echo", "svm-ok"]));
+    assert_eq!(
+        (code, out.trim()),
+        (0, "svm-ok"),
+        "the SVM while a call waits: {err}"
+    );
+    let (code, out, err) = run(vmm_in(&rt).args(["info", "hk"]));
+    assert_eq!(code, 0, "info while a call waits: {err}");
+    assert!(out.contains("redirect_calls="), "{out}");
+    assert!(
+        stuck.try_wait().expect("try_wait").is_none(),
+        "the exterior uname ended before the SVM was shown to answer"
+    );
+    // The call's bound is its 15 s deadline plus one segment past it (a quiesce of up to
+    // 10 s and a run of up to 5 s); the rest is margin for the nested harness.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = stuck.try_wait().expect("try_wait") {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the exterior uname never ended: the call is not bounded"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    assert!(
+        !status.success(),
+        "the exterior uname succeeded while uts_sem was held"
+    );
+    let (code, _, _) = run(vmm_in(&rt).args(["info", "hk"]));
+    assert_eq!(code, 0);
+    let (code, dmesg, err) = run(vmm_in(&rt).args(["exec", "hk", "--local", "--", "dmesg"]));
+    assert_eq!(code, 0, "dmesg in the SVM failed: {err}");
+    assert!(
+        !dmesg.trim().is_empty(),
+        "dmesg in the SVM printed nothing: {err}"
+    );
+    let stalls: Vec<&str> = dmesg
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("rcu") && l.contains("stall")
+        })
+        .collect();
+    assert!(
+        stalls.is_empty(),
+        "the SVM's kernel logged an RCU stall:\n{}",
+        stalls.join("\n")
+    );
+    switch(&mut gvm, "hold_uts_sem", "0");
+    assert_eq!(
+        gvm_uname(&mut gvm),
+        gvm_host,
+        "the GVM's own uname after the release"
+    );
+    let (_, info, _) = run(vmm_in(&rt).args(["info", "hk"]));
+    assert!(
+        info.contains("stays parked") && info.contains("took more than 15s"),
+        "the engine does not say why it stopped, or not after --call-deadline 15: {info}"
+    );
     assert_vmm_and_svm_answer(&rt, "hk");
 }

@@ -19,8 +19,9 @@
 //! and wait-queue entries live in GVM memory (the shadow block, allocated from the GVM's
 //! page allocator), its state reads `TASK_RUNNING`, so wake-ups do not touch run queues;
 //! the call's wait loop sees the condition when it is resumed. A call that sleeps longer
-//! than [`CALL_BUDGET`] in all, or fails after it has been parked, stays parked, like a task
-//! in D state: the GVM stays consistent, and the engine refuses further calls.
+//! than its deadline (`--call-deadline`, 30 s by default) in all, or fails after it has
+//! been parked, stays parked, like a task in D state: the GVM stays consistent, and the
+//! engine refuses further calls.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -28,6 +29,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use redirect::call_profile::CallProfile;
 use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
+use redirect::traps;
 use svm_runtime::redirect_abi::{BufferList, BUFFER_LIST_SIZE};
 
 use super::engine::Engine;
@@ -40,23 +42,20 @@ use crate::vstate::quiesce::{self, QuiescePolicy, VcpuSnapshot};
 const QUIESCE_BUDGET: Duration = Duration::from_secs(10);
 /// How long one attempt waits for a GVM vCPU to leave KVM_RUN.
 const PARK_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a call may take from its start, runs, quiesces and parks included, before a
-/// parked call is given up (left parked). A call ends at most one segment later
-/// (a quiesce, [`QUIESCE_BUDGET`], and a run, 5 s).
-const CALL_BUDGET: Duration = Duration::from_secs(30);
 /// First and longest pause of a parked call before it is resumed.
 const PARK_MIN: Duration = Duration::from_millis(1);
 const PARK_MAX: Duration = Duration::from_millis(50);
 
 impl Executor {
-    /// Runs the program's call in `regs` on the GVM, or says why it may not run.
-    pub(super) fn run_call(
+    /// Says why the program's call in `regs` may not run, or copies its buffers in (and,
+    /// for `delete_module`, reads the module's name) from the program, which is stopped.
+    pub(super) fn prepare_call(
         &self,
         engine: &mut Engine,
         profile: &CallProfile,
         regs: &kvm_regs,
         sregs: &kvm_sregs,
-    ) -> Result<i64, Error> {
+    ) -> Result<(), Error> {
         if engine.stopped {
             return Err(Error::EngineStopped);
         }
@@ -70,7 +69,7 @@ impl Executor {
         let syms = &profile.kernel.symbols;
         engine.trust(trusted.checked(syms.entry_syscall_64)?, syms.idt_table)?;
         // The call reaches copies of the ranges the shim listed, and nothing else of the
-        // SVM; what it may write is copied back only if it returns.
+        // SVM; what it may write is copied back only if it returns (`finish`).
         let svm_mem = engine.parts.svm_mem.clone();
         let program = AddressSpace::new(&svm_mem, svm_paging(sregs)?, sregs.cr3);
         let mut list = vec![0u8; BUFFER_LIST_SIZE];
@@ -80,17 +79,28 @@ impl Executor {
                 at: regs.rcx,
                 source,
             })?;
-        engine.load_buffers(&BufferList::decode(&list)?, &program)?;
+        engine.removing = None;
+        if regs.rax == SYS_DELETE_MODULE {
+            engine.removing = program
+                .read_cstr(regs.rdi, traps::MODULE_NAME_LEN, Privilege::User)
+                .ok()
+                .and_then(|raw| String::from_utf8(raw).ok());
+        }
+        engine.load_buffers(&BufferList::decode(&list)?, &program)
+    }
+
+    /// Runs a prepared call on the GVM (the worker thread).
+    pub(super) fn run_call(
+        &self,
+        engine: &mut Engine,
+        profile: &CallProfile,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> Result<i64, Error> {
         let _exclusive = self.hold_gvm();
         let result = self.segments(engine, profile, regs, sregs);
         engine.layout.also_exec = None;
-        match result {
-            Ok(v) => engine.return_buffers(Some(&program)).map(|_| v),
-            Err(e) => {
-                engine.return_buffers(None)?;
-                Err(e)
-            }
-        }
+        result
     }
 
     fn segments(
@@ -115,7 +125,7 @@ impl Executor {
                 Err(e) if parked.is_none() => return Err(e.into()),
                 Err(e) => {
                     // A parked call must be resumed: keep trying within its budget.
-                    if call_started.elapsed() > CALL_BUDGET {
+                    if call_started.elapsed() > self.call_deadline {
                         return Err(give_up(engine, Error::StayedBusy(e)));
                     }
                     continue;
@@ -149,8 +159,11 @@ impl Executor {
                 Ok(SegmentEnd::Slept(at)) => {
                     self.stats.parked.fetch_add(1, Ordering::Relaxed);
                     parked = Some(at);
-                    if call_started.elapsed() > CALL_BUDGET {
-                        return Err(give_up(engine, Error::TookTooLong(CALL_BUDGET)));
+                    // A call that passed its deadline is given up at its next park: the
+                    // bound is the deadline plus one segment (a quiesce, up to
+                    // QUIESCE_BUDGET, and a run, up to 5 s).
+                    if call_started.elapsed() > self.call_deadline {
+                        return Err(give_up(engine, Error::TookTooLong(self.call_deadline)));
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(PARK_MAX);

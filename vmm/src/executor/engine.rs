@@ -97,6 +97,8 @@ pub(super) struct Engine {
     bounce: SharedMemory,
     /// The current call's bounce pages (empty between calls).
     buffers: BouncePlan,
+    /// The module a `delete_module` call names (read from the program when it began).
+    pub removing: Option<String>,
     pub layout: ViewLayout,
     pub parts: Parts,
     /// The kernel text the redirect vCPU runs.
@@ -296,6 +298,7 @@ impl Engine {
             window,
             bounce,
             buffers: BouncePlan::default(),
+            removing: None,
             layout,
             parts,
             text: TextSlot {
@@ -559,6 +562,8 @@ impl Engine {
         let vcpu = &self.vcpu;
         let mut s = vcpu.get_sregs().map_err(kvm("get sregs"))?;
         s.cr3 = view.cr3;
+        // (A run that stopped off them was refused, never parked: this is belt and braces.)
+        regs::set_descriptor_tables(&mut s);
         vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
         let tsc = [kvm_bindings::kvm_msr_entry {
             index: MSR_IA32_TSC,
@@ -621,12 +626,21 @@ impl Engine {
                 Ok(VcpuExit::MmioWrite(addr, data)) if sites.covers(addr) => {
                     let stored = value(data);
                     match (self.vcpu.get_regs(), self.vcpu.get_sregs()) {
-                        (Ok(r), Ok(s)) => match sites.believe(addr, r.rip, s.cr3) {
-                            Ok(Store::Returned | Store::KernelReturned) => break Ok(stored),
-                            Ok(Store::Trapped(trap)) => {
+                        (Ok(r), Ok(s)) => match (
+                            sites.believe(addr, r.rip, s.cr3),
+                            regs::descriptor_tables_changed(&s),
+                        ) {
+                            // The store came from its site, but a run that left the
+                            // window's descriptor tables ran on the GVM's gates and
+                            // stacks since: nothing it did is believed.
+                            (Ok(_), Some(table)) => RunError::TablesSwitched(table),
+                            (Ok(Store::Returned | Store::KernelReturned), None) => {
+                                break Ok(stored)
+                            }
+                            (Ok(Store::Trapped(trap)), None) => {
                                 break Err(Stop::Trap(trap, Args([r.rdi, r.rsi, r.rdx, r.rcx])))
                             }
-                            Err(forged) => RunError::ForgedStore(forged),
+                            (Err(forged), _) => RunError::ForgedStore(forged),
                         },
                         (Err(source), _) | (_, Err(source)) => {
                             RunError::StoreUnverifiable { gpa: addr, source }

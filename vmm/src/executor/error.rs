@@ -71,6 +71,11 @@ pub enum RunError {
     UnbackedWrite(u64),
     #[error("the call read guest-physical {0:#x}, which the view does not back")]
     UnbackedRead(u64),
+    #[error(
+        "the call switched the lent CPU's {0} off the VMM's descriptor tables (trusted code \
+         that loads them, reached through a pointer in GVM data); refused"
+    )]
+    TablesSwitched(&'static str),
     #[error("the call halted the lent CPU")]
     Halted,
     #[error("the lent CPU triple-faulted during the call")]
@@ -149,6 +154,8 @@ pub enum Error {
     BufferList(#[from] BufferListError),
     #[error(transparent)]
     Bounce(#[from] BounceError),
+    #[error("the redirect worker thread is gone")]
+    NoWorker,
     #[error("the SVM's control state is not known yet (it is learnt at the first call)")]
     NoTrustedControl,
     #[error(transparent)]

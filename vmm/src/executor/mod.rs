@@ -5,18 +5,21 @@
 //! (`redirect::traps`) and the call is rolled back.
 //!
 //! ```text
-//!  SVM program ──SIGSYS──▶ shim ──OUT 0xE7──▶ SVM vCPU thread ──▶ Executor::call
-//!                                                   │ 1 quiesce GVM vCPUs (HLT / CPL 3)
-//!                                                   │ 2 view page tables in the window
-//!                                                   │ 3 lent CPU: current = shadow task
-//!                                                   │ 4 KVM_RUN redirect vCPU at CPL 3:
-//!                                                   │     syscall ─▶ GVM kernel (native)
-//!                                                   │     sysret ─▶ store to sentinel (exit)
-//!  RAX, RCX (status) ◀─────────────────────────────┘ 5 commit or roll back, release
+//!  SVM program ──SIGSYS──▶ shim ──OUT 0xE7──▶ SVM vCPU thread: RedirectPort (port.rs)
+//!                                   │ 0 begin: checks; the listed buffers into bounce pages
+//!                                   ▼ redirect-worker thread: run_begun
+//!                                   │ 1 quiesce GVM vCPUs (HLT / CPL 3)
+//!                                   │ 2 view page tables in the window
+//!                                   │ 3 lent CPU: current = shadow task
+//!                                   │ 4 KVM_RUN redirect vCPU at CPL 3:
+//!                                   │     syscall ─▶ GVM kernel (native)
+//!                                   │     sysret ─▶ store to sentinel (exit)
+//!                                   │ 5 commit or roll back, release
+//!  RAX, RCX ◀── the OUT (at once) or a poll of it: finish (written ranges copied back)
 //! ```
 //!
-//! This file is the executor's public face; `engine` is the redirect VM (memslots, the
-//! vCPU and its runs), `segment` one lent CPU's run of a call, `call` how segments make a
+//! This file is the executor's public face; `port` the SVM's redirect port and the worker
+//! thread, `engine` the redirect VM (memslots, the vCPU and its runs), `segment` one lent CPU's run of a call, `call` how segments make a
 //! call (parking), `cow` the copy-on-write GVM RAM, `regs` the vCPU's register values and
 //! `error` why calls fail. Everything that needs no KVM is in the `redirect` crate.
 
@@ -28,22 +31,25 @@ mod call;
 mod cow;
 mod engine;
 mod error;
+mod port;
 mod regs;
 mod segment;
 
 pub use error::{Error, Unavailable};
+pub use port::RedirectPort;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use redirect::call_profile::CallProfile;
+use redirect::paging::{AddressSpace, PagingMode, DEFAULT_MAX_PHYS_BITS};
 use redirect::profile::{KernelImage, SymbolTable};
-use svm_runtime::redirect_abi::{Status, PORT};
+use svm_runtime::redirect_abi::Status;
 
 use crate::devices::PioBus;
 use crate::sync::lock;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::quiesce::VcpuControl;
-use crate::vstate::vcpu::{read_msrs, read_xcr0, PortHook};
+use crate::vstate::vcpu::{read_msrs, read_xcr0};
 use crate::vstate::vm::Vm;
 use crate::vstate::watchdog::Watchdog;
 use engine::Engine;
@@ -75,6 +81,12 @@ pub struct Stats {
     pub committed_pages: AtomicU64,
     /// Times a call slept in the GVM kernel and was parked (then resumed).
     pub parked: AtomicU64,
+    /// Answers "pending" the redirect port gave (the call had not finished in time).
+    pub pending: AtomicU64,
+    /// Nanoseconds the SVM's vCPU spent in the redirect port, summed.
+    pub port_ns: AtomicU64,
+    /// Nanoseconds calls took on the worker thread (`run_begun`), summed.
+    pub worker_ns: AtomicU64,
     /// Why the last failed call failed (one line).
     pub last_error: Mutex<String>,
     /// How long the GVM was held for each of the last [`HOLD_SAMPLES`] calls, in µs.
@@ -83,6 +95,12 @@ pub struct Stats {
 
 /// Calls whose hold time `info` summarises.
 const HOLD_SAMPLES: usize = 4096;
+
+/// Adds the time since `since` to `counter`, in nanoseconds.
+fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
+    let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(ns, Ordering::Relaxed);
+}
 
 impl Stats {
     fn record_hold(&self, held: Duration) {
@@ -136,6 +154,10 @@ pub struct Executor {
     gvm_hold: Mutex<()>,
     /// The trusted SVM kernel's control state, read from its vCPU at the first call.
     svm_control: OnceLock<TrustedControl>,
+    /// The redirect port's calls in flight and waiting (`port.rs`).
+    port: port::Port,
+    /// How long a call may take in all before it is given up (`--call-deadline`).
+    call_deadline: Duration,
     pub stats: Stats,
 }
 
@@ -146,6 +168,7 @@ impl Executor {
         kvm_device: &std::path::Path,
         image: Result<KernelImage, redirect::ProfileError>,
         parts: Parts,
+        call_deadline: Duration,
         seccomp: bool,
     ) -> std::io::Result<Arc<Executor>> {
         let watchdog = Watchdog::spawn("redirect-watchdog", seccomp)?;
@@ -159,15 +182,19 @@ impl Executor {
         if let Err(e) = &engine {
             log::error!("redirect engine unavailable: {e}");
         }
-        Ok(Arc::new(Executor {
+        let executor = Arc::new(Executor {
             engine_created: engine.is_ok(),
             engine: Mutex::new(engine.map_err(Arc::new)),
             image: Mutex::new(image.ok()),
             profile: OnceLock::new(),
             gvm_hold: Mutex::new(()),
             svm_control: OnceLock::new(),
+            port: port::Port::new(),
+            call_deadline,
             stats: Stats::default(),
-        }))
+        });
+        port::spawn_worker(&executor, seccomp)?;
+        Ok(executor)
     }
 
     /// True once calls can run: the redirect VM exists and the profile is complete. Never
@@ -205,17 +232,55 @@ impl Executor {
         let _ = self.profile.set(profile.map_err(Arc::new));
     }
 
-    /// Runs the system call in `regs` (RAX = number, RDI RSI RDX R10 R8 R9 = arguments) of
-    /// the SVM program whose control registers are `sregs`.
-    pub fn call(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Outcome {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let result = match self.profile.get() {
+    /// The call-time profile, or why calls cannot run.
+    fn ready_profile(&self) -> Result<&CallProfile, Error> {
+        match self.profile.get() {
             None => Err(Error::Unavailable(Arc::new(Unavailable::NoSymbols))),
             Some(Err(e)) => Err(Error::Unavailable(e.clone())),
-            Some(Ok(profile)) => match &mut *lock(&self.engine) {
-                Err(e) => Err(Error::Unavailable(e.clone())),
-                Ok(engine) => self.run_call(engine, profile, regs, sregs),
-            },
+            Some(Ok(profile)) => Ok(profile),
+        }
+    }
+
+    /// Checks the call in `regs` (RAX = number, RDI RSI RDX R10 R8 R9 = arguments, RCX =
+    /// its buffer list) of the SVM program whose control registers are `sregs`, and copies
+    /// its buffers in; on the SVM's vCPU thread, the SVM stopped.
+    fn begin(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<(), Error> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let profile = self.ready_profile()?;
+        match &mut *lock(&self.engine) {
+            Err(e) => Err(Error::Unavailable(e.clone())),
+            Ok(engine) => self.prepare_call(engine, profile, regs, sregs),
+        }
+    }
+
+    /// Runs a begun call in the GVM (on the worker thread).
+    fn run_begun(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<i64, Error> {
+        let profile = self.ready_profile()?;
+        match &mut *lock(&self.engine) {
+            Err(e) => Err(Error::Unavailable(e.clone())),
+            Ok(engine) => self.run_call(engine, profile, regs, sregs),
+        }
+    }
+
+    /// Zeroes and forgets the bounce pages of a call whose result nobody takes.
+    fn forget_buffers(&self) {
+        if let Ok(engine) = &mut *lock(&self.engine) {
+            if let Err(e) = engine.return_buffers(None) {
+                log::error!("redirect: clearing the bounce area: {e}");
+            }
+        }
+    }
+
+    /// Ends call number `nr` with `result`: on success its written ranges are copied back
+    /// into the program (whose control registers are `sregs` now; on the SVM's vCPU
+    /// thread, the SVM stopped), and the bounce pages are cleared either way.
+    fn finish(&self, nr: u64, sregs: &kvm_sregs, result: Result<i64, Error>) -> Outcome {
+        let result = match result {
+            Ok(v) => self.copy_back(sregs).map(|_| v),
+            Err(e) => {
+                self.forget_buffers();
+                Err(e)
+            }
         };
         let e = match result {
             Ok(result) => {
@@ -238,18 +303,40 @@ impl Executor {
             }
         };
         let why = e.to_string();
-        log::warn!("redirected syscall {} failed: {why}", regs.rax);
-        *lock(&self.stats.last_error) = format!("syscall {}: {}", regs.rax, why.replace('\n', " "));
+        log::warn!("redirected syscall {nr} failed: {why}");
+        *lock(&self.stats.last_error) = format!("syscall {nr}: {}", why.replace('\n', " "));
         Outcome {
             result: -errno,
             status,
+        }
+    }
+
+    /// Copies a returned call's written ranges back into the program of `sregs`.
+    fn copy_back(&self, sregs: &kvm_sregs) -> Result<u64, Error> {
+        let mut guard = lock(&self.engine);
+        let Ok(engine) = &mut *guard else {
+            return Ok(0);
+        };
+        let svm_mem = engine.parts.svm_mem.clone();
+        let mode =
+            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
+                .map_err(Error::SvmPaging);
+        match mode {
+            Ok(mode) => engine.return_buffers(Some(&AddressSpace::new(&svm_mem, mode, sregs.cr3))),
+            Err(e) => {
+                engine.return_buffers(None)?;
+                Err(e)
+            }
         }
     }
 }
 
 /// The SVM kernel's control state, as its vCPU (at a redirected call, in user mode) has it:
 /// the state every run of the redirect vCPU uses instead of the GVM's (`regs`).
-fn read_svm_control(vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<TrustedControl, ControlError> {
+pub(super) fn read_svm_control(
+    vcpu: &VcpuFd,
+    sregs: &kvm_sregs,
+) -> Result<TrustedControl, ControlError> {
     use crate::boot::cpu::{MSR_LSTAR, MSR_STAR, MSR_SYSCALL_MASK};
     let [star, lstar, sfmask] = read_msrs(vcpu, [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK])
         .ok_or(ControlError::Unreadable("MSRs"))?;
@@ -263,38 +350,4 @@ fn read_svm_control(vcpu: &VcpuFd, sregs: &kvm_sregs) -> Result<TrustedControl, 
         sfmask,
         xcr0: read_xcr0(vcpu).ok_or(ControlError::Unreadable("XCR0"))?,
     })
-}
-
-/// The SVM's redirect port: every vCPU of the SVM hands its OUTs to the executor.
-pub struct RedirectPort(pub Arc<Executor>);
-
-impl PortHook for RedirectPort {
-    fn port(&self) -> u16 {
-        PORT
-    }
-
-    fn handle(&self, vcpu: &VcpuFd) {
-        let (Ok(mut regs), Ok(sregs)) = (vcpu.get_regs(), vcpu.get_sregs()) else {
-            log::error!("redirect: cannot read the SVM vCPU's registers");
-            return;
-        };
-        // Only user programs (the shim) ask; the SVM kernel has no business on this port.
-        if sregs.cs.dpl != 3 {
-            return;
-        }
-        if self.0.svm_control.get().is_none() {
-            match read_svm_control(vcpu, &sregs) {
-                Ok(control) => {
-                    let _ = self.0.svm_control.set(control);
-                }
-                Err(e) => log::error!("redirect: {e}"),
-            }
-        }
-        let outcome = self.0.call(&regs, &sregs);
-        regs.rax = outcome.result as u64;
-        regs.rcx = outcome.status as u64;
-        if let Err(e) = vcpu.set_regs(&regs) {
-            log::error!("redirect: cannot write the SVM vCPU's registers: {e}");
-        }
-    }
 }

@@ -155,6 +155,13 @@ pub fn segment_registers(
             s.gs = flat(0, false, 0, 3);
         }
     }
+    set_descriptor_tables(&mut s);
+    s
+}
+
+/// Points GDTR, IDTR and TR at the window's tables and leaves no LDT: what every run of
+/// the redirect vCPU starts on, a resumed one included.
+pub fn set_descriptor_tables(s: &mut kvm_sregs) {
     s.gdt = kvm_dtable {
         base: ViewLayout::kva(offsets::GDT_TSS),
         limit: GDT_LIMIT,
@@ -173,7 +180,37 @@ pub fn segment_registers(
         present: 1,
         ..Default::default()
     };
-    s
+    s.ldt = kvm_segment {
+        unusable: 1,
+        ..Default::default()
+    };
+}
+
+/// Which descriptor-table register of `s` — the lent CPU at an exit the VMM is about to
+/// believe — is no longer the window's, if one is not. Nothing a redirected call runs
+/// loads them (Linux loads GDT, IDT and TR at CPU bring-up, the LDT at a context switch,
+/// which a call never makes); only trusted code reached through a function pointer in GVM
+/// data (`load_direct_gdt` loads the GVM's per-cpu `gdt_page`) could, and from then on the
+/// GVM would choose the gates and stacks the call runs on.
+pub fn descriptor_tables_changed(s: &kvm_sregs) -> Option<&'static str> {
+    let mut expected = *s;
+    set_descriptor_tables(&mut expected);
+    if (s.gdt.base, s.gdt.limit) != (expected.gdt.base, expected.gdt.limit) {
+        return Some("GDTR");
+    }
+    if (s.idt.base, s.idt.limit) != (expected.idt.base, expected.idt.limit) {
+        return Some("IDTR");
+    }
+    if (s.tr.selector, s.tr.base, s.tr.limit)
+        != (expected.tr.selector, expected.tr.base, expected.tr.limit)
+    {
+        return Some("TR");
+    }
+    // `lldt` of a null selector leaves no LDT whatever the descriptor cache says.
+    if s.ldt.selector != 0 {
+        return Some("LDTR");
+    }
+    None
 }
 
 /// The trusted system-call MSRs, the lent CPU's TSC, and `KERNEL_GS_BASE` (the kernel's GS
@@ -313,6 +350,46 @@ mod tests {
         assert_eq!(by_index(MSR_STAR), Some(control().star));
         assert_eq!(by_index(MSR_SYSCALL_MASK), Some(control().sfmask));
         assert_eq!(by_index(MSR_IA32_TSC), Some(123_456));
+    }
+
+    #[test]
+    fn a_run_that_left_the_windows_descriptor_tables_is_caught() {
+        let start = segment_registers(
+            kvm_sregs::default(),
+            &control(),
+            0x9000,
+            PCPU_BASE,
+            Mode::Kernel,
+        );
+        assert_eq!(descriptor_tables_changed(&start), None);
+        // What a run may change, and KVM may report differently, is not a switch.
+        let mut s = start;
+        s.cr3 = 0xa000;
+        s.gs.base = 0x1234;
+        s.tr.type_ = 9;
+        s.ldt.unusable = 0;
+        assert_eq!(descriptor_tables_changed(&s), None);
+        type Switch = fn(&mut kvm_sregs);
+        let switched: [(&str, Switch); 7] = [
+            ("GDTR", |s| s.gdt.base = PCPU_BASE + 0x1000),
+            ("GDTR", |s| s.gdt.limit = 0xffff),
+            ("IDTR", |s| s.idt.base = 0xffff_ffff_fe00_0000),
+            ("IDTR", |s| s.idt.limit = 0x1ff),
+            ("TR", |s| s.tr.selector = 0x50),
+            ("TR", |s| s.tr.base = PCPU_BASE + 0x6000),
+            ("LDTR", |s| s.ldt.selector = 0x50),
+        ];
+        for (what, switch) in switched {
+            let mut s = start;
+            switch(&mut s);
+            assert_eq!(descriptor_tables_changed(&s), Some(what), "{s:?}");
+        }
+        // A resumed run starts on the window's tables again whatever it stopped with.
+        let mut s = start;
+        s.gdt.base = 0;
+        s.ldt.selector = 0x50;
+        set_descriptor_tables(&mut s);
+        assert_eq!(descriptor_tables_changed(&s), None);
     }
 
     #[test]

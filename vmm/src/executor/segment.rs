@@ -113,7 +113,7 @@ impl<'a> Segment<'a> {
         let (profile, cpu) = (self.profile, self.cpu);
         if resume.is_none() {
             if regs.rax == SYS_DELETE_MODULE {
-                self.engine.layout.also_exec = self.module_being_removed(kernel, regs);
+                self.engine.layout.also_exec = self.module_being_removed(kernel);
             }
             shadow.prepare_call(kernel, &profile.shadow, u32::from(cpu))?;
         }
@@ -314,19 +314,9 @@ impl<'a> Segment<'a> {
 
     /// The text of the module a `delete_module` call names, if it is loaded: removing a
     /// module runs its own exit function, so for that call (only) its text is executable
-    /// in the view. The name comes from the program's memory in the SVM.
-    fn module_being_removed(
-        &self,
-        kernel: &AddressSpace<'_>,
-        regs: &kvm_regs,
-    ) -> Option<(u64, u64)> {
-        let s = self.sregs;
-        let mode = super::call::svm_paging(s).ok()?;
-        let program = AddressSpace::new(&self.engine.parts.svm_mem, mode, s.cr3);
-        let raw = program
-            .read_cstr(regs.rdi, traps::MODULE_NAME_LEN, Privilege::User)
-            .ok()?;
-        let name = std::str::from_utf8(&raw).ok()?;
+    /// in the view. The name was read from the program's memory when the call began.
+    fn module_being_removed(&self, kernel: &AddressSpace<'_>) -> Option<(u64, u64)> {
+        let name = self.engine.removing.as_deref()?;
         let text = self
             .profile
             .modules

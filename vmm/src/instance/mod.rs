@@ -35,6 +35,8 @@ pub struct InstanceConfig {
     pub gvm: VmConfig,
     /// The secure VM that runs `exterior-agent` and the redirected commands.
     pub svm: VmConfig,
+    /// How long a redirected call may take in all (`--call-deadline`).
+    pub call_deadline: std::time::Duration,
 }
 
 /// Runs an instance until its GVM stops or a client asks it to stop.
@@ -100,6 +102,7 @@ pub fn run_instance(
             gvm_vm,
             spare_cpu: gvm_cpus,
         },
+        config.call_deadline,
         opts.seccomp,
     )
     .map_err(host_err("redirect engine"))?;

@@ -230,6 +230,12 @@ fn rule(
             Store::Returned,
         );
     }
+    if gpa > layout.sentinel_gpa && gpa - layout.sentinel_gpa < 0x1000 {
+        return Err(ForgedStore::Stray {
+            gpa,
+            page: "the sentinel page",
+        });
+    }
     let trap_page = layout.trap_gpa();
     if gpa >= trap_page && gpa - trap_page < 0x1000 {
         let off = gpa - trap_page;
@@ -245,7 +251,10 @@ fn rule(
             }
         }
     }
-    Err(ForgedStore::UnusedSlot(gpa))
+    Err(ForgedStore::Stray {
+        gpa,
+        page: "the trap page",
+    })
 }
 
 /// Small valid cases: the stores unit tests' sites (believed and forged stores), and a

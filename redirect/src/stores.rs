@@ -69,9 +69,18 @@ pub enum ForgedStore {
         /// The view's CR3.
         view_cr3: u64,
     },
-    /// A store to the trap page where no placed trap (nor the kernel stub) stores.
-    #[error("a store to guest-physical {0:#x} in the trap page, where no trap stores; refused")]
-    UnusedSlot(u64),
+    /// A store to either page where nothing stores: past the sentinel's first word, or to
+    /// a trap-page slot no placed trap (nor the kernel stub) uses.
+    #[error(
+        "a store to guest-physical {gpa:#x} in {page}, where neither a stub nor a trap \
+         stores; refused"
+    )]
+    Stray {
+        /// The stored-to guest-physical address.
+        gpa: u64,
+        /// "the sentinel page" or "the trap page".
+        page: &'static str,
+    },
 }
 
 /// The sites whose stores end a call, for one view.
@@ -141,6 +150,12 @@ impl StoreSites {
         if gpa == self.sentinel_gpa {
             return from("the sentinel", self.stub_store, Store::Returned);
         }
+        if gpa.wrapping_sub(self.sentinel_gpa) < 0x1000 {
+            return Err(ForgedStore::Stray {
+                gpa,
+                page: "the sentinel page",
+            });
+        }
         // As in `covers`: below the trap page the offset is huge and matches no slot.
         let offset = gpa.wrapping_sub(self.trap_gpa);
         if offset == KERNEL_RETURN_SLOT {
@@ -157,7 +172,10 @@ impl StoreSites {
                 return from(trap_name(trap), site, Store::Trapped(trap));
             }
         }
-        Err(ForgedStore::UnusedSlot(gpa))
+        Err(ForgedStore::Stray {
+            gpa,
+            page: "the trap page",
+        })
     }
 }
 
@@ -270,20 +288,32 @@ mod tests {
         // Slot 1 exists in TRAPS but was not placed in this view.
         assert_eq!(
             s.believe(layout.trap_gpa() + 8, TEXT + 0x1230, view.cr3),
-            Err(ForgedStore::UnusedSlot(layout.trap_gpa() + 8))
+            Err(ForgedStore::Stray {
+                gpa: layout.trap_gpa() + 8,
+                page: "the trap page"
+            })
         );
         assert_eq!(
             s.believe(layout.trap_gpa() + 4, TEXT + 0x1230, view.cr3),
-            Err(ForgedStore::UnusedSlot(layout.trap_gpa() + 4))
+            Err(ForgedStore::Stray {
+                gpa: layout.trap_gpa() + 4,
+                page: "the trap page"
+            })
         );
         assert_eq!(
             s.believe(layout.trap_gpa() + 0xff8, TEXT + 0x1230, view.cr3),
-            Err(ForgedStore::UnusedSlot(layout.trap_gpa() + 0xff8))
+            Err(ForgedStore::Stray {
+                gpa: layout.trap_gpa() + 0xff8,
+                page: "the trap page"
+            })
         );
         // Elsewhere in the sentinel page.
         assert_eq!(
             s.believe(layout.sentinel_gpa + 8, view.stub_va + 2, view.cr3),
-            Err(ForgedStore::UnusedSlot(layout.sentinel_gpa + 8))
+            Err(ForgedStore::Stray {
+                gpa: layout.sentinel_gpa + 8,
+                page: "the sentinel page"
+            })
         );
         assert!(s.covers(layout.sentinel_gpa + 8));
         assert!(s.covers(layout.trap_gpa() + 0xfff));

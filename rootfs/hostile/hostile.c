@@ -33,6 +33,11 @@
  *                   domainname,osrelease,ostype,version} and anything else that takes
  *                   it sleep (D state) until 0 releases it. The holder is a kernel
  *                   thread of this module, [hostile_uts], asleep (S) while it holds.
+ *   lock_siglock=PID  takes the siglock of task PID (the lock word, arch_spin_lock)
+ *                   and keeps it: a signal sent to PID spins (or, with paravirt
+ *                   spinlocks, halts) in lock_task_sighand. Nothing in the GVM takes it
+ *                   while PID sleeps unsignalled; do not signal PID or let it exit
+ *                   meanwhile. 0 releases it.
  *   alias_uts=B     B: a page-aligned guest-physical base (hex with 0x, or decimal).
  *                   Maps B + the physical address of init_uts_ns (ioremap, a vmalloc
  *                   alias in the kernel half of every page table) and points the
@@ -92,10 +97,10 @@
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
  * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, hook_lstar,
- * alias_uts, alias_uts_split, hijack_idt, gadget_lidt, hold_uts_sem, each back to 0
- * before the next is fine (alias_uts_split may also replace alias_uts directly); module
- * exit undoes all, remap first, and gives init_task back init_nsproxy (the copy stays
- * allocated: a shadow task may still point at it).
+ * alias_uts, alias_uts_split, hijack_idt, gadget_lidt, lock_siglock, hold_uts_sem, each
+ * back to 0 before the next is fine (alias_uts_split may also replace alias_uts
+ * directly); module exit undoes all, remap first, and gives init_task back init_nsproxy
+ * (the copy stays allocated: a shadow task may still point at it).
  */
 #define pr_fmt(fmt) "hostile: " fmt
 
@@ -871,6 +876,53 @@ static int hold_uts_sem_switch(int on)
 	return 0;
 }
 
+/* ---- 6b. lock_siglock: a spinlock the GVM never releases ------------------ */
+
+/*
+ * Hole 5, a call that spins: the siglock of task PID is taken with arch_spin_lock (the
+ * lock word alone: no preempt count or lockdep state is left behind in the writer) and
+ * kept until 0. Nothing in the GVM spins on it while PID sleeps and nobody signals it
+ * (do not signal it, and let it not exit, while locked); a redirected kill of it
+ * spins in lock_task_sighand, or, with KVM's paravirt spinlocks, halts to wait.
+ */
+static int lock_siglock;
+static struct task_struct *siglock_task;
+
+static arch_spinlock_t *siglock_word(struct task_struct *t)
+{
+	return &t->sighand->siglock.rlock.raw_lock;
+}
+
+static int lock_siglock_switch(int pid)
+{
+	struct task_struct *t;
+
+	if (pid < 0)
+		return -EINVAL;
+	if (siglock_task) {
+		arch_spin_unlock(siglock_word(siglock_task));
+		put_task_struct(siglock_task);
+		siglock_task = NULL;
+	}
+	if (!pid)
+		return 0;
+	rcu_read_lock();
+	t = pid_task(find_vpid(pid), PIDTYPE_PID);
+	if (t)
+		get_task_struct(t);
+	rcu_read_unlock();
+	if (!t)
+		return -ESRCH;
+	if (!arch_spin_trylock(siglock_word(t))) {
+		put_task_struct(t);
+		return -EBUSY;
+	}
+	siglock_task = t;
+	snprintf(knob_note, sizeof(knob_note), " (siglock of pid %d at %px held)", pid,
+		 siglock_word(t));
+	return 0;
+}
+
 /* ---- 7. alias_uts, alias_uts_split: the shadow task's uts_ns where we choose ---- */
 
 /*
@@ -1295,6 +1347,8 @@ MODULE_PARM_DESC(remap_uname, "1 = text page of __x64_sys_newuname remapped to a
 KNOB(hook_lstar, hook_lstar_switch);
 MODULE_PARM_DESC(hook_lstar, "1 = MSR_LSTAR points at a trampoline in the module that jumps to entry_SYSCALL_64");
 KNOB(hold_uts_sem, hold_uts_sem_switch);
+KNOB(lock_siglock, lock_siglock_switch);
+MODULE_PARM_DESC(lock_siglock, "PID = that task's siglock held (a redirected signal to it spins) (0 = off)");
 MODULE_PARM_DESC(hold_uts_sem, "1 = uts_sem held for writing: uname, sethostname and co. sleep until 0");
 KNOB(hijack_idt, hijack_idt_switch);
 MODULE_PARM_DESC(hijack_idt, "1 = CPUs on a private IDT copy, idt_table's #PF gate -> asm_exc_int3");
@@ -1407,6 +1461,7 @@ static void __exit hostile_exit(void)
 	remove_proc_entry("hostile_gadget", NULL);
 	if (hijack_idt)
 		hijack_idt_off();
+	lock_siglock_switch(0);
 	if (uts_holder) {
 		kthread_stop(uts_holder);	/* up_write by the thread itself */
 		uts_holder = NULL;

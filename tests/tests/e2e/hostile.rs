@@ -89,6 +89,20 @@ fn unbacked_write(info: &str) -> Option<u64> {
     u64::from_str_radix(&hex, 16).ok()
 }
 
+/// The guest-physical address and page of a store that `exterior-vmm info`'s
+/// `redirect_last_error` says was refused as stray (`ForgedStore::Stray`: "a store to
+/// guest-physical 0x… in the sentinel page, where neither a stub nor a trap stores").
+fn stray_store(info: &str) -> Option<(u64, String)> {
+    let line = info
+        .lines()
+        .find_map(|l| l.strip_prefix("redirect_last_error="))?;
+    let (_, rest) = line.split_once("a store to guest-physical 0x")?;
+    let hex: String = rest.chars().take_while(char::is_ascii_hexdigit).collect();
+    let (_, rest) = rest.split_once(" in ")?;
+    let (page, _) = rest.split_once(", where neither a stub nor a trap stores; refused")?;
+    Some((u64::from_str_radix(&hex, 16).ok()?, page.to_string()))
+}
+
 /// The guest-physical range [start, end) of the fake namespace's nodename, from the
 /// module's `alias_uts_split` ok line ("nodename at phys [0x…, 0x…)").
 fn nodename_range(note: &str) -> Option<(u64, u64)> {
@@ -333,7 +347,39 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
         "the GVM's own hostname changed"
     );
 
-    // 6c. Back on init_uts_ns: the engine and its view survived both.
+    // 6c. Promise 10: the sentinel, the unbacked page whose store ends a call (the stub's
+    // `mov %rax` after `syscall`): the page after the 4 MiB window. The same split puts
+    // nodename at its end, so the exterior sethostname's memcpy of the new name stores
+    // there. Believed, that store would end the call as "returned" — committing it with
+    // the stored bytes for a result; it must be refused as a stray store into the
+    // sentinel page (only the page's first word is the stub's), the GVM left unchanged.
+    const SENTINEL: u64 = WINDOW + (4 << 20);
+    switch(&mut gvm, "alias_uts_split", &format!("{SENTINEL:#x}"));
+    let (_, _, err) = exterior_outcome(&rt, "hk", &["hostname", "pwned"]);
+    assert!(
+        err.contains(REFUSED_SETHOSTNAME),
+        "the exterior sethostname was not refused with nodename on the sentinel: {err}"
+    );
+    let note = gvm.run("dmesg | grep 'alias_uts_split = ' | tail -n 1");
+    let nodename = nodename_range(&note)
+        .unwrap_or_else(|| panic!("the module does not say where nodename is: {note}"));
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    let (stored, page) = stray_store(&info)
+        .unwrap_or_else(|| panic!("the refusal does not name a stray store: {info}"));
+    assert!(
+        page == "the sentinel page"
+            && (SENTINEL..SENTINEL + 0x1000).contains(&stored)
+            && (nodename.0..nodename.1).contains(&stored),
+        "the refused store to {page} at {stored:#x} is not the nodename store into the \
+         sentinel (module: {note}): {info}"
+    );
+    assert_eq!(
+        gvm.run("cat /proc/sys/kernel/hostname").trim(),
+        gvm_host,
+        "the GVM's own hostname changed"
+    );
+
+    // 6d. Back on init_uts_ns: the engine and its view survived all three.
     switch(&mut gvm, "alias_uts_split", "0");
     assert_eq!(
         exterior(&rt, "hk", &["uname", "-n"]).trim(),
@@ -413,7 +459,42 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     );
     assert_vmm_and_svm_answer(&rt, "hk");
 
-    // 8. Hole 5: a call that sleeps in the GVM for as long as the GVM likes. The module's
+    // 8. Hole 5: a call that spins. The module takes the siglock of a sleeping process
+    // and keeps it (the lock word only; the process sleeps on, unsignalled); the exterior
+    // `kill -CONT` of it spins in lock_task_sighand with interrupts off — or, with KVM's
+    // paravirt spinlocks, halts to wait for a kick that never comes. Either way the run
+    // must be cut and rolled back, not hang the SVM or the engine: after the release the
+    // same exterior kill works.
+    let victim = gvm
+        .run("sleep 3600 >/dev/null 2>&1 & echo $!")
+        .trim()
+        .to_string();
+    assert!(victim.parse::<u32>().is_ok(), "no victim pid: {victim:?}");
+    switch(&mut gvm, "lock_siglock", &victim);
+    let (code, out, err) = exterior_outcome(&rt, "hk", &["kill", "-CONT", &victim]);
+    assert!(
+        code != 0 && err.contains("exterior: the redirect failed in the VMM (kill)"),
+        "the exterior kill on a held siglock was not refused (exit {code}, stdout {out:?}, \
+         stderr {err:?})"
+    );
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    assert!(
+        (info.contains("the call halted the lent CPU")
+            || info.contains("the call did not return within 5s"))
+            && info.contains("rolled back"),
+        "the spinning call was not cut and rolled back: {info}"
+    );
+    switch(&mut gvm, "lock_siglock", "0");
+    assert!(
+        gvm.run(&format!("kill -0 {victim} && echo alive=$((6*7))"))
+            .contains("alive=42"),
+        "the victim died while its siglock was held"
+    );
+    let (code, _, err) = exterior_outcome(&rt, "hk", &["kill", "-TERM", &victim]);
+    assert_eq!(code, 0, "the exterior kill after the release: {err}");
+    assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 9. Hole 5: a call that sleeps in the GVM for as long as the GVM likes. The module's
     // kernel thread takes uts_sem for writing and keeps it, so the exterior uname sleeps
     // on it: parked, resumed, parked again until its budget is spent, then left parked
     // (the engine stops: this step comes last). Meanwhile the SVM must keep running —

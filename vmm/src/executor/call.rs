@@ -95,10 +95,9 @@ impl Executor {
         engine: &mut Engine,
         profile: &CallProfile,
         regs: &kvm_regs,
-        sregs: &kvm_sregs,
     ) -> Result<i64, Error> {
         let _exclusive = self.hold_gvm();
-        let result = self.segments(engine, profile, regs, sregs);
+        let result = self.segments(engine, profile, regs);
         engine.layout.also_exec = None;
         result
     }
@@ -108,7 +107,6 @@ impl Executor {
         engine: &mut Engine,
         profile: &CallProfile,
         regs: &kvm_regs,
-        sregs: &kvm_sregs,
     ) -> Result<i64, Error> {
         let policy = QuiescePolicy {
             budget: QUIESCE_BUDGET,
@@ -142,7 +140,7 @@ impl Executor {
                     .or(held.snapshots.first()),
             };
             let end = match pick {
-                Some(lent) => Segment::open(engine, profile, &self.stats, lent, sregs)
+                Some(lent) => Segment::open(engine, profile, &self.stats, lent)
                     .and_then(|segment| segment.run(regs, parked.as_ref())),
                 None => Err(Error::NoCpuToLend),
             };

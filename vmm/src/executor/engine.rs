@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_regs, kvm_sregs, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_regs, kvm_userspace_memory_region, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -485,7 +485,6 @@ impl Engine {
         &mut self,
         profile: &CallProfile,
         cpu: AsCpu<'_>,
-        sregs: &kvm_sregs,
         entry: Entry<'_>,
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
@@ -494,9 +493,7 @@ impl Engine {
         self.lend_gdt(cpu.cpu)?;
         let mode = match entry {
             Entry::Function { .. } => regs::Mode::Kernel,
-            Entry::Syscall(_) => regs::Mode::User {
-                fs_base: sregs.fs.base,
-            },
+            Entry::Syscall(_) => regs::Mode::User,
         };
         let trusted = self.trusted.ok_or(Error::NoTrustedControl)?;
         let vcpu = &self.vcpu;
@@ -520,7 +517,12 @@ impl Engine {
                 r10: regs.r10,
                 r8: regs.r8,
                 r9: regs.r9,
-                rsp: regs.rsp,
+                // Not the program's stack pointer, nor (`Mode::User`) its FS base: the
+                // GVM's kernel saves both in the shadow's pt_regs, GVM memory, and would
+                // learn where the SVM program's stack and TLS are. A call uses neither
+                // (the stub needs no stack; a signal frame could not be written to the
+                // program's stack anyway: the view maps only its listed buffers).
+                rsp: 0,
                 rip: view.stub_va,
                 rflags: 0x202,
                 ..Default::default()

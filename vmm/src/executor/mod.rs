@@ -254,11 +254,11 @@ impl Executor {
     }
 
     /// Runs a begun call in the GVM (on the worker thread).
-    fn run_begun(&self, regs: &kvm_regs, sregs: &kvm_sregs) -> Result<i64, Error> {
+    fn run_begun(&self, regs: &kvm_regs) -> Result<i64, Error> {
         let profile = self.ready_profile()?;
         match &mut *lock(&self.engine) {
             Err(e) => Err(Error::Unavailable(e.clone())),
-            Ok(engine) => self.run_call(engine, profile, regs, sregs),
+            Ok(engine) => self.run_call(engine, profile, regs),
         }
     }
 

@@ -140,7 +140,6 @@ impl Calls {
 struct Job {
     token: u64,
     regs: kvm_regs,
-    sregs: kvm_sregs,
 }
 
 /// What the shim is told.
@@ -196,7 +195,7 @@ fn serve(inbox: &Receiver<Job>, executor: &Weak<Executor>) {
         // A panic must not leave the call in flight forever (its program would poll on).
         let started = Instant::now();
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            executor.run_begun(&job.regs, &job.sregs)
+            executor.run_begun(&job.regs)
         }))
         .unwrap_or(Err(Error::NoWorker));
         super::add_elapsed(&executor.stats.worker_ns, started);
@@ -244,14 +243,9 @@ impl Executor {
         if let Err(e) = self.begin(regs, sregs) {
             return Answer::Done(self.finish(regs.rax, sregs, Err(e)));
         }
-        let sent = lock(&port.jobs).as_ref().is_some_and(|jobs| {
-            jobs.send(Job {
-                token,
-                regs: *regs,
-                sregs: *sregs,
-            })
-            .is_ok()
-        });
+        let sent = lock(&port.jobs)
+            .as_ref()
+            .is_some_and(|jobs| jobs.send(Job { token, regs: *regs }).is_ok());
         if !sent {
             return Answer::Done(self.finish(regs.rax, sregs, Err(Error::NoWorker)));
         }

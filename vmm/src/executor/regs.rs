@@ -96,9 +96,9 @@ impl TrustedControl {
 pub enum Mode {
     /// A kernel function the executor calls itself (CPL 0, the kernel's GS base).
     Kernel,
-    /// A program's system call, entered from user mode through `syscall` (CPL 3, the
-    /// program's FS base; the kernel's GS base waits in `KERNEL_GS_BASE` for `swapgs`).
-    User { fs_base: u64 },
+    /// A program's system call, entered from user mode through `syscall` (CPL 3, FS base
+    /// 0, not the program's; the kernel's GS base waits in `KERNEL_GS_BASE` for `swapgs`).
+    User,
 }
 
 /// A flat 64-bit segment: code (long mode) or data, at privilege `dpl`.
@@ -146,12 +146,12 @@ pub fn segment_registers(
             s.fs = flat(0, false, 0, 0);
             s.gs = flat(0, false, pcpu_base, 0);
         }
-        Mode::User { fs_base } => {
+        Mode::User => {
             s.cs = flat(USER_CS, true, 0, 3);
             s.ss = flat(USER_DS, false, 0, 3);
             s.ds = flat(USER_DS, false, 0, 3);
             s.es = flat(USER_DS, false, 0, 3);
-            s.fs = flat(0, false, fs_base, 3);
+            s.fs = flat(0, false, 0, 3);
             s.gs = flat(0, false, 0, 3);
         }
     }
@@ -218,7 +218,7 @@ pub fn descriptor_tables_changed(s: &kvm_sregs) -> Option<&'static str> {
 pub fn msrs(control: &TrustedControl, tsc: u64, pcpu_base: u64, mode: Mode) -> [kvm_msr_entry; 5] {
     let other_gs = match mode {
         Mode::Kernel => 0,
-        Mode::User { .. } => pcpu_base,
+        Mode::User => pcpu_base,
     };
     [
         (MSR_STAR, control.star),
@@ -333,16 +333,15 @@ mod tests {
     }
 
     #[test]
-    fn a_system_call_starts_at_cpl3_with_the_programs_fs_and_the_kernel_gs_in_waiting() {
-        let mode = Mode::User {
-            fs_base: 0x7f00_1234_5000,
-        };
+    fn a_system_call_starts_at_cpl3_with_no_fs_of_the_programs_and_the_kernel_gs_in_waiting() {
+        let mode = Mode::User;
         let s = segment_registers(kvm_sregs::default(), &control(), 0x9000, PCPU_BASE, mode);
         assert_eq!((s.cs.selector, s.cs.dpl, s.cs.l), (USER_CS, 3, 1));
         for seg in [s.ss, s.ds, s.es] {
             assert_eq!((seg.selector, seg.dpl, seg.type_), (USER_DS, 3, TYPE_DATA));
         }
-        assert_eq!((s.fs.base, s.gs.base), (0x7f00_1234_5000, 0));
+        // The program's FS base (its TLS) is not the GVM's to see.
+        assert_eq!((s.fs.base, s.gs.base), (0, 0));
         let m = msrs(&control(), 123_456, PCPU_BASE, mode);
         let by_index = |i: u32| m.iter().find(|e| e.index == i).map(|e| e.data);
         assert_eq!(by_index(MSR_KERNEL_GS_BASE), Some(PCPU_BASE));

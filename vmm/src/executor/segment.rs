@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_bindings::kvm_regs;
 use redirect::call_profile::CallProfile;
 use redirect::lend::{CallState, LentCpu};
 use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
@@ -44,8 +44,6 @@ pub(super) struct Segment<'a> {
     engine: &'a mut Engine,
     profile: &'a CallProfile,
     stats: &'a Stats,
-    /// The SVM program's control registers.
-    sregs: &'a kvm_sregs,
     cpu: u8,
     control: ControlState,
     mode: PagingMode,
@@ -59,7 +57,6 @@ impl<'a> Segment<'a> {
         profile: &'a CallProfile,
         stats: &'a Stats,
         lent: &VcpuSnapshot,
-        sregs: &'a kvm_sregs,
     ) -> Result<Segment<'a>, Error> {
         let (cpu, control) = (lent.index, lent.control);
         let syms = &profile.kernel.symbols;
@@ -85,7 +82,6 @@ impl<'a> Segment<'a> {
             engine,
             profile,
             stats,
-            sregs,
             cpu,
             control,
             mode,
@@ -137,8 +133,7 @@ impl<'a> Segment<'a> {
                     pcpu_base: self.words.pcpu_base(),
                 };
                 let entry = Entry::Syscall(regs);
-                self.engine
-                    .start(profile, as_cpu, self.sregs, entry, counters)
+                self.engine.start(profile, as_cpu, entry, counters)
             }
             (Ok(()), Some(p)) => self
                 .engine
@@ -180,9 +175,7 @@ impl<'a> Segment<'a> {
             control: &self.control,
             pcpu_base: self.words.pcpu_base(),
         };
-        let run = self
-            .engine
-            .start(profile, as_cpu, self.sregs, entry, counters);
+        let run = self.engine.start(profile, as_cpu, entry, counters);
         let settled = self.engine.settle(run.is_ok());
         let restored = self.words.give_back(kernel);
         let block = match run {

@@ -38,6 +38,10 @@
  *                   spinlocks, halts) in lock_task_sighand. Nothing in the GVM takes it
  *                   while PID sleeps unsignalled; do not signal PID or let it exit
  *                   meanwhile. 0 releases it.
+ *   spin_kernel=N   N seconds (1-16): 5 s later, a kernel thread [hostile_spin] spins
+ *                   N s with preemption off; on a one-CPU GVM nothing else runs, and
+ *                   the CPU stays in the kernel. It ends by itself (0 only succeeds
+ *                   then; -EBUSY before).
  *   alias_uts=B     B: a page-aligned guest-physical base (hex with 0x, or decimal).
  *                   Maps B + the physical address of init_uts_ns (ioremap, a vmalloc
  *                   alias in the kernel half of every page table) and points the
@@ -97,8 +101,8 @@
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
  * Switch order for a test: hide_pid, hide_self, patch_uname, remap_uname, hook_lstar,
- * alias_uts, alias_uts_split, hijack_idt, gadget_lidt, lock_siglock, hold_uts_sem, each
- * back to 0 before the next is fine (alias_uts_split may also replace alias_uts
+ * alias_uts, alias_uts_split, hijack_idt, gadget_lidt, lock_siglock, spin_kernel,
+ * hold_uts_sem, each back to 0 before the next is fine (alias_uts_split may also replace alias_uts
  * directly); module exit undoes all, remap first, and gives init_task back init_nsproxy
  * (the copy stays allocated: a shadow task may still point at it).
  */
@@ -923,6 +927,58 @@ static int lock_siglock_switch(int pid)
 	return 0;
 }
 
+/* ---- 6c. spin_kernel: a GVM that never lets itself be held ---------------- */
+
+/*
+ * Hole 5, a GVM whose CPU stays in its kernel: after SPIN_DELAY_MS (time for the writer
+ * and the console to finish), a kernel thread spins with preemption off for N seconds.
+ * On a one-CPU GVM nothing else runs meanwhile, and the CPU is never at a point where the
+ * VMM may hold it (halted or in user mode). N is capped below the soft-lockup (20 s) and
+ * RCU-stall (21 s) thresholds.
+ */
+#define SPIN_DELAY_MS 5000
+#define SPIN_MAX_SECS 16
+static int spin_kernel;
+static bool spinner_live;		/* under knob_lock */
+static DECLARE_COMPLETION(spinner_done);
+
+static int spinner_fn(void *arg)
+{
+	u64 end;
+
+	msleep(SPIN_DELAY_MS);
+	end = ktime_get_ns() + (u64)(unsigned long)arg * NSEC_PER_SEC;
+	preempt_disable();
+	while (ktime_get_ns() < end)
+		cpu_relax();
+	preempt_enable();
+	complete(&spinner_done);
+	return 0;
+}
+
+static int spin_kernel_switch(int secs)
+{
+	struct task_struct *t;
+
+	if (secs < 0 || secs > SPIN_MAX_SECS)
+		return -EINVAL;
+	if (spinner_live) {
+		if (!completion_done(&spinner_done))
+			return -EBUSY;
+		spinner_live = false;
+	}
+	if (!secs)
+		return 0;
+	reinit_completion(&spinner_done);
+	t = kthread_run(spinner_fn, (void *)(unsigned long)secs, "hostile_spin");
+	if (IS_ERR(t))
+		return PTR_ERR(t);
+	spinner_live = true;
+	snprintf(knob_note, sizeof(knob_note), " (spins %d s from %d ms on, pid %d)", secs,
+		 SPIN_DELAY_MS, task_pid_nr(t));
+	return 0;
+}
+
 /* ---- 7. alias_uts, alias_uts_split: the shadow task's uts_ns where we choose ---- */
 
 /*
@@ -1348,6 +1404,8 @@ KNOB(hook_lstar, hook_lstar_switch);
 MODULE_PARM_DESC(hook_lstar, "1 = MSR_LSTAR points at a trampoline in the module that jumps to entry_SYSCALL_64");
 KNOB(hold_uts_sem, hold_uts_sem_switch);
 KNOB(lock_siglock, lock_siglock_switch);
+KNOB(spin_kernel, spin_kernel_switch);
+MODULE_PARM_DESC(spin_kernel, "N = in 5 s, a kernel thread spins N s (at most 16) with preemption off");
 MODULE_PARM_DESC(lock_siglock, "PID = that task's siglock held (a redirected signal to it spins) (0 = off)");
 MODULE_PARM_DESC(hold_uts_sem, "1 = uts_sem held for writing: uname, sethostname and co. sleep until 0");
 KNOB(hijack_idt, hijack_idt_switch);
@@ -1462,6 +1520,8 @@ static void __exit hostile_exit(void)
 	if (hijack_idt)
 		hijack_idt_off();
 	lock_siglock_switch(0);
+	if (spinner_live)
+		wait_for_completion(&spinner_done);
 	if (uts_holder) {
 		kthread_stop(uts_holder);	/* up_write by the thread itself */
 		uts_holder = NULL;

@@ -494,6 +494,48 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     assert_eq!(code, 0, "the exterior kill after the release: {err}");
     assert_vmm_and_svm_answer(&rt, "hk");
 
+    // 8b. Hole 5: a GVM that never lets itself be held. 5 s after the switch, a module
+    // thread spins for 16 s with preemption off: the GVM's only CPU stays in its kernel,
+    // never at a point where the VMM may hold it (halted or in user mode). A loop of
+    // exterior unames runs across it: the calls whose quiesce falls in the spin's first
+    // 6 s must end "busy" when the quiesce gives up (10 s), the SVM must answer
+    // meanwhile, and the calls after the spin must work again.
+    switch(&mut gvm, "spin_kernel", "16");
+    let across = vmm_in(&rt)
+        .args(["exec", "hk", "--", "sh", "-c"])
+        .arg("for i in $(seq 25); do uname -n || echo busy-$i; sleep 0.5; done")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn exterior-vmm exec");
+    std::thread::sleep(Duration::from_secs(12));
+    let (code, out, err) = run(vmm_in(&rt).args(["exec", "hk", "--local", "--", "echo", "svm-ok"]));
+    assert_eq!(
+        (code, out.trim()),
+        (0, "svm-ok"),
+        "the SVM while the GVM will not be held: {err}"
+    );
+    let done = across.wait_with_output().expect("the uname loop");
+    let (out, err) = (
+        String::from_utf8_lossy(&done.stdout),
+        String::from_utf8_lossy(&done.stderr),
+    );
+    let info = run(vmm_in(&rt).args(["info", "hk"])).1;
+    assert!(
+        out.lines().any(|l| l.starts_with("busy-"))
+            && err.contains("exterior: the guest is busy (uname)")
+            && info.contains("guest busy:")
+            && info.contains("(it never reached an idle or user-mode point)"),
+        "no exterior uname was refused as busy while the GVM spun in its kernel \
+         (stdout {out:?}, stderr {err:?}): {info}"
+    );
+    assert_eq!(
+        out.lines().last(),
+        Some(gvm_host.as_str()),
+        "the exterior uname did not work again after the spin: {out:?}"
+    );
+    assert_vmm_and_svm_answer(&rt, "hk");
+
     // 9. Hole 5: a call that sleeps in the GVM for as long as the GVM likes. The module's
     // kernel thread takes uts_sem for writing and keeps it, so the exterior uname sleeps
     // on it: parked, resumed, parked again until its budget is spent, then left parked

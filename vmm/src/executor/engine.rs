@@ -87,6 +87,8 @@ pub(super) struct AsCpu<'a> {
 pub(super) struct Counters<'a> {
     pub exits: &'a AtomicU64,
     pub console: &'a AtomicU64,
+    /// Nanoseconds spent making views (`fresh_view`).
+    pub view_ns: &'a AtomicU64,
 }
 
 pub(super) struct Engine {
@@ -463,7 +465,13 @@ impl Engine {
 
     /// Builds the view tables for a run on `control`'s address space and drops the
     /// redirect VM's cached translations of the last one.
-    fn fresh_view(&mut self, profile: &CallProfile, control: &ControlState) -> Result<View, Error> {
+    fn fresh_view(
+        &mut self,
+        profile: &CallProfile,
+        control: &ControlState,
+        view_ns: &AtomicU64,
+    ) -> Result<View, Error> {
+        let started = Instant::now();
         let window = Relocated {
             inner: &self.window.mem,
             base: self.layout.window_gpa,
@@ -477,6 +485,7 @@ impl Engine {
         )?;
         self.private_text(&profile.traps)?;
         self.forget_cached_translations()?;
+        super::add_elapsed(view_ns, started);
         Ok(view)
     }
 
@@ -489,7 +498,7 @@ impl Engine {
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
         self.complete_pending_exit();
-        let view = self.fresh_view(profile, cpu.control)?;
+        let view = self.fresh_view(profile, cpu.control, counters.view_ns)?;
         self.lend_gdt(cpu.cpu)?;
         let mode = match entry {
             Entry::Function { .. } => regs::Mode::Kernel,
@@ -559,7 +568,7 @@ impl Engine {
         at: &kvm_regs,
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
-        let view = self.fresh_view(profile, control)?;
+        let view = self.fresh_view(profile, control, counters.view_ns)?;
         self.lend_gdt(cpu)?;
         let vcpu = &self.vcpu;
         let mut s = vcpu.get_sregs().map_err(kvm("get sregs"))?;

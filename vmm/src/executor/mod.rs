@@ -87,6 +87,10 @@ pub struct Stats {
     pub port_ns: AtomicU64,
     /// Nanoseconds calls took on the worker thread (`run_begun`), summed.
     pub worker_ns: AtomicU64,
+    /// Nanoseconds spent making views — the view's page tables, the private text with its
+    /// traps, and the flush of the redirect VM's cached translations — summed (once per
+    /// segment: a parked call makes one per resume).
+    pub view_ns: AtomicU64,
     /// Why the last failed call failed (one line).
     pub last_error: Mutex<String>,
     /// How long the GVM was held for each of the last [`HOLD_SAMPLES`] calls, in µs.

@@ -123,6 +123,7 @@ impl<'a> Segment<'a> {
         let counters = Counters {
             exits: &self.stats.exits,
             console: &self.stats.console_exits,
+            view_ns: &self.stats.view_ns,
         };
         let run = match (lend, resume) {
             (Err(e), _) => Err(Stop::Failed(e.into())),
@@ -169,6 +170,7 @@ impl<'a> Segment<'a> {
         let counters = Counters {
             exits: &self.stats.setup_exits,
             console: &self.stats.console_exits,
+            view_ns: &self.stats.view_ns,
         };
         let as_cpu = AsCpu {
             cpu: self.cpu,

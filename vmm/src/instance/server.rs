@@ -140,7 +140,7 @@ impl ControlServer {
              redirect_held_us={}\nredirect_held_median_us={}\nredirect_held_max_us={}\n\
              redirect_setup_exits={}\nredirect_rolled_back={}\nredirect_parked={}\n\
              redirect_committed_pages={}\nredirect_pending={}\nredirect_port_us={}\n\
-             redirect_worker_us={}\n\
+             redirect_worker_us={}\nredirect_view_us={}\n\
              redirect_last_error={}\n",
             self.parts.name,
             std::process::id(),
@@ -163,6 +163,7 @@ impl ControlServer {
             get(&stats.pending),
             get(&stats.port_ns) / 1000,
             get(&stats.worker_ns) / 1000,
+            get(&stats.view_ns) / 1000,
             crate::sync::lock(&stats.last_error),
         )
     }

@@ -19,8 +19,8 @@
 //! ```
 //!
 //! This file is the executor's public face; `port` the SVM's redirect port and the worker
-//! thread, `engine` the redirect VM (memslots, the vCPU and its runs), `segment` one lent CPU's run of a call, `call` how segments make a
-//! call (parking), `cow` the copy-on-write GVM RAM, `regs` the vCPU's register values and
+//! thread, `engine` the redirect VM (memslots, the vCPU and its runs), `segment` one lent
+//! CPU's run of a call, `call` how segments make a call (parking), `cow` the copy-on-write GVM RAM, `regs` the vCPU's register values and
 //! `error` why calls fail. Everything that needs no KVM is in the `redirect` crate.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,7 +41,7 @@ pub use port::RedirectPort;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::{VcpuFd, VmFd};
 use redirect::call_profile::CallProfile;
-use redirect::paging::{AddressSpace, PagingMode, DEFAULT_MAX_PHYS_BITS};
+use redirect::paging::AddressSpace;
 use redirect::profile::{KernelImage, SymbolTable};
 use svm_runtime::redirect_abi::Status;
 
@@ -322,10 +322,7 @@ impl Executor {
             return Ok(0);
         };
         let svm_mem = engine.parts.svm_mem.clone();
-        let mode =
-            PagingMode::from_control_regs(sregs.cr0, sregs.cr4, sregs.efer, DEFAULT_MAX_PHYS_BITS)
-                .map_err(Error::SvmPaging);
-        match mode {
+        match call::svm_paging(sregs) {
             Ok(mode) => engine.return_buffers(Some(&AddressSpace::new(&svm_mem, mode, sregs.cr3))),
             Err(e) => {
                 engine.return_buffers(None)?;

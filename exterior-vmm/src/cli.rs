@@ -49,6 +49,10 @@ pub struct RunCmd {
     /// extra kernel command-line parameters, appended after the defaults
     #[argh(option)]
     pub append: Option<String>,
+    /// attach a raw disk image as a virtio-blk device (vda, vdb, ... in order): PATH, or
+    /// PATH,ro for a read-only disk; may be repeated (at most 8)
+    #[argh(option)]
+    pub disk: Vec<String>,
     /// write the guest console to FILE instead of stdout
     #[argh(option)]
     pub console: Option<PathBuf>,

@@ -254,6 +254,7 @@ pub fn run_config_from_image(
         kernel_path: image.to_path_buf(),
         initrd: v.initrd,
         console,
+        disks: Vec::new(),
     };
     Ok((vm, c.svm))
 }

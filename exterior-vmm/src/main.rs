@@ -186,6 +186,7 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
         kernel_path,
         initrd,
         console: console_target(cmd.console.as_deref()),
+        disks: Vec::new(),
     })
 }
 
@@ -206,6 +207,7 @@ fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig
         kernel_path: gvm.kernel_path.clone(),
         initrd: Some(config::read_svm_initrd(&initrd_path, mem_mib)?),
         console: ConsoleTarget::File(log.to_path_buf()),
+        disks: Vec::new(),
     })
 }
 
@@ -219,7 +221,17 @@ fn run(cmd: RunCmd) -> ExitCode {
             "--call-deadline needs --name (only an instance redirects calls)",
         );
     }
-    let config = match &cmd.image {
+    if !cmd.disk.is_empty() && cmd.name.is_some() {
+        // A redirected call commits whole pages it wrote; a disk read landing in one of
+        // them meanwhile would be overwritten. Until device I/O pauses while the GVM is
+        // held (issue #13), instances take no disks.
+        return fail(
+            EXIT_BAD_INPUT,
+            "--disk cannot be combined with --name yet: an instance's GVM takes no disks \
+             (docs/LIMITS.md)",
+        );
+    }
+    let mut config = match &cmd.image {
         Some(image) => {
             if cmd.kernel.is_some() || cmd.initrd.is_some() || cmd.append.is_some() {
                 return fail(
@@ -247,6 +259,10 @@ fn run(cmd: RunCmd) -> ExitCode {
             Ok(c) => c,
             Err(e) => return fail(EXIT_BAD_INPUT, e),
         },
+    };
+    config.disks = match config::open_disks(&cmd.disk) {
+        Ok(d) => d,
+        Err(e) => return fail(EXIT_BAD_INPUT, e),
     };
     let opts = RunOptions {
         kvm_device: paths::kvm_device(),

@@ -235,6 +235,55 @@ fn a_call_deadline_is_checked_and_needs_an_instance() {
 }
 
 #[test]
+fn bad_disks_are_refused_before_any_guest_runs() {
+    let dir = scratch("disks");
+    let kernel = minimal_elf(&dir);
+    let odd = dir.join("odd.img");
+    std::fs::write(&odd, vec![0u8; 700]).unwrap();
+    let good = dir.join("good.img");
+    std::fs::write(&good, vec![0u8; 4096]).unwrap();
+    let missing = dir.join("missing.img");
+    let cases = [
+        (
+            format!("{}", missing.display()),
+            "missing.img: No such file or directory",
+        ),
+        (
+            format!("{},ro", odd.display()),
+            "700 bytes is not a whole number of 512-byte sectors",
+        ),
+        (
+            format!("{},readonly", good.display()),
+            "give PATH or PATH,ro",
+        ),
+    ];
+    for (disk, want) in cases {
+        let (code, err) = run(vmm()
+            .args(["run", "--disk", &disk, "--kernel"])
+            .arg(&kernel));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(want), "--disk {disk}: {err}");
+    }
+    let (code, err) = run(vmm()
+        .args([
+            "run",
+            "--name",
+            "d",
+            "--disk",
+            good.to_str().unwrap(),
+            "--kernel",
+        ])
+        .arg(&kernel));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--disk cannot be combined with --name yet"),
+        "{err}"
+    );
+    // The image was not touched by any of it.
+    assert_eq!(std::fs::read(&good).unwrap(), vec![0u8; 4096]);
+}
+
+#[test]
 fn exec_without_a_command() {
     let (code, err) = run(vmm().args(["exec", "x"]));
     assert_eq!(code, 2);

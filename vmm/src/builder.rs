@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, NoDatamatch};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -21,7 +22,10 @@ use crate::devices::serial::{
     ConsoleSerial, ConsoleSink, ConsoleTap, LinkInbox, LinkSerial, LinkSink, SerialDevice,
     COM1_BASE, COM1_GSI, COM2_BASE, COM2_GSI, COM_LEN,
 };
-use crate::devices::PioBus;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Interrupt, MMIO_SIZE};
+use crate::devices::{MmioBus, PioBus};
 use crate::event_loop::{ExitWatcher, StdinInput};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{self, ThreadKind};
@@ -102,6 +106,7 @@ pub(crate) struct BuiltVm {
     pub vm: Vm,
     vcpus: Vec<Vcpu>,
     bus: Arc<PioBus>,
+    mmio: Arc<MmioBus>,
     pub console: Arc<Mutex<ConsoleSerial>>,
     pub link: Option<Arc<Mutex<LinkSerial>>>,
     exit: Arc<ExitSignal>,
@@ -119,18 +124,69 @@ fn serial_irq(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
     Ok(irq)
 }
 
+/// The virtio-blk devices for `disks`, in the MMIO slots the DSDT describes: each with an
+/// irqfd on its GSI, an ioeventfd on its queue's notify register, and an I/O thread behind
+/// the block-I/O seccomp filter.
+fn virtio_devices(
+    vm: &Vm,
+    memory: &SharedMemory,
+    disks: Vec<crate::devices::virtio::block::DiskImage>,
+    seccomp: bool,
+) -> Result<MmioBus, BuildError> {
+    let mut bus = MmioBus::new();
+    for (index, disk) in disks.into_iter().enumerate() {
+        let (base, gsi) = layout::virtio_slot(index);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("virtio irq eventfd"))?;
+        vm.fd
+            .register_irqfd(&irq, gsi)
+            .map_err(kvm_err("register virtio irqfd"))?;
+        // Blocking: the I/O thread sleeps in read(2) until the guest notifies.
+        let queue_evt = EventFd::new(0).map_err(host_err("virtio queue eventfd"))?;
+        let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+        vm.fd
+            .register_ioevent(&queue_evt, &IoEventAddress::Mmio(notify), NoDatamatch)
+            .map_err(kvm_err("register virtio ioeventfd"))?;
+        let interrupt = Arc::new(Interrupt::new(irq));
+        let confine = move || {
+            if seccomp {
+                seccomp::install(ThreadKind::BlockIo)
+            } else {
+                Ok(())
+            }
+        };
+        let block = Block::new(disk, &queue_evt, interrupt.clone(), confine)
+            .map_err(host_err("virtio-blk I/O thread"))?;
+        let transport = MmioTransport::new(
+            Box::new(block),
+            memory.mem.clone(),
+            interrupt,
+            vec![queue_evt],
+        )
+        .map_err(BuildError::Host)?;
+        bus.insert(base, MMIO_SIZE, Arc::new(Mutex::new(transport)))
+            .map_err(|e| BuildError::Host(e.to_string()))?;
+    }
+    Ok(bus)
+}
+
 /// Builds a VM from `spec`; its stops are reported to `exit`.
 pub(crate) fn build_vm(
     spec: VmSpec,
     exit: Arc<ExitSignal>,
     opts: &RunOptions,
 ) -> Result<BuiltVm, BuildError> {
-    let config = spec.config;
+    let mut config = spec.config;
+    let disks = std::mem::take(&mut config.disks);
     // 1. Guest memory and everything the kernel finds in it: no KVM needed yet, so a bad
     //    kernel or initrd is reported before the host is touched.
     let memory = create_guest_memory("exterior-guest-ram", config.mem_bytes())?;
     let mem = &memory.mem;
-    let tables = acpi::build(config.cpus, spec.spare_cpus, spec.link.is_some());
+    let tables = acpi::build(
+        config.cpus,
+        spec.spare_cpus,
+        spec.link.is_some(),
+        disks.len(),
+    );
     mem.write_slice(&tables.bytes, GuestAddress(layout::ACPI_START))
         .map_err(|e| BuildError::BootData(format!("ACPI tables: {e}")))?;
     let boot = loader::load_linux(
@@ -209,6 +265,8 @@ pub(crate) fn build_vm(
     )
     .map_err(overlap)?;
 
+    let mmio = virtio_devices(&vm, &memory, disks, opts.seccomp)?;
+
     // 4. vCPUs.
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
     for index in 0..config.cpus {
@@ -222,6 +280,7 @@ pub(crate) fn build_vm(
         vm,
         vcpus,
         bus: Arc::new(bus),
+        mmio: Arc::new(mmio),
         console,
         link,
         exit,
@@ -240,7 +299,7 @@ impl BuiltVm {
             format!("{}-vcpu", self.label.to_lowercase())
         };
         for vcpu in self.vcpus.drain(..) {
-            let (bus, exit) = (self.bus.clone(), self.exit.clone());
+            let (bus, mmio, exit) = (self.bus.clone(), self.mmio.clone(), self.exit.clone());
             let control = Arc::new(VcpuControl::default());
             self.controls.push(control.clone());
             let label = self.label;
@@ -254,7 +313,7 @@ impl BuiltVm {
                             return;
                         }
                     }
-                    vcpu.run(bus, exit, label, control, hook);
+                    vcpu.run(bus, mmio, exit, label, control, hook);
                 })
                 .map_err(host_err("spawn vCPU thread"))?;
         }

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
+use crate::devices::virtio::block::DiskImage;
+
 /// Smallest guest we agree to build: the pinned kernel plus a small initramfs do not boot
 /// in less.
 pub(crate) const MIN_MEM_MIB: u64 = 64;
@@ -23,6 +25,8 @@ pub const DEFAULT_CALL_DEADLINE_SECS: u64 = 30;
 /// The longest `--call-deadline`: an hour, the longest a stuck call could ever hold the
 /// engine before this bound existed.
 pub const MAX_CALL_DEADLINE_SECS: u64 = 3600;
+/// Virtio devices sit at fixed MMIO slots with GSIs 16-23 (`boot::layout`), so at most 8.
+pub const MAX_DISKS: usize = 8;
 /// A kernel image larger than this is certainly not one (the pinned vmlinux is ~60 MiB).
 pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 
@@ -94,6 +98,15 @@ pub enum ConfigError {
         /// The guest memory it was checked against, in MiB.
         mem_mib: u64,
     },
+    /// A `--disk` image cannot be opened, is not a raw image, or is locked by another VM.
+    #[error(transparent)]
+    Disk(#[from] crate::devices::virtio::block::DiskError),
+    /// A `--disk` argument is not `PATH` or `PATH,ro`.
+    #[error("--disk {0:?}: give PATH or PATH,ro (a path containing a comma cannot be given)")]
+    DiskSpec(String),
+    /// More `--disk` arguments than virtio slots.
+    #[error("--disk given {0} times: at most {MAX_DISKS} disks are supported")]
+    TooManyDisks(usize),
     /// No `--kernel` was given and the default kernel (this path) is missing.
     #[error("no kernel given and the default {0} does not exist: pass --kernel, or run `tools/setup` to fetch the pinned kernel")]
     NoDefaultKernel(PathBuf),
@@ -219,6 +232,51 @@ pub struct VmConfig {
     pub initrd: Option<Vec<u8>>,
     /// Where the serial console's output goes.
     pub console: ConsoleTarget,
+    /// Raw disk images, opened and locked, in `--disk` order (the guest's vda, vdb, ...).
+    pub disks: Vec<DiskImage>,
+}
+
+/// One `--disk PATH[,ro]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// `,ro`: the guest sees a read-only disk and the device refuses writes.
+    pub read_only: bool,
+}
+
+/// Parses `PATH` or `PATH,ro` (`rw` is accepted as the default, spelt out).
+pub fn parse_disk(text: &str) -> Result<DiskSpec, ConfigError> {
+    let bad = || ConfigError::DiskSpec(text.to_string());
+    let mut parts = text.split(',');
+    let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+    let mut read_only = false;
+    for option in parts {
+        match option {
+            "ro" => read_only = true,
+            "rw" => read_only = false,
+            _ => return Err(bad()),
+        }
+    }
+    Ok(DiskSpec {
+        path: PathBuf::from(path),
+        read_only,
+    })
+}
+
+/// Opens and locks the `--disk` images; the first error is reported, the others not tried.
+pub fn open_disks(texts: &[String]) -> Result<Vec<DiskImage>, ConfigError> {
+    if texts.len() > MAX_DISKS {
+        return Err(ConfigError::TooManyDisks(texts.len()));
+    }
+    texts
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            let spec = parse_disk(text)?;
+            Ok(DiskImage::open(&spec.path, spec.read_only, index)?)
+        })
+        .collect()
 }
 
 impl VmConfig {
@@ -361,6 +419,80 @@ mod tests {
             let e = check_call_deadline(bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--call-deadline {bad}:")), "{e}");
         }
+    }
+
+    #[test]
+    fn disk_specs_take_a_path_and_ro() {
+        let d = parse_disk("/tmp/a.img").unwrap();
+        assert_eq!((d.path, d.read_only), (PathBuf::from("/tmp/a.img"), false));
+        let d = parse_disk("b.img,ro").unwrap();
+        assert_eq!((d.path, d.read_only), (PathBuf::from("b.img"), true));
+        assert!(!parse_disk("b.img,ro,rw").unwrap().read_only);
+        for bad in ["", ",ro", "a.img,", "a.img,readonly", "a,b.img"] {
+            let e = parse_disk(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--disk {bad:?}:")), "{e}");
+        }
+    }
+
+    #[test]
+    fn disk_images_must_exist_be_whole_sectors_and_not_too_many() {
+        let dir = std::env::temp_dir().join(format!("exterior-disk-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.img");
+        std::fs::write(&good, vec![0u8; 4096]).unwrap();
+        let odd = dir.join("odd.img");
+        std::fs::write(&odd, vec![0u8; 1000]).unwrap();
+        let empty = dir.join("empty.img");
+        std::fs::write(&empty, b"").unwrap();
+        let arg = |p: &Path, extra: &str| format!("{}{extra}", p.display());
+
+        let disks = open_disks(&[arg(&good, ",ro")]).unwrap();
+        assert_eq!(disks[0].sectors(), 8);
+        assert!(disks[0].read_only());
+        let e = open_disks(&[arg(&odd, "")]).unwrap_err().to_string();
+        assert!(
+            e.contains("1000 bytes is not a whole number of 512-byte sectors"),
+            "{e}"
+        );
+        let e = open_disks(&[arg(&empty, "")]).unwrap_err().to_string();
+        assert!(e.contains("empty image"), "{e}");
+        let e = open_disks(&[arg(&dir.join("missing.img"), "")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing.img") && e.contains("No such file"),
+            "{e}"
+        );
+        let e = open_disks(&[arg(&dir, ",ro")]).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        let nine: Vec<String> = (0..9).map(|_| arg(&good, ",ro")).collect();
+        let e = open_disks(&nine).unwrap_err().to_string();
+        assert!(e.contains("at most 8 disks"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_writable_disk_is_locked_against_a_second_user() {
+        let dir = std::env::temp_dir().join(format!("exterior-disk-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("d.img");
+        std::fs::write(&img, vec![0u8; 512]).unwrap();
+        let path = img.display().to_string();
+        let first = open_disks(std::slice::from_ref(&path)).unwrap();
+        for second in [path.clone(), format!("{path},ro")] {
+            let e = open_disks(&[second]).unwrap_err().to_string();
+            assert!(e.contains("in use by another process"), "{e}");
+        }
+        drop(first);
+        // Two readers may share an image.
+        let ro = format!("{path},ro");
+        let _a = open_disks(std::slice::from_ref(&ro)).unwrap();
+        let _b = open_disks(std::slice::from_ref(&ro)).unwrap();
+        assert!(
+            open_disks(&[path]).is_err(),
+            "a writer while readers hold it"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -16,6 +16,9 @@ pub enum ThreadKind {
     Vcpu,
     /// The event loop: console input, exit events, teardown.
     EventLoop,
+    /// A virtio-blk device's I/O thread: waits on its queue's eventfd, moves data between
+    /// the image and guest memory, flushes.
+    BlockIo,
 }
 
 /// Calls every thread may make: memory management for the allocator, locks, signals,
@@ -77,11 +80,16 @@ const EVENT_LOOP: &[i64] = &[
     libc::SYS_ppoll,
 ];
 
+/// The block I/O thread adds seeking and flushing its image (read and write are common).
+/// No ioctl, no open: the image was opened and locked before the thread started.
+const BLOCK_IO: &[i64] = &[libc::SYS_lseek, libc::SYS_fdatasync, libc::SYS_fsync];
+
 /// System calls allowed for `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let extra = match kind {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::EventLoop => EVENT_LOOP,
+        ThreadKind::BlockIo => BLOCK_IO,
     };
     COMMON.iter().chain(extra).copied().collect()
 }
@@ -159,7 +167,7 @@ mod tests {
 
     #[test]
     fn filters_compile_for_every_thread_kind() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop] {
+        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::BlockIo] {
             assert!(!filter(kind).unwrap().is_empty());
         }
     }
@@ -177,6 +185,31 @@ mod tests {
         }
         assert!(vcpu.contains(&libc::SYS_ioctl));
         assert!(!allowed(ThreadKind::EventLoop).contains(&libc::SYS_openat));
+    }
+
+    #[test]
+    fn block_io_threads_only_read_write_seek_and_flush() {
+        let blk = allowed(ThreadKind::BlockIo);
+        for forbidden in [
+            libc::SYS_openat,
+            libc::SYS_open,
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_socket,
+            libc::SYS_ioctl,
+            libc::SYS_ftruncate,
+            libc::SYS_unlink,
+        ] {
+            assert!(!blk.contains(&forbidden), "{forbidden}");
+        }
+        for needed in [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_lseek,
+            libc::SYS_fdatasync,
+        ] {
+            assert!(blk.contains(&needed), "{needed}");
+        }
     }
 
     #[test]

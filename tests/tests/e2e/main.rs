@@ -3,6 +3,7 @@
 
 mod boot;
 mod common;
+mod disk;
 mod hostile;
 mod image;
 mod instance;

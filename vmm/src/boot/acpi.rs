@@ -6,7 +6,8 @@
 //! redirect engine later gets a spare per-CPU area in the guest (DESIGN.md 4.1). They must
 //! be marked online-capable: Linux 6.1 skips disabled entries that are not.
 
-use super::layout::{ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR};
+use super::layout::{virtio_slot, ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR, VIRTIO_SLOTS};
+use crate::devices::virtio::MMIO_SIZE;
 
 const OEM_ID: &[u8; 6] = b"EXTVMM";
 const OEM_TABLE_ID: &[u8; 8] = b"EXTERIOR";
@@ -30,6 +31,8 @@ const EISA_PNP0501_UART: u32 = 0x0105_d041;
 const EISA_PNP0B00_RTC: u32 = 0x000b_d041;
 /// The pvpanic device's ACPI id (QEMU's; Linux's pvpanic-mmio driver binds it).
 const PVPANIC_HID: &[u8; 8] = b"QEMU0001";
+/// virtio-mmio's ACPI id (Linux's virtio_mmio driver binds it).
+const VIRTIO_MMIO_HID: &[u8; 8] = b"LNRO0005";
 
 /// A device's `_HID`: a compressed EISA id, or an ACPI id string.
 #[derive(Clone, Copy)]
@@ -38,34 +41,53 @@ enum Hid {
     Acpi(&'static [u8; 8]),
 }
 
-/// One legacy ISA device for the DSDT: `Device(\_SB.NAME) { _HID, _UID, _CRS }` with an
-/// I/O range and, if `irq` is given, one edge-triggered IRQ.
+/// AML PkgLength for `len` bytes of content that follow it: the encoding counts itself.
+fn pkg_length(len: usize) -> Vec<u8> {
+    if len + 1 < 64 {
+        vec![(len + 1) as u8]
+    } else {
+        let total = len + 2;
+        debug_assert!(total < 4096, "two-byte PkgLength");
+        vec![0x40 | (total & 0x0f) as u8, (total >> 4) as u8]
+    }
+}
+
+/// The resource template of one legacy ISA device: IO(Decode16, base, base, 1, len), and
+/// if `irq` is given, IRQNoFlags(){irq} (edge, active high).
+fn legacy_resources(io_base: u16, io_len: u8, irq: Option<u8>) -> Vec<u8> {
+    let io = io_base.to_le_bytes();
+    let mut resources = vec![0x47, 0x01, io[0], io[1], io[0], io[1], 0x01, io_len];
+    if let Some(irq) = irq {
+        let irq_mask = (1u16 << (irq & 15)).to_le_bytes();
+        resources.extend_from_slice(&[0x22, irq_mask[0], irq_mask[1]]);
+    }
+    resources
+}
+
+/// The resource template of one virtio-mmio device: Memory32Fixed(ReadWrite, base, len)
+/// and Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive){gsi}.
+fn virtio_resources(base: u32, len: u32, gsi: u32) -> Vec<u8> {
+    let mut r = vec![0x86, 0x09, 0x00, 0x01];
+    r.extend_from_slice(&base.to_le_bytes());
+    r.extend_from_slice(&len.to_le_bytes());
+    // Extended interrupt: flags bit 0 consumer, bit 1 edge; one interrupt.
+    r.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01]);
+    r.extend_from_slice(&gsi.to_le_bytes());
+    r
+}
+
+/// One device for the DSDT: `Device(\_SB.NAME) { _HID, _UID, _CRS }`.
 ///
 /// In hardware-reduced ACPI mode Linux sets up no legacy (ISA) interrupts, so a device
 /// hard-wired to IRQ 4 never gets one. Describing it here makes Linux's PNP layer map its
 /// GSI through the IOAPIC — without it the serial port's transmit interrupt never arrives
 /// and user-space console output stalls.
-fn aml_legacy_device(
-    name: &[u8; 4],
-    hid: Hid,
-    uid: u8,
-    io_base: u16,
-    io_len: u8,
-    irq: Option<u8>,
-) -> Vec<u8> {
+fn aml_device(name: &[u8; 4], hid: Hid, uid: u8, mut resources: Vec<u8>) -> Vec<u8> {
     const NAME_OP: u8 = 0x08;
     const DWORD_PREFIX: u8 = 0x0c;
     const STRING_PREFIX: u8 = 0x0d;
     const BUFFER_OP: u8 = 0x11;
     const BYTE_PREFIX: u8 = 0x0a;
-    // Resource template: IO(Decode16, base, base, 1, len), IRQNoFlags(){irq}, EndTag.
-    let io = io_base.to_le_bytes();
-    let mut resources = vec![0x47, 0x01, io[0], io[1], io[0], io[1], 0x01, io_len];
-    if let Some(irq) = irq {
-        // IRQ descriptor, no flags: edge, active high.
-        let irq_mask = (1u16 << (irq & 15)).to_le_bytes();
-        resources.extend_from_slice(&[0x22, irq_mask[0], irq_mask[1]]);
-    }
     resources.extend_from_slice(&[0x79, 0x00]); // end tag
     let mut body = vec![NAME_OP];
     body.extend_from_slice(b"_HID");
@@ -86,25 +108,38 @@ fn aml_legacy_device(
     body.push(NAME_OP);
     body.extend_from_slice(b"_CRS");
     body.push(BUFFER_OP);
-    // PkgLength counts itself, the size prefix and value, and the bytes.
-    body.push((1 + 2 + resources.len()) as u8);
-    body.extend_from_slice(&[BYTE_PREFIX, resources.len() as u8]);
-    body.extend_from_slice(&resources);
+    debug_assert!(resources.len() < 256, "byte-sized buffer length");
+    let mut buffer = vec![BYTE_PREFIX, resources.len() as u8];
+    buffer.extend_from_slice(&resources);
+    body.extend(pkg_length(buffer.len()));
+    body.extend_from_slice(&buffer);
 
     // \_SB_.NAME as a dual name path from the root.
-    let mut path = vec![b'\\', 0x2e];
-    path.extend_from_slice(b"_SB_");
-    path.extend_from_slice(name);
-    let pkg_len = 1 + path.len() + body.len();
-    debug_assert!(pkg_len < 64, "one-byte PkgLength");
-    let mut device = vec![0x5b, 0x82, pkg_len as u8];
-    device.extend_from_slice(&path);
-    device.extend_from_slice(&body);
+    let mut content = vec![b'\\', 0x2e];
+    content.extend_from_slice(b"_SB_");
+    content.extend_from_slice(name);
+    content.extend_from_slice(&body);
+    let mut device = vec![0x5b, 0x82];
+    device.extend(pkg_length(content.len()));
+    device.extend_from_slice(&content);
     device
 }
 
-/// The DSDT's AML: the COM1 UART, COM2 when present, the CMOS RTC and pvpanic.
-fn dsdt_aml(com2: bool) -> Vec<u8> {
+/// One legacy ISA device with an I/O range and an optional edge-triggered IRQ.
+fn aml_legacy_device(
+    name: &[u8; 4],
+    hid: Hid,
+    uid: u8,
+    io_base: u16,
+    io_len: u8,
+    irq: Option<u8>,
+) -> Vec<u8> {
+    aml_device(name, hid, uid, legacy_resources(io_base, io_len, irq))
+}
+
+/// The DSDT's AML: the COM1 UART, COM2 when present, the CMOS RTC, pvpanic, and the first
+/// `virtio_devices` virtio-mmio slots.
+fn dsdt_aml(com2: bool, virtio_devices: usize) -> Vec<u8> {
     let uart = Hid::Eisa(EISA_PNP0501_UART);
     let mut aml = aml_legacy_device(b"COM1", uart, 0, 0x3f8, 8, Some(4));
     if com2 {
@@ -122,6 +157,18 @@ fn dsdt_aml(com2: bool) -> Vec<u8> {
         len,
         None,
     ));
+    for index in 0..virtio_devices.min(VIRTIO_SLOTS) {
+        let (base, gsi) = virtio_slot(index);
+        // VR00..VR07.
+        let name = [b'V', b'R', b'0', b'0' + index as u8];
+        let resources = virtio_resources(base as u32, MMIO_SIZE as u32, gsi);
+        aml.extend(aml_device(
+            &name,
+            Hid::Acpi(VIRTIO_MMIO_HID),
+            index as u8,
+            resources,
+        ));
+    }
     aml
 }
 
@@ -213,10 +260,10 @@ fn align16(n: usize) -> usize {
 }
 
 /// Builds all tables for `cpus` running CPUs and `spare_cpus` possible-only CPUs; `com2`
-/// describes a second UART.
-pub fn build(cpus: u8, spare_cpus: u8, com2: bool) -> AcpiTables {
+/// describes a second UART, `virtio_devices` the virtio-mmio slots in use.
+pub fn build(cpus: u8, spare_cpus: u8, com2: bool, virtio_devices: usize) -> AcpiTables {
     // Layout: RSDP | XSDT | FADT | DSDT | MADT, each 16-byte aligned.
-    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(com2));
+    let dsdt = sdt(b"DSDT", 2, &dsdt_aml(com2, virtio_devices));
     let madt = madt(cpus, spare_cpus);
     let xsdt_off = 64;
     let xsdt_len = SDT_HEADER_LEN + 2 * 8;
@@ -264,7 +311,7 @@ mod tests {
 
     #[test]
     fn every_table_checksums_to_zero_and_links_up() {
-        let t = build(2, 1, true);
+        let t = build(2, 1, true, 2);
         let rsdp = &t.bytes[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(sum(&rsdp[..20]), 0);
@@ -320,7 +367,40 @@ mod tests {
         let d = aml_legacy_device(b"PEVT", Hid::Acpi(PVPANIC_HID), 0, 0x505, 1, None);
         assert_eq!(d, want);
         // And the DSDT carries it.
-        assert!(dsdt_aml(false).windows(want.len()).any(|w| w == want));
+        assert!(dsdt_aml(false, 0).windows(want.len()).any(|w| w == want));
+    }
+
+    #[test]
+    fn virtio_mmio_device_aml_is_well_formed() {
+        // Hand-assembled (ACPI 6.5: 5.4 PkgLength, 6.4.3.4 Memory32Fixed, 6.4.3.6 Extended
+        // Interrupt): Device(\_SB.VR01) { Name(_HID, "LNRO0005") Name(_UID, 1)
+        // Name(_CRS, ResourceTemplate() { Memory32Fixed(ReadWrite, 0xd0001000, 0x1000)
+        // Interrupt(ResourceConsumer, Edge, ActiveHigh, Exclusive) { 17 } }) }
+        // 64 bytes follow the PkgLength, so it takes two bytes: 66 = 0x42 -> 0x42, 0x04.
+        let mut want = vec![0x5b, 0x82, 0x42, 0x04];
+        want.extend_from_slice(b"\\._SB_VR01");
+        want.extend_from_slice(b"\x08_HID\x0dLNRO0005\x00");
+        want.extend_from_slice(b"\x08_UID\x0a\x01");
+        want.extend_from_slice(b"\x08_CRS\x11\x1a\x0a\x17");
+        want.extend_from_slice(&[0x86, 0x09, 0x00, 0x01, 0x00, 0x10, 0x00, 0xd0]);
+        want.extend_from_slice(&[0x00, 0x10, 0x00, 0x00]);
+        want.extend_from_slice(&[0x89, 0x06, 0x00, 0x03, 0x01, 17, 0, 0, 0, 0x79, 0]);
+        assert_eq!(
+            want.len() - 2,
+            66,
+            "PkgLength counts itself and what follows"
+        );
+        let dsdt = dsdt_aml(false, 2);
+        assert!(
+            dsdt.windows(want.len()).any(|w| w == want),
+            "VR01 not in the DSDT"
+        );
+        assert!(dsdt.windows(4).any(|w| w == b"VR00"));
+        assert!(
+            !dsdt.windows(4).any(|w| w == b"VR02"),
+            "only the slots in use"
+        );
+        assert!(!dsdt_aml(false, 0).windows(8).any(|w| w == VIRTIO_MMIO_HID));
     }
 
     #[test]

@@ -28,3 +28,19 @@ pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// KVM needs three pages of guest-physical space for the TSS on Intel hosts.
 pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// Virtio-mmio devices: slot `i` at `VIRTIO_MMIO_BASE + i * 0x1000` (inside the 32-bit MMIO
+/// hole, clear of the IOAPIC and LAPIC) raising GSI `VIRTIO_GSI_BASE + i`. GSIs 16-23 are
+/// IOAPIC pins no ISA device claims, so the DSDT's edge/high declaration is all that
+/// decides their trigger mode.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+pub const VIRTIO_GSI_BASE: u32 = 16;
+/// IOAPIC pins 16..24 (KVM's IOAPIC has 24).
+pub const VIRTIO_SLOTS: usize = 8;
+
+/// The MMIO base and GSI of virtio slot `index` (below [`VIRTIO_SLOTS`]).
+pub fn virtio_slot(index: usize) -> (u64, u32) {
+    (
+        VIRTIO_MMIO_BASE + index as u64 * crate::devices::virtio::MMIO_SIZE,
+        VIRTIO_GSI_BASE + index as u32,
+    )
+}

@@ -1,4 +1,5 @@
-//! The port I/O bus: maps port ranges to devices; unclaimed ports read as all-ones.
+//! The port I/O bus (port ranges; unclaimed ports read as all-ones) and the MMIO bus
+//! (guest-physical ranges outside RAM; unclaimed addresses read as zeros).
 
 use std::sync::{Arc, Mutex};
 
@@ -77,6 +78,82 @@ impl PioBus {
     }
 }
 
+/// A device reached through guest-physical addresses outside RAM (virtio-mmio).
+pub trait MmioDevice: Send {
+    /// Reads `data.len()` bytes at `offset` from the device's base address.
+    fn read(&mut self, offset: u64, data: &mut [u8]);
+    /// Writes `data` at `offset` from the device's base address.
+    fn write(&mut self, offset: u64, data: &[u8]);
+}
+
+struct MmioRange {
+    base: u64,
+    len: u64,
+    device: Arc<Mutex<dyn MmioDevice>>,
+}
+
+/// Guest-physical ranges and their devices, like [`PioBus`]. Unclaimed addresses read as
+/// zeros and drop writes (the LAPIC and IOAPIC are KVM's and never exit here).
+#[derive(Default)]
+pub struct MmioBus {
+    ranges: Vec<MmioRange>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("MMIO range {base:#x}+{len:#x} overlaps a registered device")]
+pub struct MmioOverlapError {
+    pub base: u64,
+    pub len: u64,
+}
+
+impl MmioBus {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `device` at `base..base+len`.
+    pub fn insert(
+        &mut self,
+        base: u64,
+        len: u64,
+        device: Arc<Mutex<dyn MmioDevice>>,
+    ) -> Result<(), MmioOverlapError> {
+        let err = || MmioOverlapError { base, len };
+        let end = base.checked_add(len).ok_or_else(err)?;
+        let overlaps = self
+            .ranges
+            .iter()
+            .any(|r| base < r.base.saturating_add(r.len) && r.base < end);
+        if overlaps || len == 0 {
+            return Err(err());
+        }
+        self.ranges.push(MmioRange { base, len, device });
+        Ok(())
+    }
+
+    fn find(&self, addr: u64) -> Option<(&MmioRange, u64)> {
+        self.ranges
+            .iter()
+            .find(|r| addr >= r.base && addr - r.base < r.len)
+            .map(|r| (r, addr - r.base))
+    }
+
+    /// Handles a read exit: unclaimed addresses read as zeros.
+    pub fn read(&self, addr: u64, data: &mut [u8]) {
+        match self.find(addr) {
+            Some((range, offset)) => lock(&range.device).read(offset, data),
+            None => data.fill(0),
+        }
+    }
+
+    /// Handles a write exit: writes to unclaimed addresses are dropped.
+    pub fn write(&self, addr: u64, data: &[u8]) {
+        if let Some((range, offset)) = self.find(addr) {
+            lock(&range.device).write(offset, data);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +180,33 @@ mod tests {
         assert_eq!(dev.lock().unwrap().0, vec![(1, 7)]);
         bus.read(0x80, &mut b);
         assert_eq!(b[0], 0xff);
+    }
+
+    struct MmioEcho(Vec<(u64, u8)>);
+    impl MmioDevice for MmioEcho {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            data.fill(offset as u8);
+        }
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.push((offset, data[0]));
+        }
+    }
+
+    #[test]
+    fn mmio_addresses_route_to_devices_and_overlaps_are_refused() {
+        let dev = Arc::new(Mutex::new(MmioEcho(Vec::new())));
+        let mut bus = MmioBus::new();
+        bus.insert(0xd000_0000, 0x1000, dev.clone()).unwrap();
+        let mut b = [0u8; 4];
+        bus.read(0xd000_0070, &mut b);
+        assert_eq!(b, [0x70; 4]);
+        bus.write(0xd000_0fff, &[9]);
+        assert_eq!(dev.lock().unwrap().0, vec![(0xfff, 9)]);
+        bus.read(0xd000_1000, &mut b);
+        assert_eq!(b, [0; 4], "one past the end is unclaimed");
+        assert!(bus.insert(0xd000_0800, 0x1000, dev.clone()).is_err());
+        assert!(bus.insert(u64::MAX - 1, 4, dev.clone()).is_err());
+        assert!(bus.insert(0xd000_1000, 0, dev).is_err());
     }
 
     #[test]

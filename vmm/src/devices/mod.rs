@@ -1,4 +1,5 @@
-//! Legacy devices on the port I/O bus: serial console, i8042 reset line, CMOS RTC, pvpanic.
+//! Devices: on the port I/O bus the serial console, i8042 reset line, CMOS RTC and pvpanic;
+//! on the MMIO bus the virtio devices.
 
 pub mod bus;
 pub mod cmos;
@@ -6,4 +7,5 @@ pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
 
-pub use bus::{PioBus, PioDevice};
+pub use bus::{MmioBus, PioBus, PioDevice};
+pub mod virtio;

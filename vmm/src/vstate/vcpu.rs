@@ -7,7 +7,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 
 use super::vm::{kvm_err, Vm, VmError};
 use crate::boot::{cpu, cpuid, loader::BootInfo};
-use crate::devices::PioBus;
+use crate::devices::{MmioBus, PioBus};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::vstate::quiesce::{ControlState, VcpuControl, VcpuSnapshot};
 
@@ -131,19 +131,21 @@ impl Vcpu {
     pub fn run(
         mut self,
         bus: Arc<PioBus>,
+        mmio: Arc<MmioBus>,
         exit: Arc<ExitSignal>,
         label: &str,
         control: Arc<VcpuControl>,
         hook: Option<Arc<dyn PortHook>>,
     ) {
         control.register_current_thread();
-        self.run_loop(&bus, &exit, label, &control, hook.as_deref());
+        self.run_loop(&bus, &mmio, &exit, label, &control, hook.as_deref());
         control.mark_stopped();
     }
 
     fn run_loop(
         &mut self,
         bus: &PioBus,
+        mmio: &MmioBus,
         exit: &ExitSignal,
         label: &str,
         control: &VcpuControl,
@@ -163,9 +165,8 @@ impl Vcpu {
                 Ok(VcpuExit::IoOut(port, _)) if Some(port) == hook_port => hooked = true,
                 Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
                 Ok(VcpuExit::IoOut(port, data)) => bus.write(port, data),
-                // No MMIO devices yet: reads see zeros, writes are dropped.
-                Ok(VcpuExit::MmioRead(_, data)) => data.fill(0),
-                Ok(VcpuExit::MmioWrite(..)) => {}
+                Ok(VcpuExit::MmioRead(addr, data)) => mmio.read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => mmio.write(addr, data),
                 Ok(VcpuExit::Hlt) | Ok(VcpuExit::Intr) | Ok(VcpuExit::IrqWindowOpen) => {}
                 Ok(VcpuExit::Shutdown) => exit.signal(ExitReason::GuestCrash(format!(
                     "vCPU {index} triple-faulted (KVM_EXIT_SHUTDOWN)"

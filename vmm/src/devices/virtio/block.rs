@@ -1,0 +1,796 @@
+//! virtio-blk on a raw image file (virtio 1.2, section 5.2): reads, writes, flush, GET_ID.
+//!
+//! Requests are served on a thread of their own (`blk-io`, behind its own seccomp filter),
+//! woken by an ioeventfd on the queue's notify register, so a vCPU never waits for the
+//! disk: it writes the register and KVM signals the eventfd without leaving the kernel.
+//! Data moves between the file and guest memory with vm-memory's volatile I/O (no bounce
+//! buffer). Writes go to the host page cache, so what the guest wrote survives the VMM
+//! being killed; a FLUSH is `fdatasync`, so what the guest flushed survives the host too.
+//!
+//! Every descriptor is hostile: lengths are summed with overflow checks, sector ranges are
+//! checked against the image before any I/O, addresses reach memory only through checked
+//! accessors, and a chain the device cannot answer is returned with nothing written.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use thiserror::Error;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Interrupt, VirtioDevice};
+use crate::sync::lock;
+
+pub const SECTOR: u64 = 512;
+/// Entries in the one request queue. Linux sizes its requests to the queue: with
+/// [`SEG_MAX`] data segments plus header and status, a request fits one chain.
+pub const QUEUE_SIZE: u16 = 256;
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+const HEADER_LEN: u64 = 16;
+/// Chains served before the worker lets go of the queue (so a reset is never starved by a
+/// driver that keeps the ring full); it then wakes itself for the rest.
+const BATCH: usize = QUEUE_SIZE as usize;
+
+/// Why a `--disk` image cannot be used.
+#[derive(Debug, Error)]
+pub enum DiskError {
+    #[error("disk {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("disk {path}: not a regular file (raw images only)")]
+    NotAFile { path: PathBuf },
+    #[error("disk {path}: empty image")]
+    Empty { path: PathBuf },
+    #[error(
+        "disk {path}: {size} bytes is not a whole number of {SECTOR}-byte sectors (raw images are)"
+    )]
+    PartialSector { path: PathBuf, size: u64 },
+    #[error("disk {path}: in use by another process (it holds the image's lock); a disk may be written by one VM only")]
+    Locked { path: PathBuf },
+    #[error("disk {path}: cannot lock the image: {source}")]
+    Lock {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A raw disk image, opened and locked (exclusively when writable, shared when read-only).
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    sectors: u64,
+    read_only: bool,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+}
+
+impl DiskImage {
+    /// Opens `path` for the guest's disk number `index` (which names it in GET_ID).
+    pub fn open(path: &Path, read_only: bool, index: usize) -> Result<Self, DiskError> {
+        let path_buf = || path.to_path_buf();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path_buf(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| DiskError::Open {
+            path: path_buf(),
+            source,
+        })?;
+        if !meta.is_file() {
+            return Err(DiskError::NotAFile { path: path_buf() });
+        }
+        let size = meta.len();
+        if size == 0 {
+            return Err(DiskError::Empty { path: path_buf() });
+        }
+        if !size.is_multiple_of(SECTOR) {
+            return Err(DiskError::PartialSector {
+                path: path_buf(),
+                size,
+            });
+        }
+        let locked = if read_only {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match locked {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(DiskError::Locked { path: path_buf() })
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(DiskError::Lock {
+                    path: path_buf(),
+                    source,
+                })
+            }
+        }
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let name = format!("exterior-disk{index}");
+        let n = name.len().min(id.len());
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+        Ok(Self {
+            file,
+            sectors: size / SECTOR,
+            read_only,
+            id,
+        })
+    }
+
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// A guest buffer: one descriptor's address and length.
+#[derive(Debug, Clone, Copy)]
+struct Segment {
+    addr: GuestAddress,
+    len: u64,
+}
+
+/// The buffers of one request, split the way virtio-blk lays them out: device-readable
+/// (header, then data for a write) before device-writable (data for a read, then the
+/// status byte, which is the chain's last writable byte).
+struct Request {
+    readable: Vec<Segment>,
+    writable: Vec<Segment>,
+    status: GuestAddress,
+}
+
+/// Why a chain is malformed beyond answering (there is nowhere safe to put a status).
+#[derive(Debug, PartialEq, Eq)]
+enum Malformed {
+    WritableBeforeReadable,
+    NoStatusByte,
+    /// A buffer that runs past the end of the address space.
+    AddressOverflow,
+}
+
+impl Request {
+    fn parse(descriptors: impl Iterator<Item = Descriptor>) -> Result<Self, Malformed> {
+        let (mut readable, mut writable) = (Vec::new(), Vec::new());
+        for d in descriptors {
+            let seg = Segment {
+                addr: d.addr(),
+                len: u64::from(d.len()),
+            };
+            // Checked once here, so `addr + k` for any `k <= len` cannot overflow later.
+            if seg.addr.0.checked_add(seg.len).is_none() {
+                return Err(Malformed::AddressOverflow);
+            }
+            if d.is_write_only() {
+                writable.push(seg);
+            } else if writable.is_empty() {
+                readable.push(seg);
+            } else {
+                return Err(Malformed::WritableBeforeReadable);
+            }
+        }
+        let Some(last) = writable.last_mut().filter(|l| l.len > 0) else {
+            return Err(Malformed::NoStatusByte);
+        };
+        last.len -= 1;
+        let status = last.addr.unchecked_add(last.len);
+        if last.len == 0 {
+            writable.pop();
+        }
+        Ok(Request {
+            readable,
+            writable,
+            status,
+        })
+    }
+}
+
+/// Takes `n` bytes off the front of `segs` (fewer if they hold fewer).
+fn take_front(segs: &mut Vec<Segment>, mut n: u64) -> Vec<Segment> {
+    let mut taken = Vec::new();
+    while n > 0 && !segs.is_empty() {
+        let first = &mut segs[0];
+        let k = first.len.min(n);
+        taken.push(Segment {
+            addr: first.addr,
+            len: k,
+        });
+        if k == first.len {
+            segs.remove(0);
+        } else {
+            first.addr = first.addr.unchecked_add(k);
+            first.len -= k;
+        }
+        n -= k;
+    }
+    taken
+}
+
+fn total_len(segs: &[Segment]) -> Option<u64> {
+    segs.iter().try_fold(0u64, |sum, s| sum.checked_add(s.len))
+}
+
+impl DiskImage {
+    /// The byte offset of `sector` if `len` bytes from there lie inside the image.
+    fn range(&self, sector: u64, len: u64) -> Option<u64> {
+        let offset = sector.checked_mul(SECTOR)?;
+        let end = offset.checked_add(len)?;
+        (end <= self.sectors * SECTOR).then_some(offset)
+    }
+
+    /// Serves one request; returns the bytes written into the chain's writable buffers
+    /// (the used length), or `None` for a chain with nowhere to put a status.
+    fn execute<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        descriptors: impl Iterator<Item = Descriptor>,
+    ) -> Option<u32> {
+        let mut request = match Request::parse(descriptors) {
+            Ok(r) => r,
+            Err(e) => {
+                log::debug!("virtio-blk: malformed chain: {e:?}");
+                return None;
+            }
+        };
+        let (status, written) = self.serve(mem, &mut request);
+        // A status the guest cannot receive (a bad address) is its own loss.
+        let _ = mem.write_obj(status as u8, request.status);
+        Some(u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX))
+    }
+
+    /// Does the work of one request: (virtio status, data bytes written to the guest).
+    fn serve<M: GuestMemory>(&mut self, mem: &M, request: &mut Request) -> (u32, u64) {
+        let header = take_front(&mut request.readable, HEADER_LEN);
+        let mut bytes = [0u8; HEADER_LEN as usize];
+        let mut at = 0usize;
+        for seg in &header {
+            let len = seg.len as usize; // at most HEADER_LEN
+            if mem.read_slice(&mut bytes[at..at + len], seg.addr).is_err() {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            at += len;
+        }
+        if at != HEADER_LEN as usize {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let kind = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let sector = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or([0; 8]));
+        match kind {
+            VIRTIO_BLK_T_IN => {
+                let Some(len) = total_len(&request.writable) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                let Some(offset) = self.range(sector, len) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                match self.read_into(mem, offset, &request.writable) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, len),
+                    Err(e) => {
+                        log::warn!("virtio-blk: read at sector {sector}: {e}");
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                }
+            }
+            VIRTIO_BLK_T_OUT => {
+                if self.read_only {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                let Some(len) = total_len(&request.readable) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                let Some(offset) = self.range(sector, len) else {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                };
+                match self.write_from(mem, offset, &request.readable) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                    Err(e) => {
+                        log::warn!("virtio-blk: write at sector {sector}: {e}");
+                        (VIRTIO_BLK_S_IOERR, 0)
+                    }
+                }
+            }
+            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+                Ok(()) => (VIRTIO_BLK_S_OK, 0),
+                Err(e) => {
+                    log::warn!("virtio-blk: flush: {e}");
+                    (VIRTIO_BLK_S_IOERR, 0)
+                }
+            },
+            VIRTIO_BLK_T_GET_ID => {
+                let mut written = 0u64;
+                let mut rest: &[u8] = &self.id;
+                for seg in take_front(&mut request.writable, self.id.len() as u64) {
+                    let len = seg.len as usize; // at most the id's 20 bytes
+                    if mem.write_slice(&rest[..len], seg.addr).is_err() {
+                        return (VIRTIO_BLK_S_IOERR, written);
+                    }
+                    rest = &rest[len..];
+                    written += seg.len;
+                }
+                (VIRTIO_BLK_S_OK, written)
+            }
+            _ => (VIRTIO_BLK_S_UNSUPP, 0),
+        }
+    }
+
+    fn read_into<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        offset: u64,
+        segs: &[Segment],
+    ) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(offset))?;
+        for seg in segs {
+            let len = usize::try_from(seg.len).map_err(std::io::Error::other)?;
+            mem.read_exact_volatile_from(seg.addr, &mut self.file, len)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+
+    fn write_from<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        offset: u64,
+        segs: &[Segment],
+    ) -> std::io::Result<()> {
+        self.file.seek(SeekFrom::Start(offset))?;
+        for seg in segs {
+            let len = usize::try_from(seg.len).map_err(std::io::Error::other)?;
+            mem.write_all_volatile_to(seg.addr, &mut self.file, len)
+                .map_err(std::io::Error::other)?;
+        }
+        Ok(())
+    }
+}
+
+/// The queue and memory while the driver has the device running.
+struct Active {
+    mem: GuestMemoryMmap<()>,
+    queue: Queue,
+}
+
+/// What the worker thread and the transport share.
+struct Shared {
+    disk: DiskImage,
+    active: Option<Active>,
+}
+
+/// Serves up to [`BATCH`] chains; returns (whether to interrupt, whether chains are left).
+fn serve_queue(shared: &mut Shared) -> (bool, bool) {
+    let Shared { disk, active } = shared;
+    let Some(Active { mem, queue }) = active.as_mut() else {
+        return (false, false);
+    };
+    let mut used = false;
+    for _ in 0..BATCH {
+        let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
+            return (
+                used && queue.needs_notification(&*mem).unwrap_or(true),
+                false,
+            );
+        };
+        let head = chain.head_index();
+        let len = disk.execute(&*mem, chain).unwrap_or(0);
+        if let Err(e) = queue.add_used(&*mem, head, len) {
+            log::warn!("virtio-blk: cannot return a request to the guest: {e:?}");
+            return (used, false);
+        }
+        used = true;
+    }
+    (
+        used && queue.needs_notification(&*mem).unwrap_or(true),
+        true,
+    )
+}
+
+/// The virtio-blk device.
+pub struct Block {
+    shared: Arc<Mutex<Shared>>,
+    features: u64,
+    sectors: u64,
+    queue_evt: EventFd,
+    queue_sizes: [u16; 1],
+}
+
+impl Block {
+    /// The device and its I/O thread, which waits on `queue_evt` (the queue's ioeventfd)
+    /// and raises `interrupt`. `confine` runs first on that thread (the seccomp filter).
+    pub fn new(
+        disk: DiskImage,
+        queue_evt: &EventFd,
+        interrupt: Arc<Interrupt>,
+        confine: impl FnOnce() -> Result<(), String> + Send + 'static,
+    ) -> std::io::Result<Self> {
+        let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX);
+        if disk.read_only {
+            features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        let sectors = disk.sectors;
+        let shared = Arc::new(Mutex::new(Shared { disk, active: None }));
+        let worker_shared = shared.clone();
+        let wake = queue_evt.try_clone()?;
+        std::thread::Builder::new()
+            .name("blk-io".into())
+            .spawn(move || {
+                if let Err(e) = confine() {
+                    log::error!("virtio-blk I/O thread: {e}; the disk will not answer");
+                    return;
+                }
+                io_loop(&worker_shared, &wake, &interrupt);
+            })?;
+        Ok(Self {
+            shared,
+            features,
+            sectors,
+            queue_evt: queue_evt.try_clone()?,
+            queue_sizes: [QUEUE_SIZE],
+        })
+    }
+}
+
+fn io_loop(shared: &Mutex<Shared>, wake: &EventFd, interrupt: &Interrupt) {
+    loop {
+        if let Err(e) = wake.read() {
+            log::error!("virtio-blk I/O thread: waiting for the guest: {e}; stopping");
+            return;
+        }
+        let (notify, more) = serve_queue(&mut lock(shared));
+        if notify {
+            interrupt.signal_used_queue();
+        }
+        if more {
+            let _ = wake.write(1);
+        }
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // struct virtio_blk_config: capacity (le64) at 0, size_max at 8, seg_max at 12.
+        let mut config = [0u8; 16];
+        config[..8].copy_from_slice(&self.sectors.to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        data.fill(0);
+        if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+            let n = src.len().min(data.len());
+            data[..n].copy_from_slice(&src[..n]);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap<()>,
+        mut queues: Vec<Queue>,
+        _acked_features: u64,
+    ) -> Result<(), String> {
+        let queue = queues.pop().ok_or("virtio-blk: no request queue")?;
+        lock(&self.shared).active = Some(Active { mem, queue });
+        // Serve anything the driver queued before DRIVER_OK.
+        self.queue_evt
+            .write(1)
+            .map_err(|e| format!("virtio-blk: waking the I/O thread: {e}"))
+    }
+
+    fn reset(&mut self) {
+        // Waits for a batch in progress: after this the worker touches no guest memory.
+        lock(&self.shared).active = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use virtio_bindings::virtio_ring::VRING_DESC_F_WRITE;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+
+    const DATA: u64 = 0x10_0000;
+    const HDR: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn memory() -> GuestMemoryMmap<()> {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap()
+    }
+
+    /// A disk image of `sectors` sectors, each filled with its own number's low byte.
+    fn image(sectors: u64, read_only: bool) -> (DiskImage, PathBuf) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("exterior-blk-{}-{n}.img", std::process::id()));
+        let mut f = File::create(&path).unwrap();
+        for s in 0..sectors {
+            f.write_all(&[s as u8; SECTOR as usize]).unwrap();
+        }
+        (DiskImage::open(&path, read_only, 3).unwrap(), path)
+    }
+
+    fn desc(addr: u64, len: u32, writable: bool) -> RawDescriptor {
+        let flags = if writable {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        RawDescriptor::from(Descriptor::new(addr, len, flags, 0))
+    }
+
+    fn header(mem: &GuestMemoryMmap<()>, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HDR)).unwrap();
+    }
+
+    /// Puts one chain on a fresh queue and serves it: (used length, status byte).
+    fn serve(
+        disk: DiskImage,
+        mem: &GuestMemoryMmap<()>,
+        descs: &[RawDescriptor],
+    ) -> (Option<u32>, u8, DiskImage) {
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let vq = MockSplitQueue::new(mem, 16);
+        let mut shared = Shared {
+            disk,
+            active: Some(Active {
+                mem: mem.clone(),
+                queue: vq.create_queue::<Queue>().unwrap(),
+            }),
+        };
+        // Chain the descriptors (the mock links consecutive ones given NEXT).
+        let linked: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let d = Descriptor::from(*d);
+                let next = i + 1 < descs.len();
+                let flags = d.flags()
+                    | if next {
+                        virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16
+                    } else {
+                        0
+                    };
+                RawDescriptor::from(Descriptor::new(d.addr().0, d.len(), flags, (i + 1) as u16))
+            })
+            .collect();
+        vq.add_desc_chains(&linked, 0).unwrap();
+        let (notify, more) = serve_queue(&mut shared);
+        assert!(!more);
+        let active = shared.active.as_ref().unwrap();
+        let used = (active.queue.next_used() == 1).then(|| {
+            let elem: [u32; 2] = mem.read_obj(vq.used_addr().unchecked_add(4)).unwrap();
+            elem[1]
+        });
+        assert_eq!(notify, used.is_some());
+        let status: u8 = mem.read_obj(GuestAddress(STATUS)).unwrap();
+        (used, status, shared.disk)
+    }
+
+    fn file_bytes(path: &Path) -> Vec<u8> {
+        let mut v = Vec::new();
+        File::open(path).unwrap().read_to_end(&mut v).unwrap();
+        v
+    }
+
+    #[test]
+    fn a_write_lands_in_the_image_and_reads_back() {
+        let mem = memory();
+        let (disk, path) = image(8, false);
+        mem.write_slice(&[0xab; 1024], GuestAddress(DATA)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 2);
+        let out = [
+            desc(HDR, 16, false),
+            desc(DATA, 1024, false),
+            desc(STATUS, 1, true),
+        ];
+        let (used, status, disk) = serve(disk, &mem, &out);
+        assert_eq!((used, u32::from(status)), (Some(1), VIRTIO_BLK_S_OK));
+        let bytes = file_bytes(&path);
+        assert!(bytes[1024..2048].iter().all(|&b| b == 0xab));
+        assert!(bytes[..1024].iter().all(|&b| b < 2) && bytes[2048..2560].iter().all(|&b| b == 4));
+
+        // Read sectors 1..4 back into two buffers, the second one across a boundary.
+        header(&mem, VIRTIO_BLK_T_IN, 1);
+        let into = [
+            desc(HDR, 16, false),
+            desc(DATA + 0x1000, 512, true),
+            desc(DATA + 0x2000, 1024, true),
+            desc(STATUS, 1, true),
+        ];
+        let (used, status, _) = serve(disk, &mem, &into);
+        assert_eq!((used, u32::from(status)), (Some(1536 + 1), VIRTIO_BLK_S_OK));
+        let mut got = [0u8; 1536];
+        mem.read_slice(&mut got[..512], GuestAddress(DATA + 0x1000))
+            .unwrap();
+        mem.read_slice(&mut got[512..], GuestAddress(DATA + 0x2000))
+            .unwrap();
+        assert!(got[..512].iter().all(|&b| b == 1));
+        assert!(got[512..].iter().all(|&b| b == 0xab));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_read_only_disk_refuses_writes_and_keeps_its_bytes() {
+        let mem = memory();
+        let (disk, path) = image(4, true);
+        let before = file_bytes(&path);
+        mem.write_slice(&[0xcd; 512], GuestAddress(DATA)).unwrap();
+        header(&mem, VIRTIO_BLK_T_OUT, 0);
+        let out = [
+            desc(HDR, 16, false),
+            desc(DATA, 512, false),
+            desc(STATUS, 1, true),
+        ];
+        let (used, status, disk) = serve(disk, &mem, &out);
+        assert_eq!((used, u32::from(status)), (Some(1), VIRTIO_BLK_S_IOERR));
+        assert_eq!(file_bytes(&path), before);
+        // Reads and flushes still work.
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        let (_, status, _) = serve(disk, &mem, &[desc(HDR, 16, false), desc(STATUS, 1, true)]);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_OK);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn requests_outside_the_image_fail_without_io() {
+        let mem = memory();
+        let (mut disk, path) = image(4, false);
+        let before = file_bytes(&path);
+        for (kind, sector, len) in [
+            (VIRTIO_BLK_T_OUT, 3, 1024u32), // runs one sector past the end
+            (VIRTIO_BLK_T_OUT, 4, 512),
+            (VIRTIO_BLK_T_IN, 4, 512),
+            (VIRTIO_BLK_T_IN, u64::MAX / 512 + 1, 512), // sector * 512 overflows
+            (VIRTIO_BLK_T_IN, u64::MAX, 512),
+        ] {
+            header(&mem, kind, sector);
+            let writable = kind == VIRTIO_BLK_T_IN;
+            let chain = [
+                desc(HDR, 16, false),
+                desc(DATA, len, writable),
+                desc(STATUS, 1, true),
+            ];
+            let (used, status, d) = serve(disk, &mem, &chain);
+            disk = d;
+            assert_eq!(
+                (used, u32::from(status)),
+                (Some(1), VIRTIO_BLK_S_IOERR),
+                "{kind} {sector}"
+            );
+        }
+        assert_eq!(file_bytes(&path), before);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn buffers_outside_guest_ram_fail_cleanly() {
+        let mem = memory();
+        let (disk, path) = image(4, false);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        // Data buffer straddling the end of RAM: the read fails, nothing panics.
+        let chain = [
+            desc(HDR, 16, false),
+            desc((4 << 20) - 256, 512, true),
+            desc(STATUS, 1, true),
+        ];
+        let (used, status, disk) = serve(disk, &mem, &chain);
+        assert_eq!((used, u32::from(status)), (Some(1), VIRTIO_BLK_S_IOERR));
+        // A header that is not in RAM.
+        let chain = [desc(1 << 40, 16, false), desc(STATUS, 1, true)];
+        let (_, status, _) = serve(disk, &mem, &chain);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_IOERR);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn short_headers_unknown_types_and_get_id() {
+        let mem = memory();
+        let (disk, path) = image(4, false);
+        header(&mem, VIRTIO_BLK_T_IN, 0);
+        let (_, status, disk) = serve(disk, &mem, &[desc(HDR, 8, false), desc(STATUS, 1, true)]);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_IOERR, "an 8-byte header");
+        header(&mem, 99, 0);
+        let (_, status, disk) = serve(disk, &mem, &[desc(HDR, 16, false), desc(STATUS, 1, true)]);
+        assert_eq!(u32::from(status), VIRTIO_BLK_S_UNSUPP);
+        header(&mem, VIRTIO_BLK_T_GET_ID, 0);
+        let chain = [
+            desc(HDR, 16, false),
+            desc(DATA, 64, true),
+            desc(STATUS, 1, true),
+        ];
+        let (used, status, _) = serve(disk, &mem, &chain);
+        assert_eq!((used, u32::from(status)), (Some(21), VIRTIO_BLK_S_OK));
+        let mut id = [0u8; 20];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..14], b"exterior-disk3");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn chains_without_a_status_byte_are_returned_untouched() {
+        let mem = memory();
+        let (disk, path) = image(4, false);
+        header(&mem, VIRTIO_BLK_T_FLUSH, 0);
+        // No writable descriptor at all.
+        let (used, status, disk) = serve(disk, &mem, &[desc(HDR, 16, false)]);
+        assert_eq!((used, status), (Some(0), 0xff));
+        // Readable after writable.
+        let chain = [
+            desc(HDR, 16, false),
+            desc(STATUS, 1, true),
+            desc(DATA, 16, false),
+        ];
+        let (used, status, disk) = serve(disk, &mem, &chain);
+        assert_eq!((used, status), (Some(0), 0xff));
+        // A zero-length status descriptor.
+        let (used, status, _) = serve(disk, &mem, &[desc(HDR, 16, false), desc(STATUS, 0, true)]);
+        assert_eq!((used, status), (Some(0), 0xff));
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_buffer_wrapping_the_address_space_is_malformed() {
+        let parsed = Request::parse(
+            [Descriptor::new(
+                u64::MAX - 4,
+                16,
+                VRING_DESC_F_WRITE as u16,
+                0,
+            )]
+            .into_iter(),
+        );
+        assert_eq!(parsed.err(), Some(Malformed::AddressOverflow));
+    }
+
+    #[test]
+    fn config_space_reports_capacity_and_seg_max() {
+        let (disk, path) = image(6, true);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
+        let block = Block::new(disk, &evt, irq, || Ok(())).unwrap();
+        let mut cap = [0u8; 8];
+        block.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 6);
+        let mut seg = [0u8; 4];
+        block.read_config(12, &mut seg);
+        assert_eq!(u32::from_le_bytes(seg), SEG_MAX);
+        block.read_config(1 << 40, &mut seg);
+        assert_eq!(seg, [0; 4]);
+        assert_ne!(block.features() & (1 << VIRTIO_BLK_F_RO), 0);
+        std::fs::remove_file(path).unwrap();
+    }
+}

@@ -316,7 +316,9 @@ fn run(cmd: RunCmd) -> ExitCode {
     };
     match result {
         Ok(reason) => report(reason),
-        Err(e @ (BuildError::Load { .. } | BuildError::Console { .. })) => fail(EXIT_BAD_INPUT, e),
+        Err(
+            e @ (BuildError::Load { .. } | BuildError::Vmlinux { .. } | BuildError::Console { .. }),
+        ) => fail(EXIT_BAD_INPUT, e),
         Err(e) => fail(EXIT_HOST, e),
     }
 }

@@ -54,6 +54,15 @@ pub enum BuildError {
         /// What the loader refused.
         source: loader::LoadError,
     },
+    /// An instance's kernel is a bzImage whose ELF vmlinux (which the redirect engine
+    /// reads) cannot be had from its payload.
+    #[error("kernel {path}: {source}")]
+    Vmlinux {
+        /// Where the kernel came from.
+        path: PathBuf,
+        /// Why its payload gave no vmlinux.
+        source: crate::boot::bzimage::BzImageError,
+    },
     /// ACPI tables, page tables or the GDT could not be written to guest memory.
     #[error("writing boot structures: {0}")]
     BootData(String),

@@ -129,7 +129,21 @@ fn local(rt: &Path, name: &str, argv: &[&str]) -> String {
 #[test]
 fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     let rt = runtime("redirect");
-    let _instance = start(&rt, "rd", &[]);
+    // Booted from the bzImage, as users have their kernels (/boot/vmlinuz-*): the engine
+    // takes the vmlinux it reads from the payload itself. The other instance tests boot
+    // the ELF vmlinux.
+    let bz = images().join("bzImage");
+    let initrd = images().join("gvm.cpio");
+    let _instance = start(
+        &rt,
+        "rd",
+        &[
+            "--kernel",
+            bz.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+        ],
+    );
     let mut gvm = GvmConsole::attach(&rt, "rd");
 
     // Ground truth, set up and printed by the GVM itself. The dummy module is loaded

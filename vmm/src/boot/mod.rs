@@ -2,6 +2,7 @@
 //! instruction: loading, the zero page, e820, ACPI tables, and initial vCPU state.
 
 pub mod acpi;
+pub mod bzimage;
 pub mod cpu;
 pub mod cpuid;
 pub mod layout;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use std::sync::Mutex;
 
+use crate::boot::bzimage;
 use crate::builder::{
     build_vm, host_err, run_event_loop, warn_of_unreported_panic, BuildError, RunOptions, VmSpec,
 };
@@ -53,8 +54,13 @@ pub fn run_instance(
     let inbox = Arc::new(LinkInbox::new().map_err(host_err("agent link"))?);
     let gvm_cpus = config.gvm.cpus;
     // The redirect engine reads BTF and the text's place from the GVM's image (which the
-    // SVM boots too); it needs the ELF vmlinux for that.
-    let image = KernelImage::parse(&config.gvm.kernel);
+    // SVM boots too): the ELF vmlinux, given as such or inside a bzImage's payload.
+    let vmlinux = bzimage::vmlinux(&config.gvm.kernel).map_err(|source| BuildError::Vmlinux {
+        path: config.gvm.kernel_path.clone(),
+        source,
+    })?;
+    let image = KernelImage::parse(&vmlinux);
+    drop(vmlinux);
 
     let mut gvm = build_vm(
         VmSpec {

@@ -221,16 +221,6 @@ fn run(cmd: RunCmd) -> ExitCode {
             "--call-deadline needs --name (only an instance redirects calls)",
         );
     }
-    if !cmd.disk.is_empty() && cmd.name.is_some() {
-        // A redirected call commits whole pages it wrote; a disk read landing in one of
-        // them meanwhile would be overwritten. Until device I/O pauses while the GVM is
-        // held (issue #13), instances take no disks.
-        return fail(
-            EXIT_BAD_INPUT,
-            "--disk cannot be combined with --name yet: an instance's GVM takes no disks \
-             (docs/LIMITS.md)",
-        );
-    }
     let mut config = match &cmd.image {
         Some(image) => {
             if cmd.kernel.is_some() || cmd.initrd.is_some() || cmd.append.is_some() {
@@ -298,6 +288,9 @@ fn run(cmd: RunCmd) -> ExitCode {
                 Err(e) => return fail(EXIT_BAD_INPUT, e),
             };
             if cmd.detach && std::env::var_os(DAEMON_ENV).is_none() {
+                // The daemon opens and locks the disks itself: let go of ours (opened
+                // above only to report a bad --disk here, with exit status 2).
+                drop(config);
                 return detach(&runtime, name, cmd.console.is_none());
             }
             // Fresh logs for this run (an old instance's stayed for post-mortems).

@@ -264,19 +264,22 @@ fn bad_disks_are_refused_before_any_guest_runs() {
         assert_eq!(code, 2, "{err}");
         assert!(err.contains(want), "--disk {disk}: {err}");
     }
-    let (code, err) = run(vmm()
+    // An instance checks its disks before anything starts too.
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, "disks-rt");
+    let (code, err) = run(cmd
         .args([
             "run",
             "--name",
             "d",
             "--disk",
-            good.to_str().unwrap(),
+            odd.to_str().unwrap(),
             "--kernel",
         ])
         .arg(&kernel));
     assert_eq!(code, 2, "{err}");
     assert!(
-        err.contains("--disk cannot be combined with --name yet"),
+        err.contains("not a whole number of 512-byte sectors"),
         "{err}"
     );
     // The image was not touched by any of it.

@@ -31,6 +31,7 @@ use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp::{self, ThreadKind};
 use crate::sync::lock;
 use crate::terminal::RawModeGuard;
+use crate::vstate::dma_gate::DmaGate;
 use crate::vstate::memory::{create_guest_memory, MemoryError, SharedMemory};
 use crate::vstate::quiesce::{self, VcpuControl};
 use crate::vstate::vcpu::{PortHook, Vcpu};
@@ -116,6 +117,8 @@ pub(crate) struct BuiltVm {
     vcpus: Vec<Vcpu>,
     bus: Arc<PioBus>,
     mmio: Arc<MmioBus>,
+    /// Passed by device threads around each request; paused while the VM is held.
+    pub dma_gate: Arc<DmaGate>,
     pub console: Arc<Mutex<ConsoleSerial>>,
     pub link: Option<Arc<Mutex<LinkSerial>>>,
     exit: Arc<ExitSignal>,
@@ -140,6 +143,7 @@ fn virtio_devices(
     vm: &Vm,
     memory: &SharedMemory,
     disks: Vec<crate::devices::virtio::block::DiskImage>,
+    dma_gate: &Arc<DmaGate>,
     seccomp: bool,
 ) -> Result<MmioBus, BuildError> {
     let mut bus = MmioBus::new();
@@ -163,8 +167,14 @@ fn virtio_devices(
                 Ok(())
             }
         };
-        let block = Block::new(disk, &queue_evt, interrupt.clone(), confine)
-            .map_err(host_err("virtio-blk I/O thread"))?;
+        let block = Block::new(
+            disk,
+            &queue_evt,
+            interrupt.clone(),
+            dma_gate.clone(),
+            confine,
+        )
+        .map_err(host_err("virtio-blk I/O thread"))?;
         let transport = MmioTransport::new(
             Box::new(block),
             memory.mem.clone(),
@@ -274,7 +284,8 @@ pub(crate) fn build_vm(
     )
     .map_err(overlap)?;
 
-    let mmio = virtio_devices(&vm, &memory, disks, opts.seccomp)?;
+    let dma_gate = Arc::new(DmaGate::default());
+    let mmio = virtio_devices(&vm, &memory, disks, &dma_gate, opts.seccomp)?;
 
     // 4. vCPUs.
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -290,6 +301,7 @@ pub(crate) fn build_vm(
         vcpus,
         bus: Arc::new(bus),
         mmio: Arc::new(mmio),
+        dma_gate,
         console,
         link,
         exit,

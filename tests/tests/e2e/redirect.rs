@@ -134,6 +134,9 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // the ELF vmlinux.
     let bz = images().join("bzImage");
     let initrd = images().join("gvm.cpio");
+    // And with a disk, which its devices write while exterior calls hold it.
+    let disk = scratch_dir("redirect-disk").join("vda.img");
+    std::fs::write(&disk, vec![0u8; 32 << 20]).unwrap();
     let _instance = start(
         &rt,
         "rd",
@@ -142,6 +145,8 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
             bz.to_str().unwrap(),
             "--initrd",
             initrd.to_str().unwrap(),
+            "--disk",
+            disk.to_str().unwrap(),
         ],
     );
     let mut gvm = GvmConsole::attach(&rt, "rd");
@@ -263,6 +268,46 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     assert_eq!(after_ps, expected, "the GVM's processes changed");
     assert_eq!(module_names(&gvm.run("cat /proc/modules")), gvm_modules);
     assert_eq!(gvm.run("ls /; ls -la /tmp /root"), gvm_files);
+
+    // The disk is the GVM's (the SVM has none), and the GVM writes and reads it back whole
+    // while exterior calls hold it: every hold pauses the disk's I/O thread between
+    // requests (vstate/dma_gate.rs), so no commit of a call lands on a page the disk was
+    // filling, nor does a call see memory change under it.
+    assert_eq!(gvm.run("cat /sys/block/vda/size").trim(), "65536");
+    assert_eq!(
+        exterior(&rt, "rd", &["cat", "/sys/block/vda/size"]).trim(),
+        "65536"
+    );
+    assert!(!words(&local(&rt, "rd", &["ls", "/sys/block"])).contains("vda"));
+    gvm.run(
+        "dd if=/dev/urandom of=/tmp/blob bs=64k count=16 2>/dev/null; \
+         (i=0; while [ $i -lt 30 ]; do dd if=/tmp/blob of=/dev/vda bs=64k seek=$i conv=fsync 2>/dev/null; \
+         echo 3 >/proc/sys/vm/drop_caches; dd if=/dev/vda of=/tmp/back bs=64k skip=$i count=16 2>/dev/null; \
+         cmp -s /tmp/blob /tmp/back || echo corrupt-$i; i=$((i+1)); done; echo disk-loop-$((40+2))) \
+         >/tmp/disk.log 2>&1 &",
+    );
+    let mut stats_seen = BTreeSet::new();
+    let loop_log = loop {
+        assert!(stats_seen.len() < 300, "the GVM's disk loop never ended");
+        stats_seen.insert(exterior(&rt, "rd", &["cat", "/sys/block/vda/stat"]));
+        let log = gvm.run("cat /tmp/disk.log");
+        if log.contains("disk-loop-42") {
+            break log;
+        }
+    };
+    assert!(
+        !loop_log.contains("corrupt"),
+        "the GVM's disk data changed: {loop_log}"
+    );
+    assert!(
+        stats_seen.len() > 1,
+        "the disk did no I/O while exterior calls ran: {stats_seen:?}"
+    );
+    assert_eq!(
+        exterior(&rt, "rd", &["cat", "/sys/block/vda/stat"]),
+        gvm.run("cat /sys/block/vda/stat").trim_start_matches('\n'),
+        "the disk's counters, once idle, differ from the GVM's"
+    );
 
     // One VM exit per redirected call: the final store, nothing inside the call (and one
     // more each time a call sleeps in the GVM kernel and is parked; reads rarely do).

@@ -118,7 +118,21 @@ impl Executor {
         let call_started = Instant::now();
         loop {
             let started = Instant::now();
-            let held = match quiesce::quiesce(&engine.parts.gvm_vcpus, policy) {
+            // The vCPUs, then the devices: a disk must not write guest memory while the
+            // call runs or commits (`vstate::dma_gate`).
+            let gvm_dma = engine.parts.gvm_dma.clone();
+            let held = quiesce::quiesce(&engine.parts.gvm_vcpus, policy).and_then(|held| {
+                match gvm_dma.pause(PARK_TIMEOUT) {
+                    Some(paused) => Ok((held, paused)),
+                    None => Err(quiesce::QuiesceError::Busy(
+                        format!(
+                            "a device was still in the middle of a request after {PARK_TIMEOUT:?}"
+                        ),
+                        held.attempts,
+                    )),
+                }
+            });
+            let (held, devices_paused) = match held {
                 Ok(held) => held,
                 Err(e) if parked.is_none() => return Err(e.into()),
                 Err(e) => {
@@ -144,6 +158,7 @@ impl Executor {
                     .and_then(|segment| segment.run(regs, parked.as_ref())),
                 None => Err(Error::NoCpuToLend),
             };
+            drop(devices_paused);
             drop(held);
             self.stats.record_hold(started.elapsed());
             match end {

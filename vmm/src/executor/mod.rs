@@ -133,6 +133,8 @@ pub struct Parts {
     pub gvm_mem: GuestMemory,
     pub svm_mem: GuestMemory,
     pub gvm_vcpus: Vec<Arc<VcpuControl>>,
+    /// The GVM's devices' gate: paused with the vCPUs for every hold (`vstate::dma_gate`).
+    pub gvm_dma: Arc<crate::vstate::dma_gate::DmaGate>,
     pub gvm_bus: Arc<PioBus>,
     /// The GVM's VM (its own descriptor): for the IPIs a call owes the GVM's CPUs.
     pub gvm_vm: VmFd,

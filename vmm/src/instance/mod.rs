@@ -104,6 +104,7 @@ pub fn run_instance(
             gvm_mem: gvm.memory.mem.clone(),
             svm_mem: svm.memory.mem.clone(),
             gvm_vcpus: gvm.controls.clone(),
+            gvm_dma: gvm.dma_gate.clone(),
             gvm_bus: gvm.bus(),
             gvm_vm,
             spare_cpu: gvm_cpus,

@@ -1,5 +1,6 @@
 //! KVM-facing state: guest memory, the VM object and its vCPUs (Firecracker's split).
 
+pub(crate) mod dma_gate;
 pub mod memory;
 pub(crate) mod quiesce;
 pub(crate) mod vcpu;

@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VirtioDevice};
 use crate::sync::lock;
+use crate::vstate::dma_gate::DmaGate;
 
 pub const SECTOR: u64 = 512;
 /// Entries in the one request queue. Linux sizes its requests to the queue: with
@@ -376,18 +377,19 @@ struct Shared {
 }
 
 /// Serves up to [`BATCH`] chains; returns (whether to interrupt, whether chains are left).
-fn serve_queue(shared: &mut Shared) -> (bool, bool) {
+/// Each chain, from reading the ring to returning it, is served inside the VM's DMA gate,
+/// so a hold of the VM never sees guest memory change under it.
+fn serve_queue(shared: &mut Shared, gate: &DmaGate) -> (bool, bool) {
     let Shared { disk, active } = shared;
     let Some(Active { mem, queue }) = active.as_mut() else {
         return (false, false);
     };
     let mut used = false;
     for _ in 0..BATCH {
+        let _pass = gate.enter();
         let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-            return (
-                used && queue.needs_notification(&*mem).unwrap_or(true),
-                false,
-            );
+            let notify = used && queue.needs_notification(&*mem).unwrap_or(true);
+            return (notify, false);
         };
         let head = chain.head_index();
         let len = disk.execute(&*mem, chain).unwrap_or(0);
@@ -397,6 +399,7 @@ fn serve_queue(shared: &mut Shared) -> (bool, bool) {
         }
         used = true;
     }
+    let _pass = gate.enter();
     (
         used && queue.needs_notification(&*mem).unwrap_or(true),
         true,
@@ -413,12 +416,14 @@ pub struct Block {
 }
 
 impl Block {
-    /// The device and its I/O thread, which waits on `queue_evt` (the queue's ioeventfd)
-    /// and raises `interrupt`. `confine` runs first on that thread (the seccomp filter).
+    /// The device and its I/O thread, which waits on `queue_evt` (the queue's ioeventfd),
+    /// passes `gate` around every request and raises `interrupt`. `confine` runs first on
+    /// that thread (the seccomp filter).
     pub fn new(
         disk: DiskImage,
         queue_evt: &EventFd,
         interrupt: Arc<Interrupt>,
+        gate: Arc<DmaGate>,
         confine: impl FnOnce() -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<Self> {
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
@@ -438,7 +443,7 @@ impl Block {
                     log::error!("virtio-blk I/O thread: {e}; the disk will not answer");
                     return;
                 }
-                io_loop(&worker_shared, &wake, &interrupt);
+                io_loop(&worker_shared, &wake, &interrupt, &gate);
             })?;
         Ok(Self {
             shared,
@@ -450,13 +455,13 @@ impl Block {
     }
 }
 
-fn io_loop(shared: &Mutex<Shared>, wake: &EventFd, interrupt: &Interrupt) {
+fn io_loop(shared: &Mutex<Shared>, wake: &EventFd, interrupt: &Interrupt, gate: &DmaGate) {
     loop {
         if let Err(e) = wake.read() {
             log::error!("virtio-blk I/O thread: waiting for the guest: {e}; stopping");
             return;
         }
-        let (notify, more) = serve_queue(&mut lock(shared));
+        let (notify, more) = serve_queue(&mut lock(shared), gate);
         if notify {
             interrupt.signal_used_queue();
         }
@@ -588,7 +593,7 @@ mod tests {
             })
             .collect();
         vq.add_desc_chains(&linked, 0).unwrap();
-        let (notify, more) = serve_queue(&mut shared);
+        let (notify, more) = serve_queue(&mut shared, &DmaGate::default());
         assert!(!more);
         let active = shared.active.as_ref().unwrap();
         let used = (active.queue.next_used() == 1).then(|| {
@@ -781,7 +786,7 @@ mod tests {
         let (disk, path) = image(6, true);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let block = Block::new(disk, &evt, irq, || Ok(())).unwrap();
+        let block = Block::new(disk, &evt, irq, Arc::default(), || Ok(())).unwrap();
         let mut cap = [0u8; 8];
         block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 6);

@@ -144,9 +144,14 @@ fn virtio_devices(
     memory: &SharedMemory,
     disks: Vec<crate::devices::virtio::block::DiskImage>,
     dma_gate: &Arc<DmaGate>,
+    exit: &Arc<ExitSignal>,
     seccomp: bool,
 ) -> Result<MmioBus, BuildError> {
     let mut bus = MmioBus::new();
+    if seccomp && !disks.is_empty() {
+        // Before the I/O threads confine themselves: a call their filter blocks is named.
+        seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
+    }
     for (index, disk) in disks.into_iter().enumerate() {
         let (base, gsi) = layout::virtio_slot(index);
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("virtio irq eventfd"))?;
@@ -173,6 +178,10 @@ fn virtio_devices(
             interrupt.clone(),
             dma_gate.clone(),
             confine,
+            {
+                let exit = exit.clone();
+                move |why| exit.signal(ExitReason::VmmError(why))
+            },
         )
         .map_err(host_err("virtio-blk I/O thread"))?;
         let transport = MmioTransport::new(
@@ -285,7 +294,7 @@ pub(crate) fn build_vm(
     .map_err(overlap)?;
 
     let dma_gate = Arc::new(DmaGate::default());
-    let mmio = virtio_devices(&vm, &memory, disks, &dma_gate, opts.seccomp)?;
+    let mmio = virtio_devices(&vm, &memory, disks, &dma_gate, &exit, opts.seccomp)?;
 
     // 4. vCPUs.
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));

@@ -465,6 +465,15 @@ mod tests {
         );
         let e = open_disks(&[arg(&dir, ",ro")]).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
+        // A FIFO is refused without blocking in open(2).
+        let fifo = dir.join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let e = open_disks(&[arg(&fifo, ",ro")]).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         let nine: Vec<String> = (0..9).map(|_| arg(&good, ",ro")).collect();
         let e = open_disks(&nine).unwrap_err().to_string();
         assert!(e.contains("at most 8 disks"), "{e}");

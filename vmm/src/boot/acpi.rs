@@ -47,7 +47,7 @@ fn pkg_length(len: usize) -> Vec<u8> {
         vec![(len + 1) as u8]
     } else {
         let total = len + 2;
-        debug_assert!(total < 4096, "two-byte PkgLength");
+        assert!(total < 4096, "two-byte PkgLength");
         vec![0x40 | (total & 0x0f) as u8, (total >> 4) as u8]
     }
 }
@@ -108,7 +108,7 @@ fn aml_device(name: &[u8; 4], hid: Hid, uid: u8, mut resources: Vec<u8>) -> Vec<
     body.push(NAME_OP);
     body.extend_from_slice(b"_CRS");
     body.push(BUFFER_OP);
-    debug_assert!(resources.len() < 256, "byte-sized buffer length");
+    assert!(resources.len() < 256, "byte-sized buffer length");
     let mut buffer = vec![BYTE_PREFIX, resources.len() as u8];
     buffer.extend_from_slice(&resources);
     body.extend(pkg_length(buffer.len()));

@@ -13,7 +13,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use thiserror::Error;
@@ -24,9 +26,12 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VirtioDevice};
@@ -81,9 +86,12 @@ impl DiskImage {
     /// Opens `path` for the guest's disk number `index` (which names it in GET_ID).
     pub fn open(path: &Path, read_only: bool, index: usize) -> Result<Self, DiskError> {
         let path_buf = || path.to_path_buf();
+        // O_NONBLOCK: a FIFO given as a disk must not block the open (it is refused below
+        // as not a regular file); on a regular file the flag changes nothing.
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
             .map_err(|source| DiskError::Open {
                 path: path_buf(),
@@ -167,12 +175,21 @@ enum Malformed {
     NoStatusByte,
     /// A buffer that runs past the end of the address space.
     AddressOverflow,
+    /// More descriptors than any request needs ([`MAX_CHAIN`]); an indirect table may
+    /// hold 65535, and a chain is walked before it is served.
+    TooLong,
 }
+
+/// The most descriptors a request can use: [`SEG_MAX`] data segments, header and status.
+const MAX_CHAIN: usize = SEG_MAX as usize + 2;
 
 impl Request {
     fn parse(descriptors: impl Iterator<Item = Descriptor>) -> Result<Self, Malformed> {
         let (mut readable, mut writable) = (Vec::new(), Vec::new());
-        for d in descriptors {
+        for (n, d) in descriptors.enumerate() {
+            if n >= MAX_CHAIN {
+                return Err(Malformed::TooLong);
+            }
             let seg = Segment {
                 addr: d.addr(),
                 len: u64::from(d.len()),
@@ -208,21 +225,25 @@ impl Request {
 /// Takes `n` bytes off the front of `segs` (fewer if they hold fewer).
 fn take_front(segs: &mut Vec<Segment>, mut n: u64) -> Vec<Segment> {
     let mut taken = Vec::new();
-    while n > 0 && !segs.is_empty() {
-        let first = &mut segs[0];
-        let k = first.len.min(n);
+    let mut whole = 0;
+    for seg in segs.iter_mut() {
+        if n == 0 {
+            break;
+        }
+        let k = seg.len.min(n);
         taken.push(Segment {
-            addr: first.addr,
+            addr: seg.addr,
             len: k,
         });
-        if k == first.len {
-            segs.remove(0);
-        } else {
-            first.addr = first.addr.unchecked_add(k);
-            first.len -= k;
-        }
+        // `parse` checked that `addr + len` does not overflow, and `k <= len`.
+        seg.addr = seg.addr.unchecked_add(k);
+        seg.len -= k;
         n -= k;
+        if seg.len == 0 {
+            whole += 1;
+        }
     }
+    segs.drain(..whole);
     taken
 }
 
@@ -240,7 +261,7 @@ impl DiskImage {
 
     /// Serves one request; returns the bytes written into the chain's writable buffers
     /// (the used length), or `None` for a chain with nowhere to put a status.
-    fn execute<M: GuestMemory>(
+    fn execute<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         descriptors: impl Iterator<Item = Descriptor>,
@@ -259,7 +280,7 @@ impl DiskImage {
     }
 
     /// Does the work of one request: (virtio status, data bytes written to the guest).
-    fn serve<M: GuestMemory>(&mut self, mem: &M, request: &mut Request) -> (u32, u64) {
+    fn serve<M: GuestMemoryBackend>(&mut self, mem: &M, request: &mut Request) -> (u32, u64) {
         let header = take_front(&mut request.readable, HEADER_LEN);
         let mut bytes = [0u8; HEADER_LEN as usize];
         let mut at = 0usize;
@@ -286,7 +307,7 @@ impl DiskImage {
                 match self.read_into(mem, offset, &request.writable) {
                     Ok(()) => (VIRTIO_BLK_S_OK, len),
                     Err(e) => {
-                        log::warn!("virtio-blk: read at sector {sector}: {e}");
+                        log::debug!("virtio-blk: read at sector {sector}: {e}");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -304,7 +325,7 @@ impl DiskImage {
                 match self.write_from(mem, offset, &request.readable) {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
-                        log::warn!("virtio-blk: write at sector {sector}: {e}");
+                        log::debug!("virtio-blk: write at sector {sector}: {e}");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -333,7 +354,10 @@ impl DiskImage {
         }
     }
 
-    fn read_into<M: GuestMemory>(
+    /// Reads the image from `offset` into `segs`. Short reads are retried (a regular file
+    /// reads short only at its end, which `range` keeps requests from); a segment is split
+    /// where guest memory regions split.
+    fn read_into<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         offset: u64,
@@ -342,13 +366,18 @@ impl DiskImage {
         self.file.seek(SeekFrom::Start(offset))?;
         for seg in segs {
             let len = usize::try_from(seg.len).map_err(std::io::Error::other)?;
-            mem.read_exact_volatile_from(seg.addr, &mut self.file, len)
-                .map_err(std::io::Error::other)?;
+            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, len) {
+                let mut slice = slice.map_err(std::io::Error::other)?;
+                self.file
+                    .read_exact_volatile(&mut slice)
+                    .map_err(std::io::Error::other)?;
+            }
         }
         Ok(())
     }
 
-    fn write_from<M: GuestMemory>(
+    /// Writes `segs` to the image from `offset`, all of it.
+    fn write_from<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
         offset: u64,
@@ -357,8 +386,12 @@ impl DiskImage {
         self.file.seek(SeekFrom::Start(offset))?;
         for seg in segs {
             let len = usize::try_from(seg.len).map_err(std::io::Error::other)?;
-            mem.write_all_volatile_to(seg.addr, &mut self.file, len)
-                .map_err(std::io::Error::other)?;
+            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, len) {
+                let slice = slice.map_err(std::io::Error::other)?;
+                self.file
+                    .write_all_volatile(&slice)
+                    .map_err(std::io::Error::other)?;
+            }
         }
         Ok(())
     }
@@ -368,6 +401,9 @@ impl DiskImage {
 struct Active {
     mem: GuestMemoryMmap<()>,
     queue: Queue,
+    /// The driver broke the ring (an avail index more than a ring ahead, a used ring that
+    /// cannot be written): nothing more is served until a reset. Logged once.
+    broken: bool,
 }
 
 /// What the worker thread and the transport share.
@@ -376,39 +412,69 @@ struct Shared {
     active: Option<Active>,
 }
 
-/// Serves up to [`BATCH`] chains; returns (whether to interrupt, whether chains are left).
-/// Each chain, from reading the ring to returning it, is served inside the VM's DMA gate,
-/// so a hold of the VM never sees guest memory change under it.
-fn serve_queue(shared: &mut Shared, gate: &DmaGate) -> (bool, bool) {
+/// What one round of the worker did.
+#[derive(Debug, PartialEq, Eq)]
+struct Round {
+    /// The driver wants an interrupt.
+    notify: bool,
+    /// Chains are left: serve again without waiting for a kick.
+    more: bool,
+}
+
+/// Serves up to [`BATCH`] chains, or fewer if `stop` is raised (a reset is waiting). Each
+/// chain, from reading the ring to returning it, is served inside the VM's DMA gate, so a
+/// hold of the VM never sees guest memory change under it.
+fn serve_queue(shared: &mut Shared, gate: &DmaGate, stop: &AtomicBool) -> Round {
     let Shared { disk, active } = shared;
-    let Some(Active { mem, queue }) = active.as_mut() else {
-        return (false, false);
+    let Some(Active { mem, queue, broken }) = active.as_mut() else {
+        return Round {
+            notify: false,
+            more: false,
+        };
     };
     let mut used = false;
-    for _ in 0..BATCH {
+    let mut more = false;
+    for served in 0..=BATCH {
         let _pass = gate.enter();
+        if *broken {
+            break;
+        }
+        // virtio-queue reports a bad avail index on every pop; one check, one log line.
+        if let Err(e) = queue.iter(&*mem) {
+            log::warn!(
+                "virtio-blk: the driver broke its queue ({e:?}); serving nothing until a reset"
+            );
+            *broken = true;
+            break;
+        }
+        if served == BATCH || stop.load(Ordering::Relaxed) {
+            more = true;
+            break;
+        }
         let Some(chain) = queue.pop_descriptor_chain(&*mem) else {
-            let notify = used && queue.needs_notification(&*mem).unwrap_or(true);
-            return (notify, false);
+            break;
         };
         let head = chain.head_index();
         let len = disk.execute(&*mem, chain).unwrap_or(0);
         if let Err(e) = queue.add_used(&*mem, head, len) {
-            log::warn!("virtio-blk: cannot return a request to the guest: {e:?}");
-            return (used, false);
+            log::warn!("virtio-blk: cannot return a request to the driver ({e:?}); serving nothing until a reset");
+            *broken = true;
+            break;
         }
         used = true;
     }
     let _pass = gate.enter();
-    (
-        used && queue.needs_notification(&*mem).unwrap_or(true),
-        true,
-    )
+    Round {
+        notify: used && queue.needs_notification(&*mem).unwrap_or(true),
+        more,
+    }
 }
 
 /// The virtio-blk device.
 pub struct Block {
     shared: Arc<Mutex<Shared>>,
+    /// Raised by a reset so that the worker ends its batch after the request in flight.
+    stop: Arc<AtomicBool>,
     features: u64,
     sectors: u64,
     queue_evt: EventFd,
@@ -418,15 +484,19 @@ pub struct Block {
 impl Block {
     /// The device and its I/O thread, which waits on `queue_evt` (the queue's ioeventfd),
     /// passes `gate` around every request and raises `interrupt`. `confine` runs first on
-    /// that thread (the seccomp filter).
+    /// that thread (the seccomp filter); its failure fails this call. Should the thread
+    /// ever be unable to wait for the guest, it reports through `fatal` (which stops the
+    /// VM) instead of leaving a disk that never answers.
     pub fn new(
         disk: DiskImage,
         queue_evt: &EventFd,
         interrupt: Arc<Interrupt>,
         gate: Arc<DmaGate>,
         confine: impl FnOnce() -> Result<(), String> + Send + 'static,
+        fatal: impl Fn(String) + Send + 'static,
     ) -> std::io::Result<Self> {
         let mut features = (1u64 << VIRTIO_F_VERSION_1)
+            | (1u64 << VIRTIO_RING_F_INDIRECT_DESC)
             | (1u64 << VIRTIO_BLK_F_FLUSH)
             | (1u64 << VIRTIO_BLK_F_SEG_MAX);
         if disk.read_only {
@@ -434,39 +504,80 @@ impl Block {
         }
         let sectors = disk.sectors;
         let shared = Arc::new(Mutex::new(Shared { disk, active: None }));
-        let worker_shared = shared.clone();
-        let wake = queue_evt.try_clone()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wake, own_evt) = (queue_evt.try_clone()?, queue_evt.try_clone()?);
+        let worker = Worker {
+            shared: shared.clone(),
+            stop: stop.clone(),
+            wake,
+            interrupt,
+            gate,
+        };
+        let (confined_tx, confined_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("blk-io".into())
             .spawn(move || {
-                if let Err(e) = confine() {
-                    log::error!("virtio-blk I/O thread: {e}; the disk will not answer");
-                    return;
+                let confined = confine();
+                let ok = confined.is_ok();
+                let _ = confined_tx.send(confined);
+                if ok {
+                    worker.run(&fatal);
                 }
-                io_loop(&worker_shared, &wake, &interrupt, &gate);
             })?;
+        match confined_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(std::io::Error::other(format!("virtio-blk I/O thread: {e}"))),
+            Err(_) => {
+                return Err(std::io::Error::other(
+                    "virtio-blk I/O thread ended at start",
+                ))
+            }
+        }
         Ok(Self {
             shared,
+            stop,
             features,
             sectors,
-            queue_evt: queue_evt.try_clone()?,
+            queue_evt: own_evt,
             queue_sizes: [QUEUE_SIZE],
         })
     }
 }
 
-fn io_loop(shared: &Mutex<Shared>, wake: &EventFd, interrupt: &Interrupt, gate: &DmaGate) {
-    loop {
-        if let Err(e) = wake.read() {
-            log::error!("virtio-blk I/O thread: waiting for the guest: {e}; stopping");
-            return;
-        }
-        let (notify, more) = serve_queue(&mut lock(shared), gate);
-        if notify {
-            interrupt.signal_used_queue();
-        }
-        if more {
-            let _ = wake.write(1);
+/// The I/O thread's side of the device.
+struct Worker {
+    shared: Arc<Mutex<Shared>>,
+    stop: Arc<AtomicBool>,
+    wake: EventFd,
+    interrupt: Arc<Interrupt>,
+    gate: Arc<DmaGate>,
+}
+
+impl Worker {
+    /// Never returns: the thread ends with the process (returning would close descriptors,
+    /// which its seccomp filter does not allow).
+    fn run(self, fatal: &dyn Fn(String)) -> ! {
+        loop {
+            match self.wake.read() {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    fatal(format!("virtio-blk I/O thread: waiting for the guest: {e}"));
+                    loop {
+                        std::thread::park();
+                    }
+                }
+            }
+            let mut shared = lock(&self.shared);
+            let round = serve_queue(&mut shared, &self.gate, &self.stop);
+            // Raised under the lock: a reset that follows clears it, none is left behind.
+            if round.notify {
+                self.interrupt.signal_used_queue();
+            }
+            drop(shared);
+            if round.more {
+                let _ = self.wake.write(1);
+            }
         }
     }
 }
@@ -503,7 +614,11 @@ impl VirtioDevice for Block {
         _acked_features: u64,
     ) -> Result<(), String> {
         let queue = queues.pop().ok_or("virtio-blk: no request queue")?;
-        lock(&self.shared).active = Some(Active { mem, queue });
+        lock(&self.shared).active = Some(Active {
+            mem,
+            queue,
+            broken: false,
+        });
         // Serve anything the driver queued before DRIVER_OK.
         self.queue_evt
             .write(1)
@@ -511,8 +626,11 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) {
-        // Waits for a batch in progress: after this the worker touches no guest memory.
+        // The worker ends its batch after the request in flight; after this it touches no
+        // guest memory.
+        self.stop.store(true, Ordering::Relaxed);
         lock(&self.shared).active = None;
+        self.stop.store(false, Ordering::Relaxed);
     }
 }
 
@@ -574,6 +692,7 @@ mod tests {
             active: Some(Active {
                 mem: mem.clone(),
                 queue: vq.create_queue::<Queue>().unwrap(),
+                broken: false,
             }),
         };
         // Chain the descriptors (the mock links consecutive ones given NEXT).
@@ -593,7 +712,8 @@ mod tests {
             })
             .collect();
         vq.add_desc_chains(&linked, 0).unwrap();
-        let (notify, more) = serve_queue(&mut shared, &DmaGate::default());
+        let Round { notify, more } =
+            serve_queue(&mut shared, &DmaGate::default(), &AtomicBool::new(false));
         assert!(!more);
         let active = shared.active.as_ref().unwrap();
         let used = (active.queue.next_used() == 1).then(|| {
@@ -768,6 +888,53 @@ mod tests {
     }
 
     #[test]
+    fn a_chain_longer_than_any_request_is_refused_before_it_is_served() {
+        // Linux never needs more than SEG_MAX data segments plus header and status; an
+        // indirect table could hold 65535 (the mock queue holds 16, so this parses).
+        let many = (0..=MAX_CHAIN).map(|i| Descriptor::new(DATA + i as u64, 1, 0, 0));
+        assert!(matches!(Request::parse(many), Err(Malformed::TooLong)));
+        let mut ok: Vec<Descriptor> = (0..MAX_CHAIN - 1)
+            .map(|i| Descriptor::new(DATA + i as u64, 1, 0, 0))
+            .collect();
+        ok.push(Descriptor::new(STATUS, 1, VRING_DESC_F_WRITE as u16, 0));
+        assert!(Request::parse(ok.into_iter()).is_ok());
+    }
+
+    #[test]
+    fn a_driver_that_breaks_its_ring_gets_nothing_more_served() {
+        let mem = memory();
+        let (disk, path) = image(4, false);
+        let vq = MockSplitQueue::new(&mem, 16);
+        let mut shared = Shared {
+            disk,
+            active: Some(Active {
+                mem: mem.clone(),
+                queue: vq.create_queue::<Queue>().unwrap(),
+                broken: false,
+            }),
+        };
+        // The avail index 17 entries ahead of a 16-entry ring.
+        mem.write_obj(17u16, vq.avail_addr().unchecked_add(2))
+            .unwrap();
+        let stop = AtomicBool::new(false);
+        let round = serve_queue(&mut shared, &DmaGate::default(), &stop);
+        assert_eq!(
+            round,
+            Round {
+                notify: false,
+                more: false
+            }
+        );
+        assert!(shared.active.as_ref().unwrap().broken);
+        // Even a repaired index is not served until a reset.
+        mem.write_obj(1u16, vq.avail_addr().unchecked_add(2))
+            .unwrap();
+        serve_queue(&mut shared, &DmaGate::default(), &stop);
+        assert_eq!(shared.active.as_ref().unwrap().queue.next_avail(), 0);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
     fn a_buffer_wrapping_the_address_space_is_malformed() {
         let parsed = Request::parse(
             [Descriptor::new(
@@ -786,7 +953,7 @@ mod tests {
         let (disk, path) = image(6, true);
         let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()));
-        let block = Block::new(disk, &evt, irq, Arc::default(), || Ok(())).unwrap();
+        let block = Block::new(disk, &evt, irq, Arc::default(), || Ok(()), |_| {}).unwrap();
         let mut cap = [0u8; 8];
         block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 6);

@@ -15,7 +15,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_bindings::virtio_mmio as reg;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Interrupt, VirtioDevice};
@@ -36,6 +36,9 @@ pub struct MmioTransport {
     /// the notify address itself, so this is the fallback).
     queue_evts: Vec<EventFd>,
     queues: Vec<Queue>,
+    /// Each queue's descriptor table, available and used ring addresses as the driver
+    /// wrote them (in halves); checked by virtio-queue at DRIVER_OK.
+    rings: Vec<[u64; 3]>,
     status: u32,
     device_features_sel: u32,
     driver_features_sel: u32,
@@ -68,6 +71,7 @@ impl MmioTransport {
             mem,
             interrupt,
             queue_evts,
+            rings: vec![[0; 3]; queues.len()],
             queues,
             status: 0,
             device_features_sel: 0,
@@ -91,12 +95,12 @@ impl MmioTransport {
     }
 
     fn reset(&mut self) {
-        if self.activated {
-            self.device.reset();
-        }
+        // Always: a device whose activation half-failed may still hold its queues.
+        self.device.reset();
         for q in &mut self.queues {
             q.reset();
         }
+        self.rings.iter_mut().for_each(|r| *r = [0; 3]);
         self.activated = false;
         self.bad_queue_size = false;
         self.status = 0;
@@ -135,6 +139,14 @@ impl MmioTransport {
         }
     }
 
+    /// Marks the device broken; a driver past DRIVER_OK hears of it by a config interrupt.
+    fn needs_reset(&mut self) {
+        self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
+            self.interrupt.signal_config();
+        }
+    }
+
     fn activate(&mut self) {
         let needed =
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK;
@@ -142,17 +154,25 @@ impl MmioTransport {
             || self.status & needed != needed
             || self.status & VIRTIO_CONFIG_S_FAILED != 0
         {
-            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            self.needs_reset();
             return;
         }
-        let all_valid = !self.bad_queue_size
+        // Misaligned or wrapping ring addresses are refused here (virtio-queue's checks),
+        // not silently replaced by the previous value.
+        let placed = self.queues.iter_mut().zip(&self.rings).all(|(q, r)| {
+            q.try_set_desc_table_address(GuestAddress(r[0])).is_ok()
+                && q.try_set_avail_ring_address(GuestAddress(r[1])).is_ok()
+                && q.try_set_used_ring_address(GuestAddress(r[2])).is_ok()
+        });
+        let all_valid = placed
+            && !self.bad_queue_size
             && self
                 .queues
                 .iter()
                 .all(|q| q.ready() && q.is_valid(&self.mem));
         if !all_valid {
-            log::warn!("virtio-mmio: DRIVER_OK with a queue not ready or not in guest RAM");
-            self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+            log::debug!("virtio-mmio: DRIVER_OK with a queue not ready, misplaced or outside RAM");
+            self.needs_reset();
             return;
         }
         let queues = match self
@@ -163,8 +183,8 @@ impl MmioTransport {
         {
             Ok(q) => q,
             Err(e) => {
-                log::warn!("virtio-mmio: copying the queue configuration: {e:?}");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                log::debug!("virtio-mmio: copying the queue configuration: {e:?}");
+                self.needs_reset();
                 return;
             }
         };
@@ -175,8 +195,20 @@ impl MmioTransport {
             Ok(()) => self.activated = true,
             Err(e) => {
                 log::warn!("virtio-mmio: activating the device failed: {e}");
-                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
+                self.needs_reset();
             }
+        }
+    }
+
+    /// Sets the low (`high == false`) or high half of ring address `which` of the selected
+    /// queue (0 descriptors, 1 available, 2 used).
+    fn set_ring_half(&mut self, which: usize, high: bool, value: u32) {
+        if let Some(r) = self.rings.get_mut(self.queue_sel as usize) {
+            r[which] = if high {
+                (r[which] & 0xffff_ffff) | (u64::from(value) << 32)
+            } else {
+                (r[which] & !0xffff_ffff) | u64::from(value)
+            };
         }
     }
 
@@ -219,24 +251,23 @@ impl MmioTransport {
                     q.set_ready(value == 1);
                 }
             }
-            reg::VIRTIO_MMIO_QUEUE_DESC_LOW if configurable => {
-                self.with_queue(|q| q.set_desc_table_address(Some(value), None))
+            // Linux's vm_del_vq writes 0 and warns unless it reads 0 back, also on probe
+            // error paths that never reset: the queue stops, and with it the device.
+            reg::VIRTIO_MMIO_QUEUE_READY if value == 0 => {
+                if let Some(q) = self.selected_queue() {
+                    q.set_ready(false);
+                }
+                if self.activated {
+                    self.device.reset();
+                    self.activated = false;
+                }
             }
-            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH if configurable => {
-                self.with_queue(|q| q.set_desc_table_address(None, Some(value)))
-            }
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW if configurable => {
-                self.with_queue(|q| q.set_avail_ring_address(Some(value), None))
-            }
-            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configurable => {
-                self.with_queue(|q| q.set_avail_ring_address(None, Some(value)))
-            }
-            reg::VIRTIO_MMIO_QUEUE_USED_LOW if configurable => {
-                self.with_queue(|q| q.set_used_ring_address(Some(value), None))
-            }
-            reg::VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => {
-                self.with_queue(|q| q.set_used_ring_address(None, Some(value)))
-            }
+            reg::VIRTIO_MMIO_QUEUE_DESC_LOW if configurable => self.set_ring_half(0, false, value),
+            reg::VIRTIO_MMIO_QUEUE_DESC_HIGH if configurable => self.set_ring_half(0, true, value),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_LOW if configurable => self.set_ring_half(1, false, value),
+            reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH if configurable => self.set_ring_half(1, true, value),
+            reg::VIRTIO_MMIO_QUEUE_USED_LOW if configurable => self.set_ring_half(2, false, value),
+            reg::VIRTIO_MMIO_QUEUE_USED_HIGH if configurable => self.set_ring_half(2, true, value),
             reg::VIRTIO_MMIO_QUEUE_NOTIFY if self.activated => {
                 if let Some(evt) = self.queue_evts.get(value as usize) {
                     if let Err(e) = evt.write(1) {
@@ -247,12 +278,6 @@ impl MmioTransport {
             reg::VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(value),
             reg::VIRTIO_MMIO_STATUS => self.write_status(value),
             _ => log::debug!("virtio-mmio: write {value:#x} to register {offset:#x} ignored"),
-        }
-    }
-
-    fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
-        if let Some(q) = self.selected_queue() {
-            f(q);
         }
     }
 
@@ -307,7 +332,6 @@ impl MmioDevice for MmioTransport {
 mod tests {
     use super::*;
     use std::sync::Mutex;
-    use vm_memory::GuestAddress;
 
     /// Records what the transport asked of it.
     #[derive(Default)]
@@ -467,7 +491,7 @@ mod tests {
 
     #[test]
     fn a_queue_outside_ram_or_of_a_bad_size_is_not_activated() {
-        for (num, desc) in [(8, 0x10_0000u32), (6, 0x1000), (32, 0x1000)] {
+        for (num, desc) in [(8, 0x10_0000u32), (6, 0x1000), (32, 0x1000), (8, 0x1001)] {
             let (mut t, log) = transport();
             negotiate(&mut t, OFFERED);
             setup_queue(&mut t);
@@ -483,6 +507,36 @@ mod tests {
                 0
             );
         }
+    }
+
+    #[test]
+    fn a_queue_turned_off_after_driver_ok_stops_the_device_and_reads_back_off() {
+        let (mut t, log) = transport();
+        negotiate(&mut t, OFFERED);
+        setup_queue(&mut t);
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ALL_OK);
+        assert_eq!(log.lock().unwrap().activated.len(), 1);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_READY, 0);
+        assert_eq!(r(&mut t, reg::VIRTIO_MMIO_QUEUE_READY), 0);
+        assert_eq!(log.lock().unwrap().resets, 1);
+    }
+
+    #[test]
+    fn a_broken_setup_after_driver_ok_raises_a_config_interrupt() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, OFFERED);
+        setup_queue(&mut t);
+        w(&mut t, reg::VIRTIO_MMIO_QUEUE_DESC_LOW, 0x10_0000); // outside RAM
+        w(&mut t, reg::VIRTIO_MMIO_STATUS, ALL_OK);
+        assert_ne!(
+            r(&mut t, reg::VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET,
+            0
+        );
+        assert_eq!(
+            r(&mut t, reg::VIRTIO_MMIO_INTERRUPT_STATUS),
+            2,
+            "INT_CONFIG"
+        );
     }
 
     #[test]

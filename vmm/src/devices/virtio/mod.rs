@@ -23,6 +23,8 @@ pub const MMIO_SIZE: u64 = 0x1000;
 
 /// The used-ring bit of the interrupt status register (VIRTIO_MMIO_INT_VRING).
 const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// The configuration-change bit (VIRTIO_MMIO_INT_CONFIG).
+const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// A device's interrupt: the status register the driver reads and acknowledges, and the
 /// irqfd that raises the device's GSI (edge-triggered, as the DSDT declares it).
@@ -42,6 +44,14 @@ impl Interrupt {
     /// Tells the driver that a queue's used ring has new entries.
     pub fn signal_used_queue(&self) {
         self.status.fetch_or(INT_VRING, Ordering::SeqCst);
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("virtio interrupt: cannot signal the irqfd: {e}");
+        }
+    }
+
+    /// Tells the driver that the device's configuration (or status) changed.
+    pub fn signal_config(&self) {
+        self.status.fetch_or(INT_CONFIG, Ordering::SeqCst);
         if let Err(e) = self.irqfd.write(1) {
             log::warn!("virtio interrupt: cannot signal the irqfd: {e}");
         }

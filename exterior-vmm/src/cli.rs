@@ -53,6 +53,11 @@ pub struct RunCmd {
     /// PATH,ro for a read-only disk; may be repeated (at most 8)
     #[argh(option)]
     pub disk: Vec<String>,
+    /// attach a virtio-net device to a tap: tap=NAME (created if it does not exist; needs
+    /// CAP_NET_ADMIN) or tap=NAME,mac=XX:XX:XX:XX:XX:XX; may be repeated (with --disk, 8
+    /// devices at most)
+    #[argh(option)]
+    pub net: Vec<String>,
     /// write the guest console to FILE instead of stdout
     #[argh(option)]
     pub console: Option<PathBuf>,

@@ -255,6 +255,7 @@ pub fn run_config_from_image(
         initrd: v.initrd,
         console,
         disks: Vec::new(),
+        nets: Vec::new(),
     };
     Ok((vm, c.svm))
 }

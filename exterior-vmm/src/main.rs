@@ -187,6 +187,7 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
         initrd,
         console: console_target(cmd.console.as_deref()),
         disks: Vec::new(),
+        nets: Vec::new(),
     })
 }
 
@@ -208,6 +209,7 @@ fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig
         initrd: Some(config::read_svm_initrd(&initrd_path, mem_mib)?),
         console: ConsoleTarget::File(log.to_path_buf()),
         disks: Vec::new(),
+        nets: Vec::new(),
     })
 }
 
@@ -253,6 +255,22 @@ fn run(cmd: RunCmd) -> ExitCode {
     config.disks = match config::open_disks(&cmd.disk) {
         Ok(d) => d,
         Err(e) => return fail(EXIT_BAD_INPUT, e),
+    };
+    // A detaching parent checks the taps' specs only: the daemon attaches them (a tap
+    // that one process holds cannot be attached by another).
+    let detaching = cmd.detach && std::env::var_os(DAEMON_ENV).is_none();
+    config.nets = if detaching {
+        for text in &cmd.net {
+            if let Err(e) = config::parse_net(text) {
+                return fail(EXIT_BAD_INPUT, e);
+            }
+        }
+        Vec::new()
+    } else {
+        match config::open_nets(&cmd.net, config.disks.len()) {
+            Ok(n) => n,
+            Err(e) => return fail(EXIT_BAD_INPUT, e),
+        }
     };
     let opts = RunOptions {
         kvm_device: paths::kvm_device(),

@@ -287,6 +287,21 @@ fn bad_disks_are_refused_before_any_guest_runs() {
 }
 
 #[test]
+fn bad_network_devices_are_refused_before_any_guest_runs() {
+    let dir = scratch("nets");
+    let kernel = minimal_elf(&dir);
+    for (net, want) in [
+        ("extap0", "give tap=NAME or tap=NAME,mac="),
+        ("tap=extap0,mac=01:00:5e:00:00:01", "(a unicast MAC)"),
+        ("tap=this-name-is-too-long", "a name of 1 to 15 letters"),
+    ] {
+        let (code, err) = run(vmm().args(["run", "--net", net, "--kernel"]).arg(&kernel));
+        assert_eq!(code, 2, "{err}");
+        assert!(err.contains(want), "--net {net}: {err}");
+    }
+}
+
+#[test]
 fn exec_without_a_command() {
     let (code, err) = run(vmm().args(["exec", "x"]));
     assert_eq!(code, 2);

@@ -24,7 +24,8 @@ use crate::devices::serial::{
 };
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{Interrupt, MMIO_SIZE};
+use crate::devices::virtio::net::Net;
+use crate::devices::virtio::{Interrupt, VirtioDevice, MMIO_SIZE};
 use crate::devices::{MmioBus, PioBus};
 use crate::event_loop::{ExitWatcher, StdinInput};
 use crate::exit::{ExitReason, ExitSignal};
@@ -136,61 +137,105 @@ fn serial_irq(vm: &Vm, gsi: u32) -> Result<EventFd, BuildError> {
     Ok(irq)
 }
 
-/// The virtio-blk devices for `disks`, in the MMIO slots the DSDT describes: each with an
-/// irqfd on its GSI, an ioeventfd on its queue's notify register, and an I/O thread behind
-/// the block-I/O seccomp filter.
+/// The irqfd and the queues' notification eventfds of virtio slot `index`: KVM raises the
+/// slot's GSI when the irqfd is written, and signals queue *q*'s eventfd when the driver
+/// writes *q* to the slot's QueueNotify register (so a vCPU never leaves the kernel for
+/// it). `blocking`: whether the eventfds block in read(2).
+fn virtio_slot_events(
+    vm: &Vm,
+    index: usize,
+    queues: u32,
+    blocking: bool,
+) -> Result<(u64, Arc<Interrupt>, Vec<EventFd>), BuildError> {
+    let (base, gsi) = layout::virtio_slot(index);
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("virtio irq eventfd"))?;
+    vm.fd
+        .register_irqfd(&irq, gsi)
+        .map_err(kvm_err("register virtio irqfd"))?;
+    let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
+    let flags = if blocking { 0 } else { libc::EFD_NONBLOCK };
+    let mut evts = Vec::new();
+    for queue in 0..queues {
+        let evt = EventFd::new(flags).map_err(host_err("virtio queue eventfd"))?;
+        let registered = if queues == 1 {
+            vm.fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(notify), NoDatamatch)
+        } else {
+            vm.fd
+                .register_ioevent(&evt, &IoEventAddress::Mmio(notify), queue)
+        };
+        registered.map_err(kvm_err("register virtio ioeventfd"))?;
+        evts.push(evt);
+    }
+    Ok((base, Arc::new(Interrupt::new(irq)), evts))
+}
+
+/// A device for a virtio slot: its MMIO base, the device, its interrupt, its queues'
+/// eventfds.
+type SlotDevice = (u64, Box<dyn VirtioDevice>, Arc<Interrupt>, Vec<EventFd>);
+
+/// The virtio devices: `disks` (virtio-blk) then `nets` (virtio-net), in the MMIO slots the
+/// DSDT describes, each with an I/O thread behind its own seccomp filter that passes
+/// `dma_gate` around every request and stops the VM through `exit` if it cannot go on.
 fn virtio_devices(
     vm: &Vm,
     memory: &SharedMemory,
     disks: Vec<crate::devices::virtio::block::DiskImage>,
+    nets: Vec<crate::config::NetDevice>,
     dma_gate: &Arc<DmaGate>,
     exit: &Arc<ExitSignal>,
     seccomp: bool,
 ) -> Result<MmioBus, BuildError> {
     let mut bus = MmioBus::new();
-    if seccomp && !disks.is_empty() {
+    if seccomp && !(disks.is_empty() && nets.is_empty()) {
         // Before the I/O threads confine themselves: a call their filter blocks is named.
         seccomp::install_sigsys_handler().map_err(host_err("SIGSYS handler"))?;
     }
-    for (index, disk) in disks.into_iter().enumerate() {
-        let (base, gsi) = layout::virtio_slot(index);
-        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("virtio irq eventfd"))?;
-        vm.fd
-            .register_irqfd(&irq, gsi)
-            .map_err(kvm_err("register virtio irqfd"))?;
-        // Blocking: the I/O thread sleeps in read(2) until the guest notifies.
-        let queue_evt = EventFd::new(0).map_err(host_err("virtio queue eventfd"))?;
-        let notify = base + u64::from(virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY);
-        vm.fd
-            .register_ioevent(&queue_evt, &IoEventAddress::Mmio(notify), NoDatamatch)
-            .map_err(kvm_err("register virtio ioeventfd"))?;
-        let interrupt = Arc::new(Interrupt::new(irq));
-        let confine = move || {
+    let confine = move |kind| {
+        move || {
             if seccomp {
-                seccomp::install(ThreadKind::BlockIo)
+                seccomp::install(kind)
             } else {
                 Ok(())
             }
-        };
+        }
+    };
+    let fatal = || {
+        let exit = exit.clone();
+        move |why| exit.signal(ExitReason::VmmError(why))
+    };
+    let mut devices: Vec<SlotDevice> = Vec::new();
+    let disk_count = disks.len();
+    for (index, disk) in disks.into_iter().enumerate() {
+        let (base, interrupt, evts) = virtio_slot_events(vm, index, 1, true)?;
         let block = Block::new(
             disk,
-            &queue_evt,
+            &evts[0],
             interrupt.clone(),
             dma_gate.clone(),
-            confine,
-            {
-                let exit = exit.clone();
-                move |why| exit.signal(ExitReason::VmmError(why))
-            },
+            confine(ThreadKind::BlockIo),
+            fatal(),
         )
         .map_err(host_err("virtio-blk I/O thread"))?;
-        let transport = MmioTransport::new(
-            Box::new(block),
-            memory.mem.clone(),
-            interrupt,
-            vec![queue_evt],
+        devices.push((base, Box::new(block), interrupt, evts));
+    }
+    for (i, net) in nets.into_iter().enumerate() {
+        let (base, interrupt, evts) = virtio_slot_events(vm, disk_count + i, 2, false)?;
+        let device = Net::new(
+            net.tap,
+            net.mac,
+            [&evts[0], &evts[1]],
+            interrupt.clone(),
+            dma_gate.clone(),
+            confine(ThreadKind::NetIo),
+            fatal(),
         )
-        .map_err(BuildError::Host)?;
+        .map_err(host_err("virtio-net I/O thread"))?;
+        devices.push((base, Box::new(device), interrupt, evts));
+    }
+    for (base, device, interrupt, evts) in devices {
+        let transport = MmioTransport::new(device, memory.mem.clone(), interrupt, evts)
+            .map_err(BuildError::Host)?;
         bus.insert(base, MMIO_SIZE, Arc::new(Mutex::new(transport)))
             .map_err(|e| BuildError::Host(e.to_string()))?;
     }
@@ -205,6 +250,7 @@ pub(crate) fn build_vm(
 ) -> Result<BuiltVm, BuildError> {
     let mut config = spec.config;
     let disks = std::mem::take(&mut config.disks);
+    let nets = std::mem::take(&mut config.nets);
     // 1. Guest memory and everything the kernel finds in it: no KVM needed yet, so a bad
     //    kernel or initrd is reported before the host is touched.
     let memory = create_guest_memory("exterior-guest-ram", config.mem_bytes())?;
@@ -213,7 +259,7 @@ pub(crate) fn build_vm(
         config.cpus,
         spec.spare_cpus,
         spec.link.is_some(),
-        disks.len(),
+        disks.len() + nets.len(),
     );
     mem.write_slice(&tables.bytes, GuestAddress(layout::ACPI_START))
         .map_err(|e| BuildError::BootData(format!("ACPI tables: {e}")))?;
@@ -294,7 +340,7 @@ pub(crate) fn build_vm(
     .map_err(overlap)?;
 
     let dma_gate = Arc::new(DmaGate::default());
-    let mmio = virtio_devices(&vm, &memory, disks, &dma_gate, &exit, opts.seccomp)?;
+    let mmio = virtio_devices(&vm, &memory, disks, nets, &dma_gate, &exit, opts.seccomp)?;
 
     // 4. vCPUs.
     let mut vcpus = Vec::with_capacity(usize::from(config.cpus));

@@ -104,9 +104,15 @@ pub enum ConfigError {
     /// A `--disk` argument is not `PATH` or `PATH,ro`.
     #[error("--disk {0:?}: give PATH or PATH,ro (a path containing a comma cannot be given)")]
     DiskSpec(String),
-    /// More `--disk` arguments than virtio slots.
-    #[error("--disk given {0} times: at most {MAX_DISKS} disks are supported")]
+    /// More `--disk` and `--net` arguments than virtio slots.
+    #[error("{0} disks and network devices: at most {MAX_DISKS} virtio devices are supported")]
     TooManyDisks(usize),
+    /// A `--net` argument is not `tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+    #[error("--net {0:?}: give tap=NAME or tap=NAME,mac=XX:XX:XX:XX:XX:XX (a unicast MAC)")]
+    NetSpec(String),
+    /// The tap device cannot be attached.
+    #[error(transparent)]
+    Tap(#[from] crate::devices::tap::TapError),
     /// No `--kernel` was given and the default kernel (this path) is missing.
     #[error("no kernel given and the default {0} does not exist: pass --kernel, or run `tools/setup` to fetch the pinned kernel")]
     NoDefaultKernel(PathBuf),
@@ -234,6 +240,8 @@ pub struct VmConfig {
     pub console: ConsoleTarget,
     /// Raw disk images, opened and locked, in `--disk` order (the guest's vda, vdb, ...).
     pub disks: Vec<DiskImage>,
+    /// Network devices, in `--net` order (after the disks in the virtio slots).
+    pub nets: Vec<NetDevice>,
 }
 
 /// One `--disk PATH[,ro]`.
@@ -262,6 +270,85 @@ pub fn parse_disk(text: &str) -> Result<DiskSpec, ConfigError> {
         path: PathBuf::from(path),
         read_only,
     })
+}
+
+/// One `--net tap=NAME[,mac=…]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The tap device's name.
+    pub tap: String,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// A default MAC for the tap `name`: locally administered, unicast, the same on every
+/// boot (derived from the name).
+fn default_mac(name: &str) -> [u8; 6] {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(name.as_bytes());
+    [0x06, h[0], h[1], h[2], h[3], h[4]]
+}
+
+/// Parses `tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`.
+pub fn parse_net(text: &str) -> Result<NetSpec, ConfigError> {
+    let bad = || ConfigError::NetSpec(text.to_string());
+    let (mut tap, mut mac) = (None, None);
+    for part in text.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if tap.is_none() && !name.is_empty() => tap = Some(name),
+            Some(("mac", m)) if mac.is_none() => {
+                let bytes: Vec<u8> = m
+                    .split(':')
+                    .map(|b| {
+                        if b.len() == 2 {
+                            u8::from_str_radix(b, 16).ok()
+                        } else {
+                            None
+                        }
+                    })
+                    .collect::<Option<_>>()
+                    .ok_or_else(bad)?;
+                let mac_bytes: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+                // Multicast or all-zero addresses cannot be a NIC's.
+                if mac_bytes[0] & 1 != 0 || mac_bytes == [0; 6] {
+                    return Err(bad());
+                }
+                mac = Some(mac_bytes);
+            }
+            _ => return Err(bad()),
+        }
+    }
+    let tap = tap.ok_or_else(bad)?;
+    Ok(NetSpec {
+        tap: tap.to_string(),
+        mac: mac.unwrap_or_else(|| default_mac(tap)),
+    })
+}
+
+/// A network device: an attached tap and the guest's MAC.
+#[derive(Debug)]
+pub struct NetDevice {
+    /// The attached tap.
+    pub tap: crate::devices::tap::Tap,
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+}
+
+/// Attaches the `--net` taps (after `disks` disks: they share the virtio slots).
+pub fn open_nets(texts: &[String], disks: usize) -> Result<Vec<NetDevice>, ConfigError> {
+    if disks + texts.len() > MAX_DISKS {
+        return Err(ConfigError::TooManyDisks(disks + texts.len()));
+    }
+    texts
+        .iter()
+        .map(|text| {
+            let spec = parse_net(text)?;
+            Ok(NetDevice {
+                tap: crate::devices::tap::Tap::open(&spec.tap)?,
+                mac: spec.mac,
+            })
+        })
+        .collect()
 }
 
 /// Opens and locks the `--disk` images; the first error is reported, the others not tried.
@@ -435,6 +522,32 @@ mod tests {
     }
 
     #[test]
+    fn net_specs_take_a_tap_and_a_unicast_mac() {
+        let n = parse_net("tap=extap0").unwrap();
+        assert_eq!(n.tap, "extap0");
+        assert_eq!(n.mac[0], 0x06, "locally administered, unicast");
+        assert_eq!(n.mac, parse_net("tap=extap0").unwrap().mac, "stable");
+        assert_ne!(n.mac, parse_net("tap=extap1").unwrap().mac);
+        let n = parse_net("tap=t,mac=52:54:00:ab:CD:ef").unwrap();
+        assert_eq!(n.mac, [0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+        for bad in [
+            "",
+            "tap=",
+            "extap0",
+            "mac=52:54:00:00:00:01",
+            "tap=a,tap=b",
+            "tap=a,mac=52:54:00:00:00",
+            "tap=a,mac=52:54:00:00:00:0g",
+            "tap=a,mac=01:00:5e:00:00:01",
+            "tap=a,mac=00:00:00:00:00:00",
+            "tap=a,mtu=9000",
+        ] {
+            let e = parse_net(bad).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("--net {bad:?}:")), "{e}");
+        }
+    }
+
+    #[test]
     fn disk_images_must_exist_be_whole_sectors_and_not_too_many() {
         let dir = std::env::temp_dir().join(format!("exterior-disk-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -476,7 +589,7 @@ mod tests {
         assert!(e.contains("not a regular file"), "{e}");
         let nine: Vec<String> = (0..9).map(|_| arg(&good, ",ro")).collect();
         let e = open_disks(&nine).unwrap_err().to_string();
-        assert!(e.contains("at most 8 disks"), "{e}");
+        assert!(e.contains("at most 8 virtio devices"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

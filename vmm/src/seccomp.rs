@@ -19,6 +19,9 @@ pub enum ThreadKind {
     /// A virtio-blk device's I/O thread: waits on its queue's eventfd, moves data between
     /// the image and guest memory, flushes.
     BlockIo,
+    /// A virtio-net device's I/O thread: waits in epoll on its tap and queues, moves
+    /// frames between the tap and guest memory.
+    NetIo,
 }
 
 /// Calls every thread may make: memory management for the allocator, locks, signals,
@@ -84,12 +87,20 @@ const EVENT_LOOP: &[i64] = &[
 /// No ioctl, no open: the image was opened and locked before the thread started.
 const BLOCK_IO: &[i64] = &[libc::SYS_lseek, libc::SYS_fdatasync, libc::SYS_fsync];
 
+/// The network I/O thread adds epoll (read and write of the tap are common).
+const NET_IO: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+];
+
 /// System calls allowed for `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<i64> {
     let extra = match kind {
         ThreadKind::Vcpu => VCPU,
         ThreadKind::EventLoop => EVENT_LOOP,
         ThreadKind::BlockIo => BLOCK_IO,
+        ThreadKind::NetIo => NET_IO,
     };
     COMMON.iter().chain(extra).copied().collect()
 }
@@ -167,7 +178,12 @@ mod tests {
 
     #[test]
     fn filters_compile_for_every_thread_kind() {
-        for kind in [ThreadKind::Vcpu, ThreadKind::EventLoop, ThreadKind::BlockIo] {
+        for kind in [
+            ThreadKind::Vcpu,
+            ThreadKind::EventLoop,
+            ThreadKind::BlockIo,
+            ThreadKind::NetIo,
+        ] {
             assert!(!filter(kind).unwrap().is_empty());
         }
     }
@@ -209,6 +225,15 @@ mod tests {
             libc::SYS_fdatasync,
         ] {
             assert!(blk.contains(&needed), "{needed}");
+        }
+        let net = allowed(ThreadKind::NetIo);
+        for forbidden in [
+            libc::SYS_openat,
+            libc::SYS_ioctl,
+            libc::SYS_socket,
+            libc::SYS_execve,
+        ] {
+            assert!(!net.contains(&forbidden), "{forbidden}");
         }
     }
 

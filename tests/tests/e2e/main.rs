@@ -7,6 +7,7 @@ mod disk;
 mod hostile;
 mod image;
 mod instance;
+mod net;
 mod recovery;
 mod redirect;
 mod smp;

@@ -6,6 +6,7 @@ pub mod cmos;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
+pub mod tap;
 
 pub use bus::{MmioBus, PioBus, PioDevice};
 pub mod virtio;

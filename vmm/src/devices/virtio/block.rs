@@ -34,7 +34,7 @@ use vm_memory::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, VirtioDevice};
+use super::{give_up, Interrupt, VirtioDevice};
 use crate::sync::lock;
 use crate::vstate::dma_gate::DmaGate;
 
@@ -513,26 +513,7 @@ impl Block {
             interrupt,
             gate,
         };
-        let (confined_tx, confined_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("blk-io".into())
-            .spawn(move || {
-                let confined = confine();
-                let ok = confined.is_ok();
-                let _ = confined_tx.send(confined);
-                if ok {
-                    worker.run(&fatal);
-                }
-            })?;
-        match confined_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(std::io::Error::other(format!("virtio-blk I/O thread: {e}"))),
-            Err(_) => {
-                return Err(std::io::Error::other(
-                    "virtio-blk I/O thread ended at start",
-                ))
-            }
-        }
+        super::spawn_io_thread("blk-io", confine, move || worker.run(&fatal))?;
         Ok(Self {
             shared,
             stop,
@@ -561,12 +542,10 @@ impl Worker {
             match self.wake.read() {
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    fatal(format!("virtio-blk I/O thread: waiting for the guest: {e}"));
-                    loop {
-                        std::thread::park();
-                    }
-                }
+                Err(e) => give_up(
+                    fatal,
+                    format!("virtio-blk I/O thread: waiting for the guest: {e}"),
+                ),
             }
             let mut shared = lock(&self.shared);
             let round = serve_queue(&mut shared, &self.gate, &self.stop);

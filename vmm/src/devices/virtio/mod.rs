@@ -73,6 +73,44 @@ impl Interrupt {
     }
 }
 
+/// Starts a device's I/O thread `name`: `confine` (its seccomp filter) runs first on it, and
+/// its failure is this call's, so a device never runs unconfined or silently dead; then
+/// `run`, which never returns.
+pub(crate) fn spawn_io_thread(
+    name: &str,
+    confine: impl FnOnce() -> Result<(), String> + Send + 'static,
+    run: impl FnOnce() + Send + 'static,
+) -> std::io::Result<()> {
+    let (confined_tx, confined_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let confined = confine();
+            let ok = confined.is_ok();
+            let _ = confined_tx.send(confined);
+            if ok {
+                run();
+            }
+        })?;
+    match confined_rx.recv() {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(std::io::Error::other(format!("{name} thread: {e}"))),
+        Err(_) => Err(std::io::Error::other(format!(
+            "{name} thread ended at start"
+        ))),
+    }
+}
+
+/// Ends an I/O thread's service for good: reports `why` through `fatal` (which stops the
+/// VM) and parks. It never returns, so the thread never closes its descriptors (which its
+/// seccomp filter does not allow); the process exit ends it.
+pub(crate) fn give_up(fatal: &dyn Fn(String), why: String) -> ! {
+    fatal(why);
+    loop {
+        std::thread::park();
+    }
+}
+
 /// What the transport needs from a device. Queues are configured through the transport and
 /// handed over on activation; `reset` takes them back.
 pub trait VirtioDevice: Send {

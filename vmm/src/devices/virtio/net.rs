@@ -26,7 +26,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{Interrupt, VirtioDevice};
+use super::{give_up, Interrupt, VirtioDevice};
 use crate::devices::tap::{FramePort, VNET_HDR_LEN};
 use crate::sync::lock;
 use crate::vstate::dma_gate::DmaGate;
@@ -281,26 +281,7 @@ impl<P: FramePort + AsRawFd + 'static> Net<P> {
             interrupt,
             gate,
         };
-        let (confined_tx, confined_rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("net-io".into())
-            .spawn(move || {
-                let confined = confine();
-                let ok = confined.is_ok();
-                let _ = confined_tx.send(confined);
-                if ok {
-                    worker.run(&fatal);
-                }
-            })?;
-        match confined_rx.recv() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(std::io::Error::other(format!("virtio-net I/O thread: {e}"))),
-            Err(_) => {
-                return Err(std::io::Error::other(
-                    "virtio-net I/O thread ended at start",
-                ))
-            }
-        }
+        super::spawn_io_thread("net-io", confine, move || worker.run(&fatal))?;
         Ok(Self {
             shared,
             stop,
@@ -331,12 +312,7 @@ impl<P: FramePort> Worker<P> {
             match self.epoll.wait(-1, &mut events) {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    fatal(format!("virtio-net I/O thread: waiting: {e}"));
-                    loop {
-                        std::thread::park();
-                    }
-                }
+                Err(e) => give_up(fatal, format!("virtio-net I/O thread: waiting: {e}")),
             }
             // Both eventfds are non-blocking: a read that finds nothing is harmless.
             let _ = self.rx_evt.read();
@@ -366,10 +342,10 @@ impl<P: FramePort> Worker<P> {
                     .epoll
                     .ctl(ControlOperation::Modify, self.port_fd, event)
                 {
-                    fatal(format!("virtio-net I/O thread: watching the tap: {e}"));
-                    loop {
-                        std::thread::park();
-                    }
+                    give_up(
+                        fatal,
+                        format!("virtio-net I/O thread: watching the tap: {e}"),
+                    );
                 }
                 watching_port = want_port;
             }

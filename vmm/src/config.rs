@@ -33,8 +33,12 @@ pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 /// The kernel command line every guest gets before `--append`. `reboot=k` makes a guest
 /// reboot (and `panic=-1` a panic) arrive as an i8042 reset that the VMM turns into an exit;
 /// `pci=off` skips probing a bus we do not emulate; `nokaslr` keeps the kernel's virtual
-/// layout fixed, which the redirect engine relies on.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr";
+/// layout fixed, which the redirect engine relies on; `no5lvl` keeps a bzImage's
+/// decompressor from turning on 5-level paging where the CPU offers LA57 (`-cpu max` in
+/// the nested harness does), since the engine walks 4-level page tables only (with it
+/// on, every call of a bzImage instance was refused). A vmlinux entered at `startup_64`
+/// keeps the VMM's 4-level tables either way.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr no5lvl";
 
 /// Why a VM description was refused; the message names the argument or file at fault.
 #[derive(Debug, Error)]

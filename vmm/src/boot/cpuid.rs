@@ -8,13 +8,6 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 /// Leaf 1 EDX bit 28: HTT, "EBX[23:16] is valid".
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 
-/// Leaf 7 (subleaf 0) ECX bit 16: LA57, 5-level paging. Hidden: a bzImage's decompressor
-/// turns 5-level paging on wherever the CPU offers it (a vmlinux entered at `startup_64`
-/// keeps the VMM's 4-level tables), and the redirect engine walks 4-level tables only —
-/// with LA57 shown, an instance booted from a bzImage refused every call (measured in the
-/// nested harness, whose `-cpu max` offers LA57). Guests lose nothing below 128 TiB.
-const LEAF7_ECX_LA57: u32 = 1 << 16;
-
 /// Patches KVM's supported CPUID entries for vCPU `index` of `count`.
 pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
     for e in entries.iter_mut() {
@@ -28,7 +21,6 @@ pub fn patch_entries(entries: &mut [kvm_cpuid_entry2], index: u8, count: u8) {
                     e.edx |= LEAF1_EDX_HTT;
                 }
             }
-            7 if e.index == 0 => e.ecx &= !LEAF7_ECX_LA57,
             // Extended topology: EDX is the x2APIC ID of this CPU.
             0xb | 0x1f => e.edx = u32::from(index),
             // AMD extended APIC ID.
@@ -53,17 +45,11 @@ mod tests {
                 function: 0xb,
                 ..Default::default()
             },
-            kvm_cpuid_entry2 {
-                function: 7,
-                ecx: LEAF7_ECX_LA57 | 1,
-                ..Default::default()
-            },
         ];
         patch_entries(&mut entries, 1, 2);
         assert_ne!(entries[0].ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_eq!(entries[0].ebx >> 24, 1);
         assert_eq!((entries[0].ebx >> 16) & 0xff, 2);
         assert_eq!(entries[1].edx, 1);
-        assert_eq!(entries[2].ecx, 1, "LA57 hidden, the other bits kept");
     }
 }

@@ -579,11 +579,7 @@ impl VirtioDevice for Block {
         let mut config = [0u8; 16];
         config[..8].copy_from_slice(&self.sectors.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        data.fill(0);
-        if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&config, offset, data);
     }
 
     fn activate(

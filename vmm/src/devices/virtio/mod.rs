@@ -111,6 +111,16 @@ pub(crate) fn give_up(fatal: &dyn Fn(String), why: String) -> ! {
     }
 }
 
+/// Reads a device's config space `config` at `offset` into `data`; bytes past its end read
+/// as zeros (the guest chooses the offset and width).
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    if let Some(src) = usize::try_from(offset).ok().and_then(|o| config.get(o..)) {
+        let n = src.len().min(data.len());
+        data[..n].copy_from_slice(&src[..n]);
+    }
+}
+
 /// What the transport needs from a device. Queues are configured through the transport and
 /// handed over on activation; `reset` takes them back.
 pub trait VirtioDevice: Send {

@@ -368,11 +368,7 @@ impl<P: FramePort> VirtioDevice for Net<P> {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // struct virtio_net_config: mac[6] first; nothing else is offered.
-        data.fill(0);
-        if let Some(src) = usize::try_from(offset).ok().and_then(|o| self.mac.get(o..)) {
-            let n = src.len().min(data.len());
-            data[..n].copy_from_slice(&src[..n]);
-        }
+        super::read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(

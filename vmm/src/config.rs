@@ -581,7 +581,7 @@ mod tests {
             "{e}"
         );
         let e = open_disks(&[arg(&dir, ",ro")]).unwrap_err().to_string();
-        assert!(e.contains("not a regular file"), "{e}");
+        assert!(e.contains("not a regular file or a block device"), "{e}");
         // A FIFO is refused without blocking in open(2).
         let fifo = dir.join("fifo");
         let made = std::process::Command::new("mkfifo")
@@ -590,7 +590,7 @@ mod tests {
             .unwrap();
         assert!(made.success());
         let e = open_disks(&[arg(&fifo, ",ro")]).unwrap_err().to_string();
-        assert!(e.contains("not a regular file"), "{e}");
+        assert!(e.contains("not a regular file or a block device"), "{e}");
         let nine: Vec<String> = (0..9).map(|_| arg(&good, ",ro")).collect();
         let e = open_disks(&nine).unwrap_err().to_string();
         assert!(e.contains("at most 8 virtio devices"), "{e}");

@@ -1,6 +1,6 @@
 //! The event loop (event-manager): console input from stdin and the VM-stopped event.
 
-use std::io::Read;
+use std::io::BufRead;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
@@ -18,9 +18,18 @@ pub struct StdinInput {
 
 impl MutEventSubscriber for StdinInput {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let mut buf = [0u8; 64];
+        // Everything std's stdin buffer holds goes to the guest now: epoll watches the
+        // descriptor, not that buffer, so bytes left in it would wait for the next
+        // keystroke (a 64-byte read here once cut every pasted line at 64 bytes).
+        let mut stdin = std::io::stdin().lock();
         let n = if events.event_set().contains(EventSet::IN) {
-            std::io::stdin().lock().read(&mut buf).unwrap_or(0)
+            match stdin.fill_buf() {
+                Ok(bytes) => {
+                    lock(&self.serial).input(bytes);
+                    bytes.len()
+                }
+                Err(_) => 0,
+            }
         } else {
             0
         };
@@ -29,7 +38,7 @@ impl MutEventSubscriber for StdinInput {
             let _ = ops.remove(events);
             return;
         }
-        lock(&self.serial).input(&buf[..n]);
+        stdin.consume(n);
     }
 
     fn init(&mut self, ops: &mut EventOps) {

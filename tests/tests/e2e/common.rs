@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -264,4 +264,51 @@ fn kernel_log_tail() -> String {
             lines[lines.len().saturating_sub(40)..].join("\n")
         })
         .unwrap_or_else(|e| format!("(dmesg: {e})"))
+}
+
+/// Runs `sh -c SCRIPT` in the network namespace of `pid`; (status, stdout).
+pub fn in_ns(pid: u32, script: &str) -> (i32, String) {
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-n", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run nsenter");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    println!(
+        "--- in ns: {script}\n--- status {:?}\n{stdout}{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// Waits until `cond` holds, polling every 200 ms, or fails the test naming `what`.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A child process killed (and reaped) when the test ends, however it ends.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The full path of `name` on PATH (`unshare` execs it, and the tests' PATH is set by
+/// tools/kvm-run).
+pub fn which(name: &str) -> std::path::PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("{name} not on PATH"))
 }

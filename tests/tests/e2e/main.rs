@@ -3,6 +3,7 @@
 
 mod boot;
 mod common;
+mod debian;
 mod disk;
 mod hostile;
 mod image;

@@ -5,44 +5,10 @@
 //! Every check is made on the namespace's side by a program of the test (ping's exit
 //! status, what nc received or got back), never on the guest console's echo of a command.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use super::common::*;
-
-/// Runs `sh -c SCRIPT` in the network namespace of `pid`; (status, stdout).
-fn in_ns(pid: u32, script: &str) -> (i32, String) {
-    let out = Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run nsenter");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    println!(
-        "--- in ns: {script}\n--- status {:?}\n{stdout}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), stdout)
-}
-
-/// Waits until `cond` holds, polling every 200 ms, or fails the test naming `what`.
-fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !cond() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn a_guest_on_a_tap_talks_to_its_namespace_both_ways() {
@@ -139,16 +105,4 @@ fn a_guest_on_a_tap_talks_to_its_namespace_both_ways() {
     );
     drop(vmm);
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// The full path of `name` on PATH (`unshare` execs it, and the tests' PATH is set by
-/// tools/kvm-run).
-fn which(name: &str) -> std::path::PathBuf {
-    std::env::var_os("PATH")
-        .and_then(|path| {
-            std::env::split_paths(&path)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .unwrap_or_else(|| panic!("{name} not on PATH"))
 }

@@ -1,4 +1,5 @@
-//! virtio-blk on a raw image file (virtio 1.2, section 5.2): reads, writes, flush, GET_ID.
+//! virtio-blk on a raw image file or a host block device (virtio 1.2, section 5.2): reads,
+//! writes, flush, GET_ID.
 //!
 //! Requests are served on a thread of their own (`blk-io`, behind its own seccomp filter),
 //! woken by an ioeventfd on the queue's notify register, so a vCPU never waits for the
@@ -13,7 +14,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -56,7 +57,7 @@ pub enum DiskError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("disk {path}: not a regular file (raw images only)")]
+    #[error("disk {path}: not a regular file or a block device (raw images only)")]
     NotAFile { path: PathBuf },
     #[error("disk {path}: empty image")]
     Empty { path: PathBuf },
@@ -87,7 +88,7 @@ impl DiskImage {
     pub fn open(path: &Path, read_only: bool, index: usize) -> Result<Self, DiskError> {
         let path_buf = || path.to_path_buf();
         // O_NONBLOCK: a FIFO given as a disk must not block the open (it is refused below
-        // as not a regular file); on a regular file the flag changes nothing.
+        // as not a regular file); on a regular file or a block device it changes nothing.
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -101,10 +102,19 @@ impl DiskImage {
             path: path_buf(),
             source,
         })?;
-        if !meta.is_file() {
+        let size = if meta.is_file() {
+            meta.len()
+        } else if meta.file_type().is_block_device() {
+            // A block device's inode has no length; its end does.
+            (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|source| DiskError::Open {
+                    path: path_buf(),
+                    source,
+                })?
+        } else {
             return Err(DiskError::NotAFile { path: path_buf() });
-        }
-        let size = meta.len();
+        };
         if size == 0 {
             return Err(DiskError::Empty { path: path_buf() });
         }

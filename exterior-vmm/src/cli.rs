@@ -162,6 +162,10 @@ pub struct ConsoleCmd {
     /// the SVM's console instead of the GVM's
     #[argh(switch)]
     pub svm: bool,
+    /// with input that is not a terminal: leave once the console has been silent this
+    /// many milliseconds after the input was sent (default 2000, 50 to 600000)
+    #[argh(option, default = "2000")]
+    pub idle_ms: u64,
 }
 
 /// Hold an instance's GVM at a safe point (every vCPU halted or in user mode), report each

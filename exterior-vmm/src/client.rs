@@ -298,8 +298,9 @@ pub fn exec(
 }
 
 /// Attaches to the GVM's (or SVM's) serial console. Ctrl-] detaches. With input that is not
-/// a terminal, the session ends shortly after that input ends.
-pub fn console(dir: &RuntimeDir, name: &str, svm: bool) -> Result<(), ClientError> {
+/// a terminal, the session ends once the console has been silent for `idle` after that
+/// input was sent.
+pub fn console(dir: &RuntimeDir, name: &str, svm: bool, idle: Duration) -> Result<(), ClientError> {
     let mut conn = Connection::open(dir, name)?;
     let which: &[u8] = if svm { b"svm" } else { b"gvm" };
     conn.send(&Frame::new(Kind::Console, 0, which))?;
@@ -329,7 +330,7 @@ pub fn console(dir: &RuntimeDir, name: &str, svm: bool) -> Result<(), ClientErro
             conn.send(&Frame::new(Kind::ConsoleData, 0, input))?;
         }
         conn.stream
-            .set_read_timeout(Some(Duration::from_secs(2)))
+            .set_read_timeout(Some(idle))
             .map_err(|source| ClientError::Io {
                 name: name.to_string(),
                 source,

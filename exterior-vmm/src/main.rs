@@ -34,6 +34,10 @@ const DAEMON_ENV: &str = "EXTERIOR_DAEMON";
 /// How long `run --detach` waits for the instance to be ready, and `stop` for it to end.
 const READY_TIMEOUT: Duration = Duration::from_secs(600);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bounds of `console --idle-ms`: below 50 ms a session ends between two lines of one
+/// answer; above ten minutes it is a hang, not a pause.
+const MIN_CONSOLE_IDLE_MS: u64 = 50;
+const MAX_CONSOLE_IDLE_MS: u64 = 600_000;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
@@ -112,8 +116,17 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::Console(cmd) if !(MIN_CONSOLE_IDLE_MS..=MAX_CONSOLE_IDLE_MS).contains(&cmd.idle_ms) => {
+            fail(
+                EXIT_BAD_INPUT,
+                format!(
+                    "console: --idle-ms {} is outside {MIN_CONSOLE_IDLE_MS}..={MAX_CONSOLE_IDLE_MS}",
+                    cmd.idle_ms
+                ),
+            )
+        }
         Command::Console(cmd) => with_runtime(|rt| {
-            client::console(rt, &cmd.name, cmd.svm)?;
+            client::console(rt, &cmd.name, cmd.svm, Duration::from_millis(cmd.idle_ms))?;
             Ok(0)
         }),
     }

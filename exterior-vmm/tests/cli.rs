@@ -336,6 +336,24 @@ fn a_quiesce_hold_past_a_minute_is_refused_before_any_instance_is_asked() {
     assert!(err.contains("--hold"), "{err}");
 }
 
+#[test]
+fn a_console_idle_outside_its_bounds_is_refused_before_any_instance_is_asked() {
+    let dir = scratch("idle");
+    for idle in ["0", "49", "600001"] {
+        let (code, err) = run(vmm().env("EXTERIOR_RUNTIME_DIR", dir.join("run")).args([
+            "console",
+            "nowhere",
+            "--idle-ms",
+            idle,
+        ]));
+        assert_eq!(code, 2, "{err}");
+        assert!(
+            err.contains(&format!("--idle-ms {idle} is outside 50..=600000")),
+            "{err}"
+        );
+    }
+}
+
 /// `run --name` with `--svm-initrd PATH`, on a host without KVM: everything about the SVM
 /// image is checked before KVM is opened, so a refusal here is the image check's.
 fn run_instance_with_svm_image(tag: &str, svm: &Path) -> (i32, String) {

@@ -291,6 +291,38 @@ pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// `exterior-vmm` in a network namespace of its own (`unshare -n`): its taps, and all
+/// their traffic, stay between the guest and that namespace.
+pub fn vmm_in_own_netns() -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.arg("-n")
+        .arg(which("exterior-vmm"))
+        .env("EXTERIOR_IMAGES", images());
+    cmd
+}
+
+/// Waits until `vmm` (started by [`vmm_in_own_netns`]) has made `tap`; fails at once if
+/// the VMM ended first.
+pub fn wait_for_tap(vmm: &mut KillOnDrop, tap: &str) {
+    let pid = vmm.0.id();
+    wait_for("the VMM's tap", Duration::from_secs(60), || {
+        if let Some(status) = vmm.0.try_wait().expect("wait for the VMM") {
+            panic!("the VMM ended ({status}) before it made its tap {tap}");
+        }
+        in_ns(pid, &format!("ip link show {tap}")).0 == 0
+    });
+}
+
+/// The namespace's end of `tap`: 10.0.2.1/24 and up (the guests are 10.0.2.15), with the
+/// namespace's loopback up.
+pub fn address_namespace_end(pid: u32, tap: &str) {
+    let (code, _) = in_ns(
+        pid,
+        &format!("ip link set lo up && ip addr add 10.0.2.1/24 dev {tap} && ip link set {tap} up"),
+    );
+    assert_eq!(code, 0, "cannot address the namespace's end of {tap}");
+}
+
 /// A child process killed (and reaped) when the test ends, however it ends.
 pub struct KillOnDrop(pub Child);
 

@@ -102,9 +102,7 @@ fn a_debian_disk_guest_boots_systemd_to_a_login_and_serves_ssh_on_its_network() 
     let dir = scratch_dir("debian");
     let disk = guest_disk(&dir);
     let log = dir.join("console.log");
-    let mut child = Command::new("unshare")
-        .arg("-n")
-        .arg(which("exterior-vmm"))
+    let mut child = vmm_in_own_netns()
         .args(["run", "--kernel"])
         .arg(images().join("bzImage"))
         .arg("--initrd")
@@ -114,7 +112,6 @@ fn a_debian_disk_guest_boots_systemd_to_a_login_and_serves_ssh_on_its_network() 
         .args(["--net", "tap=exdeb0", "--mem", "1G", "--cpus", "2"])
         .args(["--append", "root=LABEL=exterior-root rw", "--console"])
         .arg(&log)
-        .env("EXTERIOR_IMAGES", images())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -128,17 +125,8 @@ fn a_debian_disk_guest_boots_systemd_to_a_login_and_serves_ssh_on_its_network() 
 
     // The namespace's end of the guest's network (the guest's own address comes from its
     // image: systemd-networkd, 10.0.2.15/24).
-    wait_for("the VMM's tap", Duration::from_secs(60), || {
-        if let Some(status) = vmm.0.try_wait().expect("wait for the VMM") {
-            panic!("the VMM ended ({status}) before it made its tap");
-        }
-        in_ns(pid, "ip link show exdeb0").0 == 0
-    });
-    let (code, _) = in_ns(
-        pid,
-        "ip link set lo up && ip addr add 10.0.2.1/24 dev exdeb0 && ip link set exdeb0 up",
-    );
-    assert_eq!(code, 0);
+    wait_for_tap(&mut vmm, "exdeb0");
+    address_namespace_end(pid, "exdeb0");
 
     // systemd's getty on the serial console.
     let mut at = console.expect(0, "exterior-guest login:", Duration::from_secs(600));

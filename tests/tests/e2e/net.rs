@@ -23,10 +23,7 @@ fn a_guest_on_a_tap_talks_to_its_namespace_both_ways() {
          nc -ll -p 7000 -e sh -c 'read l; echo echo-$l' & \
          i=0; until ping -c 1 -W 1 10.0.2.1 >/dev/null 2>&1 || [ $i -ge 90 ]; do i=$((i+1)); done; \
          echo guest-$((6*7)) | nc 10.0.2.1 7001; echo net-ready-$((40+2)); sleep 600";
-    let vmm_bin = which("exterior-vmm");
-    let child = Command::new("unshare")
-        .arg("-n")
-        .arg(&vmm_bin)
+    let child = vmm_in_own_netns()
         .args([
             "run",
             "--net",
@@ -35,20 +32,17 @@ fn a_guest_on_a_tap_talks_to_its_namespace_both_ways() {
         ])
         .arg(&console)
         .args(["--append", &format!("exterior_run=\"{script}\"")])
-        .env("EXTERIOR_IMAGES", images())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn unshare -n exterior-vmm");
     let pid = child.id();
-    let vmm = KillOnDrop(child);
+    let mut vmm = KillOnDrop(child);
 
     // The namespace's side: the tap the VMM made, an address, a server that records one
     // line and acknowledges it.
-    wait_for("the VMM's tap", Duration::from_secs(60), || {
-        in_ns(pid, "ip link show extap0").0 == 0
-    });
+    wait_for_tap(&mut vmm, "extap0");
     let server = Command::new("nsenter")
         .args([
             "-t",
@@ -69,11 +63,7 @@ fn a_guest_on_a_tap_talks_to_its_namespace_both_ways() {
         .expect("start the namespace's server");
     let _server = KillOnDrop(server);
     // Listening before the link is up: the guest's first successful ping may come at once.
-    let (code, _) = in_ns(
-        pid,
-        "ip link set lo up && ip addr add 10.0.2.1/24 dev extap0 && ip link set extap0 up",
-    );
-    assert_eq!(code, 0);
+    address_namespace_end(pid, "extap0");
 
     // Guest to namespace: the line the guest computed arrives.
     wait_for(

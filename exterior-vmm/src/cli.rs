@@ -88,6 +88,14 @@ pub struct RunCmd {
     /// before it is given up (default 30, 1 to 3600)
     #[argh(option)]
     pub call_deadline: Option<u64>,
+    /// with --name: microseconds the GVM may stay held for one program's run of
+    /// redirected calls (default 2000, or EXTERIOR_HOLD_SLICE_US; 0: one call a hold)
+    #[argh(option)]
+    pub hold_slice_us: Option<u64>,
+    /// with --name: microseconds a hold waits for the program's next call (default 500,
+    /// or EXTERIOR_HOLD_IDLE_US)
+    #[argh(option)]
+    pub hold_idle_us: Option<u64>,
 }
 
 /// List running instances: a line each, NAME<tab>pid PID.

@@ -226,6 +226,30 @@ fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig
     })
 }
 
+/// The hold slice and idle gap: the options, else the environment, else the defaults.
+fn hold_policy(cmd: &RunCmd) -> Result<vmm::HoldPolicy, String> {
+    let value = |flag: Option<u64>, env: &str, default: u64| match flag {
+        Some(us) => Ok(us),
+        None => match std::env::var(env) {
+            Ok(text) => text
+                .parse::<u64>()
+                .map_err(|_| format!("{env}={text:?}: not a whole number of microseconds")),
+            Err(_) => Ok(default),
+        },
+    };
+    let slice = value(
+        cmd.hold_slice_us,
+        "EXTERIOR_HOLD_SLICE_US",
+        vmm::config::DEFAULT_HOLD_SLICE_US,
+    )?;
+    let idle = value(
+        cmd.hold_idle_us,
+        "EXTERIOR_HOLD_IDLE_US",
+        vmm::config::DEFAULT_HOLD_IDLE_US,
+    )?;
+    vmm::config::check_hold_policy(slice, idle).map_err(|e| e.to_string())
+}
+
 fn run(cmd: RunCmd) -> ExitCode {
     if cmd.detach && cmd.name.is_none() {
         return fail(EXIT_BAD_INPUT, "--detach needs --name");
@@ -234,6 +258,12 @@ fn run(cmd: RunCmd) -> ExitCode {
         return fail(
             EXIT_BAD_INPUT,
             "--call-deadline needs --name (only an instance redirects calls)",
+        );
+    }
+    if (cmd.hold_slice_us.is_some() || cmd.hold_idle_us.is_some()) && cmd.name.is_none() {
+        return fail(
+            EXIT_BAD_INPUT,
+            "--hold-slice-us and --hold-idle-us need --name (only an instance redirects calls)",
         );
     }
     let mut config = match &cmd.image {
@@ -313,6 +343,10 @@ fn run(cmd: RunCmd) -> ExitCode {
                 Ok(d) => d,
                 Err(e) => return fail(EXIT_BAD_INPUT, e),
             };
+            let hold_policy = match hold_policy(&cmd) {
+                Ok(p) => p,
+                Err(e) => return fail(EXIT_BAD_INPUT, e),
+            };
             let svm_log = runtime.log(name, "svm");
             let svm = match build_svm_config(&cmd, &config, &svm_log) {
                 Ok(c) => c,
@@ -332,6 +366,7 @@ fn run(cmd: RunCmd) -> ExitCode {
                     gvm: config,
                     svm,
                     call_deadline,
+                    hold_policy,
                 },
                 &runtime,
                 &opts,

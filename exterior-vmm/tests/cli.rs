@@ -235,6 +235,59 @@ fn a_call_deadline_is_checked_and_needs_an_instance() {
 }
 
 #[test]
+fn hold_times_are_checked_from_options_and_environment_and_need_an_instance() {
+    let dir = scratch("hold");
+    let kernel = minimal_elf(&dir);
+    let attempt = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut cmd = vmm();
+        with_runtime(&mut cmd, "hold-rt");
+        cmd.env_remove("EXTERIOR_HOLD_SLICE_US")
+            .env_remove("EXTERIOR_HOLD_IDLE_US");
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        run(cmd
+            .args(["run", "--name", "hold"])
+            .args(args)
+            .arg("--kernel")
+            .arg(&kernel))
+    };
+    let (code, err) = attempt(&["--hold-slice-us", "1000001"], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--hold-slice-us (EXTERIOR_HOLD_SLICE_US) 1000001: give a whole number of microseconds from 0 to 1000000"),
+        "{err}"
+    );
+    let (code, err) = attempt(&[], Some(("EXTERIOR_HOLD_IDLE_US", "5000000")));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--hold-idle-us (EXTERIOR_HOLD_IDLE_US) 5000000:"),
+        "{err}"
+    );
+    let (code, err) = attempt(&[], Some(("EXTERIOR_HOLD_SLICE_US", "2ms")));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("EXTERIOR_HOLD_SLICE_US=\"2ms\": not a whole number of microseconds"),
+        "{err}"
+    );
+    // The option wins over the environment.
+    let (code, err) = attempt(
+        &["--hold-idle-us", "1000001"],
+        Some(("EXTERIOR_HOLD_IDLE_US", "10")),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("(EXTERIOR_HOLD_IDLE_US) 1000001:"), "{err}");
+    let (code, err) = run(vmm()
+        .args(["run", "--hold-slice-us", "10", "--kernel"])
+        .arg(&kernel));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--hold-slice-us and --hold-idle-us need --name"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_disks_are_refused_before_any_guest_runs() {
     let dir = scratch("disks");
     let kernel = minimal_elf(&dir);

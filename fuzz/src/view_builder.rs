@@ -42,7 +42,7 @@ use std::ops::ControlFlow;
 use redirect::bounce::{BounceError, BouncePlan, Range, BOUNCE_SIZE, USER_END};
 use redirect::memory::Relocated;
 use redirect::view::{
-    build_view, offsets, View, ViewError, ViewLayout, KSTUB_KVA, START_KERNEL_MAP, TRAP_KVA,
+    offsets, View, ViewError, ViewLayout, ViewTables, KSTUB_KVA, START_KERNEL_MAP, TRAP_KVA,
     WINDOW_KVA, WINDOW_SIZE, WINDOW_SLOT,
 };
 use redirect::{
@@ -381,7 +381,10 @@ fn check_build(
         base: layout.window_gpa,
     };
     let gvm_seen = Recorder::new(&gvm.mem);
-    let view = build_view(&window, layout, &gvm_seen, gvm_cr3, plan);
+    let mut tables = ViewTables::default();
+    let view = tables
+        .build(&window, layout, &gvm_seen, gvm_cr3, plan)
+        .map(|(view, _)| view);
     assert!(
         gvm_seen.writes.borrow().is_empty(),
         "build_view wrote GVM memory: {:x?}",
@@ -403,6 +406,24 @@ fn check_build(
             };
             let composed = Composed(vec![&gvm.mem, &window, &bounce]);
             check_view(view, layout, &window_mem, &composed, plan, &slots);
+            // A later view of the same epoch (the next call of a hold): the same promises,
+            // and not a byte of the first view's tables rewritten.
+            let before = table_pages(&window_mem, view);
+            let (later, new_epoch) = tables
+                .build(&window, layout, &gvm_seen, gvm_cr3, plan)
+                .unwrap_or_else(|e| panic!("a later view failed where the first did not: {e}"));
+            if !new_epoch {
+                assert_ne!(later.cr3, view.cr3);
+                assert!(
+                    table_pages(&window_mem, view) == before,
+                    "a later view of the epoch rewrote the first one's tables"
+                );
+            }
+            check_view(&later, layout, &window_mem, &composed, plan, &slots);
+            assert!(
+                gvm_seen.writes.borrow().is_empty(),
+                "a later view wrote GVM memory"
+            );
         }
         Err(ViewError::Window(e)) => panic!("build_view failed on its own window: {e}"),
         Err(ViewError::GvmTables { .. }) => {}
@@ -427,6 +448,19 @@ fn check_build(
     view
 }
 
+/// The window's PML4 page and the pool pages a view may use, as they are now.
+fn table_pages(window: &MemoryImage, view: &View) -> Vec<u8> {
+    let mut pages = vec![0u8; ((1 + view.tables) * PAGE) as usize];
+    let (pml4, pool) = pages.split_at_mut(PAGE as usize);
+    window
+        .read_phys(offsets::PML4, pml4)
+        .expect("the PML4 is in the window");
+    window
+        .read_phys(offsets::TABLES, pool)
+        .expect("the pool is in the window");
+    pages
+}
+
 fn check_view(
     view: &View,
     layout: &ViewLayout,
@@ -436,10 +470,18 @@ fn check_view(
     slots: &[bool; 256],
 ) {
     let w = layout.window_gpa;
-    assert_eq!(view.cr3, w + offsets::PML4);
+    // An epoch's first view has the window's PML4; later ones one from the pool.
+    let pml4 = view.cr3 - w;
+    assert!(
+        pml4 == offsets::PML4
+            || (pml4 % PAGE == 0
+                && pml4 >= offsets::TABLES
+                && pml4 < offsets::TABLES + view.tables * PAGE),
+        "the view's PML4 is at window offset {pml4:#x}"
+    );
     for slot in 256..511u64 {
         let e = window
-            .read_u64(slot * 8)
+            .read_u64(pml4 + slot * 8)
             .expect("the view's PML4 is in the window");
         if slot != WINDOW_SLOT as u64 && e & P != 0 {
             assert!(e & XD != 0, "PML4 slot {slot} is executable: {e:#x}");
@@ -450,7 +492,7 @@ fn check_view(
     assert!(view.tables <= POOL_PAGES, "{} pool pages", view.tables);
     let pool = (0..view.tables).map(|i| offsets::TABLES + i * PAGE);
     let mut raw = [0u8; PAGE as usize];
-    for table in std::iter::once(offsets::PML4).chain(pool) {
+    for table in std::iter::once(pml4).chain(pool) {
         window
             .read_phys(table, &mut raw)
             .expect("the view's tables are in the window");

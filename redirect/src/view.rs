@@ -253,6 +253,8 @@ struct Pool<'a> {
     next: u64,
     end: u64,
     used: u64,
+    /// The GVM pages copied into the pool (the kernel half depends on them).
+    copied: Vec<u64>,
 }
 
 impl Pool<'_> {
@@ -334,6 +336,7 @@ fn copy_table(
     let mut raw = [0u8; 4096];
     gvm.read_phys(gpa, &mut raw)
         .map_err(|source| ViewError::GvmTables { cr3, source })?;
+    pool.copied.push(gpa & ADDR_FIELD & !0xfff);
     let mut entries = [0u64; 512];
     for (e, b) in entries.iter_mut().zip(raw.chunks_exact(8)) {
         let mut w = [0u8; 8];
@@ -490,7 +493,8 @@ fn own_text_gib(
 
 /// Builds the view page tables in `window` (see the module docs). `gvm_cr3` is any GVM
 /// vCPU's CR3 (every process shares the kernel half); `buffers` are the call's bounce
-/// pages, mapped at [`ViewLayout::bounce_gpa`].
+/// pages, mapped at [`ViewLayout::bounce_gpa`]. The view's PML4 is the window's first
+/// page ([`offsets::PML4`]); its tables follow from [`offsets::TABLES`].
 pub fn build_view(
     window: &dyn GuestPhysMemory,
     layout: &ViewLayout,
@@ -498,6 +502,126 @@ pub fn build_view(
     gvm_cr3: u64,
     buffers: &BouncePlan,
 ) -> Result<View, ViewError> {
+    ViewTables::default()
+        .build(window, layout, gvm, gvm_cr3, buffers)
+        .map(|(view, _)| view)
+}
+
+/// The view's tables across the calls of an *epoch*: the time between two flushes of the
+/// redirect VM's cached translations (under shadow paging, KVM's shadow pages of the
+/// tables). Within an epoch no table page is ever written twice: the kernel half is built
+/// once, at the epoch's first view, and every later view gets a new PML4 and new user
+/// tables from the pool, the kernel half's entries copied in. So what KVM cached of the
+/// epoch's earlier views stays true, and a call's view shares, and need not translate
+/// again, everything but its own buffers (the kernel text above all: without this, every
+/// call refaulted each page of it it ran).
+///
+/// The kernel half is the GVM's state at the epoch's start: an epoch ends — the next
+/// [`ViewTables::build`] starts a new one and says so — when the GVM CPU's CR3 or the
+/// extra executable range differ, when the pool runs out, when
+/// [`ViewTables::forget`] was called (the GVM ran, or a call's stores were dropped: both
+/// change GVM tables behind KVM's back), or when a call wrote a GVM page the kernel half
+/// copied ([`ViewTables::forget_if_written`]).
+#[derive(Debug, Default)]
+pub struct ViewTables {
+    kernel: Option<KernelHalf>,
+}
+
+/// What the epoch's kernel half was built from, and where its pool left off.
+#[derive(Debug)]
+struct KernelHalf {
+    gvm_cr3: u64,
+    also_exec: Option<(u64, u64)>,
+    /// The GVM table pages it copied: the PML4 and those below slot 511 it made its own.
+    copied: Vec<u64>,
+    /// The pool's next free page, and pages used, after the epoch's last view.
+    next: u64,
+    used: u64,
+}
+
+impl ViewTables {
+    /// The view for a call (see [`build_view`]), and whether it starts a new epoch: then,
+    /// and only then, the redirect VM must drop its cached translations before it runs.
+    pub fn build(
+        &mut self,
+        window: &dyn GuestPhysMemory,
+        layout: &ViewLayout,
+        gvm: &dyn GuestPhysMemory,
+        gvm_cr3: u64,
+        buffers: &BouncePlan,
+    ) -> Result<(View, bool), ViewError> {
+        let same = |k: &KernelHalf| k.gvm_cr3 == gvm_cr3 && k.also_exec == layout.also_exec;
+        if let Some(kernel) = self.kernel.as_mut().filter(|k| same(k)) {
+            match later_view(window, layout, kernel, buffers) {
+                Err(ViewError::PoolExhausted(_)) => {}
+                other => return other.map(|view| (view, false)),
+            }
+        }
+        self.kernel = None;
+        let (view, kernel) = first_view(window, layout, gvm, gvm_cr3, buffers)?;
+        self.kernel = Some(kernel);
+        Ok((view, true))
+    }
+
+    /// Ends the epoch: the next view is built afresh.
+    pub fn forget(&mut self) {
+        self.kernel = None;
+    }
+
+    /// Ends the epoch if a page in `written` (guest-physical (start, length) ranges, what
+    /// a call committed) is one the kernel half was copied from.
+    pub fn forget_if_written(&mut self, written: &[(u64, u64)]) {
+        let hit = self.kernel.as_ref().is_some_and(|k| {
+            k.copied.iter().any(|&page| {
+                written
+                    .iter()
+                    .any(|&(start, len)| page >= start && page - start < len)
+            })
+        });
+        if hit {
+            self.kernel = None;
+        }
+    }
+}
+
+/// A later view of an epoch: a new PML4 from the pool with the kernel half's entries, and
+/// the call's user half in new tables.
+fn later_view(
+    window: &dyn GuestPhysMemory,
+    layout: &ViewLayout,
+    kernel: &mut KernelHalf,
+    buffers: &BouncePlan,
+) -> Result<View, ViewError> {
+    let mut pool = Pool {
+        window,
+        next: kernel.next,
+        end: layout.gpa(WINDOW_SIZE),
+        used: kernel.used,
+        copied: Vec::new(),
+    };
+    let pml4 = pool.alloc()?;
+    let mut half = [0u8; 2048];
+    window
+        .read_phys(layout.gpa(offsets::PML4) + 2048, &mut half)
+        .map_err(ViewError::Window)?;
+    window
+        .write_phys(pml4 + 2048, &half)
+        .map_err(ViewError::Window)?;
+    let view = user_half(&mut pool, pml4, layout, buffers)?;
+    kernel.next = pool.next;
+    kernel.used = pool.used;
+    Ok(view)
+}
+
+/// An epoch's first view: the kernel half in the window's PML4 (the template later views
+/// copy), then the call's user half.
+fn first_view(
+    window: &dyn GuestPhysMemory,
+    layout: &ViewLayout,
+    gvm: &dyn GuestPhysMemory,
+    gvm_cr3: u64,
+    buffers: &BouncePlan,
+) -> Result<(View, KernelHalf), ViewError> {
     let pml4 = layout.gpa(offsets::PML4);
     let mut top = [0u8; 4096];
     let gvm_pml4 = gvm_cr3 & ADDR_FIELD;
@@ -527,6 +651,7 @@ pub fn build_view(
         next: layout.gpa(offsets::TABLES),
         end: layout.gpa(WINDOW_SIZE),
         used: 0,
+        copied: vec![gvm_pml4 & !0xfff],
     };
     confine_execution(&mut pool, pml4, gvm, gvm_cr3, layout)?;
 
@@ -578,7 +703,26 @@ pub fn build_view(
     window
         .write_phys(layout.gpa(offsets::KSTUB), &kstub_code())
         .map_err(ViewError::Window)?;
+    let view = user_half(&mut pool, pml4, layout, buffers)?;
+    let kernel = KernelHalf {
+        gvm_cr3,
+        also_exec: layout.also_exec,
+        copied: std::mem::take(&mut pool.copied),
+        next: pool.next,
+        used: pool.used,
+    };
+    Ok((view, kernel))
+}
 
+/// Maps the call's buffers and the stub into the user half of `pml4`, whose user entries
+/// are empty, with tables from `pool`.
+fn user_half(
+    pool: &mut Pool<'_>,
+    pml4: u64,
+    layout: &ViewLayout,
+    buffers: &BouncePlan,
+) -> Result<View, ViewError> {
+    let window = pool.window;
     // The call's buffers, at the program's addresses, in their bounce pages.
     let mut user_mappings = 0usize;
     for page in buffers.pages() {
@@ -1014,6 +1158,150 @@ mod tests {
         let plan = BouncePlan::new(&scattered, 1024).unwrap();
         let err = build_view(&window, &layout(), &guest(), 0x1000, &plan).unwrap_err();
         assert!(matches!(err, ViewError::PoolExhausted(_)), "{err}");
+    }
+
+    /// The window's table pages a view may use: its PML4 and the pool up to `view.tables`.
+    fn table_pages(window: &MemoryImage, view: &View) -> Vec<(u64, Vec<u8>)> {
+        let pool = WINDOW_GPA + offsets::TABLES;
+        std::iter::once(WINDOW_GPA)
+            .chain((pool..pool + view.tables * 4096).step_by(4096))
+            .map(|gpa| {
+                let mut page = vec![0u8; 4096];
+                window.read_phys(gpa, &mut page).unwrap();
+                (gpa, page)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_later_view_of_an_epoch_rewrites_no_table_an_earlier_one_uses() {
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let gvm = guest();
+        let mode = PagingMode::default();
+        let mut tables = ViewTables::default();
+        let (first, new_epoch) = tables
+            .build(&window, &layout(), &gvm, 0x1000, &two_buffers())
+            .unwrap();
+        assert!(new_epoch);
+        assert_eq!(first.cr3, WINDOW_GPA);
+        let before = table_pages(&window, &first);
+        let other = BouncePlan::new(
+            &[Range {
+                addr: 0x6000_0000,
+                len: 8,
+                write: true,
+            }],
+            16,
+        )
+        .unwrap();
+        let (second, new_epoch) = tables
+            .build(&window, &layout(), &gvm, 0x1000, &other)
+            .unwrap();
+        assert!(!new_epoch, "same GVM CR3, nothing written: the same epoch");
+        assert_ne!(second.cr3, first.cr3, "a PML4 of its own");
+        assert!(second.tables > first.tables);
+        assert_eq!(
+            table_pages(&window, &first),
+            before,
+            "an earlier table changed"
+        );
+        let composed = composed(&window, &gvm);
+        let walk = |cr3, va, access| translate(&composed, &mode, cr3, va, access);
+        // The kernel half is the same; the user half is the second call's alone.
+        for va in [0xffff_ffff_8000_1234, TRAP_KVA, KSTUB_KVA] {
+            assert_eq!(
+                walk(second.cr3, va, Access::READ).map(|t| t.gpa).ok(),
+                walk(first.cr3, va, Access::READ).map(|t| t.gpa).ok(),
+                "{va:#x}"
+            );
+        }
+        assert!(walk(second.cr3, 0xffff_ffff_8060_0000, Access::EXECUTE).is_err());
+        assert_eq!(
+            walk(second.cr3, 0x6000_0004, Access::USER_WRITE)
+                .unwrap()
+                .gpa,
+            BOUNCE_GPA + 4
+        );
+        assert!(walk(second.cr3, 0x40_0010, Access::USER_READ).is_err());
+        assert!(walk(second.cr3, 0x7f00_0000_1ff8, Access::USER_READ).is_err());
+        assert_eq!(
+            walk(second.cr3, second.stub_va, Access::USER_EXECUTE)
+                .unwrap()
+                .gpa,
+            WINDOW_GPA + offsets::STUB
+        );
+        // Every one of the second view's entries is preset accessed (and dirty where
+        // writable), like the first's: the window is read-only to the vCPU.
+        let mut page = vec![0u8; 4096];
+        window.read_phys(second.cr3, &mut page).unwrap();
+        for e in page.chunks_exact(8) {
+            let e = u64::from_le_bytes(e.try_into().unwrap());
+            if e & PTE_P != 0 {
+                assert_ne!(e & PTE_A, 0, "{e:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_epoch_ends_when_what_its_kernel_half_copied_may_have_changed() {
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let gvm = guest();
+        let mut tables = ViewTables::default();
+        let build = |t: &mut ViewTables, cr3, layout: &ViewLayout| {
+            t.build(&window, layout, &gvm, cr3, &two_buffers())
+                .unwrap()
+                .1
+        };
+        assert!(build(&mut tables, 0x1000, &layout()));
+        assert!(!build(&mut tables, 0x1000, &layout()));
+        // A call wrote pages the kernel half did not copy (the user tables, data).
+        tables.forget_if_written(&[(0x2000, 0x1000), (0x5000, 0x2000), (0x20_0000, 0x1000)]);
+        assert!(!build(&mut tables, 0x1000, &layout()));
+        // ... or the GVM's PML4 (0x1000), or the slot-511 PDPT it copied (0x3000).
+        for page in [0x1000, 0x3000] {
+            tables.forget_if_written(&[(0x20_0000, 0x1000), (page, 0x1000)]);
+            assert!(build(&mut tables, 0x1000, &layout()), "{page:#x}");
+        }
+        tables.forget_if_written(&[(0, 0x10_0000)]);
+        assert!(
+            build(&mut tables, 0x1000, &layout()),
+            "a run that covers them"
+        );
+        tables.forget();
+        assert!(build(&mut tables, 0x1000, &layout()), "forgotten");
+        // Another CR3 (same tables here), or another executable range.
+        assert!(build(&mut tables, 0x1000 | 0x18, &layout()));
+        let extra = ViewLayout {
+            also_exec: Some((0xffff_ffff_8000_1000, 0xffff_ffff_8000_2000)),
+            ..layout()
+        };
+        assert!(build(&mut tables, 0x1000 | 0x18, &extra));
+        assert!(!build(&mut tables, 0x1000 | 0x18, &extra));
+        assert!(build(&mut tables, 0x1000 | 0x18, &layout()));
+    }
+
+    #[test]
+    fn a_full_pool_starts_a_new_epoch_instead_of_failing() {
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let gvm = guest();
+        let pool_pages = (WINDOW_SIZE - offsets::TABLES) / 4096;
+        let mut tables = ViewTables::default();
+        let mut epochs = 0;
+        let mut views = 0;
+        while epochs < 3 {
+            let (view, new_epoch) = tables
+                .build(&window, &layout(), &gvm, 0x1000, &two_buffers())
+                .unwrap();
+            assert!(view.tables <= pool_pages);
+            epochs += usize::from(new_epoch);
+            views += 1;
+            assert!(views < 10 * pool_pages as usize, "no new epoch ever");
+        }
+        // Each later view takes a PML4 and a few tables for its two buffers and the stub.
+        assert!(views > 2 * 50, "only {views} views in two epochs");
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod config;
 pub(crate) mod devices;
 pub(crate) mod event_loop;
 pub(crate) mod executor;
+pub use executor::HoldPolicy;
 pub mod exit;
 pub mod instance;
 pub(crate) mod seccomp;

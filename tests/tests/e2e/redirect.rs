@@ -149,6 +149,12 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
             initrd.to_str().unwrap(),
             "--disk",
             disk.to_str().unwrap(),
+            // Holds that end only when a program's calls stop coming, or it ends (the
+            // harness's own 100 ms slice ends some halfway through a run of calls).
+            "--hold-slice-us",
+            "1000000",
+            "--hold-idle-us",
+            "200000",
         ],
     );
     let mut gvm = GvmConsole::attach(&rt, "rd");
@@ -175,9 +181,20 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     assert!(gvm_modules.contains("dummy"), "{gvm_modules:?}");
     assert!(gvm_sys_modules.contains("dummy"), "{gvm_sys_modules:?}");
     let calls_before = info(&rt, "rd", "redirect_calls");
+    let holds_before = info(&rt, "rd", "redirect_holds");
 
     // ps: exactly the GVM's processes (less the GVM's own `ps`), none of the SVM's.
     let ps = processes(&exterior(&rt, "rd", &["ps", "-eo", "pid,comm"]));
+    // ... its run of calls (three or more a process) under few holds of the GVM, not one
+    // each.
+    let (calls, holds) = (
+        info(&rt, "rd", "redirect_calls") - calls_before,
+        info(&rt, "rd", "redirect_holds") - holds_before,
+    );
+    assert!(
+        calls >= 3 * gvm_ps.len() as u64 && holds > 0 && holds * 4 <= calls,
+        "ps made {calls} redirected calls under {holds} holds of the GVM"
+    );
     let expected: BTreeSet<_> = gvm_ps.iter().filter(|(_, c)| c != "ps").cloned().collect();
     assert_eq!(ps, expected, "exterior ps differs from the GVM's own ps");
     assert!(!ps.iter().any(|(_, c)| c.starts_with("exterior")), "{ps:?}");

@@ -35,6 +35,7 @@ use svm_runtime::redirect_abi::{BufferList, BUFFER_LIST_SIZE};
 use super::engine::Engine;
 use super::error::Error;
 use super::segment::{Parked, Segment, SegmentEnd, SYS_DELETE_MODULE};
+use super::timing::Phase;
 use super::Executor;
 use crate::vstate::quiesce::{self, QuiescePolicy, VcpuSnapshot};
 
@@ -89,87 +90,160 @@ impl Executor {
         engine.load_buffers(&BufferList::decode(&list)?, &program)
     }
 
-    /// Runs a prepared call on the GVM (the worker thread).
-    pub(super) fn run_call(
-        &self,
+    /// Runs a prepared call on the GVM (the worker thread) of the program whose address
+    /// space is `space`, under `hold` if it holds the GVM for that program already. The
+    /// hold is left in place for the program's next call if the call returned and no
+    /// park came between; else it is released ([`Executor::release`]).
+    pub(super) fn run_call<'e>(
+        &'e self,
         engine: &mut Engine,
         profile: &CallProfile,
         regs: &kvm_regs,
+        space: u64,
+        hold: &mut Option<Hold<'e>>,
     ) -> Result<i64, Error> {
-        let _exclusive = self.hold_gvm();
-        let result = self.segments(engine, profile, regs);
-        engine.layout.also_exec = None;
+        if hold.as_ref().is_some_and(|h| h.space != space) {
+            self.release(engine, hold.take(), HoldEnd::OtherProgram);
+        }
+        let result = self.segments(engine, profile, regs, space, hold);
+        if engine.layout.also_exec.take().is_some() || result.is_err() {
+            // The next call's view must not let the module run; a failed call (rolled
+            // back, refused) ends the hold.
+            self.release(engine, hold.take(), HoldEnd::Call);
+        }
         result
     }
 
-    fn segments(
+    /// Holds the GVM: its vCPUs at a safe point, then its devices (a disk must not write
+    /// guest memory while a call runs or commits, `vstate::dma_gate`). The CPU lent is the
+    /// one a parked call slept on (its stack and per-cpu state expect it), else an idle
+    /// one, else any.
+    fn take_hold(
         &self,
-        engine: &mut Engine,
-        profile: &CallProfile,
-        regs: &kvm_regs,
-    ) -> Result<i64, Error> {
+        engine: &Engine,
+        space: u64,
+        parked: Option<&Parked>,
+    ) -> Result<Hold<'_>, Error> {
         let policy = QuiescePolicy {
             budget: QUIESCE_BUDGET,
             park_timeout: PARK_TIMEOUT,
             ..QuiescePolicy::default()
         };
+        let started = Instant::now();
+        let exclusive = self.hold_gvm();
+        let held = quiesce::quiesce(&engine.parts.gvm_vcpus, policy).and_then(|held| match engine
+            .parts
+            .gvm_dma
+            .pause(PARK_TIMEOUT)
+        {
+            Some(paused) => Ok((held, paused)),
+            None => Err(quiesce::QuiesceError::Busy(
+                format!("a device was still in the middle of a request after {PARK_TIMEOUT:?}"),
+                held.attempts,
+            )),
+        });
+        self.stats.phases.since(Phase::Quiesce, started);
+        let (vcpus, devices) = held?;
+        let lent = match parked {
+            Some(p) => vcpus.snapshots.iter().find(|s| s.index == p.cpu),
+            None => vcpus
+                .snapshots
+                .iter()
+                .find(|s| s.halted)
+                .or(vcpus.snapshots.first()),
+        }
+        .copied();
+        let hold = Hold {
+            started,
+            space,
+            lent,
+            calls: 0,
+            went_through: false,
+            devices: Some(devices),
+            vcpus: Some(vcpus),
+            _exclusive: exclusive,
+        };
+        match lent {
+            Some(_) => Ok(hold),
+            None => {
+                self.release(engine, Some(hold), HoldEnd::Call);
+                Err(Error::NoCpuToLend)
+            }
+        }
+    }
+
+    /// Lets the GVM go again: its devices, its vCPUs, then, if a call of the hold went
+    /// through, the reschedule IPIs its wake-ups (a signal, a released lock, queued work)
+    /// owe the GVM's CPUs, so they take effect now and not at the next interrupt.
+    pub(super) fn release(&self, engine: &Engine, hold: Option<Hold<'_>>, why: HoldEnd) {
+        let Some(mut hold) = hold else {
+            return;
+        };
+        self.stats.hold_ends[why as usize].fetch_add(1, Ordering::Relaxed);
+        let phases = &self.stats.phases;
+        let started = Instant::now();
+        drop(hold.devices.take());
+        drop(hold.vcpus.take());
+        phases.since(Phase::Release, started);
+        self.stats.record_hold(hold.started.elapsed());
+        if hold.went_through {
+            let started = Instant::now();
+            engine.kick_gvm_cpus();
+            phases.since(Phase::Ipi, started);
+        }
+    }
+
+    fn segments<'e>(
+        &'e self,
+        engine: &mut Engine,
+        profile: &CallProfile,
+        regs: &kvm_regs,
+        space: u64,
+        hold: &mut Option<Hold<'e>>,
+    ) -> Result<i64, Error> {
         let mut parked: Option<Parked> = None;
         let mut pause = PARK_MIN;
         let call_started = Instant::now();
         loop {
-            let started = Instant::now();
-            // The vCPUs, then the devices: a disk must not write guest memory while the
-            // call runs or commits (`vstate::dma_gate`).
-            let gvm_dma = engine.parts.gvm_dma.clone();
-            let held = quiesce::quiesce(&engine.parts.gvm_vcpus, policy).and_then(|held| {
-                match gvm_dma.pause(PARK_TIMEOUT) {
-                    Some(paused) => Ok((held, paused)),
-                    None => Err(quiesce::QuiesceError::Busy(
-                        format!(
-                            "a device was still in the middle of a request after {PARK_TIMEOUT:?}"
-                        ),
-                        held.attempts,
-                    )),
-                }
-            });
-            let (held, devices_paused) = match held {
-                Ok(held) => held,
-                Err(e) if parked.is_none() => return Err(e.into()),
-                Err(e) => {
-                    // A parked call must be resumed: keep trying within its budget.
-                    if call_started.elapsed() > self.call_deadline {
-                        return Err(give_up(engine, Error::StayedBusy(e)));
+            let h = match hold {
+                Some(h) => h,
+                None => match self.take_hold(engine, space, parked.as_ref()) {
+                    Ok(h) => hold.insert(h),
+                    Err(e) if parked.is_none() => return Err(e),
+                    Err(e) => {
+                        // A parked call must be resumed: keep trying within its budget.
+                        if call_started.elapsed() > self.call_deadline {
+                            return Err(give_up(engine, Error::StayedBusy(Box::new(e))));
+                        }
+                        continue;
                     }
-                    continue;
-                }
+                },
             };
-            // The CPU a parked call slept on (its stack and per-cpu state expect it), else
-            // an idle one, else any.
-            let pick: Option<&VcpuSnapshot> = match parked {
-                Some(p) => held.snapshots.iter().find(|s| s.index == p.cpu),
-                None => held
-                    .snapshots
-                    .iter()
-                    .find(|s| s.halted)
-                    .or(held.snapshots.first()),
-            };
-            let end = match pick {
+            // The GVM's TSC counts on while it is held, and so does the redirect vCPU's
+            // once set: it is set at a hold's first call only.
+            let first_of_hold = h.calls == 0;
+            h.calls += 1;
+            let end = match &h.lent {
                 Some(lent) => Segment::open(engine, profile, &self.stats, lent)
-                    .and_then(|segment| segment.run(regs, parked.as_ref())),
+                    .and_then(|segment| segment.run(regs, parked.as_ref(), first_of_hold)),
                 None => Err(Error::NoCpuToLend),
             };
-            drop(devices_paused);
-            drop(held);
-            self.stats.record_hold(started.elapsed());
             match end {
-                Ok(SegmentEnd::Returned(v)) => return Ok(v),
+                Ok(SegmentEnd::Returned(v)) => {
+                    h.went_through = true;
+                    return Ok(v);
+                }
                 Ok(SegmentEnd::Stopped(e)) | Err(e) => {
+                    self.release(engine, hold.take(), HoldEnd::Call);
                     return Err(match parked {
                         Some(_) => give_up(engine, e),
                         None => e,
-                    })
+                    });
                 }
                 Ok(SegmentEnd::Slept(at)) => {
+                    // The GVM must run to make the progress the call waits for.
+                    h.went_through = true;
+                    self.release(engine, hold.take(), HoldEnd::Call);
                     self.stats.parked.fetch_add(1, Ordering::Relaxed);
                     parked = Some(at);
                     // A call that passed its deadline is given up at its next park: the
@@ -178,12 +252,65 @@ impl Executor {
                     if call_started.elapsed() > self.call_deadline {
                         return Err(give_up(engine, Error::TookTooLong(self.call_deadline)));
                     }
+                    let parking = Instant::now();
                     std::thread::sleep(pause);
+                    self.stats.phases.since(Phase::Park, parking);
                     pause = (pause * 2).min(PARK_MAX);
                 }
             }
         }
     }
+}
+
+/// Why a hold ended (`info`'s `redirect_hold_ends_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldEnd {
+    /// It was as old as the slice.
+    Slice,
+    /// The program's next call did not come within the idle gap.
+    Idle,
+    /// A call of another program came.
+    OtherProgram,
+    /// A call failed, was rolled back or parked, or removed a module.
+    Call,
+}
+
+impl HoldEnd {
+    pub const ALL: [HoldEnd; 4] = [
+        HoldEnd::Slice,
+        HoldEnd::Idle,
+        HoldEnd::OtherProgram,
+        HoldEnd::Call,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HoldEnd::Slice => "slice",
+            HoldEnd::Idle => "idle",
+            HoldEnd::OtherProgram => "other_program",
+            HoldEnd::Call => "call",
+        }
+    }
+}
+
+/// The GVM held for one program's run of calls: its vCPUs parked, its devices paused, one
+/// CPU lent to each call in turn. The worker keeps it between the program's calls for as
+/// long as the hold policy allows (`port.rs`); dropping it without
+/// [`Executor::release`] lets the GVM go as well, without the IPIs.
+pub(super) struct Hold<'e> {
+    pub started: Instant,
+    /// The address space of the program the calls come from (`port::address_space`).
+    pub space: u64,
+    /// The held CPU the calls borrow.
+    lent: Option<VcpuSnapshot>,
+    /// Calls run in it so far.
+    pub calls: u64,
+    /// Whether a call committed anything (the GVM's CPUs are sent IPIs at the release).
+    went_through: bool,
+    // Released devices first, then vCPUs, then the exclusion (field order is drop order).
+    devices: Option<crate::vstate::dma_gate::DmaPaused>,
+    vcpus: Option<quiesce::Quiesced>,
+    _exclusive: std::sync::MutexGuard<'e, ()>,
 }
 
 /// How to walk the page tables of the SVM program whose control registers are `sregs`.

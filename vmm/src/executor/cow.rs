@@ -165,9 +165,9 @@ impl CowRam {
 
     /// After a call: fetches each piece's dirty log from `vm` (which also clears it),
     /// copies the dirty pages into the GVM if `commit`, and drops the private copies.
-    /// Returns how many pages the call had written.
-    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<u64, CowError> {
-        let mut pages = 0;
+    /// Returns what the call had written, as guest-physical (start, length) runs.
+    pub fn settle(&self, vm: &kvm_ioctls::VmFd, commit: bool) -> Result<Vec<(u64, u64)>, CowError> {
+        let mut written = Vec::new();
         for piece in &self.pieces {
             // Pieces lie inside mappings, whose lengths are usize.
             let len = piece.len as usize;
@@ -206,10 +206,10 @@ impl CowRam {
                 if rc != 0 {
                     return Err(CowError::Discard(std::io::Error::last_os_error()));
                 }
-                pages += count;
+                written.push((piece.gpa + off, count * PAGE));
             }
         }
-        Ok(pages)
+        Ok(written)
     }
 }
 

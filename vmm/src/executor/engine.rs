@@ -25,7 +25,7 @@ use redirect::shadow::ShadowBlock;
 use redirect::stores::{Store, StoreSites};
 use redirect::traps::{self, Args, Placed, Trap};
 use redirect::view::{
-    build_view, offsets, text_phys, View, ViewLayout, KSTUB_KVA, START_KERNEL_MAP, WINDOW_KVA,
+    offsets, text_phys, View, ViewLayout, ViewTables, KSTUB_KVA, START_KERNEL_MAP, WINDOW_KVA,
     WINDOW_SIZE,
 };
 use redirect::GuestPhysMemory;
@@ -35,6 +35,7 @@ use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 use super::cow::{CowError, CowRam};
 use super::error::{kvm, Error, RunError, Unavailable};
 use super::regs::{self, TrustedControl};
+use super::timing::{Phase, PhaseTimes};
 use super::Parts;
 use crate::boot::cpu::MSR_IA32_TSC;
 use crate::boot::{cpu, cpuid};
@@ -81,14 +82,18 @@ pub(super) struct AsCpu<'a> {
     pub cpu: u8,
     pub control: &'a ControlState,
     pub pcpu_base: u64,
+    /// Whether the GVM ran since the last run (a hold's first call): the vCPU's TSC is
+    /// set to the CPU's (else it counts on from the last run, as the GVM's does) and the
+    /// view's tables start a new epoch.
+    pub after_gvm_ran: bool,
 }
 
 /// Exit counters of a run: its own, and port I/O (the GVM's console) apart.
 pub(super) struct Counters<'a> {
     pub exits: &'a AtomicU64,
     pub console: &'a AtomicU64,
-    /// Nanoseconds spent making views (`fresh_view`).
-    pub view_ns: &'a AtomicU64,
+    /// Where the time goes: the view, the flush and the run are timed here.
+    pub phases: &'a PhaseTimes,
 }
 
 pub(super) struct Engine {
@@ -114,10 +119,12 @@ pub(super) struct Engine {
     /// The control state every run uses: the trusted SVM kernel's, learnt at the first
     /// call (see `regs`), with the CPU's tables in the window ([`Engine::trust`]).
     trusted: Option<TrustedControl>,
-    /// A spare one-page slot, deleted and re-added before every run: deleting a memslot
-    /// makes KVM drop every shadow page and TLB entry of the VM. The view's tables are
-    /// rewritten by the VMM and the GVM's kernel tables by the GVM, both behind this VM's
-    /// back, so nothing it cached from the last run may survive.
+    /// The view's page tables, kept for the calls of an epoch.
+    views: ViewTables,
+    /// A spare one-page slot, deleted and re-added at each new epoch of the view's tables:
+    /// deleting a memslot makes KVM drop every shadow page and TLB entry of the VM. Between
+    /// epochs the view's tables are rewritten by the VMM and the GVM's kernel tables by
+    /// the GVM, both behind this VM's back, so nothing it cached may survive.
     flush_slot: (u32, u64, u64),
     watchdog: Arc<Watchdog>,
 }
@@ -315,6 +322,7 @@ impl Engine {
             shadow: None,
             trusted: None,
             stopped: false,
+            views: ViewTables::default(),
             flush_slot,
             watchdog,
         })
@@ -388,9 +396,19 @@ impl Engine {
     }
 
     /// Commits (or drops) what the redirect vCPU wrote to GVM RAM since the last settle;
-    /// the number of pages (see `cow.rs`).
-    pub fn settle(&self, commit: bool) -> Result<u64, CowError> {
-        self.cow.settle(&self.vm.fd, commit)
+    /// the number of pages (see `cow.rs`); timed as [`Phase::Commit`]. The view's tables
+    /// start a new epoch if what changed may be in them: after a rollback (the GVM pages
+    /// go back to what they were, behind KVM's back) or a commit to a GVM table page the
+    /// kernel half copied.
+    pub fn settle(&mut self, commit: bool, phases: &PhaseTimes) -> Result<u64, CowError> {
+        let started = Instant::now();
+        let settled = self.cow.settle(&self.vm.fd, commit);
+        match &settled {
+            Ok(written) if commit => self.views.forget_if_written(written),
+            _ => self.views.forget(),
+        }
+        phases.since(Phase::Commit, started);
+        settled.map(|written| written.iter().map(|(_, len)| len / 0x1000).sum())
     }
 
     /// The u32 at GVM kernel-virtual `va` as the running call sees it.
@@ -463,20 +481,20 @@ impl Engine {
         Ok(bytes?)
     }
 
-    /// Builds the view tables for a run on `control`'s address space and drops the
-    /// redirect VM's cached translations of the last one.
+    /// Builds the view tables for a run on `control`'s address space; at a new epoch of
+    /// the tables (`redirect::view::ViewTables`), drops what the redirect VM cached.
     fn fresh_view(
         &mut self,
         profile: &CallProfile,
         control: &ControlState,
-        view_ns: &AtomicU64,
+        phases: &PhaseTimes,
     ) -> Result<View, Error> {
         let started = Instant::now();
         let window = Relocated {
             inner: &self.window.mem,
             base: self.layout.window_gpa,
         };
-        let view = build_view(
+        let (view, new_epoch) = self.views.build(
             &window,
             &self.layout,
             &self.parts.gvm_mem,
@@ -484,8 +502,12 @@ impl Engine {
             &self.buffers,
         )?;
         self.private_text(&profile.traps)?;
-        self.forget_cached_translations()?;
-        super::add_elapsed(view_ns, started);
+        phases.since(Phase::View, started);
+        if new_epoch {
+            let started = Instant::now();
+            self.forget_cached_translations()?;
+            phases.since(Phase::Flush, started);
+        }
         Ok(view)
     }
 
@@ -498,7 +520,10 @@ impl Engine {
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
         self.complete_pending_exit();
-        let view = self.fresh_view(profile, cpu.control, counters.view_ns)?;
+        if cpu.after_gvm_ran {
+            self.views.forget();
+        }
+        let view = self.fresh_view(profile, cpu.control, counters.phases)?;
         self.lend_gdt(cpu.cpu)?;
         let mode = match entry {
             Entry::Function { .. } => regs::Mode::Kernel,
@@ -509,7 +534,10 @@ impl Engine {
         let current = vcpu.get_sregs().map_err(kvm("get sregs"))?;
         let s = regs::segment_registers(current, &trusted, view.cr3, cpu.pcpu_base, mode);
         vcpu.set_sregs(&s).map_err(kvm("set sregs"))?;
-        let entries = regs::msrs(&trusted, cpu.control.tsc, cpu.pcpu_base, mode);
+        let mut entries = regs::msrs(&trusted, cpu.control.tsc, cpu.pcpu_base, mode).to_vec();
+        if !cpu.after_gvm_ran {
+            entries.retain(|e| e.index != MSR_IA32_TSC);
+        }
         let msrs = Msrs::from_entries(&entries).map_err(|_| Error::MsrList)?;
         match vcpu.set_msrs(&msrs).map_err(kvm("set MSRs"))? {
             n if n == entries.len() => {}
@@ -568,7 +596,8 @@ impl Engine {
         at: &kvm_regs,
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
-        let view = self.fresh_view(profile, control, counters.view_ns)?;
+        self.views.forget();
+        let view = self.fresh_view(profile, control, counters.phases)?;
         self.lend_gdt(cpu)?;
         let vcpu = &self.vcpu;
         let mut s = vcpu.get_sregs().map_err(kvm("get sregs"))?;
@@ -690,6 +719,7 @@ impl Engine {
             break Err(Stop::Failed(Error::Run { stop, at }));
         };
         self.watchdog.disarm();
+        counters.phases.since(Phase::Run, started);
         result
     }
 

@@ -209,7 +209,7 @@ pub enum Error {
     )]
     WouldBlock,
     #[error("the GVM stayed busy: {0}")]
-    StayedBusy(#[source] QuiesceError),
+    StayedBusy(#[source] Box<Error>),
     #[error("the call took more than {0:?}, runs, quiesces and sleeps included")]
     TookTooLong(Duration),
     /// A parked call that could not be finished: it stays parked in the GVM.

@@ -28,12 +28,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 mod call;
+pub use call::HoldEnd;
 mod cow;
 mod engine;
 mod error;
 mod port;
 mod regs;
 mod segment;
+pub mod timing;
 
 pub use error::{Error, Unavailable};
 pub use port::RedirectPort;
@@ -73,8 +75,6 @@ pub struct Stats {
     pub console_exits: AtomicU64,
     /// VM exits of the executor's own kernel-function calls (allocating the shadow).
     pub setup_exits: AtomicU64,
-    /// Nanoseconds the GVM was held, summed.
-    pub held_ns: AtomicU64,
     /// Calls stopped at a trap and rolled back (would sleep, faulted, ran outside the image).
     pub rolled_back: AtomicU64,
     /// GVM pages written by committed calls.
@@ -87,18 +87,16 @@ pub struct Stats {
     pub port_ns: AtomicU64,
     /// Nanoseconds calls took on the worker thread (`run_begun`), summed.
     pub worker_ns: AtomicU64,
-    /// Nanoseconds spent making views — the view's page tables, the private text with its
-    /// traps, and the flush of the redirect VM's cached translations — summed (once per
-    /// segment: a parked call makes one per resume).
-    pub view_ns: AtomicU64,
     /// Why the last failed call failed (one line).
     pub last_error: Mutex<String>,
-    /// How long the GVM was held for each of the last [`HOLD_SAMPLES`] calls, in µs.
-    pub recent_holds_us: Mutex<std::collections::VecDeque<u64>>,
+    /// How long the GVM was held, per segment (from the start of its quiesce to its
+    /// release).
+    pub holds: Mutex<timing::Samples>,
+    /// Where the segments' time went (`timing`).
+    pub phases: timing::PhaseTimes,
+    /// Holds ended, by why (indexed by `call::HoldEnd`).
+    pub hold_ends: [AtomicU64; 4],
 }
-
-/// Calls whose hold time `info` summarises.
-const HOLD_SAMPLES: usize = 4096;
 
 /// Adds the time since `since` to `counter`, in nanoseconds.
 fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
@@ -108,23 +106,12 @@ fn add_elapsed(counter: &AtomicU64, since: std::time::Instant) {
 
 impl Stats {
     fn record_hold(&self, held: Duration) {
-        let ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
-        self.held_ns.fetch_add(ns, Ordering::Relaxed);
-        let mut recent = lock(&self.recent_holds_us);
-        if recent.len() == HOLD_SAMPLES {
-            recent.pop_front();
-        }
-        recent.push_back(ns / 1000);
+        lock(&self.holds).record(held);
     }
 
-    /// (median, maximum) of the recent per-call hold times in µs; zeros before any call.
-    pub fn hold_summary_us(&self) -> (u64, u64) {
-        let mut v: Vec<u64> = lock(&self.recent_holds_us).iter().copied().collect();
-        v.sort_unstable();
-        (
-            v.get(v.len() / 2).copied().unwrap_or(0),
-            v.last().copied().unwrap_or(0),
-        )
+    /// The GVM's holds: their total, and the median and maximum of the recent ones.
+    pub fn hold_summary(&self) -> timing::Summary {
+        lock(&self.holds).summary()
     }
 }
 
@@ -164,7 +151,21 @@ pub struct Executor {
     port: port::Port,
     /// How long a call may take in all before it is given up (`--call-deadline`).
     call_deadline: Duration,
+    /// How long the GVM stays held for a program's run of calls.
+    hold_policy: HoldPolicy,
     pub stats: Stats,
+}
+
+/// How long the GVM stays held for one program's run of calls (`--hold-slice-us`,
+/// `--hold-idle-us`): a hold ends once it is `slice` old (checked between calls) or when
+/// the program's next call has not come within `idle` of the last one's end. A zero slice
+/// holds the GVM for one call at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldPolicy {
+    /// The longest a hold lasts, checked between calls.
+    pub slice: Duration,
+    /// The longest a hold waits for the program's next call.
+    pub idle: Duration,
 }
 
 impl Executor {
@@ -175,6 +176,7 @@ impl Executor {
         image: Result<KernelImage, redirect::ProfileError>,
         parts: Parts,
         call_deadline: Duration,
+        hold_policy: HoldPolicy,
         seccomp: bool,
     ) -> std::io::Result<Arc<Executor>> {
         let watchdog = Watchdog::spawn("redirect-watchdog", seccomp)?;
@@ -197,6 +199,7 @@ impl Executor {
             svm_control: OnceLock::new(),
             port: port::Port::new(),
             call_deadline,
+            hold_policy,
             stats: Stats::default(),
         });
         port::spawn_worker(&executor, seccomp)?;
@@ -259,12 +262,30 @@ impl Executor {
         }
     }
 
-    /// Runs a begun call in the GVM (on the worker thread).
-    fn run_begun(&self, regs: &kvm_regs) -> Result<i64, Error> {
+    /// Runs a begun call of the program whose address space is `space` in the GVM (on
+    /// the worker thread), under `hold` if it is that program's (see `call.rs`).
+    fn run_begun<'e>(
+        &'e self,
+        regs: &kvm_regs,
+        space: u64,
+        hold: &mut Option<call::Hold<'e>>,
+    ) -> Result<i64, Error> {
         let profile = self.ready_profile()?;
         match &mut *lock(&self.engine) {
             Err(e) => Err(Error::Unavailable(e.clone())),
-            Ok(engine) => self.run_call(engine, profile, regs),
+            Ok(engine) => self.run_call(engine, profile, regs, space, hold),
+        }
+    }
+
+    /// Ends a hold the worker kept between calls.
+    fn end_hold(&self, hold: Option<call::Hold<'_>>, why: call::HoldEnd) {
+        if hold.is_none() {
+            return;
+        }
+        match &*lock(&self.engine) {
+            Ok(engine) => self.release(engine, hold, why),
+            // (No engine, no hold was ever taken.)
+            Err(_) => drop(hold),
         }
     }
 

@@ -28,8 +28,9 @@ use kvm_bindings::{kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
 use svm_runtime::redirect_abi::{Status, FIRST_WAIT_MS, POLL_WAIT_MS, PORT};
 
+use super::call::HoldEnd;
 use super::error::Error;
-use super::{read_svm_control, Executor, Outcome};
+use super::{read_svm_control, Executor, HoldPolicy, Outcome};
 use crate::sync::lock;
 use crate::vstate::vcpu::PortHook;
 
@@ -140,6 +141,8 @@ impl Calls {
 struct Job {
     token: u64,
     regs: kvm_regs,
+    /// The calling program's address space.
+    space: u64,
 }
 
 /// What the shim is told.
@@ -192,21 +195,71 @@ fn serve(inbox: &Receiver<Job>, executor: &Weak<Executor>) {
         let Some(executor) = executor.upgrade() else {
             return;
         };
-        // A panic must not leave the call in flight forever (its program would poll on).
-        let started = Instant::now();
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            executor.run_begun(&job.regs)
-        }))
-        .unwrap_or(Err(Error::NoWorker));
-        super::add_elapsed(&executor.stats.worker_ns, started);
-        let port = &executor.port;
+        executor.serve_run(job, inbox);
+    }
+}
+
+/// How long the worker waits, holding the GVM for a `age`-old hold, for the program's
+/// next call; and, if none comes by then, why the hold ends.
+fn hold_wait(policy: HoldPolicy, age: Duration) -> (Duration, HoldEnd) {
+    let slice_left = policy.slice.saturating_sub(age);
+    if slice_left < policy.idle {
+        (slice_left, HoldEnd::Slice)
+    } else {
+        (policy.idle, HoldEnd::Idle)
+    }
+}
+
+impl Executor {
+    /// Runs `first` and, while the GVM stays held for its program, the calls that follow
+    /// it: the hold ends when the program's next call does not come within the idle gap,
+    /// when the slice is used up (checked between calls: a hold lasts at most the slice
+    /// plus one call), or when a call fails, parks or comes from another program
+    /// (`call.rs`).
+    fn serve_run(&self, first: Job, inbox: &Receiver<Job>) {
+        let mut hold = None;
+        let mut job = first;
+        loop {
+            let started = Instant::now();
+            // A panic must not leave the call in flight forever (its program would poll
+            // on), nor the GVM held.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_begun(&job.regs, job.space, &mut hold)
+            }))
+            .unwrap_or_else(|_| {
+                self.end_hold(hold.take(), HoldEnd::Call);
+                Err(Error::NoWorker)
+            });
+            super::add_elapsed(&self.stats.worker_ns, started);
+            self.publish(job.token, result);
+            let Some(held) = &hold else {
+                return;
+            };
+            let (wait, ends) = hold_wait(self.hold_policy, held.started.elapsed());
+            match inbox.recv_timeout(wait) {
+                Ok(next) if !wait.is_zero() => job = next,
+                Ok(next) => {
+                    self.end_hold(hold.take(), ends);
+                    job = next;
+                }
+                Err(_) => {
+                    self.end_hold(hold.take(), ends);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands a finished call's result to the port, for its program's next poll.
+    fn publish(&self, token: u64, result: Result<i64, Error>) {
+        let port = &self.port;
         let mut calls = lock(&port.calls);
-        match calls.in_flight.as_mut().filter(|f| f.token == job.token) {
+        match calls.in_flight.as_mut().filter(|f| f.token == token) {
             Some(f) => {
                 f.outcome = Some(result);
                 f.finished = Some(Instant::now());
             }
-            None => log::warn!("redirect: call {} finished after it was dropped", job.token),
+            None => log::warn!("redirect: call {token} finished after it was dropped"),
         }
         port.changed.notify_all();
     }
@@ -243,9 +296,15 @@ impl Executor {
         if let Err(e) = self.begin(regs, sregs) {
             return Answer::Done(self.finish(regs.rax, sregs, Err(e)));
         }
-        let sent = lock(&port.jobs)
-            .as_ref()
-            .is_some_and(|jobs| jobs.send(Job { token, regs: *regs }).is_ok());
+        let sent = lock(&port.jobs).as_ref().is_some_and(|jobs| {
+            let space = address_space(sregs.cr3);
+            jobs.send(Job {
+                token,
+                regs: *regs,
+                space,
+            })
+            .is_ok()
+        });
         if !sent {
             return Answer::Done(self.finish(regs.rax, sregs, Err(Error::NoWorker)));
         }
@@ -409,6 +468,30 @@ mod tests {
             outcome: finished.map(|_| Ok(0)),
             finished,
         }
+    }
+
+    #[test]
+    fn a_hold_waits_for_the_next_call_no_longer_than_its_idle_gap_and_slice() {
+        let ms = Duration::from_millis;
+        let policy = HoldPolicy {
+            slice: ms(20),
+            idle: ms(5),
+        };
+        assert_eq!(hold_wait(policy, ms(0)), (ms(5), HoldEnd::Idle));
+        assert_eq!(hold_wait(policy, ms(15)), (ms(5), HoldEnd::Idle));
+        assert_eq!(hold_wait(policy, ms(17)), (ms(3), HoldEnd::Slice));
+        assert_eq!(hold_wait(policy, ms(40)), (ms(0), HoldEnd::Slice));
+        // A zero slice: one call a hold.
+        let per_call = HoldPolicy {
+            slice: ms(0),
+            ..policy
+        };
+        assert_eq!(hold_wait(per_call, ms(0)), (ms(0), HoldEnd::Slice));
+        let no_idle = HoldPolicy {
+            idle: ms(0),
+            ..policy
+        };
+        assert_eq!(hold_wait(no_idle, ms(1)), (ms(0), HoldEnd::Idle));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! a call).
 
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_regs;
 use redirect::call_profile::CallProfile;
@@ -14,6 +15,7 @@ use redirect::traps::{self, CallMemory, Trap};
 
 use super::engine::{AsCpu, Counters, Engine, Entry, Stop};
 use super::error::{Error, Rollback};
+use super::timing::Phase;
 use super::Stats;
 use crate::vstate::quiesce::{ControlState, VcpuSnapshot};
 
@@ -48,6 +50,8 @@ pub(super) struct Segment<'a> {
     control: ControlState,
     mode: PagingMode,
     words: LentCpu,
+    /// Time spent lending the CPU so far (reading its words, preparing the shadow).
+    lending: Duration,
 }
 
 impl<'a> Segment<'a> {
@@ -58,6 +62,7 @@ impl<'a> Segment<'a> {
         stats: &'a Stats,
         lent: &VcpuSnapshot,
     ) -> Result<Segment<'a>, Error> {
+        let started = Instant::now();
         let (cpu, control) = (lent.index, lent.control);
         let syms = &profile.kernel.symbols;
         // The GVM's own LSTAR, CR0, CR4 and EFER decide nothing about the run (the view
@@ -86,17 +91,24 @@ impl<'a> Segment<'a> {
             control,
             mode,
             words,
+            lending: started.elapsed(),
         })
     }
 
     /// Runs the program's call `regs` (or resumes it where it was parked), settles its
-    /// stores and gives the CPU back.
-    pub fn run(self, regs: &kvm_regs, resume: Option<&Parked>) -> Result<SegmentEnd, Error> {
+    /// stores and gives the CPU back. `after_gvm_ran`: the hold's first call (see
+    /// `engine::AsCpu`).
+    pub fn run(
+        self,
+        regs: &kvm_regs,
+        resume: Option<&Parked>,
+        after_gvm_ran: bool,
+    ) -> Result<SegmentEnd, Error> {
         // A handle of its own: the kernel's address space is read while the engine, which
         // owns the GVM's memory handle, is used mutably.
         let gvm_mem = self.engine.parts.gvm_mem.clone();
         let kernel = AddressSpace::new(&gvm_mem, self.mode, self.control.cr3);
-        self.run_on(&kernel, regs, resume)
+        self.run_on(&kernel, regs, resume, after_gvm_ran)
     }
 
     fn run_on(
@@ -104,9 +116,11 @@ impl<'a> Segment<'a> {
         kernel: &AddressSpace<'_>,
         regs: &kvm_regs,
         resume: Option<&Parked>,
+        after_gvm_ran: bool,
     ) -> Result<SegmentEnd, Error> {
         let shadow = self.shadow(kernel)?;
         let (profile, cpu) = (self.profile, self.cpu);
+        let started = Instant::now();
         if resume.is_none() {
             if regs.rax == SYS_DELETE_MODULE {
                 self.engine.layout.also_exec = self.module_being_removed(kernel);
@@ -120,10 +134,12 @@ impl<'a> Segment<'a> {
             shadow.stack_top(),
             resume.map(|p| p.state),
         );
+        let phases = &self.stats.phases;
+        phases.record(Phase::Lend, self.lending + started.elapsed());
         let counters = Counters {
             exits: &self.stats.exits,
             console: &self.stats.console_exits,
-            view_ns: &self.stats.view_ns,
+            phases: &self.stats.phases,
         };
         let run = match (lend, resume) {
             (Err(e), _) => Err(Stop::Failed(e.into())),
@@ -132,6 +148,7 @@ impl<'a> Segment<'a> {
                     cpu,
                     control: &self.control,
                     pcpu_base: self.words.pcpu_base(),
+                    after_gvm_ran,
                 };
                 let entry = Entry::Syscall(regs);
                 self.engine.start(profile, as_cpu, entry, counters)
@@ -141,12 +158,11 @@ impl<'a> Segment<'a> {
                 .resume(profile, cpu, &self.control, &p.regs, counters),
         };
         let end = self.settle(kernel, shadow, run, resume.is_some());
+        let started = Instant::now();
         let restored = self.words.give_back(kernel);
+        phases.since(Phase::GiveBack, started);
         let end = end?;
         restored.map_err(|source| Error::GiveBack { cpu, source })?;
-        if !matches!(end, SegmentEnd::Stopped(_)) {
-            self.engine.kick_gvm_cpus();
-        }
         Ok(end)
     }
 
@@ -170,15 +186,16 @@ impl<'a> Segment<'a> {
         let counters = Counters {
             exits: &self.stats.setup_exits,
             console: &self.stats.console_exits,
-            view_ns: &self.stats.view_ns,
+            phases: &self.stats.phases,
         };
         let as_cpu = AsCpu {
             cpu: self.cpu,
             control: &self.control,
             pcpu_base: self.words.pcpu_base(),
+            after_gvm_ran: true,
         };
         let run = self.engine.start(profile, as_cpu, entry, counters);
-        let settled = self.engine.settle(run.is_ok());
+        let settled = self.engine.settle(run.is_ok(), &self.stats.phases);
         let restored = self.words.give_back(kernel);
         let block = match run {
             Ok(v) => v as u64,
@@ -213,7 +230,9 @@ impl<'a> Segment<'a> {
         let engine = &mut *self.engine;
         let why = match run {
             Ok(v) => {
-                let pages = engine.settle(true).map_err(Error::Commit)?;
+                let pages = engine
+                    .settle(true, &self.stats.phases)
+                    .map_err(Error::Commit)?;
                 self.stats
                     .committed_pages
                     .fetch_add(pages, Ordering::Relaxed);
@@ -228,7 +247,9 @@ impl<'a> Segment<'a> {
                     .and_then(|va| engine.read_private_u32(kernel, va))
                     .unwrap_or(2);
                 if !was_parked && ShadowBlock::waits_interruptibly(state) {
-                    engine.settle(false).map_err(Error::Commit)?;
+                    engine
+                        .settle(false, &self.stats.phases)
+                        .map_err(Error::Commit)?;
                     self.stats.rolled_back.fetch_add(1, Ordering::Relaxed);
                     return Ok(SegmentEnd::Stopped(Error::WouldBlock));
                 }
@@ -249,7 +270,7 @@ impl<'a> Segment<'a> {
             }
             Err(Stop::Failed(e)) => e,
         };
-        let rollback = match (engine.settle(false), was_parked) {
+        let rollback = match (engine.settle(false, &self.stats.phases), was_parked) {
             (Ok(_), false) => Rollback::Unchanged,
             (Ok(_), true) => Rollback::LastSegment,
             (Err(e), _) => Rollback::Failed(e),
@@ -270,7 +291,10 @@ impl<'a> Segment<'a> {
         shadow: ShadowBlock,
     ) -> Result<SegmentEnd, Error> {
         let mut regs = self.engine.stopped_registers()?;
-        let pages = self.engine.settle(true).map_err(Error::Commit)?;
+        let pages = self
+            .engine
+            .settle(true, &self.stats.phases)
+            .map_err(Error::Commit)?;
         self.stats
             .committed_pages
             .fetch_add(pages, Ordering::Relaxed);

@@ -38,6 +38,8 @@ pub struct InstanceConfig {
     pub svm: VmConfig,
     /// How long a redirected call may take in all (`--call-deadline`).
     pub call_deadline: std::time::Duration,
+    /// How long the GVM stays held for a program's run of calls.
+    pub hold_policy: crate::executor::HoldPolicy,
 }
 
 /// Runs an instance until its GVM stops or a client asks it to stop.
@@ -110,6 +112,7 @@ pub fn run_instance(
             spare_cpu: gvm_cpus,
         },
         config.call_deadline,
+        config.hold_policy,
         opts.seccomp,
     )
     .map_err(host_err("redirect engine"))?;

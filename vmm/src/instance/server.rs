@@ -131,13 +131,17 @@ impl ControlServer {
     }
 
     fn info(&self) -> String {
+        use crate::executor::timing::Phase;
         let stats = &self.parts.executor.stats;
         let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        format!(
+        let holds = stats.hold_summary();
+        let phase = |p| stats.phases.summary(p);
+        let mut info = format!(
             "name={}\npid={}\ngvm_cpus={}\nsvm_ready={}\nsessions={}\nredirect_ready={}\n\
              redirect_calls={}\nredirect_failed={}\nredirect_busy={}\nredirect_exits={}\n\
              redirect_console_exits={}\n\
-             redirect_held_us={}\nredirect_held_median_us={}\nredirect_held_max_us={}\n\
+             redirect_holds={}\nredirect_held_us={}\nredirect_held_median_us={}\n\
+             redirect_held_max_us={}\n\
              redirect_setup_exits={}\nredirect_rolled_back={}\nredirect_parked={}\n\
              redirect_committed_pages={}\nredirect_pending={}\nredirect_port_us={}\n\
              redirect_worker_us={}\nredirect_view_us={}\n\
@@ -153,9 +157,10 @@ impl ControlServer {
             get(&stats.busy),
             get(&stats.exits),
             get(&stats.console_exits),
-            get(&stats.held_ns) / 1000,
-            stats.hold_summary_us().0,
-            stats.hold_summary_us().1,
+            holds.count,
+            holds.total_us,
+            holds.median_us,
+            holds.max_us,
             get(&stats.setup_exits),
             get(&stats.rolled_back),
             get(&stats.parked),
@@ -163,9 +168,26 @@ impl ControlServer {
             get(&stats.pending),
             get(&stats.port_ns) / 1000,
             get(&stats.worker_ns) / 1000,
-            get(&stats.view_ns) / 1000,
+            phase(Phase::View).total_us + phase(Phase::Flush).total_us,
             crate::sync::lock(&stats.last_error),
-        )
+        );
+        for why in crate::executor::HoldEnd::ALL {
+            info.push_str(&format!(
+                "redirect_hold_ends_{}={}\n",
+                why.name(),
+                get(&stats.hold_ends[why as usize])
+            ));
+        }
+        for p in Phase::ALL {
+            let s = phase(p);
+            let name = p.name();
+            info.push_str(&format!(
+                "redirect_phase_{name}_us={}\nredirect_phase_{name}_median_us={}\n\
+                 redirect_phase_{name}_max_us={}\n",
+                s.total_us, s.median_us, s.max_us
+            ));
+        }
+        info
     }
 
     fn session_for(&self, token: u32, client_id: u32) -> Option<u32> {

@@ -8,7 +8,7 @@
 //! the pause waits for the one in flight to finish (bounded: a pause that does not get
 //! the gate in time gives up and the hold fails as busy, like a vCPU that never parks).
 
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::sync::lock;
@@ -31,8 +31,9 @@ pub struct DmaGate {
 /// A device request in flight; dropping it lets a pending pause through.
 pub struct DmaPass<'a>(&'a DmaGate);
 
-/// The devices paused; dropping it lets them run again.
-pub struct DmaPaused<'a>(&'a DmaGate);
+/// The devices paused; dropping it lets them run again. It owns a handle of the gate: a
+/// hold outlives the call that took it (`executor::call::Hold`).
+pub struct DmaPaused(Arc<DmaGate>);
 
 impl DmaGate {
     /// Called by a device thread before it touches guest memory for a request: waits
@@ -48,7 +49,7 @@ impl DmaGate {
 
     /// Stops new device requests and waits up to `limit` for those in flight; `None` (and
     /// no pause) if they did not finish in time.
-    pub fn pause(&self, limit: Duration) -> Option<DmaPaused<'_>> {
+    pub fn pause(self: &Arc<Self>, limit: Duration) -> Option<DmaPaused> {
         let deadline = Instant::now() + limit;
         let mut s = lock(&self.state);
         s.paused += 1;
@@ -65,7 +66,7 @@ impl DmaGate {
                 .map(|(g, _)| g)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
-        Some(DmaPaused(self))
+        Some(DmaPaused(self.clone()))
     }
 }
 
@@ -76,7 +77,7 @@ impl Drop for DmaPass<'_> {
     }
 }
 
-impl Drop for DmaPaused<'_> {
+impl Drop for DmaPaused {
     fn drop(&mut self) {
         lock(&self.0.state).paused -= 1;
         self.0.changed.notify_all();
@@ -87,11 +88,10 @@ impl Drop for DmaPaused<'_> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
-    use std::sync::Arc;
 
     #[test]
     fn a_pause_that_times_out_leaves_no_pause_behind() {
-        let gate = DmaGate::default();
+        let gate = Arc::new(DmaGate::default());
         let in_flight = gate.enter();
         assert!(
             gate.pause(Duration::from_millis(20)).is_none(),

@@ -154,33 +154,48 @@ impl VcpuControl {
     }
 
     fn kick(&self) {
-        if let Some(thread) = lock(&self.state).thread {
-            // SAFETY: the thread id was registered by a live vCPU thread and is cleared
-            // before that thread exits; the signal's handler does nothing.
-            unsafe { libc::pthread_kill(thread, kick_signal()) };
-        }
+        kick_thread(&lock(&self.state));
     }
 
-    /// Waits until parked, kicking every millisecond; `None` on timeout.
-    fn wait_parked(&self, timeout: Duration) -> Result<Option<VcpuSnapshot>, QuiesceError> {
-        let deadline = Instant::now() + timeout;
+    /// Waits until parked or `deadline`, kicking again every [`KICK_AGAIN`] (a kick that
+    /// lands just before the thread enters KVM_RUN is lost); `None` at the deadline. The
+    /// state is checked and waited on under one lock: a park between the two cannot be
+    /// missed.
+    fn wait_parked(&self, deadline: Instant) -> Result<Option<VcpuSnapshot>, QuiesceError> {
+        let mut s = lock(&self.state);
         loop {
-            {
-                let s = lock(&self.state);
-                if s.stopped {
-                    return Err(QuiesceError::Stopping);
-                }
-                if let Some(snap) = s.parked {
-                    return Ok(Some(snap));
-                }
+            if s.stopped {
+                return Err(QuiesceError::Stopping);
             }
-            if Instant::now() >= deadline {
+            if let Some(snap) = s.parked {
+                return Ok(Some(snap));
+            }
+            let now = Instant::now();
+            if now >= deadline {
                 return Ok(None);
             }
-            self.kick();
-            let s = lock(&self.state);
-            let _ = self.changed.wait_timeout(s, Duration::from_millis(1));
+            let (guard, waited) = self
+                .changed
+                .wait_timeout(s, KICK_AGAIN.min(deadline - now))
+                .unwrap_or_else(|e| e.into_inner());
+            s = guard;
+            if waited.timed_out() && s.parked.is_none() {
+                kick_thread(&s);
+            }
         }
+    }
+}
+
+/// How long a quiescer waits for a kicked vCPU before it kicks it again.
+const KICK_AGAIN: Duration = Duration::from_millis(1);
+
+/// Sends the kick signal to a vCPU's thread, if it runs.
+fn kick_thread(s: &State) {
+    if let Some(thread) = s.thread {
+        // SAFETY: the thread id was registered by a live vCPU thread and is cleared (under
+        // the same lock the caller holds) before that thread exits; the signal's handler
+        // does nothing and takes no lock.
+        unsafe { libc::pthread_kill(thread, kick_signal()) };
     }
 }
 
@@ -190,6 +205,7 @@ impl VcpuControl {
 #[derive(Debug, Clone, Copy)]
 pub struct QuiescePolicy {
     pub budget: Duration,
+    /// How long one attempt waits for all the vCPUs to come out of KVM_RUN.
     pub park_timeout: Duration,
     pub first_delay: Duration,
     pub max_delay: Duration,
@@ -244,12 +260,18 @@ pub fn quiesce(
             attempts: attempt,
             took: Duration::ZERO,
         };
+        // Every vCPU is asked and kicked before any is waited for: they stop in parallel,
+        // and the wait is as long as the slowest, not the sum.
         for c in controls {
             c.request(true);
         }
+        for c in controls {
+            c.kick();
+        }
+        let deadline = Instant::now() + policy.park_timeout;
         let mut silent = None;
         for (i, c) in controls.iter().enumerate() {
-            match c.wait_parked(policy.park_timeout)? {
+            match c.wait_parked(deadline)? {
                 Some(snap) => held.snapshots.push(snap),
                 None => {
                     silent = Some(u8::try_from(i).unwrap_or(u8::MAX));
@@ -360,6 +382,57 @@ mod tests {
             "left parked after failing"
         );
         stop.store(true, Ordering::Relaxed);
+    }
+
+    /// A fake vCPU thread that, like one in KVM_RUN, notices nothing until it is sent the
+    /// kick signal; once kicked it waits at `all_kicked` until every other one was kicked
+    /// too, and only then parks.
+    fn kicked_vcpu(index: u8, control: Arc<VcpuControl>, all_kicked: Arc<std::sync::Barrier>) {
+        std::thread::spawn(move || {
+            control.register_current_thread();
+            let mut kicked = false;
+            loop {
+                let run = libc::timespec {
+                    tv_sec: 60,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `run` is a valid timespec; no remainder is asked for. The kick
+                // signal's handler (installed without SA_RESTART) makes it return EINTR.
+                unsafe { libc::nanosleep(&run, std::ptr::null_mut()) };
+                if !kicked {
+                    kicked = true;
+                    all_kicked.wait();
+                }
+                control.park_if_requested(|| snap(index, 3, false), || false);
+            }
+        });
+    }
+
+    #[test]
+    fn every_vcpu_is_kicked_before_any_is_waited_for() {
+        install_kick_handler().unwrap();
+        let vcpus = 4;
+        let all_kicked = Arc::new(std::sync::Barrier::new(vcpus));
+        let controls: Vec<_> = (0..vcpus)
+            .map(|_| Arc::new(VcpuControl::default()))
+            .collect();
+        for (i, c) in controls.iter().enumerate() {
+            kicked_vcpu(i as u8, c.clone(), all_kicked.clone());
+        }
+        // Let every thread register before the first kick.
+        while controls.iter().any(|c| lock(&c.state).thread.is_none()) {
+            std::thread::yield_now();
+        }
+        let policy = QuiescePolicy {
+            budget: Duration::ZERO,
+            park_timeout: Duration::from_secs(20),
+            ..QuiescePolicy::default()
+        };
+        // Kicking and waiting for one vCPU at a time never gets past the first: it waits
+        // for the others, which nobody kicked.
+        let held = quiesce(&controls, policy).unwrap();
+        let parked: Vec<u8> = held.snapshots.iter().map(|s| s.index).collect();
+        assert_eq!(parked, vec![0, 1, 2, 3]);
     }
 
     #[test]

@@ -204,6 +204,7 @@ impl Executor {
         let mut parked: Option<Parked> = None;
         let mut pause = PARK_MIN;
         let call_started = Instant::now();
+        let mut retried_after_gvm_ran = false;
         loop {
             let h = match hold {
                 Some(h) => h,
@@ -222,6 +223,7 @@ impl Executor {
             // The GVM's TSC counts on while it is held, and so does the redirect vCPU's
             // once set: it is set at a hold's first call only.
             let first_of_hold = h.calls == 0;
+            let earlier_went_through = h.went_through;
             h.calls += 1;
             let end = match &h.lent {
                 Some(lent) => Segment::open(engine, profile, &self.stats, lent)
@@ -232,6 +234,17 @@ impl Executor {
                 Ok(SegmentEnd::Returned(v)) => {
                     h.went_through = true;
                     return Ok(v);
+                }
+                Ok(SegmentEnd::Stopped(Error::WouldBlock))
+                    if earlier_went_through && !retried_after_gvm_ran =>
+                {
+                    // It may wait for what an earlier call of the hold set off (a message,
+                    // a signal to a GVM process that answers), which the GVM could not act
+                    // on while held. The rollback left the GVM as it was: once more, after
+                    // the GVM has run a moment, under a hold of its own.
+                    self.release(engine, hold.take(), HoldEnd::Call);
+                    retried_after_gvm_ran = true;
+                    std::thread::sleep(PARK_MIN);
                 }
                 Ok(SegmentEnd::Stopped(e)) | Err(e) => {
                     self.release(engine, hold.take(), HoldEnd::Call);

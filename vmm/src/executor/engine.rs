@@ -40,6 +40,7 @@ use super::Parts;
 use crate::boot::cpu::MSR_IA32_TSC;
 use crate::boot::{cpu, cpuid};
 use crate::vstate::memory::{create_guest_memory, GuestMemory, SharedMemory};
+use crate::vstate::mmu::HostMmu;
 use crate::vstate::quiesce::ControlState;
 use crate::vstate::vm::{kvm_err, Vm, VmError};
 use crate::vstate::watchdog::Watchdog;
@@ -121,6 +122,8 @@ pub(super) struct Engine {
     trusted: Option<TrustedControl>,
     /// The view's page tables, kept for the calls of an epoch.
     views: ViewTables,
+    /// The host KVM's MMU: the tables are kept across calls only under shadow paging.
+    host_mmu: HostMmu,
     /// A spare one-page slot, deleted and re-added at each new epoch of the view's tables:
     /// deleting a memslot makes KVM drop every shadow page and TLB entry of the VM. Between
     /// epochs the view's tables are rewritten by the VMM and the GVM's kernel tables by
@@ -233,6 +236,7 @@ impl Engine {
         text: (u64, u64),
         parts: Parts,
         watchdog: Arc<Watchdog>,
+        host_mmu: HostMmu,
     ) -> Result<Engine, Unavailable> {
         vm.fd
             .set_tss_address(crate::boot::layout::KVM_TSS_ADDR)
@@ -323,6 +327,7 @@ impl Engine {
             trusted: None,
             stopped: false,
             views: ViewTables::default(),
+            host_mmu,
             flush_slot,
             watchdog,
         })
@@ -520,7 +525,12 @@ impl Engine {
         counters: Counters<'_>,
     ) -> Result<i64, Stop> {
         self.complete_pending_exit();
-        if cpu.after_gvm_ran {
+        // Under TDP the views of an epoch (all with PCID 0) rely on KVM flushing the
+        // vCPU's TLB when KVM_SET_SREGS changes CR3 (6.1 does, in kvm_mmu_load; later
+        // kernels may reuse a TDP root without it): a stale user-half entry would reach
+        // the last call's bounce pages. Until views get a PCID each, every call there
+        // starts an epoch, and a flush, as before epochs existed.
+        if cpu.after_gvm_ran || self.host_mmu != HostMmu::Shadow {
             self.views.forget();
         }
         let view = self.fresh_view(profile, cpu.control, counters.phases)?;

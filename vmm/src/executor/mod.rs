@@ -50,6 +50,7 @@ use svm_runtime::redirect_abi::Status;
 use crate::devices::PioBus;
 use crate::sync::lock;
 use crate::vstate::memory::GuestMemory;
+use crate::vstate::mmu::HostMmu;
 use crate::vstate::quiesce::VcpuControl;
 use crate::vstate::vcpu::{read_msrs, read_xcr0};
 use crate::vstate::vm::Vm;
@@ -89,8 +90,7 @@ pub struct Stats {
     pub worker_ns: AtomicU64,
     /// Why the last failed call failed (one line).
     pub last_error: Mutex<String>,
-    /// How long the GVM was held, per segment (from the start of its quiesce to its
-    /// release).
+    /// How long the GVM was held, per hold (from the start of its quiesce to its release).
     pub holds: Mutex<timing::Samples>,
     /// Where the segments' time went (`timing`).
     pub phases: timing::PhaseTimes,
@@ -153,6 +153,8 @@ pub struct Executor {
     call_deadline: Duration,
     /// How long the GVM stays held for a program's run of calls.
     hold_policy: HoldPolicy,
+    /// The host KVM's MMU (`info`'s `redirect_host_mmu`).
+    pub host_mmu: HostMmu,
     pub stats: Stats,
 }
 
@@ -180,11 +182,12 @@ impl Executor {
         seccomp: bool,
     ) -> std::io::Result<Arc<Executor>> {
         let watchdog = Watchdog::spawn("redirect-watchdog", seccomp)?;
+        let host_mmu = HostMmu::detect();
         let engine = match &image {
             Err(e) => Err(Unavailable::Image(e.clone())),
             Ok(img) => engine::text_range(img).and_then(|text| {
                 let vm = Vm::new(kvm_device)?;
-                Engine::new(vm, text, parts, watchdog)
+                Engine::new(vm, text, parts, watchdog, host_mmu)
             }),
         };
         if let Err(e) = &engine {
@@ -200,6 +203,7 @@ impl Executor {
             port: port::Port::new(),
             call_deadline,
             hold_policy,
+            host_mmu,
             stats: Stats::default(),
         });
         port::spawn_worker(&executor, seccomp)?;

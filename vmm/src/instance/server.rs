@@ -171,6 +171,10 @@ impl ControlServer {
             phase(Phase::View).total_us + phase(Phase::Flush).total_us,
             crate::sync::lock(&stats.last_error),
         );
+        info.push_str(&format!(
+            "redirect_host_mmu={}\n",
+            self.parts.executor.host_mmu.name()
+        ));
         for why in crate::executor::HoldEnd::ALL {
             info.push_str(&format!(
                 "redirect_hold_ends_{}={}\n",

@@ -2,6 +2,7 @@
 
 pub(crate) mod dma_gate;
 pub mod memory;
+pub(crate) mod mmu;
 pub(crate) mod quiesce;
 pub(crate) mod vcpu;
 pub mod vm;

@@ -131,7 +131,8 @@ impl VcpuControl {
         if !s.pause {
             return;
         }
-        s.parked = Some(snapshot());
+        let snap = snapshot();
+        s.parked = Some(snap);
         self.changed.notify_all();
         while s.pause && !stop() {
             s = self
@@ -139,6 +140,13 @@ impl VcpuControl {
                 .wait_timeout(s, Duration::from_millis(100))
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
+            if s.pause && s.parked.is_none() {
+                // Released and asked again before this thread woke up: it has not run
+                // since, so its snapshot still holds. (Without this the new quiescer
+                // waited for a park that never came, a whole park timeout.)
+                s.parked = Some(snap);
+                self.changed.notify_all();
+            }
         }
         s.parked = None;
         self.changed.notify_all();
@@ -155,6 +163,15 @@ impl VcpuControl {
 
     fn kick(&self) {
         kick_thread(&lock(&self.state));
+    }
+
+    /// Its snapshot if it is parked now.
+    fn parked_now(&self) -> Result<Option<VcpuSnapshot>, QuiesceError> {
+        let s = lock(&self.state);
+        if s.stopped {
+            return Err(QuiesceError::Stopping);
+        }
+        Ok(s.parked)
     }
 
     /// Waits until parked or `deadline`, kicking again every [`KICK_AGAIN`] (a kick that
@@ -182,6 +199,41 @@ impl VcpuControl {
             if waited.timed_out() && s.parked.is_none() {
                 kick_thread(&s);
             }
+        }
+    }
+}
+
+/// Waits until every vCPU of `controls` is parked (their snapshots into `snapshots`, in
+/// order) or `deadline`; the first one still not parked then. Every vCPU not yet parked
+/// is kicked again every [`KICK_AGAIN`], not only the one waited for: a lost kick must not
+/// wait for its turn.
+fn wait_all_parked(
+    controls: &[Arc<VcpuControl>],
+    deadline: Instant,
+    snapshots: &mut Vec<VcpuSnapshot>,
+) -> Result<Option<u8>, QuiesceError> {
+    let mut parked: Vec<Option<VcpuSnapshot>> = vec![None; controls.len()];
+    loop {
+        for (slot, c) in parked.iter_mut().zip(controls) {
+            if slot.is_none() {
+                *slot = c.parked_now()?;
+            }
+        }
+        let Some(first) = parked.iter().position(Option::is_none) else {
+            snapshots.extend(parked.into_iter().flatten());
+            return Ok(None);
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(Some(u8::try_from(first).unwrap_or(u8::MAX)));
+        }
+        for (slot, c) in parked.iter().zip(controls) {
+            if slot.is_none() {
+                c.kick();
+            }
+        }
+        if let Some(c) = controls.get(first) {
+            c.wait_parked((now + KICK_AGAIN).min(deadline))?;
         }
     }
 }
@@ -265,20 +317,8 @@ pub fn quiesce(
         for c in controls {
             c.request(true);
         }
-        for c in controls {
-            c.kick();
-        }
         let deadline = Instant::now() + policy.park_timeout;
-        let mut silent = None;
-        for (i, c) in controls.iter().enumerate() {
-            match c.wait_parked(deadline)? {
-                Some(snap) => held.snapshots.push(snap),
-                None => {
-                    silent = Some(u8::try_from(i).unwrap_or(u8::MAX));
-                    break;
-                }
-            }
-        }
+        let silent = wait_all_parked(controls, deadline, &mut held.snapshots)?;
         let out_of_time = start.elapsed() + delay > policy.budget;
         // A vCPU that does not come out of KVM_RUN in time is retried like a busy one
         // (a guest running without exits cannot be interrupted on some nested setups).
@@ -433,6 +473,40 @@ mod tests {
         let held = quiesce(&controls, policy).unwrap();
         let parked: Vec<u8> = held.snapshots.iter().map(|s| s.index).collect();
         assert_eq!(parked, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn a_vcpu_released_and_asked_again_before_it_woke_up_is_still_parked() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        fake_vcpu(control.clone(), Arc::new(AtomicU8::new(3)), stop.clone());
+        let held = quiesce(std::slice::from_ref(&control), QuiescePolicy::default()).unwrap();
+        // A release and the next request in one go, as when a hold ends and another begins
+        // before the vCPU's thread gets the lock.
+        {
+            let mut s = lock(&control.state);
+            s.pause = false;
+            s.parked = None;
+            control.changed.notify_all();
+            s.pause = true;
+            control.changed.notify_all();
+        }
+        let policy = QuiescePolicy {
+            budget: Duration::ZERO,
+            park_timeout: Duration::from_secs(2),
+            ..QuiescePolicy::default()
+        };
+        let again = quiesce(std::slice::from_ref(&control), policy);
+        assert_eq!(
+            again.as_ref().map(|h| h.snapshots.clone()).ok(),
+            Some(vec![snap(0, 3, false)]),
+            "{:?}",
+            again.err()
+        );
+        drop(again);
+        drop(held);
+        stop.store(true, Ordering::Relaxed);
     }
 
     #[test]

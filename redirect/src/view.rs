@@ -845,6 +845,30 @@ mod tests {
         mem
     }
 
+    /// A zeroed window at [`WINDOW_GPA`].
+    fn empty_window() -> MemoryImage {
+        MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap()
+    }
+
+    /// Checks that every present entry of the view's table at `table` has accessed set,
+    /// and dirty where it is writable (the window is read-only to the redirect vCPU: a
+    /// walk that found one without would write to it); the number of present entries.
+    fn assert_preset_accessed_and_dirty(window: &MemoryImage, table: u64) -> usize {
+        let mut present = 0;
+        for i in 0..512u64 {
+            let e = window.read_u64(table + i * 8).unwrap();
+            if e & PTE_P == 0 {
+                continue;
+            }
+            present += 1;
+            assert_ne!(e & PTE_A, 0, "entry {i} of table {table:#x}: {e:#x}");
+            if e & PTE_RW != 0 {
+                assert_ne!(e & PTE_D, 0, "entry {i} of table {table:#x}: {e:#x}");
+            }
+        }
+        present
+    }
+
     fn no_buffers() -> BouncePlan {
         BouncePlan::default()
     }
@@ -857,8 +881,7 @@ mod tests {
 
     #[test]
     fn the_view_has_the_gvm_kernel_the_buffers_the_window_and_the_stub() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let gvm = guest();
         let mode = PagingMode::default();
         let view = build_view(&window, &layout(), &gvm, 0x1000, &two_buffers()).unwrap();
@@ -1015,8 +1038,7 @@ mod tests {
         // Direct map: PML4 [273] → PDPT 0x8000 [0] → 1 GiB at 0.
         gvm.write_u64(0x1000 + 273 * 8, 0x8000 | 3).unwrap();
         gvm.write_u64(0x8000, 0x83).unwrap();
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let mode = PagingMode::default();
         let view = build_view(&window, &layout(), &gvm, 0x1000, &no_buffers()).unwrap();
         let composed = composed(&window, &gvm);
@@ -1086,8 +1108,7 @@ mod tests {
         gvm.write_u64(0x7000, 0x9000 | 3).unwrap();
         gvm.write_u64(0x9000, 0x1000 | 3).unwrap();
         gvm.write_u64(0x9008, 0x2000 | 3).unwrap();
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let mode = PagingMode::default();
         let layout = ViewLayout {
             also_exec: Some((0xffff_ffff_c000_1000, 0xffff_ffff_c000_2000)),
@@ -1111,8 +1132,7 @@ mod tests {
 
     #[test]
     fn a_gvm_using_the_window_slot_is_refused() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let gvm = guest();
         gvm.write_u64(0x1000 + (WINDOW_SLOT as u64) * 8, 0x7000 | 3)
             .unwrap();
@@ -1122,16 +1142,14 @@ mod tests {
 
     #[test]
     fn unreadable_tables_are_errors_not_panics() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let err = build_view(&window, &layout(), &guest(), 0x7fff_f000, &no_buffers()).unwrap_err();
         assert!(matches!(err, ViewError::GvmTables { .. }), "{err}");
     }
 
     #[test]
     fn buffers_past_the_bounce_area_or_filling_the_pool_are_errors() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let pages = (BOUNCE_SIZE / 0x1000) as usize;
         let past = BouncePlan::new(
             &[Range {
@@ -1175,8 +1193,7 @@ mod tests {
 
     #[test]
     fn a_later_view_of_an_epoch_rewrites_no_table_an_earlier_one_uses() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let gvm = guest();
         let mode = PagingMode::default();
         let mut tables = ViewTables::default();
@@ -1231,22 +1248,18 @@ mod tests {
                 .gpa,
             WINDOW_GPA + offsets::STUB
         );
-        // Every one of the second view's entries is preset accessed (and dirty where
-        // writable), like the first's: the window is read-only to the vCPU.
-        let mut page = vec![0u8; 4096];
-        window.read_phys(second.cr3, &mut page).unwrap();
-        for e in page.chunks_exact(8) {
-            let e = u64::from_le_bytes(e.try_into().unwrap());
-            if e & PTE_P != 0 {
-                assert_ne!(e & PTE_A, 0, "{e:#x}");
-            }
-        }
+        // Every entry of the second view's own tables is preset, like the first's.
+        let pool = WINDOW_GPA + offsets::TABLES;
+        let own = (pool + first.tables * 4096..pool + second.tables * 4096).step_by(4096);
+        let present: usize = own
+            .map(|table| assert_preset_accessed_and_dirty(&window, table))
+            .sum();
+        assert!(present > 8, "only {present} entries");
     }
 
     #[test]
     fn an_epoch_ends_when_what_its_kernel_half_copied_may_have_changed() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let gvm = guest();
         let mut tables = ViewTables::default();
         let build = |t: &mut ViewTables, cr3, layout: &ViewLayout| {
@@ -1284,8 +1297,7 @@ mod tests {
 
     #[test]
     fn a_full_pool_starts_a_new_epoch_instead_of_failing() {
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let gvm = guest();
         let pool_pages = (WINDOW_SIZE - offsets::TABLES) / 4096;
         let mut tables = ViewTables::default();
@@ -1314,8 +1326,7 @@ mod tests {
         gvm.write_u64(0x3000 + 511 * 8, 0x7000 | 3).unwrap();
         gvm.write_u64(0x7000, 0x9000 | 3).unwrap();
         gvm.write_u64(0x9000, 0x1000 | 3).unwrap();
-        let window =
-            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let window = empty_window();
         let layout = ViewLayout {
             also_exec: Some((0xffff_ffff_c000_0000, 0xffff_ffff_c000_1000)),
             ..layout()
@@ -1323,20 +1334,10 @@ mod tests {
         let view = build_view(&window, &layout, &gvm, 0x1000, &two_buffers()).unwrap();
         let tables =
             WINDOW_GPA + offsets::TABLES..WINDOW_GPA + offsets::TABLES + view.tables * 4096;
-        let mut checked = 0;
-        for table in std::iter::once(WINDOW_GPA).chain(tables.step_by(4096)) {
-            for i in 0..512u64 {
-                let e = window.read_u64(table + i * 8).unwrap();
-                if e & PTE_P == 0 {
-                    continue;
-                }
-                checked += 1;
-                assert_ne!(e & PTE_A, 0, "entry {i} of table {table:#x}: {e:#x}");
-                if e & PTE_RW != 0 {
-                    assert_ne!(e & PTE_D, 0, "entry {i} of table {table:#x}: {e:#x}");
-                }
-            }
-        }
+        let checked: usize = std::iter::once(WINDOW_GPA)
+            .chain(tables.step_by(4096))
+            .map(|table| assert_preset_accessed_and_dirty(&window, table))
+            .sum();
         assert!(checked > 20, "only {checked} entries");
         // A GVM without PML4[511]: the view makes that entry itself (found by the
         // `view_builder` fuzz target without dirty).

@@ -152,41 +152,43 @@ impl Executor {
                 .find(|s| s.halted)
                 .or(vcpus.snapshots.first()),
         }
-        .copied();
-        let hold = Hold {
+        .copied()
+        // (Dropping the guards lets the GVM go again.)
+        .ok_or(Error::NoCpuToLend)?;
+        Ok(Hold {
             started,
             space,
             lent,
             calls: 0,
             went_through: false,
-            devices: Some(devices),
-            vcpus: Some(vcpus),
+            devices,
+            vcpus,
             _exclusive: exclusive,
-        };
-        match lent {
-            Some(_) => Ok(hold),
-            None => {
-                self.release(engine, Some(hold), HoldEnd::Call);
-                Err(Error::NoCpuToLend)
-            }
-        }
+        })
     }
 
     /// Lets the GVM go again: its devices, its vCPUs, then, if a call of the hold went
     /// through, the reschedule IPIs its wake-ups (a signal, a released lock, queued work)
     /// owe the GVM's CPUs, so they take effect now and not at the next interrupt.
     pub(super) fn release(&self, engine: &Engine, hold: Option<Hold<'_>>, why: HoldEnd) {
-        let Some(mut hold) = hold else {
+        let Some(Hold {
+            started: held_since,
+            went_through,
+            devices,
+            vcpus,
+            ..
+        }) = hold
+        else {
             return;
         };
         self.stats.hold_ends[why as usize].fetch_add(1, Ordering::Relaxed);
         let phases = &self.stats.phases;
         let started = Instant::now();
-        drop(hold.devices.take());
-        drop(hold.vcpus.take());
+        drop(devices);
+        drop(vcpus);
         phases.since(Phase::Release, started);
-        self.stats.record_hold(hold.started.elapsed());
-        if hold.went_through {
+        self.stats.record_hold(held_since.elapsed());
+        if went_through {
             let started = Instant::now();
             engine.kick_gvm_cpus();
             phases.since(Phase::Ipi, started);
@@ -225,11 +227,8 @@ impl Executor {
             let first_of_hold = h.calls == 0;
             let earlier_went_through = h.went_through;
             h.calls += 1;
-            let end = match &h.lent {
-                Some(lent) => Segment::open(engine, profile, &self.stats, lent)
-                    .and_then(|segment| segment.run(regs, parked.as_ref(), first_of_hold)),
-                None => Err(Error::NoCpuToLend),
-            };
+            let end = Segment::open(engine, profile, &self.stats, &h.lent)
+                .and_then(|segment| segment.run(regs, parked.as_ref(), first_of_hold));
             match end {
                 Ok(SegmentEnd::Returned(v)) => {
                     h.went_through = true;
@@ -315,14 +314,15 @@ pub(super) struct Hold<'e> {
     /// The address space of the program the calls come from (`port::address_space`).
     pub space: u64,
     /// The held CPU the calls borrow.
-    lent: Option<VcpuSnapshot>,
+    lent: VcpuSnapshot,
     /// Calls run in it so far.
     pub calls: u64,
     /// Whether a call committed anything (the GVM's CPUs are sent IPIs at the release).
     went_through: bool,
-    // Released devices first, then vCPUs, then the exclusion (field order is drop order).
-    devices: Option<crate::vstate::dma_gate::DmaPaused>,
-    vcpus: Option<quiesce::Quiesced>,
+    // Released devices first, then vCPUs, then the exclusion (field order is drop order;
+    // `release` drops the first two itself, in that order, before the exclusion).
+    devices: crate::vstate::dma_gate::DmaPaused,
+    vcpus: quiesce::Quiesced,
     _exclusive: std::sync::MutexGuard<'e, ()>,
 }
 

@@ -95,7 +95,7 @@ pub struct Stats {
     /// Where the segments' time went (`timing`).
     pub phases: timing::PhaseTimes,
     /// Holds ended, by why (indexed by `call::HoldEnd`).
-    pub hold_ends: [AtomicU64; 4],
+    pub hold_ends: [AtomicU64; call::HoldEnd::ALL.len()],
 }
 
 /// Adds the time since `since` to `counter`, in nanoseconds.

@@ -242,6 +242,7 @@ impl Executor {
                     // on while held. The rollback left the GVM as it was: once more, after
                     // the GVM has run a moment, under a hold of its own.
                     self.release(engine, hold.take(), HoldEnd::Call);
+                    self.stats.retried.fetch_add(1, Ordering::Relaxed);
                     retried_after_gvm_ran = true;
                     std::thread::sleep(PARK_MIN);
                 }

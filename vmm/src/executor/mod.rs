@@ -82,6 +82,9 @@ pub struct Stats {
     pub committed_pages: AtomicU64,
     /// Times a call slept in the GVM kernel and was parked (then resumed).
     pub parked: AtomicU64,
+    /// Calls that would block after earlier calls of their hold went through, rolled back
+    /// and run once more under a hold of their own (each such run has its own exit).
+    pub retried: AtomicU64,
     /// Answers "pending" the redirect port gave (the call had not finished in time).
     pub pending: AtomicU64,
     /// Nanoseconds the SVM's vCPU spent in the redirect port, summed.

@@ -143,6 +143,7 @@ impl ControlServer {
              redirect_holds={}\nredirect_held_us={}\nredirect_held_median_us={}\n\
              redirect_held_max_us={}\n\
              redirect_setup_exits={}\nredirect_rolled_back={}\nredirect_parked={}\n\
+             redirect_retried={}\n\
              redirect_committed_pages={}\nredirect_pending={}\nredirect_port_us={}\n\
              redirect_worker_us={}\nredirect_view_us={}\n\
              redirect_last_error={}\n",
@@ -164,6 +165,7 @@ impl ControlServer {
             get(&stats.setup_exits),
             get(&stats.rolled_back),
             get(&stats.parked),
+            get(&stats.retried),
             get(&stats.committed_pages),
             get(&stats.pending),
             get(&stats.port_ns) / 1000,

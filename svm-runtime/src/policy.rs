@@ -122,7 +122,15 @@ pub mod nr {
         FINIT_MODULE = SYS_finit_module, STATX = SYS_statx, CLONE3 = SYS_clone3,
         CLOSE_RANGE = SYS_close_range, OPENAT2 = SYS_openat2, FACCESSAT2 = SYS_faccessat2,
         EPOLL_PWAIT2 = SYS_epoll_pwait2, GETPID = SYS_getpid, EXECVE = SYS_execve,
-        EXECVEAT = SYS_execveat, SCHED_YIELD = SYS_sched_yield,
+        EXECVEAT = SYS_execveat, SCHED_YIELD = SYS_sched_yield, STATFS = SYS_statfs,
+        SYSLOG = SYS_syslog, GETPGID = SYS_getpgid, GETSID = SYS_getsid,
+        SCHED_SETPARAM = SYS_sched_setparam, SCHED_GETPARAM = SYS_sched_getparam,
+        SCHED_SETSCHEDULER = SYS_sched_setscheduler,
+        SCHED_GETSCHEDULER = SYS_sched_getscheduler,
+        SCHED_RR_GET_INTERVAL = SYS_sched_rr_get_interval,
+        SCHED_SETAFFINITY = SYS_sched_setaffinity, SCHED_GETAFFINITY = SYS_sched_getaffinity,
+        SCHED_SETATTR = SYS_sched_setattr, SCHED_GETATTR = SYS_sched_getattr,
+        IOPRIO_SET = SYS_ioprio_set, IOPRIO_GET = SYS_ioprio_get, PRLIMIT64 = SYS_prlimit64,
     }
 }
 
@@ -152,11 +160,27 @@ pub fn sigprocmask(how: u64, current: u64, set: u64) -> Result<u64, i32> {
 /// means in the GVM what it means to the program: `/proc/net` and `/proc/mounts` are
 /// symlinks to `self/…`, and the shadow task that runs redirected calls is nobody's
 /// `self` (pid 0, so `/proc/self` fails there). They become `/proc/1/net`,
-/// `/proc/1/mounts`: the network namespace and mounts of the GVM's init. Returns whether
-/// it changed anything (false also when the result would not fit).
+/// `/proc/1/mounts`: the network namespace and mounts of the GVM's init. So do the mount
+/// tables of `/proc/self` and `/proc/thread-self` ([`MOUNT_TABLES`], spelled plainly:
+/// another spelling reaches the GVM unchanged and fails there, never shows the SVM's).
+/// Returns whether it changed anything (false also when the result would not fit).
 pub fn rewrite_for_gvm(path: &mut [u8; PATH_MAX]) -> bool {
     const SELF_LINKS: [&[u8]; 2] = [b"/proc/net", b"/proc/mounts"];
-    let len = path.iter().position(|&b| b == 0).unwrap_or(PATH_MAX);
+    let Some(len) = path.iter().position(|&b| b == 0) else {
+        return false;
+    };
+    for own in [b"/proc/self/".as_slice(), b"/proc/thread-self/"] {
+        let Some(table) = path[..len].strip_prefix(own) else {
+            continue;
+        };
+        if !MOUNT_TABLES.contains(&table) {
+            return false;
+        }
+        // "/proc/" + "1/" + the table and its NUL: shorter than before.
+        path.copy_within(own.len()..=len, 8);
+        path[6..8].copy_from_slice(b"1/");
+        return true;
+    }
     let linked = SELF_LINKS
         .iter()
         .any(|p| path[..len].starts_with(p) && matches!(path.get(p.len()), Some(b'/') | Some(0)));
@@ -168,6 +192,10 @@ pub fn rewrite_for_gvm(path: &mut [u8; PATH_MAX]) -> bool {
     path[5..7].copy_from_slice(b"/1");
     true
 }
+
+/// The files of `/proc/self` that describe the system's mounts rather than the program:
+/// the GVM's (init's, see [`rewrite_for_gvm`]).
+const MOUNT_TABLES: [&[u8]; 3] = [b"mounts", b"mountinfo", b"mountstats"];
 
 /// `NETLINK_SOCK_DIAG`, the netlink protocol of `ss`.
 const NETLINK_SOCK_DIAG: u64 = 4;
@@ -195,9 +223,10 @@ pub fn classify_path_for(path: &[u8], own_pid: Option<i32>) -> Place {
     if path.first() != Some(&b'/') {
         return Place::Svm;
     }
-    // Only the first two components of the cleaned path matter, so track the depth and
-    // those two: a `..` that climbs back to depth 1 or 2 uncovers the recorded component.
-    let (mut depth, mut first, mut second): (usize, &[u8], &[u8]) = (0, b"", b"");
+    // Only the first three components of the cleaned path matter, so track the depth and
+    // those three: a `..` that climbs back to depth 1 to 3 uncovers the recorded component.
+    let (mut depth, mut first, mut second, mut third): (usize, &[u8], &[u8], &[u8]) =
+        (0, b"", b"", b"");
     for comp in path.split(|&b| b == b'/') {
         match comp {
             b"" | b"." => {}
@@ -207,16 +236,23 @@ pub fn classify_path_for(path: &[u8], own_pid: Option<i32>) -> Place {
                 match depth {
                     1 => first = comp,
                     2 => second = comp,
+                    3 => third = comp,
                     _ => {}
                 }
             }
         }
     }
+    let own = second == b"self" || second == b"thread-self";
     match (depth, first) {
         (0, _) => Place::Svm,
         (_, b"sys") => Place::Gvm,
         (1, b"proc") => Place::Gvm,
-        (_, b"proc") if second == b"self" || second == b"thread-self" => Place::Svm,
+        // The kernel log device (`dmesg`).
+        (2, b"dev") if second == b"kmsg" => Place::Gvm,
+        // The program's mount table is the GVM's (`mount`, `findmnt`, `df`): the rewrite
+        // makes it init's.
+        (3, b"proc") if own && MOUNT_TABLES.contains(&third) => Place::Gvm,
+        (_, b"proc") if own => Place::Svm,
         (_, b"proc") if own_pid.is_some_and(|pid| is_decimal(second, pid)) => Place::Svm,
         (_, b"proc") => Place::Gvm,
         _ => Place::Svm,
@@ -375,7 +411,7 @@ pub enum Str<'a> {
 pub fn string_arg(nr: u64) -> Option<usize> {
     use nr::*;
     match nr {
-        OPEN | STAT | LSTAT | ACCESS | READLINK | DELETE_MODULE => Some(0),
+        OPEN | STAT | LSTAT | ACCESS | READLINK | STATFS | DELETE_MODULE => Some(0),
         OPENAT | OPENAT2 | NEWFSTATAT | STATX | FACCESSAT | FACCESSAT2 | READLINKAT
         | FINIT_MODULE => Some(1),
         INIT_MODULE => Some(2),
@@ -616,6 +652,15 @@ impl Redirect {
         self.args[arg] = self.args[arg].min(MAX_TOUCH as u64);
         self
     }
+    /// [`Redirect::clamp`] for an `int` length, as the kernel reads it (a negative one is
+    /// left for the kernel to refuse).
+    fn clamp_int(mut self, arg: usize) -> Redirect {
+        let len = self.args[arg] as u32 as i32;
+        if len >= 0 {
+            self.args[arg] = (len as u64).min(MAX_TOUCH as u64);
+        }
+        self
+    }
 }
 
 /// What the shim does with one diverted call.
@@ -678,6 +723,20 @@ const UTSNAME_SIZE: usize = 6 * 65;
 const SYSINFO_SIZE: usize = 112;
 const IFREQ_SIZE: usize = 40;
 const CLOSE_RANGE_CLOEXEC: u64 = 1 << 2;
+const RLIMIT_SIZE: usize = 16;
+const SCHED_PARAM_SIZE: usize = 4;
+const TIMESPEC_SIZE: usize = 16;
+/// `SCHED_ATTR_SIZE_VER1`.
+const SCHED_ATTR_SIZE: usize = 56;
+/// The flag `sched_getscheduler` may add to the policy (0..=7).
+const SCHED_RESET_ON_FORK: i64 = 0x4000_0000;
+/// The kernel's `PID_MAX_LIMIT` on 64-bit: no pid or session id is larger.
+const PID_MAX_LIMIT: i64 = 1 << 22;
+const IOPRIO_WHO_PROCESS: u64 = 1;
+const SYSLOG_ACTION_READ: i32 = 2;
+const SYSLOG_ACTION_READ_CLEAR: i32 = 4;
+const SYSLOG_ACTION_SIZE_UNREAD: i32 = 9;
+const SYSLOG_ACTION_SIZE_BUFFER: i32 = 10;
 
 fn fail(errno: i32) -> Decision {
     Decision::Fail(-i64::from(errno))
@@ -749,6 +808,72 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             } else {
                 redirect(call)
             };
+        }
+        // ioprio_{get,set}(which, who, …) names processes as setpriority does.
+        IOPRIO_GET | IOPRIO_SET => {
+            let who = int(1);
+            let own = a[0] == IOPRIO_WHO_PROCESS && who == own_pid;
+            return if who == 0 || own {
+                Decision::Local
+            } else if nr == IOPRIO_GET {
+                redirect(call.ret(Ret::Range(0, 0xffff)))
+            } else {
+                redirect(call)
+            };
+        }
+        // Calls about one process named by its pid (argument 0; 0 is the caller): another
+        // process's scheduling, affinity, limits and session are the GVM's (`chrt -p`,
+        // `taskset -p`, `prlimit --pid`).
+        PRLIMIT64
+        | SCHED_SETAFFINITY
+        | SCHED_GETAFFINITY
+        | SCHED_SETSCHEDULER
+        | SCHED_GETSCHEDULER
+        | SCHED_SETPARAM
+        | SCHED_GETPARAM
+        | SCHED_RR_GET_INTERVAL
+        | SCHED_SETATTR
+        | SCHED_GETATTR
+        | GETPGID
+        | GETSID => {
+            let pid = int(0);
+            if pid == 0 || pid == own_pid {
+                return Decision::Local;
+            }
+            return redirect(match nr {
+                PRLIMIT64 => call
+                    .input(2, Len::Const(RLIMIT_SIZE))
+                    .output(3, Len::Const(RLIMIT_SIZE)),
+                SCHED_SETAFFINITY => call.clamp_int(1).input(2, Len::ArgInt(1)),
+                // The raw call returns the bytes of the mask it wrote.
+                SCHED_GETAFFINITY => call
+                    .clamp_int(1)
+                    .output(2, Len::ArgInt(1))
+                    .ret(Ret::Bytes(0)),
+                SCHED_SETSCHEDULER => call.input(2, Len::Const(SCHED_PARAM_SIZE)),
+                SCHED_GETSCHEDULER => call.ret(Ret::Range(0, SCHED_RESET_ON_FORK | 7)),
+                SCHED_SETPARAM => call.input(1, Len::Const(SCHED_PARAM_SIZE)),
+                SCHED_GETPARAM => call.output(1, Len::Const(SCHED_PARAM_SIZE)),
+                SCHED_RR_GET_INTERVAL => call.output(1, Len::Const(TIMESPEC_SIZE)),
+                // The kernel reads the size from the structure: one larger than the
+                // version-1 layout reaches past the listed range and fails in the GVM.
+                SCHED_SETATTR => call.input(1, Len::Const(SCHED_ATTR_SIZE)),
+                SCHED_GETATTR => call.output(1, Len::ArgInt(2)),
+                _ => call.ret(Ret::Range(0, PID_MAX_LIMIT)),
+            });
+        }
+        // The kernel log (`dmesg -S`, `dmesg -C`, `dmesg -n`).
+        SYSLOG => {
+            let call = call.clamp_int(2);
+            return redirect(match int(0) {
+                SYSLOG_ACTION_READ..=SYSLOG_ACTION_READ_CLEAR => {
+                    call.output(1, Len::ArgInt(2)).ret(Ret::Bytes(0))
+                }
+                SYSLOG_ACTION_SIZE_UNREAD | SYSLOG_ACTION_SIZE_BUFFER => {
+                    call.ret(Ret::Range(0, i32::MAX.into()))
+                }
+                _ => call,
+            });
         }
         INIT_MODULE => {
             return match s {
@@ -824,7 +949,7 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
 
     // Path calls: (dirfd argument, path argument).
     let at = match nr {
-        OPEN | STAT | LSTAT | ACCESS | READLINK => Some((None, 0)),
+        OPEN | STAT | LSTAT | ACCESS | READLINK | STATFS => Some((None, 0)),
         OPENAT | OPENAT2 | NEWFSTATAT | STATX | FACCESSAT | FACCESSAT2 | READLINKAT => {
             Some((Some(0), 1))
         }
@@ -836,7 +961,9 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
         };
         let mut call = call.string(path);
         if p.first() == Some(&b'/') {
-            if classify_path_for(p, Some(own_pid)) == Place::Svm {
+            // A file system's usage is the GVM's wherever it is mounted (`df`, `stat -f`):
+            // every absolute `statfs` goes there.
+            if nr != STATFS && classify_path_for(p, Some(own_pid)) == Place::Svm {
                 return Decision::Local;
             }
         } else {
@@ -857,6 +984,7 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
                 .input(2, Len::Arg(3))
                 .then(Then::NewFd { cloexec: true }),
             STAT | LSTAT => call.output(1, Len::Const(STAT_SIZE)),
+            STATFS => call.output(1, Len::Const(STATFS_SIZE)),
             NEWFSTATAT => call.output(2, Len::Const(STAT_SIZE)),
             STATX => call.output(4, Len::Const(STATX_SIZE)),
             READLINK => call.output(1, Len::ArgInt(2)).ret(Ret::Bytes(0)),
@@ -1002,6 +1130,22 @@ pub fn syscall_name(nr: u64) -> Option<&'static str> {
         STATX => "statx",
         OPENAT2 => "openat2",
         FACCESSAT2 => "faccessat2",
+        STATFS => "statfs",
+        SYSLOG => "syslog",
+        GETPGID => "getpgid",
+        GETSID => "getsid",
+        SCHED_SETPARAM => "sched_setparam",
+        SCHED_GETPARAM => "sched_getparam",
+        SCHED_SETSCHEDULER => "sched_setscheduler",
+        SCHED_GETSCHEDULER => "sched_getscheduler",
+        SCHED_RR_GET_INTERVAL => "sched_rr_get_interval",
+        SCHED_SETAFFINITY => "sched_setaffinity",
+        SCHED_GETAFFINITY => "sched_getaffinity",
+        SCHED_SETATTR => "sched_setattr",
+        SCHED_GETATTR => "sched_getattr",
+        IOPRIO_SET => "ioprio_set",
+        IOPRIO_GET => "ioprio_get",
+        PRLIMIT64 => "prlimit64",
         _ => return None,
     })
 }
@@ -1025,6 +1169,28 @@ mod tests {
         assert_eq!(rewrite("/proc/mounts"), (true, "/proc/1/mounts".into()));
         assert_eq!(rewrite("/proc/netstat"), (false, "/proc/netstat".into()));
         assert_eq!(rewrite("/proc/version"), (false, "/proc/version".into()));
+        assert_eq!(
+            rewrite("/proc/self/mountinfo"),
+            (true, "/proc/1/mountinfo".into())
+        );
+        assert_eq!(
+            rewrite("/proc/thread-self/mounts"),
+            (true, "/proc/1/mounts".into())
+        );
+        assert_eq!(
+            rewrite("/proc/self/mountstats"),
+            (true, "/proc/1/mountstats".into())
+        );
+        for same in [
+            "/proc/self/maps",
+            "/proc/self/mountinfo/",
+            "/proc/./self/mounts",
+        ] {
+            assert_eq!(rewrite(same), (false, same.into()));
+        }
+        let mut unterminated = [b'x'; PATH_MAX];
+        unterminated[..20].copy_from_slice(b"/proc/self/mountinfo");
+        assert!(!rewrite_for_gvm(&mut unterminated), "no NUL: left alone");
         let mut full = [b'x'; PATH_MAX];
         full[..9].copy_from_slice(b"/proc/net");
         full[9] = b'/';
@@ -1083,6 +1249,12 @@ mod tests {
             "/proc/4242/status",
             "/../../sys/kernel",
             "/sys/self",
+            "/dev/kmsg",
+            "//dev/./kmsg",
+            "/proc/self/mountinfo",
+            "/proc/self/mounts",
+            "/proc/thread-self/mountstats",
+            "/proc/self/fd/../mountinfo",
         ] {
             assert_eq!(classify_path(p.as_bytes()), Place::Gvm, "{p}");
         }
@@ -1138,6 +1310,11 @@ mod tests {
             "/proc/../etc",
             "/proc/1/../../etc/shadow",
             "/dev/null",
+            "/dev/kmsg/x",
+            "/dev/kmsgs",
+            "/proc/self/mountinfo/x",
+            "/proc/self/mountinfos",
+            "/proc/self/fd/mountinfo",
             "/sysfs/x",
             "/usr/proc/1",
         ] {
@@ -1388,6 +1565,182 @@ mod tests {
                 Decision::Redirect(_)
             ));
         }
+    }
+
+    #[test]
+    fn other_processes_scheduling_affinity_limits_and_sessions_are_the_gvms() {
+        let t = FdTable::new();
+        let per_pid = [
+            PRLIMIT64,
+            SCHED_SETAFFINITY,
+            SCHED_GETAFFINITY,
+            SCHED_SETSCHEDULER,
+            SCHED_GETSCHEDULER,
+            SCHED_SETPARAM,
+            SCHED_GETPARAM,
+            SCHED_RR_GET_INTERVAL,
+            SCHED_SETATTR,
+            SCHED_GETATTR,
+            GETPGID,
+            GETSID,
+        ];
+        for nr in per_pid {
+            let call = |pid: i32| {
+                d(
+                    nr,
+                    [pid as i64 as u64, 0x1000, 0x2000, 0x3000, 0, 0],
+                    &t,
+                    Str::None,
+                )
+            };
+            assert_eq!(call(0), Decision::Local, "{nr}: the caller");
+            assert_eq!(call(ME), Decision::Local, "{nr}: the program itself");
+            assert!(matches!(call(1), Decision::Redirect(_)), "{nr}");
+            assert!(
+                matches!(call(-5), Decision::Redirect(_)),
+                "{nr}: the GVM refuses it"
+            );
+        }
+        let buf = |r: &Redirect, k: usize| r.bufs[k].map(|b| (b.arg, b.len, b.write));
+        let prlimit = redirected(d(PRLIMIT64, [7, 7, 0, 0x2000, 0, 0], &t, Str::None));
+        assert_eq!(buf(&prlimit, 0), Some((2, Len::Const(16), false)));
+        assert_eq!(buf(&prlimit, 1), Some((3, Len::Const(16), true)));
+        assert_eq!(prlimit.ret, Ret::Zero);
+        // taskset -p: the mask's bytes, no more than the program's buffer.
+        let aff = redirected(d(
+            SCHED_GETAFFINITY,
+            [7, 128, 0x2000, 0, 0, 0],
+            &t,
+            Str::None,
+        ));
+        assert_eq!(buf(&aff, 0), Some((2, Len::ArgInt(1), true)));
+        assert_eq!(
+            aff.accept(&[Some(128), None, None]),
+            Accept { lo: 0, hi: 128 }
+        );
+        let huge = redirected(d(
+            SCHED_GETAFFINITY,
+            [7, 1 << 40 | 64, 0x2000, 0, 0, 0],
+            &t,
+            Str::None,
+        ));
+        assert_eq!(huge.args[1], 64, "the kernel reads an unsigned int");
+        let big = redirected(d(
+            SCHED_GETAFFINITY,
+            [7, 1 << 30, 0x2000, 0, 0, 0],
+            &t,
+            Str::None,
+        ));
+        assert_eq!(
+            big.args[1], MAX_TOUCH as u64,
+            "shortened to what the shim faults in"
+        );
+        // chrt -p: a policy, with SCHED_RESET_ON_FORK at most.
+        let policy = redirected(d(SCHED_GETSCHEDULER, [7, 0, 0, 0, 0, 0], &t, Str::None));
+        let accept = policy.accept(&[None; 3]);
+        assert!(accept.check(0x4000_0001).is_ok() && accept.check(0x4000_0008).is_err());
+        let attr = redirected(d(SCHED_GETATTR, [7, 0x2000, 56, 0, 0, 0], &t, Str::None));
+        assert_eq!(buf(&attr, 0), Some((1, Len::ArgInt(2), true)));
+        let session = redirected(d(GETSID, [7, 0, 0, 0, 0, 0], &t, Str::None));
+        assert!(session.accept(&[None; 3]).check(1 << 22).is_ok());
+        assert!(session.accept(&[None; 3]).check((1 << 22) + 1).is_err());
+        // ionice -p: ioprio_{get,set}(which, who) spare the program as setpriority does.
+        let io =
+            |nr: u64, which: u64, who: i32| d(nr, [which, who as u64, 0, 0, 0, 0], &t, Str::None);
+        for nr in [IOPRIO_GET, IOPRIO_SET] {
+            assert_eq!(io(nr, IOPRIO_WHO_PROCESS, 0), Decision::Local);
+            assert_eq!(io(nr, IOPRIO_WHO_PROCESS, ME), Decision::Local);
+            assert_eq!(io(nr, 2, 0), Decision::Local, "the program's own group");
+            assert!(matches!(
+                io(nr, IOPRIO_WHO_PROCESS, 1),
+                Decision::Redirect(_)
+            ));
+            assert!(matches!(io(nr, 2, ME), Decision::Redirect(_)), "a group");
+        }
+        let prio = redirected(io(IOPRIO_GET, IOPRIO_WHO_PROCESS, 1));
+        assert!(prio.accept(&[None; 3]).check(0x1_0000).is_err());
+    }
+
+    #[test]
+    fn the_kernel_log_is_the_gvms() {
+        let t = FdTable::new();
+        let log = |action: i32, len: i64| {
+            redirected(d(
+                SYSLOG,
+                [action as u64, 0x2000, len as u64, 0, 0, 0],
+                &t,
+                Str::None,
+            ))
+        };
+        for read in 2..=4 {
+            let r = log(read, 4096);
+            assert_eq!(
+                r.bufs[0].map(|b| (b.arg, b.len, b.write)),
+                Some((1, Len::ArgInt(2), true))
+            );
+            assert_eq!(
+                r.accept(&[Some(4096), None, None]),
+                Accept { lo: 0, hi: 4096 }
+            );
+        }
+        assert_eq!(log(3, 1 << 24).args[2], MAX_TOUCH as u64, "shortened");
+        assert_eq!(
+            log(3, -1).args[2],
+            u64::MAX,
+            "left for the kernel to refuse"
+        );
+        assert_eq!(
+            log(3, -1).bufs[0].and_then(|b| b.len.of(&[0, 0, u64::MAX, 0, 0, 0])),
+            Some(0)
+        );
+        for size in [9, 10] {
+            assert_eq!(log(size, 0).ret, Ret::Range(0, i32::MAX.into()));
+        }
+        for other in [0, 1, 5, 6, 7, 8, 11, 99] {
+            let r = log(other, 0);
+            assert_eq!((r.ret, r.bufs), (Ret::Zero, [None; 3]), "{other}");
+        }
+        // dmesg opens /dev/kmsg.
+        let open = d(
+            OPENAT,
+            [AT_FDCWD, 0x1000, 0, 0, 0, 0],
+            &t,
+            Str::Ok(b"/dev/kmsg"),
+        );
+        assert!(matches!(open, Decision::Redirect(_)));
+    }
+
+    #[test]
+    fn every_absolute_statfs_is_the_gvms() {
+        let t = FdTable::new();
+        for p in ["/", "/etc", "/proc", "/home/../run"] {
+            let r = redirected(d(
+                STATFS,
+                [0x1000, 0x2000, 0, 0, 0, 0],
+                &t,
+                Str::Ok(p.as_bytes()),
+            ));
+            assert_eq!(r.string_arg, Some(0), "{p}");
+            assert_eq!(
+                r.bufs[0].map(|b| (b.arg, b.len, b.write)),
+                Some((1, Len::Const(STATFS_SIZE), true)),
+                "{p}"
+            );
+            assert_eq!(r.ret, Ret::Zero);
+        }
+        for relative in [".", "proc", ""] {
+            assert_eq!(
+                d(
+                    STATFS,
+                    [0x1000, 0x2000, 0, 0, 0, 0],
+                    &t,
+                    Str::Ok(relative.as_bytes())
+                ),
+                Decision::Local,
+                "{relative}"
+            );
+        }
+        assert_eq!(string_arg(STATFS), Some(0));
     }
 
     #[test]

@@ -170,7 +170,10 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
         "hostname exterior-target; echo {domain} >/proc/sys/kernel/domainname; \
          modprobe dummy numdummies=0; ip addr add 10.9.8.7/24 dev lo; ip link set lo mtu 61234; \
          printf '#!/bin/sh\\nwhile :; do sleep 3600; done\\n' >/tmp/xmarker; chmod +x /tmp/xmarker; \
-         /tmp/xmarker & nc -l -p 7777 >/dev/null 2>&1 & sleep 1"
+         /tmp/xmarker & nc -l -p 7777 >/dev/null 2>&1 & \
+         mkdir /tmp/mnt-{tag}; mount -t tmpfs -o size=3m exterior-{tag} /tmp/mnt-{tag}; \
+         echo exterior-kmsg-{tag} >/dev/kmsg; sleep 1",
+        tag = domain
     ));
     let gvm_ps = processes(&gvm.run("ps -o pid,comm"));
     let gvm_modules = module_names(&gvm.run("cat /proc/modules"));
@@ -278,6 +281,92 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
         svm_ss.starts_with("State") && !svm_ss.contains(":7777"),
         "{svm_ss}"
     );
+
+    // The tools that read the system through the program's own view of it (issue #13
+    // item 7): the kernel log, the mount table and file system usage are the GVM's.
+    let kmsg_marker = format!("exterior-kmsg-{domain}");
+    assert!(gvm.run("dmesg").contains(&kmsg_marker));
+    for dmesg in [&["dmesg"][..], &["dmesg", "-S"]] {
+        let log = exterior(&rt, "rd", dmesg);
+        assert!(
+            log.contains(&kmsg_marker) && log.contains("Linux version"),
+            "`{}` does not show the GVM's kernel log: {log}",
+            dmesg.join(" ")
+        );
+        assert!(!local(&rt, "rd", dmesg).contains(&kmsg_marker));
+    }
+    let mount_point = format!("/tmp/mnt-{domain}");
+    let source = format!("exterior-{domain}");
+    for mounts in [&["mount"][..], &["findmnt", "-l"]] {
+        let table = exterior(&rt, "rd", mounts);
+        assert!(
+            table
+                .lines()
+                .any(|l| l.contains(&mount_point) && l.contains(&source)),
+            "`{}` does not show the GVM's mounts: {table}",
+            mounts.join(" ")
+        );
+        assert!(!local(&rt, "rd", mounts).contains(&mount_point));
+    }
+    let usage = |listing: &str| -> Vec<String> {
+        let line = listing.lines().find(|l| l.starts_with(&source));
+        line.unwrap_or_else(|| panic!("no {source} in df: {listing}"))
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let gvm_df = usage(&gvm.run("df -k"));
+    assert_eq!(gvm_df[1], "3072", "{gvm_df:?}");
+    assert_eq!(usage(&exterior(&rt, "rd", &["df", "-k"])), gvm_df);
+    assert!(!local(&rt, "rd", &["df", "-k"]).contains(&source));
+
+    // Another process's limits, scheduling and I/O priority are the GVM's, written and
+    // read: set from outside, the GVM's own /proc and busybox agree, and so does the
+    // exterior reading of them (values the SVM's processes never have).
+    let (marker_pid, _) = gvm_ps.iter().find(|(_, c)| c == "xmarker").unwrap();
+    let pid = marker_pid.to_string();
+    exterior(&rt, "rd", &["prlimit", "--pid", &pid, "--nofile=100:200"]);
+    exterior(&rt, "rd", &["chrt", "-f", "-p", "10", &pid]);
+    exterior(&rt, "rd", &["ionice", "-c", "3", "-p", &pid]);
+    let limits = gvm.run(&format!("grep 'open files' /proc/{pid}/limits"));
+    assert_eq!(
+        limits.split_whitespace().collect::<Vec<_>>(),
+        ["Max", "open", "files", "100", "200", "files"],
+        "{limits}"
+    );
+    let stat = gvm.run(&format!("cat /proc/{pid}/stat"));
+    let fields: Vec<_> = stat.split_whitespace().collect();
+    assert_eq!(
+        (fields.get(39), fields.get(40)),
+        (Some(&"10"), Some(&"1")),
+        "rt_priority and policy (SCHED_FIFO) in the GVM: {stat}"
+    );
+    assert_eq!(gvm.run(&format!("ionice -p {pid}")).trim(), "idle");
+    let nofile = exterior(
+        &rt,
+        "rd",
+        &[
+            "prlimit",
+            "--pid",
+            &pid,
+            "--nofile",
+            "--noheadings",
+            "-o",
+            "SOFT,HARD",
+        ],
+    );
+    assert_eq!(
+        nofile.split_whitespace().collect::<Vec<_>>(),
+        ["100", "200"]
+    );
+    assert_eq!(
+        exterior(&rt, "rd", &["chrt", "-p", &pid]),
+        format!(
+            "pid {pid}'s current scheduling policy: SCHED_FIFO\n\
+             pid {pid}'s current scheduling priority: 10\n"
+        )
+    );
+    assert_eq!(exterior(&rt, "rd", &["ionice", "-p", &pid]).trim(), "idle");
 
     // The session left nothing behind in the GVM: same processes, modules and files.
     let after_ps: BTreeSet<_> = processes(&gvm.run("ps -o pid,comm"))

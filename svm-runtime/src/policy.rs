@@ -131,6 +131,10 @@ pub mod nr {
         SCHED_SETAFFINITY = SYS_sched_setaffinity, SCHED_GETAFFINITY = SYS_sched_getaffinity,
         SCHED_SETATTR = SYS_sched_setattr, SCHED_GETATTR = SYS_sched_getattr,
         IOPRIO_SET = SYS_ioprio_set, IOPRIO_GET = SYS_ioprio_get, PRLIMIT64 = SYS_prlimit64,
+        MOUNT = SYS_mount, UMOUNT2 = SYS_umount2, SWAPON = SYS_swapon, SWAPOFF = SYS_swapoff,
+        PIVOT_ROOT = SYS_pivot_root, REBOOT = SYS_reboot, PIDFD_OPEN = SYS_pidfd_open,
+        SHMGET = SYS_shmget, SHMCTL = SYS_shmctl, SEMGET = SYS_semget, SEMCTL = SYS_semctl,
+        MSGGET = SYS_msgget, MSGCTL = SYS_msgctl,
     }
 }
 
@@ -162,13 +166,20 @@ pub fn sigprocmask(how: u64, current: u64, set: u64) -> Result<u64, i32> {
 /// `self` (pid 0, so `/proc/self` fails there). They become `/proc/1/net`,
 /// `/proc/1/mounts`: the network namespace and mounts of the GVM's init. So do the mount
 /// tables of `/proc/self` and `/proc/thread-self` ([`MOUNT_TABLES`], spelled plainly:
-/// another spelling reaches the GVM unchanged and fails there, never shows the SVM's).
+/// another spelling reaches the GVM unchanged and fails there, never shows the SVM's),
+/// and `/etc/mtab`.
 /// Returns whether it changed anything (false also when the result would not fit).
 pub fn rewrite_for_gvm(path: &mut [u8; PATH_MAX]) -> bool {
     const SELF_LINKS: [&[u8]; 2] = [b"/proc/net", b"/proc/mounts"];
     let Some(len) = path.iter().position(|&b| b == 0) else {
         return false;
     };
+    const MTAB: &[u8] = b"/etc/mtab";
+    const INIT_MOUNTS: &[u8] = b"/proc/1/mounts\0";
+    if &path[..len] == MTAB {
+        path[..INIT_MOUNTS.len()].copy_from_slice(INIT_MOUNTS);
+        return true;
+    }
     for own in [b"/proc/self/".as_slice(), b"/proc/thread-self/"] {
         let Some(table) = path[..len].strip_prefix(own) else {
             continue;
@@ -196,6 +207,13 @@ pub fn rewrite_for_gvm(path: &mut [u8; PATH_MAX]) -> bool {
 /// The files of `/proc/self` that describe the system's mounts rather than the program:
 /// the GVM's (init's, see [`rewrite_for_gvm`]).
 const MOUNT_TABLES: [&[u8]; 3] = [b"mounts", b"mountinfo", b"mountstats"];
+
+/// Files of `/etc` that describe the GVM's users, and `/etc/mtab` (rewritten to init's
+/// mounts: in the GVM it is a link to `self`, which the shadow task is not).
+const ETC_FILES: [&[u8]; 3] = [b"passwd", b"group", b"mtab"];
+
+/// The login records of `/var/log`.
+const LOGIN_LOGS: [&[u8]; 3] = [b"wtmp", b"btmp", b"lastlog"];
 
 /// `NETLINK_SOCK_DIAG`, the netlink protocol of `ss`.
 const NETLINK_SOCK_DIAG: u64 = 4;
@@ -249,6 +267,12 @@ pub fn classify_path_for(path: &[u8], own_pid: Option<i32>) -> Place {
         (1, b"proc") => Place::Gvm,
         // The kernel log device (`dmesg`).
         (2, b"dev") if second == b"kmsg" => Place::Gvm,
+        // The GVM's users and logins (`ps` user names, `who`, `w`, `last`) and its mount
+        // table's old name.
+        (2, b"etc") if ETC_FILES.contains(&second) => Place::Gvm,
+        (2, b"run") if second == b"utmp" => Place::Gvm,
+        (3, b"var") if second == b"run" && third == b"utmp" => Place::Gvm,
+        (3, b"var") if second == b"log" && LOGIN_LOGS.contains(&third) => Place::Gvm,
         // The program's mount table is the GVM's (`mount`, `findmnt`, `df`): the rewrite
         // makes it init's.
         (3, b"proc") if own && MOUNT_TABLES.contains(&third) => Place::Gvm,
@@ -712,6 +736,12 @@ pub enum Decision {
     },
     /// Do not run it; return this (`-errno`).
     Fail(i64),
+    /// Do not run it: run locally it would act on the SVM where the program means the
+    /// GVM, and it is not redirected. The shim says so on stderr and returns this
+    /// (`-errno`).
+    Refuse(i64),
+    /// Do not run it; report success (0).
+    Pretend,
     /// Run it in the GVM.
     Redirect(Redirect),
 }
@@ -733,6 +763,9 @@ const SCHED_RESET_ON_FORK: i64 = 0x4000_0000;
 /// The kernel's `PID_MAX_LIMIT` on 64-bit: no pid or session id is larger.
 const PID_MAX_LIMIT: i64 = 1 << 22;
 const IOPRIO_WHO_PROCESS: u64 = 1;
+/// `_IO(0xb7, 1)` and `_IO(0xb7, 2)`.
+const NS_GET_USERNS: u32 = 0xb701;
+const NS_GET_PARENT: u32 = 0xb702;
 const SYSLOG_ACTION_READ: i32 = 2;
 const SYSLOG_ACTION_READ_CLEAR: i32 = 4;
 const SYSLOG_ACTION_SIZE_UNREAD: i32 = 9;
@@ -766,6 +799,16 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
                 Decision::MaskArg { idx, indirect }
             };
         }
+        // They would mount, swap, reboot or pivot the SVM, or make, change or remove its
+        // System V IPC objects (`ipcmk`, `ipcrm`; `ipcs` and `lsipc` read the GVM's
+        // /proc/sysvipc) (docs/LIMITS.md).
+        MOUNT | UMOUNT2 | SWAPON | SWAPOFF | PIVOT_ROOT | REBOOT | SHMGET | SHMCTL | SEMGET
+        | SEMCTL | MSGGET | MSGCTL => {
+            return Decision::Refuse(-i64::from(libc::ENOSYS));
+        }
+        // A pidfd is polled locally, where a placeholder would be always ready: `pidwait`
+        // would return at once. ENOSYS makes callers that can fall back to `kill` do so.
+        PIDFD_OPEN if int(0) != own_pid => return Decision::Refuse(-i64::from(libc::ENOSYS)),
         FORK => return Decision::Fork { nr, args: a },
         VFORK => return Decision::Fork { nr: FORK, args: a },
         CLONE3 => return fail(libc::ENOSYS),
@@ -1041,9 +1084,20 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
             libc::F_SETFL => call,
             libc::F_SETFD => call.then(Then::AlsoLocal),
             libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => return dup(call),
+            // Advisory locks on GVM files are not taken (glibc's utmp reader takes one):
+            // each redirected call runs while no GVM process is in its kernel, so one read
+            // is atomic with the GVM's writes anyway, and a lock left by a program that
+            // dies would block the GVM's own writers.
+            libc::F_SETLK | libc::F_SETLKW | libc::F_OFD_SETLK | libc::F_OFD_SETLKW => {
+                return Decision::Pretend
+            }
             _ => return fail(libc::EINVAL),
         },
         DUP | DUP2 | DUP3 => return dup(call),
+        // nsfs ioctls that return a new fd (`lsns` asks for a namespace's owner and
+        // parent): the number would be the GVM's, not one the program could use. EPERM is
+        // what an unprivileged caller gets, and `lsns` shows the column empty.
+        IOCTL if matches!(a[1] as u32, NS_GET_USERNS | NS_GET_PARENT) => return fail(libc::EPERM),
         IOCTL => {
             // Sized ioctls say how much they move; the old socket ioctls take a struct ifreq.
             let cmd = a[1] as u32;
@@ -1146,6 +1200,19 @@ pub fn syscall_name(nr: u64) -> Option<&'static str> {
         IOPRIO_SET => "ioprio_set",
         IOPRIO_GET => "ioprio_get",
         PRLIMIT64 => "prlimit64",
+        MOUNT => "mount",
+        UMOUNT2 => "umount2",
+        SWAPON => "swapon",
+        SWAPOFF => "swapoff",
+        PIVOT_ROOT => "pivot_root",
+        REBOOT => "reboot",
+        PIDFD_OPEN => "pidfd_open",
+        SHMGET => "shmget",
+        SHMCTL => "shmctl",
+        SEMGET => "semget",
+        SEMCTL => "semctl",
+        MSGGET => "msgget",
+        MSGCTL => "msgctl",
         _ => return None,
     })
 }
@@ -1188,6 +1255,8 @@ mod tests {
         ] {
             assert_eq!(rewrite(same), (false, same.into()));
         }
+        assert_eq!(rewrite("/etc/mtab"), (true, "/proc/1/mounts".into()));
+        assert_eq!(rewrite("/etc//mtab"), (false, "/etc//mtab".into()));
         let mut unterminated = [b'x'; PATH_MAX];
         unterminated[..20].copy_from_slice(b"/proc/self/mountinfo");
         assert!(!rewrite_for_gvm(&mut unterminated), "no NUL: left alone");
@@ -1255,6 +1324,15 @@ mod tests {
             "/proc/self/mounts",
             "/proc/thread-self/mountstats",
             "/proc/self/fd/../mountinfo",
+            "/etc/passwd",
+            "/etc/group",
+            "/etc/mtab",
+            "/run/utmp",
+            "/var/run/utmp",
+            "/var//run/./utmp",
+            "/var/log/wtmp",
+            "/var/log/btmp",
+            "/var/log/lastlog",
         ] {
             assert_eq!(classify_path(p.as_bytes()), Place::Gvm, "{p}");
         }
@@ -1298,7 +1376,7 @@ mod tests {
             "./proc",
             "/procfs",
             "/system",
-            "/etc/passwd",
+            "/etc/os-release",
             "/proc/self",
             "/proc/self/",
             "/proc/self/maps",
@@ -1315,6 +1393,14 @@ mod tests {
             "/proc/self/mountinfo/x",
             "/proc/self/mountinfos",
             "/proc/self/fd/mountinfo",
+            "/etc/shadow",
+            "/etc/passwd-",
+            "/etc/passwd/x",
+            "/etc/hosts",
+            "/run/utmpx",
+            "/var/log/syslog",
+            "/var/run/wtmp",
+            "/usr/var/log/wtmp",
             "/sysfs/x",
             "/usr/proc/1",
         ] {
@@ -1744,6 +1830,25 @@ mod tests {
     }
 
     #[test]
+    fn calls_that_would_change_the_svm_instead_are_refused_with_a_reason() {
+        let t = FdTable::new();
+        for nr in [
+            MOUNT, UMOUNT2, SWAPON, SWAPOFF, PIVOT_ROOT, REBOOT, SHMGET, SHMCTL, SEMGET, SEMCTL,
+            MSGGET, MSGCTL,
+        ] {
+            assert_eq!(
+                d(nr, [0x1000, 0x2000, 0x3000, 0, 0, 0], &t, Str::None),
+                Decision::Refuse(-i64::from(libc::ENOSYS)),
+                "{nr}"
+            );
+            assert!(syscall_name(nr).is_some(), "{nr}: the notice names it");
+        }
+        let pidfd = |pid: i32| d(PIDFD_OPEN, [pid as u64, 0, 0, 0, 0, 0], &t, Str::None);
+        assert_eq!(pidfd(1), Decision::Refuse(-i64::from(libc::ENOSYS)));
+        assert_eq!(pidfd(ME), Decision::Local);
+    }
+
+    #[test]
     fn modules() {
         let t = FdTable::new();
         let r = redirected(d(
@@ -1788,7 +1893,7 @@ mod tests {
             (r.string_arg, r.then),
             (Some(0), Then::NewFd { cloexec: true })
         );
-        assert_eq!(open("/etc/passwd"), Decision::Local);
+        assert_eq!(open("/etc/hosts"), Decision::Local);
         assert_eq!(open("/proc/self/maps"), Decision::Local);
         assert_eq!(open("version"), Decision::Local);
         assert_eq!(d(OPEN, [0; 6], &t, Str::Fault), Decision::Local);
@@ -1991,6 +2096,21 @@ mod tests {
     }
 
     #[test]
+    fn ioctls_that_return_a_gvm_fd_are_refused() {
+        let t = FdTable::new();
+        t.insert(3, 40);
+        for cmd in [NS_GET_USERNS, NS_GET_PARENT] {
+            let call = d(IOCTL, [3, cmd.into(), 0, 0, 0, 0], &t, Str::None);
+            assert_eq!(call, Decision::Fail(-i64::from(libc::EPERM)), "{cmd:#x}");
+        }
+        // NS_GET_NSTYPE returns a small number: redirected.
+        assert!(matches!(
+            d(IOCTL, [3, 0xb703, 0, 0, 0, 0], &t, Str::None),
+            Decision::Redirect(_)
+        ));
+    }
+
+    #[test]
     fn fcntl_on_placeholders() {
         let t = FdTable::new();
         t.insert(3, 40);
@@ -1999,7 +2119,17 @@ mod tests {
         assert_eq!(redirected(f(libc::F_SETFD)).then, Then::AlsoLocal);
         let r = redirected(f(libc::F_DUPFD_CLOEXEC));
         assert_eq!((r.nr, r.args[0], r.then), (DUP, 40, Then::Dup));
-        assert_eq!(f(libc::F_SETLK), Decision::Fail(-(libc::EINVAL as i64)));
+        // Locks on GVM files are never taken in the GVM (glibc's utmp reader asks for one).
+        for lock in [
+            libc::F_SETLK,
+            libc::F_SETLKW,
+            libc::F_OFD_SETLK,
+            libc::F_OFD_SETLKW,
+        ] {
+            assert_eq!(f(lock), Decision::Pretend, "{lock}");
+        }
+        assert_eq!(f(libc::F_GETLK), Decision::Fail(-(libc::EINVAL as i64)));
+        assert_eq!(f(libc::F_SETOWN), Decision::Fail(-(libc::EINVAL as i64)));
         assert_eq!(
             d(FCNTL, [4, libc::F_SETLK as u64, 0, 0, 0, 0], &t, Str::None),
             Decision::Local

@@ -1106,6 +1106,20 @@ extern "C" fn on_sigsys(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_voi
             ret
         }
         Decision::Fail(e) => e,
+        Decision::Pretend => 0,
+        Decision::Refuse(e) => {
+            let mut line = Line::new();
+            line.push(b"exterior: ");
+            match policy::syscall_name(nr) {
+                Some(name) => line.push(name.as_bytes()),
+                None => line.num(nr),
+            };
+            line.push(b" is refused: it would act on the SVM, not the GVM (docs/LIMITS.md): ")
+                .errno(e.saturating_neg())
+                .push(b"\n")
+                .write_stderr();
+            e
+        }
         Decision::Redirect(r) => redirect(r, nr, args, &mut path),
     };
     *reg(g, libc::REG_RAX) = result as libc::greg_t;

@@ -166,6 +166,16 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // and an MTU, a listener, processes), and each check also shows the SVM's own value
     // (`--local`) is different, so no check passes by reading the SVM.
     let domain = format!("gvm-{}", nonce());
+    // A user of the GVM's own, logged in on pts/7 as far as its utmp says (one 384-byte
+    // glibc `struct utmp`: USER_PROCESS of pid 1, so `who` finds its process alive).
+    let user = format!("op{}", nonce());
+    let utmp_size = gvm.run(&format!(
+        "echo '{user}:x:4242:4242::/tmp:/bin/sh' >>/etc/passwd; mkdir -p /var; ln -s /run /var/run; z() {{ head -c $1 /dev/zero; }}; \
+         {{ printf '\\007\\000\\000\\000\\001\\000\\000\\000pts/7'; z 27; \
+         printf 'ex07{user}'; z {pad}; z 308; }} >/run/utmp; wc -c </run/utmp",
+        pad = 32 - user.len()
+    ));
+    assert_eq!(utmp_size.trim(), "384");
     gvm.run(&format!(
         "hostname exterior-target; echo {domain} >/proc/sys/kernel/domainname; \
          modprobe dummy numdummies=0; ip addr add 10.9.8.7/24 dev lo; ip link set lo mtu 61234; \
@@ -319,6 +329,35 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     assert_eq!(gvm_df[1], "3072", "{gvm_df:?}");
     assert_eq!(usage(&exterior(&rt, "rd", &["df", "-k"])), gvm_df);
     assert!(!local(&rt, "rd", &["df", "-k"]).contains(&source));
+
+    // /etc/mtab is init's mount table too.
+    assert!(exterior(&rt, "rd", &["cat", "/etc/mtab"]).contains(&mount_point));
+    // The GVM's users and logins (its /etc/passwd and utmp).
+    let who = exterior(&rt, "rd", &["who"]);
+    assert!(
+        who.lines()
+            .any(|l| l.starts_with(&user) && l.contains("pts/7")),
+        "who does not show the GVM's login: {who}"
+    );
+    assert_eq!(exterior(&rt, "rd", &["users"]).trim(), user);
+    assert!(!local(&rt, "rd", &["who"]).contains(&user));
+    assert_eq!(exterior(&rt, "rd", &["id", "-nu", "4242"]).trim(), user);
+    let (code, out, _) =
+        run(vmm_in(&rt).args(["exec", "rd", "--local", "--", "id", "-nu", "4242"]));
+    assert!(
+        code != 0 && !out.contains(&user),
+        "the SVM has no user 4242: {out}"
+    );
+    // Calls that would change the SVM where the operator means the GVM are refused,
+    // saying so.
+    let (code, _, err) =
+        run(vmm_in(&rt).args(["exec", "rd", "--", "mount", "-t", "tmpfs", "none", "/mnt"]));
+    assert!(
+        code != 0
+            && err.contains("exterior: mount is refused: it would act on the SVM, not the GVM"),
+        "mount in the SVM: status {code}, {err}"
+    );
+    assert!(!local(&rt, "rd", &["cat", "/proc/mounts"]).contains(" /mnt "));
 
     // Another process's limits, scheduling and I/O priority are the GVM's, written and
     // read: set from outside, the GVM's own /proc and busybox agree, and so does the

@@ -7,19 +7,26 @@
 //!
 //! # What runs in the GVM
 //!
-//! - Kernel-wide state: `uname`, `sethostname`, `setdomainname`, `sysinfo`, `init_module`,
-//!   `finit_module` (on a redirected fd; on a local one it fails with `ENOSYS`, so kmod
-//!   falls back to `init_module` with the image in memory), `delete_module`.
+//! - Kernel-wide state: `uname`, `sethostname`, `setdomainname`, `sysinfo`, `syslog`,
+//!   `init_module`, `finit_module` (on a redirected fd; on a local one it fails with
+//!   `ENOSYS`, so kmod falls back to `init_module` with the image in memory),
+//!   `delete_module`, and `statfs` of any absolute path (`df`).
 //! - Other processes: `kill` unless it names the program itself or its own process group
 //!   (pid 0); `setpriority`/`getpriority` unless `who` is 0 or the program's own pid. So
 //!   `kill 1234` and `renice -p 1234` act in the GVM while `nice cmd` acts on itself.
 //!   `tkill`/`tgkill` stay local: their only stock users signal their own threads. The price:
 //!   a program signalling its own SVM children (a shell's `kill %1`, `kill $!`) signals the
-//!   GVM's process of that number instead.
+//!   GVM's process of that number instead. Likewise `ioprio_get`/`ioprio_set`, and the
+//!   calls naming one process by its pid unless it is 0 or the program's own:
+//!   `prlimit64`, `sched_{get,set}{affinity,scheduler,param,attr}`,
+//!   `sched_rr_get_interval`, `getpgid`, `getsid` (`taskset -p`, `chrt -p`, `prlimit`).
 //! - Paths under `/proc` and `/sys` (exactly `/proc`, `/sys`, or below `/proc/` or `/sys/`,
 //!   after lexical `.`/`..`/`//` clean-up) for `open`, `openat`, `openat2`, `stat`, `lstat`,
 //!   `newfstatat`, `statx`, `access`, `faccessat`, `faccessat2`, `readlink`, `readlinkat`;
-//!   relative paths when their dirfd is itself redirected.
+//!   relative paths when their dirfd is itself redirected. Also a few files that describe
+//!   the GVM's state: `/dev/kmsg`, `/etc/passwd`, `/etc/group`, `/etc/mtab`, the login
+//!   records (`/run/utmp`, `/var/run/utmp`, `/var/log/{wtmp,btmp,lastlog}`), and the
+//!   mount tables of `/proc/self` (see [`rewrite_for_gvm`]).
 //! - `socket(AF_NETLINK, …)`.
 //! - Calls on a redirected fd (see [`FdTable`]): `read`, `pread64`, `readv`, `preadv`,
 //!   `write`, `pwrite64`, `writev`, `pwritev`, `lseek`, `fstat`, `fstatfs`, `getdents64`,
@@ -49,10 +56,10 @@
 //!
 //! | contract | calls |
 //! | --- | --- |
-//! | 0 ([`Ret::Zero`]) | `uname`, `sysinfo`, `sethostname`, `setdomainname`, `kill`, `setpriority`, `*_module`, `stat`s, `access`es, `fstat`, `fstatfs`, `close`, `fadvise64`, `bind`, `connect`, `shutdown`, `get/setsockopt`, `getsockname`, `getpeername`, `fcntl(F_SETFL/F_SETFD)` |
-//! | a count of bytes of buffer *k* ([`Ret::Bytes`]): at most its length as the shim measured it *before* the call (an iovec array or a `msghdr`: the sum of the iovecs' lengths), and at most [`MAX_RW_COUNT`] | `read`, `pread64`, `getdents64`, `write`, `pwrite64`, `readv`, `preadv`, `writev`, `pwritev`, `readlink`, `readlinkat`, `sendto`, `recvfrom`, `sendmsg`, `recvmsg` |
+//! | 0 ([`Ret::Zero`]) | `uname`, `sysinfo`, `sethostname`, `setdomainname`, `kill`, `setpriority`, `ioprio_set`, `prlimit64`, `sched_set*`, `sched_getparam`, `sched_getattr`, `sched_rr_get_interval`, `syslog` (but reads and sizes), `*_module`, `stat`s, `statfs`, `access`es, `fstat`, `fstatfs`, `close`, `fadvise64`, `bind`, `connect`, `shutdown`, `get/setsockopt`, `getsockname`, `getpeername`, `fcntl(F_SETFL/F_SETFD)` |
+//! | a count of bytes of buffer *k* ([`Ret::Bytes`]): at most its length as the shim measured it *before* the call (an iovec array or a `msghdr`: the sum of the iovecs' lengths), and at most [`MAX_RW_COUNT`] | `read`, `pread64`, `getdents64`, `write`, `pwrite64`, `readv`, `preadv`, `writev`, `pwritev`, `readlink`, `readlinkat`, `sendto`, `recvfrom`, `sendmsg`, `recvmsg`, `sched_getaffinity`, `syslog` reads |
 //! | a new GVM fd, `0..=i32::MAX` ([`Ret::Fd`]), which the shim maps to a placeholder and never hands to the program itself | `open`, `openat`, `openat2`, `socket`, `dup` (and `dup2`, `dup3`, `fcntl(F_DUPFD*)`, which become one) |
-//! | a value in a range ([`Ret::Range`]) | `getpriority` 1..=40; `lseek` 0..=`i64::MAX` (an offset); `fcntl(F_GETFL)` and `ioctl` 0..=`i32::MAX`; `fcntl(F_GETFD)` 0..=1; `recvfrom`/`recvmsg` with `MSG_TRUNC` 0..=[`MAX_RW_COUNT`] (the packet's true length, which may exceed the buffer) |
+//! | a value in a range ([`Ret::Range`]) | `getpriority` 1..=40; `ioprio_get` 0..=0xffff; `sched_getscheduler` 0..=`SCHED_RESET_ON_FORK \| 7`; `getpgid`, `getsid` 0..=`PID_MAX_LIMIT`; `syslog` sizes 0..=`i32::MAX`; `lseek` 0..=`i64::MAX` (an offset); `fcntl(F_GETFL)` and `ioctl` 0..=`i32::MAX`; `fcntl(F_GETFD)` 0..=1; `recvfrom`/`recvmsg` with `MSG_TRUNC` 0..=[`MAX_RW_COUNT`] (the packet's true length, which may exceed the buffer) |
 //!
 //! A result out of contract becomes `-EIO` (the shim says so on stderr, naming the call and
 //! the value): never a count larger than the buffer it counts, never an fd that an `as i32`
@@ -69,6 +76,14 @@
 //! The VMM writes only RAX and RCX; the bytes a call writes into the program's buffers are
 //! written by the GVM's kernel through the view (bounded by the pages the view maps, not
 //! by this contract).
+//!
+//! # Refused
+//!
+//! Calls that would change the SVM where the operator means the GVM, and are not
+//! redirected, fail with `ENOSYS` and a line on stderr ([`Decision::Refuse`]): `mount`,
+//! `umount2`, `swapon`, `swapoff`, `pivot_root`, `reboot`, the System V IPC calls that make,
+//! change or remove objects, and `pidfd_open` of another process. Advisory locks on a
+//! redirected fd succeed without being taken ([`Decision::Pretend`]).
 //!
 //! # Everything else is local
 //!

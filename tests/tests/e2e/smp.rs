@@ -20,6 +20,11 @@ fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
          /tmp/victim & sleep 3600 & echo $! >/tmp/sleeper; sleep 1",
     );
     assert_eq!(gvm.run("grep -c ^processor /proc/cpuinfo").trim(), "2");
+    // One spare possible CPU beyond those it runs (the MADT lists it disabled).
+    assert_eq!(
+        gvm.run("cat /sys/devices/system/cpu/possible /sys/devices/system/cpu/online"),
+        "0-2\n0-1\n"
+    );
 
     // Reads: the GVM's two CPUs, modules and names. Not `ps`: on this GVM, `ps -e` and
     // even `ps -p PID` as the first reads after boot did not finish within 300 s in the
@@ -38,6 +43,15 @@ fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
     // Writes.
     kill_from_outside(&rt, "smp", &mut gvm, &victim, "victim");
     let sleeper = gvm.run("cat /tmp/sleeper").trim().to_string();
+    // Another process's CPU affinity (it sleeps, so nothing migrates): set from outside,
+    // the GVM's own busybox taskset agrees, and so does the exterior reading.
+    exterior(&rt, "smp", &["taskset", "-p", "2", &sleeper]);
+    let mask = format!("pid {sleeper}'s current affinity mask: 2");
+    assert_eq!(gvm.run(&format!("taskset -p {sleeper}")).trim(), mask);
+    assert_eq!(
+        exterior(&rt, "smp", &["taskset", "-p", &sleeper]).trim(),
+        mask
+    );
     exterior(&rt, "smp", &["renice", "-n", "9", "-p", &sleeper]);
     assert_eq!(
         gvm.run(&format!("cut -d' ' -f19 /proc/{sleeper}/stat"))

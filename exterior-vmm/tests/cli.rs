@@ -502,3 +502,150 @@ fn images_in_the_working_directory_are_never_used() {
         "{err}"
     );
 }
+
+// Sealed images (appliance/FORMAT.md) that are altered, truncated or untrusted are
+// refused before anything loads: a check of the image alone, so it needs no KVM and runs
+// here, on a synthetic kernel and initrd (tests/e2e/image.rs boots real sealed images).
+// With no KVM device, an image wrongly accepted fails with status 3, not 2.
+
+/// What the sealed command prints.
+const GREETING: &str = "sealed-hello";
+
+/// `keygen -o DIR/NAME`: (secret key, public key, fingerprint).
+fn keygen(dir: &Path, name: &str) -> (PathBuf, PathBuf, String) {
+    let key = dir.join(name);
+    let out = vmm().arg("keygen").arg("-o").arg(&key).output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "keygen failed");
+    let fingerprint = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:").map(|f| f.trim().to_string()))
+        .expect("keygen prints the fingerprint");
+    (key, dir.join(format!("{name}.pub")), fingerprint)
+}
+
+/// A sealed image of a minimal kernel and initrd whose command runs GREETING.
+fn sealed(dir: &Path, key: &Path) -> PathBuf {
+    let initrd = dir.join("initrd.cpio");
+    std::fs::write(&initrd, b"070701 a stand-in initramfs".repeat(8)).unwrap();
+    let image = dir.join("gvm.img");
+    let out = vmm()
+        .arg("seal")
+        .arg("--kernel")
+        .arg(minimal_elf(dir))
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--append", &format!("exterior_run=\"echo {GREETING}\"")])
+        .arg("--key")
+        .arg(key)
+        .arg("-o")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "seal failed");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signature: valid"));
+    image
+}
+
+/// File offset of the kernel part: right after magic (8) + version (4) + manifest length
+/// (4) + manifest + signature (64).
+fn kernel_offset(image: &[u8]) -> usize {
+    assert_eq!(image.get(..8), Some(&b"EXTVMIMG"[..]), "not a sealed image");
+    let len: [u8; 4] = image[12..16].try_into().unwrap();
+    16 + u32::from_le_bytes(len) as usize + 64
+}
+
+/// `run --image IMAGE --trust KEY...`: refused with status 2 and "refusing image"; its
+/// stderr.
+fn refused_image(image: &Path, trust: &[&Path]) -> String {
+    let mut cmd = vmm();
+    cmd.env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .arg("run")
+        .arg("--image")
+        .arg(image);
+    for key in trust {
+        cmd.arg("--trust").arg(key);
+    }
+    let (code, err) = run(&mut cmd);
+    assert_eq!(code, 2, "run did not refuse the image with status 2: {err}");
+    assert!(
+        err.contains("refusing image"),
+        "no refusal on stderr: {err}"
+    );
+    err
+}
+
+#[test]
+fn one_flipped_byte_in_a_sealed_kernel_is_refused_before_boot() {
+    let dir = scratch("image-kernel-flip");
+    let (key, public, _) = keygen(&dir, "key");
+    let image = sealed(&dir, &key);
+    let mut bytes = std::fs::read(&image).unwrap();
+    let kernel_len = std::fs::metadata(dir.join("vmlinux")).unwrap().len() as usize;
+    let at = kernel_offset(&bytes) + kernel_len / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&image, &bytes).unwrap();
+    let err = refused_image(&image, &[&public]);
+    assert!(err.contains("digest mismatch in kernel part"), "{err}");
+    let out = vmm()
+        .arg("inspect")
+        .arg(&image)
+        .arg("--trust")
+        .arg(&public)
+        .output()
+        .unwrap();
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "inspect accepted a tampered image"
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("signature: NOT verified"));
+}
+
+#[test]
+fn an_edited_manifest_is_refused_before_boot() {
+    let dir = scratch("image-manifest-edit");
+    let (key, public, _) = keygen(&dir, "key");
+    let image = sealed(&dir, &key);
+    let mut bytes = std::fs::read(&image).unwrap();
+    // Change the sealed command: "sealed-hello" -> "sealed-jello".
+    let at = bytes[..kernel_offset(&bytes)]
+        .windows(GREETING.len())
+        .position(|w| w == GREETING.as_bytes())
+        .expect("command line in the manifest");
+    bytes[at + "sealed-".len()] = b'j';
+    std::fs::write(&image, &bytes).unwrap();
+    let err = refused_image(&image, &[&public]);
+    assert!(err.contains("signature does not verify"), "{err}");
+}
+
+#[test]
+fn an_image_signed_by_an_unknown_key_or_by_none_trusted_is_refused() {
+    let dir = scratch("image-unknown-key");
+    let (key, _, signer) = keygen(&dir, "signer");
+    let (_, other, _) = keygen(&dir, "other");
+    let image = sealed(&dir, &key);
+    let err = refused_image(&image, &[&other]);
+    assert!(
+        err.contains(&format!("signed by key {signer}")) && err.contains("not among"),
+        "{err}"
+    );
+    // No trusted key at all is a refusal too, never "unchecked".
+    let err = refused_image(&image, &[]);
+    assert!(err.contains("no trusted public key"), "{err}");
+}
+
+#[test]
+fn a_truncated_image_is_refused() {
+    let dir = scratch("image-truncated");
+    let (key, public, _) = keygen(&dir, "key");
+    let image = sealed(&dir, &key);
+    let len = std::fs::metadata(&image).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
+    let err = refused_image(&image, &[&public]);
+    assert!(err.contains("truncated"), "{err}");
+}

@@ -71,9 +71,17 @@ fn a_guest_on_a_tap_talks_to_its_namespace_both_ways() {
         Duration::from_secs(300),
         || std::fs::read_to_string(&got).is_ok_and(|t| t.contains("guest-42")),
     );
-    let log = std::fs::read_to_string(&console).unwrap_or_default();
-    let log = after_init("the guest console", &log);
-    assert!(log.lines().any(|l| l.trim() == "net-ready-42"), "{log}");
+    // The guest prints its ready line after its nc ends, which may be after the
+    // namespace's server recorded the line (a CI run read the console too early once).
+    wait_for(
+        "the guest's ready line on its console",
+        Duration::from_secs(60),
+        || {
+            let log = std::fs::read_to_string(&console).unwrap_or_default();
+            log.split_once("Run /init")
+                .is_some_and(|(_, run)| run.lines().any(|l| l.trim() == "net-ready-42"))
+        },
+    );
 
     // Namespace to guest: ping, and a line echoed back by the guest's server.
     let (code, out) = in_ns(pid, "ping -c 3 -W 5 10.0.2.15");

@@ -175,7 +175,8 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     let domain = format!("gvm-{}", nonce());
     // A user of the GVM's own, logged in on pts/7 as far as its utmp says (one 384-byte
     // glibc `struct utmp`: USER_PROCESS of pid 1, so `who` finds its process alive).
-    let user = format!("op{}", nonce());
+    // Eight characters at most: `w` cuts longer names.
+    let user: String = format!("op{}", nonce()).chars().take(8).collect();
     let utmp_size = gvm.run(&format!(
         "echo '{user}:x:4242:4242::/tmp:/bin/sh' >>/etc/passwd; mkdir -p /var; ln -s /run /var/run; z() {{ head -c $1 /dev/zero; }}; \
          {{ printf '\\007\\000\\000\\000\\001\\000\\000\\000pts/7'; z 27; \

@@ -24,9 +24,10 @@
 //!   after lexical `.`/`..`/`//` clean-up) for `open`, `openat`, `openat2`, `stat`, `lstat`,
 //!   `newfstatat`, `statx`, `access`, `faccessat`, `faccessat2`, `readlink`, `readlinkat`;
 //!   relative paths when their dirfd is itself redirected. Also a few files that describe
-//!   the GVM's state: `/dev/kmsg`, `/etc/passwd`, `/etc/group`, `/etc/mtab`, the login
-//!   records (`/run/utmp`, `/var/run/utmp`, `/var/log/{wtmp,btmp,lastlog}`), and the
-//!   mount tables of `/proc/self` (see [`rewrite_for_gvm`]).
+//!   the GVM's state: `/dev/kmsg`, `/etc/passwd`, `/etc/group`, `/etc/hosts`,
+//!   `/etc/hostid`, `/etc/mtab`, the login records (`/run/utmp`, `/var/run/utmp`,
+//!   `/var/log/{wtmp,btmp,lastlog}`), `/run/netns/…`, `/run/udev/…`, and the mount
+//!   tables of `/proc/self` (see [`rewrite_for_gvm`]).
 //! - `socket(AF_NETLINK, …)`.
 //! - Calls on a redirected fd (see [`FdTable`]): `read`, `pread64`, `readv`, `preadv`,
 //!   `write`, `pwrite64`, `writev`, `pwritev`, `lseek`, `fstat`, `fstatfs`, `getdents64`,
@@ -223,9 +224,13 @@ pub fn rewrite_for_gvm(path: &mut [u8; PATH_MAX]) -> bool {
 /// the GVM's (init's, see [`rewrite_for_gvm`]).
 const MOUNT_TABLES: [&[u8]; 3] = [b"mounts", b"mountinfo", b"mountstats"];
 
-/// Files of `/etc` that describe the GVM's users, and `/etc/mtab` (rewritten to init's
-/// mounts: in the GVM it is a link to `self`, which the shadow task is not).
-const ETC_FILES: [&[u8]; 3] = [b"passwd", b"group", b"mtab"];
+/// Files of `/etc` that describe the GVM's users, its name's address and host id
+/// (`hostname -f`, `hostid`), and `/etc/mtab` (rewritten to init's mounts: in the GVM it
+/// is a link to `self`, which the shadow task is not).
+const ETC_FILES: [&[u8]; 5] = [b"passwd", b"group", b"mtab", b"hosts", b"hostid"];
+
+/// Directories of `/run` that describe the GVM's state.
+const RUN_DIRS: [&[u8]; 2] = [b"netns", b"udev"];
 
 /// The login records of `/var/log`.
 const LOGIN_LOGS: [&[u8]; 3] = [b"wtmp", b"btmp", b"lastlog"];
@@ -286,6 +291,9 @@ pub fn classify_path_for(path: &[u8], own_pid: Option<i32>) -> Place {
         // table's old name.
         (2, b"etc") if ETC_FILES.contains(&second) => Place::Gvm,
         (2, b"run") if second == b"utmp" => Place::Gvm,
+        // Its named network namespaces (`ip netns list`) and udev's database of its
+        // devices (`lsblk`'s FS, LABEL and UUID columns).
+        (2.., b"run") if RUN_DIRS.contains(&second) => Place::Gvm,
         (3, b"var") if second == b"run" && third == b"utmp" => Place::Gvm,
         (3, b"var") if second == b"log" && LOGIN_LOGS.contains(&third) => Place::Gvm,
         // The program's mount table is the GVM's (`mount`, `findmnt`, `df`): the rewrite
@@ -1348,6 +1356,11 @@ mod tests {
             "/var/log/wtmp",
             "/var/log/btmp",
             "/var/log/lastlog",
+            "/etc/hosts",
+            "/etc/hostid",
+            "/run/netns",
+            "/run/netns/blue",
+            "/run/udev/data/b254:0",
         ] {
             assert_eq!(classify_path(p.as_bytes()), Place::Gvm, "{p}");
         }
@@ -1411,8 +1424,10 @@ mod tests {
             "/etc/shadow",
             "/etc/passwd-",
             "/etc/passwd/x",
-            "/etc/hosts",
+            "/etc/hosts.allow",
             "/run/utmpx",
+            "/run/netnsx",
+            "/run/systemd/netns",
             "/var/log/syslog",
             "/var/run/wtmp",
             "/usr/var/log/wtmp",
@@ -1908,7 +1923,7 @@ mod tests {
             (r.string_arg, r.then),
             (Some(0), Then::NewFd { cloexec: true })
         );
-        assert_eq!(open("/etc/hosts"), Decision::Local);
+        assert_eq!(open("/etc/os-release"), Decision::Local);
         assert_eq!(open("/proc/self/maps"), Decision::Local);
         assert_eq!(open("version"), Decision::Local);
         assert_eq!(d(OPEN, [0; 6], &t, Str::Fault), Decision::Local);
@@ -1937,7 +1952,12 @@ mod tests {
         assert_eq!(r.args[0], 9);
         // An absolute local path ignores a redirected dirfd.
         assert_eq!(
-            d(OPENAT, [5, 0x1000, 0, 0, 0, 0], &t, Str::Ok(b"/etc/hosts")),
+            d(
+                OPENAT,
+                [5, 0x1000, 0, 0, 0, 0],
+                &t,
+                Str::Ok(b"/etc/os-release")
+            ),
             Decision::Local
         );
 

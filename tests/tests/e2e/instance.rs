@@ -78,7 +78,15 @@ fn tail(text: &str, lines: usize) -> String {
 impl Drop for Instance {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            // The test failed: what the VMM and the GVM said last explains most failures.
+            // The test failed: what the VMM and the GVM said last explains most failures,
+            // and the engine's counters and phase times tell a slow call from a stuck one.
+            let mut info = vmm_in(&self.rt);
+            info.args(["info", &self.name]);
+            let counters = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_within(&mut info, None, Duration::from_secs(20)).1
+            }))
+            .unwrap_or_else(|_| "(info did not answer within 20 s)".into());
+            eprintln!("--- info {}\n{counters}", self.name);
             for kind in ["vmm", "gvm"] {
                 let path = self.rt.join(format!("{}.{kind}.log", self.name));
                 let text = std::fs::read_to_string(&path).unwrap_or_default();

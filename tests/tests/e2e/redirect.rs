@@ -178,7 +178,8 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // Eight characters at most: `w` cuts longer names.
     let user: String = format!("op{}", nonce()).chars().take(8).collect();
     let utmp_size = gvm.run(&format!(
-        "echo '{user}:x:4242:4242::/tmp:/bin/sh' >>/etc/passwd; mkdir -p /var; ln -s /run /var/run; z() {{ head -c $1 /dev/zero; }}; \
+        "echo '{user}:x:4242:4242::/tmp:/bin/sh' >>/etc/passwd; printf '\\021\\042\\063\\104' >/etc/hostid; \
+         mkdir -p /var; ln -s /run /var/run; z() {{ head -c $1 /dev/zero; }}; \
          {{ printf '\\007\\000\\000\\000\\001\\000\\000\\000pts/7'; z 27; \
          printf 'ex07{user}'; z {pad}; z 308; }} >/run/utmp; wc -c </run/utmp",
         pad = 32 - user.len()
@@ -373,10 +374,11 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
             "sh",
             "-c",
             "dmesg; dmesg -S; mount; findmnt -l; df -k; cat /etc/mtab; who; users; \
-             id -nu 4242 || echo no-user-4242; cat /proc/mounts",
+             id -nu 4242 || echo no-user-4242; cat /proc/mounts; hostid",
         ],
     );
-    for marker in [&kmsg_marker, &mount_point, &source, &user] {
+    let hostid = "44332211".to_string();
+    for marker in [&kmsg_marker, &mount_point, &source, &user, &hostid] {
         assert!(
             !svm.contains(marker.as_str()),
             "{marker} in the SVM's answers: {svm}"
@@ -456,6 +458,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
         format!("lsfd -p {pid} -o COMMAND"),
         format!("stat -f -c %b {mount_point}"),
         "sysctl -n kernel.hostname".to_string(),
+        "hostid".to_string(),
         "pidwait xmarker 2>&1".to_string(),
         "ipcmk -Q 2>&1".to_string(),
     ];
@@ -488,6 +491,8 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
         ("utmpdump", &user[..]),
         ("lsblk", "vda"),
         ("lsfd", "xmarker"),
+        // The GVM's /etc/hostid (its own busybox agrees, below).
+        ("hostid", "44332211"),
     ];
     for (cmd, mark) in gvm_only {
         let text = succeeded(cmd);
@@ -511,6 +516,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // 3 MiB of 4 KiB blocks.
     assert_eq!(succeeded("stat").trim(), "768");
     assert_eq!(succeeded("sysctl").trim(), "exterior-target");
+    assert_eq!(gvm.run("hostid").trim(), "44332211");
     for (cmd, call) in [("pidwait", "pidfd_open"), ("ipcmk", "msgget")] {
         let text = answer(cmd);
         assert!(

@@ -863,29 +863,24 @@ pub fn decide(nr: u64, a: [u64; 6], fds: &FdTable, own_pid: i32, s: Str) -> Deci
                 redirect(call)
             };
         }
-        SETPRIORITY | GETPRIORITY => {
+        // They name processes by (which, who): `who` 0 is the caller's own process, group
+        // or user; "process" (PRIO_PROCESS, IOPRIO_WHO_PROCESS) with the program's own pid
+        // is the program too.
+        SETPRIORITY | GETPRIORITY | IOPRIO_GET | IOPRIO_SET => {
+            let process = match nr {
+                SETPRIORITY | GETPRIORITY => libc::PRIO_PROCESS as u64,
+                _ => IOPRIO_WHO_PROCESS,
+            };
             let who = int(1);
-            let own = a[0] == libc::PRIO_PROCESS as u64 && who == own_pid;
-            return if who == 0 || own {
-                Decision::Local
-            } else if nr == GETPRIORITY {
+            if who == 0 || (a[0] == process && who == own_pid) {
+                return Decision::Local;
+            }
+            return redirect(match nr {
                 // The raw call returns 20 - nice: 1..=40.
-                redirect(call.ret(Ret::Range(1, 40)))
-            } else {
-                redirect(call)
-            };
-        }
-        // ioprio_{get,set}(which, who, …) names processes as setpriority does.
-        IOPRIO_GET | IOPRIO_SET => {
-            let who = int(1);
-            let own = a[0] == IOPRIO_WHO_PROCESS && who == own_pid;
-            return if who == 0 || own {
-                Decision::Local
-            } else if nr == IOPRIO_GET {
-                redirect(call.ret(Ret::Range(0, 0xffff)))
-            } else {
-                redirect(call)
-            };
+                GETPRIORITY => call.ret(Ret::Range(1, 40)),
+                IOPRIO_GET => call.ret(Ret::Range(0, 0xffff)),
+                _ => call,
+            });
         }
         // Calls about one process named by its pid (argument 0; 0 is the caller): another
         // process's scheduling, affinity, limits and session are the GVM's (`chrt -p`,

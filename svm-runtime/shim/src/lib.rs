@@ -237,6 +237,13 @@ impl Line {
         }
         self.num(n.unsigned_abs())
     }
+    /// The system call's name, or its number if the policy has no name for it.
+    fn call(&mut self, nr: u64) -> &mut Line {
+        match policy::syscall_name(nr) {
+            Some(name) => self.push(name.as_bytes()),
+            None => self.num(nr),
+        }
+    }
     fn errno(&mut self, errno: i64) -> &mut Line {
         let name: &[u8] = match errno as i32 {
             libc::EPERM => b"EPERM",
@@ -820,12 +827,7 @@ fn vmm_call(nr: u64, a: [u64; 6], list: &BufferList) -> i64 {
             Some(s) => line.push(s.reason().as_bytes()),
             None => line.push(redirect_abi::REASON_UNKNOWN_STATUS.as_bytes()),
         };
-        line.push(b" (");
-        match policy::syscall_name(nr) {
-            Some(name) => line.push(name.as_bytes()),
-            None => line.num(nr),
-        };
-        line.push(b")\n").write_stderr();
+        line.push(b" (").call(nr).push(b")\n").write_stderr();
     }
     if matches!(Status::from_rcx(rcx), None | Some(Status::Pending)) {
         // No status (the VMM did not answer: RCX still holds the list), or pending without
@@ -844,12 +846,9 @@ fn checked_call(nr: u64, a: [u64; 6], accept: Accept, list: &BufferList) -> i64 
         let mut line = Line::new();
         line.push(b"exterior: the guest kernel returned ")
             .signed(bad);
-        line.push(b" from ");
-        match policy::syscall_name(nr) {
-            Some(name) => line.push(name.as_bytes()),
-            None => line.num(nr),
-        };
-        line.push(b", outside its contract (-errno or ")
+        line.push(b" from ")
+            .call(nr)
+            .push(b", outside its contract (-errno or ")
             .signed(accept.lo)
             .push(b"..=")
             .signed(accept.hi)
@@ -1108,13 +1107,10 @@ extern "C" fn on_sigsys(_sig: c_int, info: *mut libc::siginfo_t, ctx: *mut c_voi
         Decision::Fail(e) => e,
         Decision::Pretend => 0,
         Decision::Refuse(e) => {
-            let mut line = Line::new();
-            line.push(b"exterior: ");
-            match policy::syscall_name(nr) {
-                Some(name) => line.push(name.as_bytes()),
-                None => line.num(nr),
-            };
-            line.push(b" is refused: it would act on the SVM, not the GVM (docs/LIMITS.md): ")
+            Line::new()
+                .push(b"exterior: ")
+                .call(nr)
+                .push(b" is refused: it would act on the SVM, not the GVM (docs/LIMITS.md): ")
                 .errno(e.saturating_neg())
                 .push(b"\n")
                 .write_stderr();

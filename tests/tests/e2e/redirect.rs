@@ -177,6 +177,8 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // glibc `struct utmp`: USER_PROCESS of pid 1, so `who` finds its process alive).
     // Eight characters at most: `w` cuts longer names.
     let user: String = format!("op{}", nonce()).chars().take(8).collect();
+    // The GVM's /etc/hostid holds bytes 11 22 33 44: glibc reads them as one int.
+    let hostid = "44332211";
     let utmp_size = gvm.run(&format!(
         "echo '{user}:x:4242:4242::/tmp:/bin/sh' >>/etc/passwd; printf '\\021\\042\\063\\104' >/etc/hostid; \
          mkdir -p /var; ln -s /run /var/run; z() {{ head -c $1 /dev/zero; }}; \
@@ -377,10 +379,9 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
              id -nu 4242 || echo no-user-4242; cat /proc/mounts; hostid",
         ],
     );
-    let hostid = "44332211".to_string();
-    for marker in [&kmsg_marker, &mount_point, &source, &user, &hostid] {
+    for marker in [&kmsg_marker[..], &mount_point, &source, &user, hostid] {
         assert!(
-            !svm.contains(marker.as_str()),
+            !svm.contains(marker),
             "{marker} in the SVM's answers: {svm}"
         );
     }
@@ -492,7 +493,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
         ("lsblk", "vda"),
         ("lsfd", "xmarker"),
         // The GVM's /etc/hostid (its own busybox agrees, below).
-        ("hostid", "44332211"),
+        ("hostid", hostid),
     ];
     for (cmd, mark) in gvm_only {
         let text = succeeded(cmd);
@@ -516,7 +517,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     // 3 MiB of 4 KiB blocks.
     assert_eq!(succeeded("stat").trim(), "768");
     assert_eq!(succeeded("sysctl").trim(), "exterior-target");
-    assert_eq!(gvm.run("hostid").trim(), "44332211");
+    assert_eq!(gvm.run("hostid").trim(), hostid);
     for (cmd, call) in [("pidwait", "pidfd_open"), ("ipcmk", "msgget")] {
         let text = answer(cmd);
         assert!(

@@ -42,8 +42,8 @@ use std::ops::ControlFlow;
 use redirect::bounce::{BounceError, BouncePlan, Range, BOUNCE_SIZE, USER_END};
 use redirect::memory::Relocated;
 use redirect::view::{
-    offsets, View, ViewError, ViewLayout, ViewTables, KSTUB_KVA, START_KERNEL_MAP, TRAP_KVA,
-    WINDOW_KVA, WINDOW_SIZE, WINDOW_SLOT,
+    offsets, ModuleCopy, View, ViewError, ViewLayout, ViewTables, KSTUB_KVA, MODULE_AREA,
+    START_KERNEL_MAP, TRAP_KVA, WINDOW_KVA, WINDOW_SIZE, WINDOW_SLOT,
 };
 use redirect::{
     for_each_mapping, is_canonical, read_cstr, read_virt, translate, Access, GuestPhysMemory,
@@ -157,6 +157,8 @@ pub struct Case {
     /// Pages of text: `1 + text_pages % 2048`.
     pub text_pages: u16,
     /// GiB of GVM RAM past the image's end (`% 8`): moves the window and the bounce area.
+    /// Bit 3: one verified module text (`ViewLayout::modules`) in the module area, at
+    /// page `(also_start >> 12) % 0x3f000` of it, `1 + (also_len >> 16) % 16` pages.
     pub gvm_end_gib: u8,
     /// 0: no `also_exec`; 1: a range in PML4 slot 511; 2: a raw range.
     pub also_kind: u8,
@@ -286,6 +288,15 @@ pub fn check(case: &Case) -> Outcome {
             .checked_add(u64::from(case.also_len))
             .map(|end| (case.also_start, end)),
     };
+    if case.gvm_end_gib & 8 != 0 {
+        let start = MODULE_AREA.0 + (((case.also_start >> 12) % 0x3f000) << 12);
+        let pages = 1 + u64::from(case.also_len >> 16) % 16;
+        layout.modules = vec![ModuleCopy {
+            start,
+            end: start + (pages << 12),
+            copy: layout.module_copy_gpa,
+        }];
+    }
     let places = Places {
         window_gpa: layout.window_gpa,
         bounce_gpa: layout.bounce_gpa,
@@ -427,6 +438,12 @@ fn check_build(
         }
         Err(ViewError::Window(e)) => panic!("build_view failed on its own window: {e}"),
         Err(ViewError::GvmTables { .. }) => {}
+        Err(ViewError::ModuleOutsideArea) => {
+            panic!(
+                "a module copy inside the module area was refused: {:x?}",
+                layout.modules
+            )
+        }
         Err(ViewError::SlotInUse) => {
             let e = gvm.mem.read_u64((gvm_cr3 & ADDR) + WINDOW_SLOT as u64 * 8);
             assert!(
@@ -532,8 +549,28 @@ fn check_view(
             && !m.writable
             && !m.user
     };
+    // A verified module's page: to its copy, read-only, at the same offset.
+    let module_copy_page = |m: &Mapping| {
+        layout.modules.iter().any(|c| {
+            m.page_size == PageSize::Size4K
+                && meets(m.gva, 0x1000, (c.start, c.end))
+                && m.gva.checked_sub(c.start).map(|off| c.copy + off) == Some(m.gpa)
+                && !m.writable
+                && !m.user
+        })
+    };
     walk(SLOT_511_KVA..=u64::MAX, 1024, &mut |m| {
         let size = m.page_size.bytes();
+        if layout
+            .modules
+            .iter()
+            .any(|c| meets(m.gva, size, (c.start, c.end)))
+        {
+            assert!(
+                module_copy_page(m),
+                "a view mapping over a verified module's text is not its copy: {m:x?}"
+            );
+        }
         if meets(m.gva, size, text) {
             assert!(
                 own_text_page(m),
@@ -542,8 +579,11 @@ fn check_view(
         }
         if !m.nx {
             assert!(
-                own_text_page(m) || layout.also_exec.is_some_and(|a| meets(m.gva, size, a)),
-                "executable kernel mapping outside the trusted text {text:x?} and also_exec \
+                own_text_page(m)
+                    || module_copy_page(m)
+                    || layout.also_exec.is_some_and(|a| meets(m.gva, size, a)),
+                "executable kernel mapping outside the trusted text {text:x?}, the verified \
+                 modules and also_exec \
                  {:x?}: {m:x?}",
                 layout.also_exec
             );
@@ -782,7 +822,8 @@ fn check_walker(gvm: &Built, cr3: u64, mode: &PagingMode, probes: &[Probe]) {
 
 /// Small valid cases: the view unit tests' guest and call (a read buffer and a written
 /// one), a GVM that points the text at a copy (2 MiB entry and 1 GiB page), one with
-/// modules, a direct map and `also_exec`, one whose kernel tables point into the bounce
+/// modules, a direct map and `also_exec` (and the same with a verified module instead of
+/// `also_exec`), one whose kernel tables point into the bounce
 /// area and the window, a call without buffers, buffers that share and straddle pages,
 /// end the user half and fill slots 1..5; and two that stop at a limit: buffers in every
 /// user slot (the pool runs out before the stub has nowhere to go) and one page past the
@@ -848,6 +889,13 @@ pub fn seeds() -> Vec<(&'static str, Case)> {
     modules.also_kind = 1;
     modules.also_start = (511 << 30) + 0x1000;
     modules.also_len = 0x1000;
+    // The first module page verified instead (run from its copy); the second stays the
+    // GVM's, no-execute.
+    let mut verified_module = modules.clone();
+    verified_module.also_kind = 0;
+    verified_module.also_start = 0;
+    verified_module.also_len = 0;
+    verified_module.gvm_end_gib = 8;
     // Kernel tables a hostile GVM aims at the redirect VM's own memory: PML4[300] at a
     // bounce page, PML4[301] at the window's first page (the view's PML4), the image's
     // PDPT[509] and a whole PD of 2 MiB entries at the bounce area.
@@ -927,6 +975,7 @@ pub fn seeds() -> Vec<(&'static str, Case)> {
         ),
         ("text-in-a-1g-page", hostile_1g),
         ("modules-and-also-exec", modules),
+        ("a-verified-module", verified_module),
         ("gvm-tables-into-the-bounce-area", into_bounce),
         ("no-buffers", with_buffers(Vec::new(), 0)),
         ("shared-straddling-and-top-buffers", shared),

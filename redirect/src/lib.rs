@@ -21,6 +21,8 @@
 //! - [`cpu_tables`]: the IDT, GDT and TSS the redirect vCPU runs on (never the GVM's);
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
+//! - [`module_text`]: which loaded modules' text the view may run (checked against the
+//!   trusted SVM's load of the same `.ko`);
 //! - [`call_profile`]: what a call needs from the kernel profile, derived once;
 //! - [`stores`]: which stores to the unbacked sentinel and trap pages end a call;
 //! - [`traps`]: the traps patched into the view's private kernel text (sleep, faults,
@@ -38,6 +40,7 @@ pub mod call_profile;
 pub mod cpu_tables;
 pub mod lend;
 pub mod memory;
+pub mod module_text;
 pub mod paging;
 pub mod profile;
 pub mod shadow;

@@ -9,6 +9,7 @@
 //! describing a trap from its arguments by reading (hostile) GVM memory, including a
 //! bounded walk of the GVM's module list.
 
+use crate::module_text::LoadedModule;
 use crate::paging::{AddressSpace, Privilege};
 use crate::profile::{KernelProfile, SymbolTable};
 use crate::view::TRAP_KVA;
@@ -254,6 +255,31 @@ impl ModuleLayout {
         None
     }
 
+    /// Every loaded module (at most [`MAX_MODULES`]), in list order, with its core text's
+    /// size; the walk ends at the first entry it cannot read.
+    pub fn loaded(&self, mem: &CallMemory<'_>) -> Vec<(LoadedModule, u64)> {
+        let mut out = Vec::new();
+        let mut node = mem.u64(self.list_head);
+        for _ in 0..MAX_MODULES {
+            let Some(n) = node.filter(|&n| n != self.list_head) else {
+                break;
+            };
+            let entry = n.checked_sub(self.list).and_then(|module| {
+                let field = |off: u64| mem.u64(module.checked_add(off)?);
+                let module = LoadedModule {
+                    name: mem.string(module.checked_add(self.name)?, MODULE_NAME_LEN)?,
+                    base: field(self.base)?,
+                    size: field(self.size)? & 0xffff_ffff,
+                };
+                Some((module, field(self.text_size)? & 0xffff_ffff))
+            });
+            let Some(entry) = entry else { break };
+            out.push(entry);
+            node = mem.u64(n);
+        }
+        out
+    }
+
     /// The core text [start, end) of the loaded module called `name`.
     pub fn module_text(&self, mem: &CallMemory<'_>, name: &str) -> Option<(u64, u64)> {
         self.find(mem, |module| {
@@ -470,6 +496,18 @@ mod tests {
             Some((0xffff_ffff_c000_0000, 0xffff_ffff_c000_1800))
         );
         assert_eq!(l.module_text(&call, "absent"), None);
+        let m = |name: &str, base, size| LoadedModule {
+            name: name.into(),
+            base,
+            size,
+        };
+        assert_eq!(
+            l.loaded(&call),
+            vec![
+                (m("dummy", 0xffff_ffff_c000_0000, 0x3000), 0x1800),
+                (m("evil?", 0xffff_ffff_c001_0000, 0x1000), 0x800),
+            ]
+        );
         let text = describe(
             Trap::KernelProtectionFault,
             Args([0x11, 0xffff_ffff_c000_0010, 0, 0]),
@@ -493,9 +531,15 @@ mod tests {
         let kernel = AddressSpace::new(&mem, PagingMode::default(), 0x1000);
         let call = CallMemory::gvm_only(&kernel);
         assert_eq!(l.module_at(&call, 0xffff_ffff_c000_0000), None);
+        assert_eq!(
+            l.loaded(&call).len(),
+            MAX_MODULES,
+            "the full list is bounded"
+        );
         // A pointer to unmapped memory.
         mem.write_u64(0x10_0000, 0xdead_0000_0000).unwrap();
         assert_eq!(l.module_at(&call, 0xffff_ffff_c000_0000), None);
+        assert_eq!(l.loaded(&call), vec![]);
         let text = describe(
             Trap::PageFaultOops,
             Args([0xbad, 2, 0x10, 0]),

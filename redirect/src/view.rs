@@ -100,8 +100,28 @@ const PTE_D: u64 = 1 << 6;
 /// and trap pages, and the engine's flush page (at the sentinel + 2 MiB).
 pub const BOUNCE_OFFSET: u64 = 8 << 20;
 
-/// Where the window, the sentinel and the bounce area sit in the redirect VM.
+/// Bytes of the read-only area that holds the verified modules' text copies.
+pub const MODULE_COPY_SIZE: u64 = 16 << 20;
+/// The kernel's module area (`MODULES_VADDR`..`MODULES_END` of x86-64 with 4-level
+/// paging): a module text the view runs must lie inside it.
+pub const MODULE_AREA: (u64, u64) = (0xffff_ffff_c000_0000, 0xffff_ffff_ff00_0000);
+
+/// A loaded module's core text the view runs (`crate::module_text` verified it): its
+/// kernel-virtual pages [start, end) map, read-only and executable, to the copy of the
+/// verified bytes at guest-physical `copy` (in the read-only module copy area), not to
+/// the GVM's pages, which any GVM mapping and any store of the call could change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModuleCopy {
+    /// First byte (page-aligned).
+    pub start: u64,
+    /// End (page-aligned).
+    pub end: u64,
+    /// Guest-physical address of the copy's first page.
+    pub copy: u64,
+}
+
+/// Where the window, the sentinel and the bounce area sit in the redirect VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ViewLayout {
     /// Guest-physical start of the window (2 MiB aligned).
     pub window_gpa: u64,
@@ -115,6 +135,11 @@ pub struct ViewLayout {
     /// One more range left executable, to 4 KiB pages, for one call: the text of the
     /// module that a `delete_module` removes (its exit function runs in the call).
     pub also_exec: Option<(u64, u64)>,
+    /// Guest-physical start of the read-only area ([`MODULE_COPY_SIZE`] bytes) that holds
+    /// the verified modules' text.
+    pub module_copy_gpa: u64,
+    /// The verified modules' text: executable in the view, from the copies.
+    pub modules: Vec<ModuleCopy>,
 }
 
 /// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
@@ -146,9 +171,14 @@ impl ViewLayout {
                 START_KERNEL_MAP.checked_add(text.1)?,
             ),
             also_exec: None,
-            bounce_gpa: window_gpa
-                .checked_add(BOUNCE_OFFSET)
-                .filter(|b| b.checked_add(BOUNCE_SIZE).is_some_and(|e| e <= 1 << 52))?,
+            bounce_gpa: window_gpa.checked_add(BOUNCE_OFFSET)?,
+            module_copy_gpa: window_gpa
+                .checked_add(BOUNCE_OFFSET + BOUNCE_SIZE)
+                .filter(|m| {
+                    m.checked_add(MODULE_COPY_SIZE)
+                        .is_some_and(|e| e <= 1 << 52)
+                })?,
+            modules: Vec::new(),
         })
     }
 
@@ -191,6 +221,9 @@ pub enum ViewError {
         /// Why the read failed.
         source: MemError,
     },
+    /// A verified module's text lies outside the kernel's module area.
+    #[error("a module's text the view would run lies outside the kernel's module area")]
+    ModuleOutsideArea,
     /// The GVM kernel has a present entry in [`WINDOW_SLOT`].
     #[error(
         "the GVM kernel uses PML4 slot {WINDOW_SLOT:#x}, which the view reserves for its window"
@@ -381,17 +414,30 @@ fn confine_execution(
     } else {
         (pool.alloc()?, [0u64; 512])
     };
+    let own = &layout.modules;
+    if own
+        .iter()
+        .any(|m| m.start < MODULE_AREA.0 || m.end > MODULE_AREA.1 || m.start >= m.end)
+    {
+        return Err(ViewError::ModuleOutsideArea);
+    }
     for (i, entry) in (0u64..).zip(pdpt.iter_mut()) {
         let gib = SLOT_511_KVA + (i << 30);
         if meets(gib, 1 << 30, text) {
             *entry = own_text_gib(pool, gvm, cr3, gib, *entry, text, extra)?;
+        } else if own.iter().any(|m| meets(gib, 1 << 30, (m.start, m.end))) {
+            // Verified module text: a PD of the view's own (see `own_pages_pt`).
+            let (pd_gpa, mut pd) = pd_of(pool, gvm, cr3, *entry)?;
+            confine_pd(pool, gvm, cr3, gib, &mut pd, extra, own)?;
+            write_table(pool, pd_gpa, &pd)?;
+            *entry = pd_gpa | PTE_P | PTE_RW | PTE_A;
         } else if *entry & PTE_P == 0 {
             continue;
         } else if !meets(gib, 1 << 30, extra) {
             *entry |= PTE_XD;
         } else if *entry & PTE_PS == 0 {
             let (pd_copy, mut pd) = copy_table(pool, gvm, cr3, *entry & ADDR_FIELD)?;
-            confine_pd(pool, gvm, cr3, gib, &mut pd, extra)?;
+            confine_pd(pool, gvm, cr3, gib, &mut pd, extra, &[])?;
             write_table(pool, pd_copy, &pd)?;
             *entry = pd_copy | (*entry & !ADDR_FIELD);
         }
@@ -408,7 +454,9 @@ fn confine_execution(
 }
 
 /// Sets NX on every present entry of `pd` (the PD of the GiB at `gib`) that does not meet
-/// `extra`; the part that does gets a PT of its own, executable to the page.
+/// `extra`; the part that does gets a PT of its own, executable to the page. A 2 MiB
+/// region that holds verified module text (`own`) gets a PT of its own too
+/// ([`own_pages_pt`]).
 fn confine_pd(
     pool: &mut Pool<'_>,
     gvm: &dyn GuestPhysMemory,
@@ -416,9 +464,14 @@ fn confine_pd(
     gib: u64,
     pd: &mut [u64; 512],
     extra: (u64, u64),
+    own: &[ModuleCopy],
 ) -> Result<(), ViewError> {
     for (j, e) in (0u64..).zip(pd.iter_mut()) {
         let mib2 = gib + (j << 21);
+        if own.iter().any(|m| meets(mib2, 1 << 21, (m.start, m.end))) {
+            *e = own_pages_pt(pool, gvm, cr3, mib2, *e, extra, own)?;
+            continue;
+        }
         if *e & PTE_P == 0 {
             continue;
         }
@@ -438,6 +491,75 @@ fn confine_pd(
     Ok(())
 }
 
+/// The PD entry for the 2 MiB region at `mib2` (GVM entry `gvm_entry`), which holds
+/// verified module text: a PT of the view's own in which each page of that text maps,
+/// read-only and executable, to its copy in the module copy area, and every other page
+/// keeps the GVM's translation (of a PT, a 2 MiB page or nothing), no-execute unless it
+/// meets `extra`.
+fn own_pages_pt(
+    pool: &mut Pool<'_>,
+    gvm: &dyn GuestPhysMemory,
+    cr3: u64,
+    mib2: u64,
+    gvm_entry: u64,
+    extra: (u64, u64),
+    own: &[ModuleCopy],
+) -> Result<u64, ViewError> {
+    let (pt_gpa, mut pt) = if gvm_entry & PTE_P == 0 {
+        (pool.alloc()?, [0u64; 512])
+    } else if gvm_entry & PTE_PS != 0 {
+        // A 2 MiB page, split into 4 KiB ones (the PAT bit moves from bit 12 to bit 7).
+        let base = gvm_entry & ADDR_FIELD & !((1 << 21) - 1);
+        let pat = if gvm_entry & PTE_PAT_LARGE != 0 {
+            PTE_PS
+        } else {
+            0
+        };
+        let flags = (gvm_entry & !ADDR_FIELD & !PTE_PS) | pat;
+        let mut pt = [0u64; 512];
+        for (k, e) in (0u64..).zip(pt.iter_mut()) {
+            *e = (base + (k << 12)) | flags;
+        }
+        (pool.alloc()?, pt)
+    } else {
+        copy_table(pool, gvm, cr3, gvm_entry & ADDR_FIELD)?
+    };
+    for (k, pte) in (0u64..).zip(pt.iter_mut()) {
+        let va = mib2 + (k << 12);
+        if let Some(m) = own.iter().find(|m| meets(va, 1 << 12, (m.start, m.end))) {
+            *pte = (m.copy + (va - m.start)) | PTE_P | PTE_A;
+        } else if *pte & PTE_P != 0 && !meets(va, 1 << 12, extra) {
+            *pte |= PTE_XD;
+        }
+    }
+    write_table(pool, pt_gpa, &pt)?;
+    Ok(pt_gpa | PTE_P | PTE_RW | PTE_A)
+}
+
+/// A PD for the GiB whose PDPT entry in the GVM is `gvm_entry`: a copy of the GVM's PD,
+/// a 1 GiB page split into 2 MiB ones, or an empty one.
+fn pd_of(
+    pool: &mut Pool<'_>,
+    gvm: &dyn GuestPhysMemory,
+    cr3: u64,
+    gvm_entry: u64,
+) -> Result<(u64, [u64; 512]), ViewError> {
+    if gvm_entry & PTE_P == 0 {
+        Ok((pool.alloc()?, [0u64; 512]))
+    } else if gvm_entry & PTE_PS != 0 {
+        // A 1 GiB page, split into 2 MiB ones (the PAT bit is bit 12 in both).
+        let base = gvm_entry & ADDR_FIELD & !((1 << 30) - 1);
+        let flags = (gvm_entry & !ADDR_FIELD) | (gvm_entry & PTE_PAT_LARGE);
+        let mut pd = [0u64; 512];
+        for (j, e) in (0u64..).zip(pd.iter_mut()) {
+            *e = (base + (j << 21)) | flags;
+        }
+        Ok((pool.alloc()?, pd))
+    } else {
+        copy_table(pool, gvm, cr3, gvm_entry & ADDR_FIELD)
+    }
+}
+
 /// The PDPT entry for the GiB at `gib`, which holds (part of) the trusted text: a PD of
 /// the view's own. Its 2 MiB regions without text keep the GVM's translation (from
 /// `gvm_entry`: a PD, a 1 GiB page or nothing), no-execute; those with text get a PT of
@@ -453,21 +575,8 @@ fn own_text_gib(
     text: (u64, u64),
     extra: (u64, u64),
 ) -> Result<u64, ViewError> {
-    let (pd_gpa, mut pd) = if gvm_entry & PTE_P == 0 {
-        (pool.alloc()?, [0u64; 512])
-    } else if gvm_entry & PTE_PS != 0 {
-        // A 1 GiB page, split into 2 MiB ones (the PAT bit is bit 12 in both).
-        let base = gvm_entry & ADDR_FIELD & !((1 << 30) - 1);
-        let flags = (gvm_entry & !ADDR_FIELD) | (gvm_entry & PTE_PAT_LARGE);
-        let mut pd = [0u64; 512];
-        for (j, e) in (0u64..).zip(pd.iter_mut()) {
-            *e = (base + (j << 21)) | flags;
-        }
-        (pool.alloc()?, pd)
-    } else {
-        copy_table(pool, gvm, cr3, gvm_entry & ADDR_FIELD)?
-    };
-    confine_pd(pool, gvm, cr3, gib, &mut pd, extra)?;
+    let (pd_gpa, mut pd) = pd_of(pool, gvm, cr3, gvm_entry)?;
+    confine_pd(pool, gvm, cr3, gib, &mut pd, extra, &[])?;
     for (j, e) in (0u64..).zip(pd.iter_mut()) {
         let mib2 = gib + (j << 21);
         if !meets(mib2, 1 << 21, text) {
@@ -532,6 +641,7 @@ pub struct ViewTables {
 struct KernelHalf {
     gvm_cr3: u64,
     also_exec: Option<(u64, u64)>,
+    modules: Vec<ModuleCopy>,
     /// The GVM table pages it copied: the PML4 and those below slot 511 it made its own.
     copied: Vec<u64>,
     /// The pool's next free page, and pages used, after the epoch's last view.
@@ -550,7 +660,9 @@ impl ViewTables {
         gvm_cr3: u64,
         buffers: &BouncePlan,
     ) -> Result<(View, bool), ViewError> {
-        let same = |k: &KernelHalf| k.gvm_cr3 == gvm_cr3 && k.also_exec == layout.also_exec;
+        let same = |k: &KernelHalf| {
+            k.gvm_cr3 == gvm_cr3 && k.also_exec == layout.also_exec && k.modules == layout.modules
+        };
         if let Some(kernel) = self.kernel.as_mut().filter(|k| same(k)) {
             match later_view(window, layout, kernel, buffers) {
                 Err(ViewError::PoolExhausted(_)) => {}
@@ -707,6 +819,7 @@ fn first_view(
     let kernel = KernelHalf {
         gvm_cr3,
         also_exec: layout.also_exec,
+        modules: layout.modules.clone(),
         copied: std::mem::take(&mut pool.copied),
         next: pool.next,
         used: pool.used,
@@ -814,8 +927,11 @@ mod tests {
             sentinel_gpa: WINDOW_GPA + WINDOW_SIZE,
             exec_text: (0xffff_ffff_8000_0000, 0xffff_ffff_8000_3000),
             also_exec: None,
+            module_copy_gpa: MODULE_COPY_GPA,
+            modules: Vec::new(),
         }
     }
+    const MODULE_COPY_GPA: u64 = BOUNCE_GPA + BOUNCE_SIZE;
 
     /// The window and the GVM's low 4 MiB in one image, as the redirect VM composes them:
     /// a walk through the view needs both.
@@ -1128,6 +1244,88 @@ mod tests {
             0x1000 | 3,
             "GVM tables untouched"
         );
+    }
+
+    #[test]
+    fn a_verified_module_runs_from_its_copy_and_its_neighbours_stay_no_execute() {
+        let gvm = guest();
+        // Modules: PDPT [511] → PD 0x7000: [0] → PT 0x9000 with three 4 KiB pages (0x1000,
+        // 0x2000, 0x3000 at 0xffffffffc0000000..3000); [1] a 2 MiB page at 0x200000.
+        gvm.write_u64(0x3000 + 511 * 8, 0x7000 | 3).unwrap();
+        gvm.write_u64(0x7000, 0x9000 | 3).unwrap();
+        gvm.write_u64(0x7008, 0x20_0000 | 0x83).unwrap();
+        for k in 0..3u64 {
+            gvm.write_u64(0x9000 + k * 8, (0x1000 * (k + 1)) | 3)
+                .unwrap();
+        }
+        let window = empty_window();
+        let mode = PagingMode::default();
+        let copy = |start: u64, pages: u64, copy: u64| ModuleCopy {
+            start,
+            end: start + pages * 0x1000,
+            copy,
+        };
+        let with_modules = ViewLayout {
+            // The module's text: the second page; and one page of the 2 MiB page.
+            modules: vec![
+                copy(0xffff_ffff_c000_1000, 1, MODULE_COPY_GPA),
+                copy(0xffff_ffff_c020_5000, 1, MODULE_COPY_GPA + 0x1000),
+            ],
+            ..layout()
+        };
+        let view = build_view(&window, &with_modules, &gvm, 0x1000, &no_buffers()).unwrap();
+        let mut regions = vec![(MODULE_COPY_GPA, vec![0u8; 0x2000])];
+        let c = composed(&window, &gvm);
+        let mut low = vec![0u8; 0x40_0000];
+        c.read_phys(0, &mut low).unwrap();
+        let mut win = vec![0u8; WINDOW_SIZE as usize];
+        c.read_phys(WINDOW_GPA, &mut win).unwrap();
+        regions.insert(0, (WINDOW_GPA, win));
+        regions.insert(0, (0, low));
+        let composed = MemoryImage::from_regions(regions).unwrap();
+        let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+        let text = walk(0xffff_ffff_c000_1234, Access::EXECUTE).unwrap();
+        assert_eq!(
+            text.gpa,
+            MODULE_COPY_GPA + 0x234,
+            "the copy, not the GVM's page"
+        );
+        assert!(
+            walk(0xffff_ffff_c000_1234, Access::WRITE).is_err(),
+            "read-only"
+        );
+        assert_eq!(
+            walk(0xffff_ffff_c020_5010, Access::EXECUTE).unwrap().gpa,
+            MODULE_COPY_GPA + 0x1010
+        );
+        // Its neighbours keep the GVM's translation, no-execute: data stays reachable.
+        for (va, gpa) in [
+            (0xffff_ffff_c000_0000, 0x1000),
+            (0xffff_ffff_c000_2000, 0x3000),
+            (0xffff_ffff_c020_4000, 0x20_4000),
+            (0xffff_ffff_c020_6000, 0x20_6000),
+        ] {
+            assert_eq!(walk(va, Access::WRITE).unwrap().gpa, gpa, "{va:#x}");
+            assert!(walk(va, Access::EXECUTE).is_err(), "{va:#x}");
+        }
+        assert!(walk(0xffff_ffff_c040_0000, Access::READ).is_err());
+        // A module copy outside the module area is refused.
+        let outside = ViewLayout {
+            modules: vec![copy(0xffff_ffff_8000_1000, 1, MODULE_COPY_GPA)],
+            ..layout()
+        };
+        assert!(matches!(
+            build_view(&window, &outside, &gvm, 0x1000, &no_buffers()),
+            Err(ViewError::ModuleOutsideArea)
+        ));
+        // The set of modules is part of an epoch: another set starts a new one.
+        let mut tables = ViewTables::default();
+        let build = |t: &mut ViewTables, l: &ViewLayout| {
+            t.build(&window, l, &gvm, 0x1000, &no_buffers()).unwrap().1
+        };
+        assert!(build(&mut tables, &with_modules));
+        assert!(!build(&mut tables, &with_modules));
+        assert!(build(&mut tables, &layout()));
     }
 
     #[test]

@@ -39,12 +39,8 @@ fn pinned_vmlinux_btf_layouts_and_percpu_vars() {
 
     let start = Instant::now();
     let btf = Btf::parse(btf_bytes).expect("vmlinux BTF parses");
+    // Reported, not asserted: speed is measured by benchmarks, not tests.
     let parse_time = start.elapsed();
-    // Generous bound for unoptimised builds on a loaded machine (measured: tens of ms).
-    assert!(
-        parse_time.as_secs_f64() < 1.0,
-        "BTF parse took {parse_time:?}"
-    );
     eprintln!(
         "BTF: {} bytes, {} types, parsed in {parse_time:?}",
         btf_bytes.len(),

@@ -85,6 +85,11 @@
  *                   loader reached through GVM data). Never read the file in the GVM
  *                   while this is on: the next interrupt there triple-faults the CPU.
  *                   0 points it back at the module's own read (which returns 0).
+ *   alter_dummy=1   writes int3 (0xcc) over the last byte of the dummy module's core
+ *                   text, padding after its code (zero, as the loader left it): the
+ *                   module works as before, but its text is no longer the package's.
+ *                   0 writes the zero back. -ENOENT without a loaded dummy module,
+ *                   -EBUSY if that byte is not zero (it is not padding).
  *
  * Always there while loaded: /proc/hostile_hook, whose read runs this module's code
  * (its seq_file show function) and prints "hostile hook ran".
@@ -484,11 +489,20 @@ static void sync_core_ipi(void *unused)
  * text_mutex (no concurrent ftrace/jump-label/kprobe poke). Kernel image
  * addresses translate with __pa_symbol (phys_base), not __pa of the direct map.
  */
+static struct page *text_page(unsigned long addr)
+{
+	if (addr >= MODULES_VADDR && addr < MODULES_END)
+		return vmalloc_to_page((void *)addr);
+	return pfn_to_page(__pa_symbol(addr) >> PAGE_SHIFT);
+}
+
 static int text_write(unsigned long addr, const u8 *bytes, size_t len)
 {
-	unsigned long pfn = __pa_symbol(addr) >> PAGE_SHIFT;
 	unsigned int n = offset_in_page(addr) + len > PAGE_SIZE ? 2 : 1;
-	struct page *pages[2] = { pfn_to_page(pfn), pfn_to_page(pfn + 1) };
+	struct page *pages[2] = {
+		text_page(addr),
+		n == 2 ? text_page((addr & PAGE_MASK) + PAGE_SIZE) : NULL,
+	};
 	struct poke p = { .src = bytes, .len = len };
 	void *map;
 	int ret;
@@ -1453,6 +1467,43 @@ MODULE_PARM_DESC(alias_uts, "B = the uts_ns of init_task's (the shadow task's) n
 KNOB_ULONG(alias_uts_split, alias_uts_split_switch);
 MODULE_PARM_DESC(alias_uts_split, "B = that uts_ns straddling physical page B (sysname, nodename) and a page of GVM RAM (user_ns on) (0 = off)");
 
+/* ---- alter_dummy: one byte of another module's text changed ---------------- */
+
+static int alter_dummy;
+static unsigned long altered_at;	/* the byte written while alter_dummy=1 */
+
+static int alter_dummy_switch(int on)
+{
+	struct module *mod;
+	unsigned long at = 0;
+	u8 byte;
+
+	if (!!on == !!alter_dummy)
+		return 0;
+	if (!on) {
+		byte = 0;
+		return text_write(altered_at, &byte, 1);
+	}
+	if (!p_module_mutex || !p_modules)
+		return -ENOENT;
+	mutex_lock(p_module_mutex);
+	list_for_each_entry(mod, p_modules, list) {
+		if (!strcmp(mod->name, "dummy") && mod->state == MODULE_STATE_LIVE)
+			at = (unsigned long)mod->core_layout.base + mod->core_layout.text_size - 1;
+	}
+	mutex_unlock(p_module_mutex);
+	if (!at)
+		return -ENOENT;
+	if (*(u8 *)at)
+		return -EBUSY;
+	byte = 0xcc;
+	altered_at = at;
+	snprintf(knob_note, sizeof(knob_note), " (byte at %px)", (void *)at);
+	return text_write(at, &byte, 1);
+}
+KNOB(alter_dummy, alter_dummy_switch);
+MODULE_PARM_DESC(alter_dummy, "1 = the dummy module's last text byte (padding) is int3");
+
 /* ---- load and unload ------------------------------------------------------ */
 
 static unsigned long __init resolve(const char *name)
@@ -1527,6 +1578,7 @@ static void __exit hostile_exit(void)
 		uts_holder = NULL;
 	}
 	alias_uts_exit();
+	alter_dummy_switch(0);
 	/* Remap first: the hooks can only go (text pokes) once the text is back. */
 	remap_uname_off(true);
 	if (patch_uname && text_write(a_newuname, uname_saved, JMP_LEN))

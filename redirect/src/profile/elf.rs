@@ -71,6 +71,13 @@ pub struct Section {
     pub offset: u64,
     /// Size of the section in bytes (in memory; in the file too unless NOBITS).
     pub size: u64,
+    /// `sh_link`: a related section's index (a symbol table's string table, a
+    /// relocation section's symbol table).
+    pub link: u32,
+    /// `sh_info`: for a relocation section, the index of the section it applies to.
+    pub info: u32,
+    /// `sh_addralign`: the alignment the section needs when loaded (0 and 1: none).
+    pub addralign: u64,
 }
 
 /// An ELF64 little-endian image held in memory.
@@ -218,6 +225,9 @@ impl<'a> Elf<'a> {
                     addr: u64_at(h, 16),
                     offset: u64_at(h, 24),
                     size: u64_at(h, 32),
+                    link: u32_at(h, 40),
+                    info: u32_at(h, 44),
+                    addralign: u64_at(h, 48),
                 }
             })
             .collect();

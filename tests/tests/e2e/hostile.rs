@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::common::*;
 use super::instance::{runtime, start, vmm_in};
+use super::recovery::last_error;
 use super::redirect::{exterior, processes, GvmConsole};
 
 /// Switches one of the module's behaviours; the module confirms each on the console.
@@ -458,6 +459,42 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
         "the exterior uname after the gadget"
     );
     assert_vmm_and_svm_answer(&rt, "hk");
+
+    // 7c. Module code runs only as the kernel package shipped it (#13 item 6). The GVM's
+    // dummy module, loaded from the package, runs for the operator: its statistics
+    // function, behind sysfs, is trusted. Once the rootkit changes one byte of that
+    // module's text — padding its code never runs, so the GVM notices nothing — the
+    // module is refused, naming the byte; with the byte back, it is trusted again.
+    gvm.run("modprobe dummy");
+    let tx = ["cat", "/sys/class/net/dummy0/statistics/tx_packets"];
+    let count = gvm.run(&tx.join(" ")).trim().to_string();
+    assert_eq!(
+        exterior(&rt, "hk", &tx).trim(),
+        count,
+        "dummy0's count, from outside"
+    );
+    switch(&mut gvm, "alter_dummy", "1");
+    let (code, out, err) = exterior_outcome(&rt, "hk", &tx);
+    assert!(
+        code != 0 && out.is_empty(),
+        "the altered dummy module ran for the operator (exit {code}, stdout {out:?}, \
+         stderr {err:?})"
+    );
+    let why = last_error(&rt, "hk");
+    assert!(
+        why.contains("(in module dummy)")
+            && why.contains(
+                "module dummy is not trusted: its text differs from the SVM's copy at offset 0xfff"
+            ),
+        "{why}"
+    );
+    assert_eq!(gvm.run(&tx.join(" ")).trim(), count, "the GVM's own read");
+    switch(&mut gvm, "alter_dummy", "0");
+    assert_eq!(
+        exterior(&rt, "hk", &tx).trim(),
+        count,
+        "dummy0's count, trusted again"
+    );
 
     // 8. Hole 5: a call that spins. The module takes the siglock of a sleeping process
     // and keeps it (the lock word only; the process sleeps on, unsignalled); the exterior

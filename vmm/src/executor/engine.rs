@@ -25,8 +25,8 @@ use redirect::shadow::ShadowBlock;
 use redirect::stores::{Store, StoreSites};
 use redirect::traps::{self, Args, Placed, Trap};
 use redirect::view::{
-    offsets, text_phys, View, ViewLayout, ViewTables, KSTUB_KVA, START_KERNEL_MAP, WINDOW_KVA,
-    WINDOW_SIZE,
+    offsets, text_phys, View, ViewLayout, ViewTables, KSTUB_KVA, MODULE_COPY_SIZE,
+    START_KERNEL_MAP, WINDOW_KVA, WINDOW_SIZE,
 };
 use redirect::GuestPhysMemory;
 use svm_runtime::redirect_abi::BufferRange;
@@ -36,6 +36,7 @@ use super::cow::{CowError, CowRam};
 use super::error::{kvm, Error, RunError, Unavailable};
 use super::regs::{self, TrustedControl};
 use super::timing::{Phase, PhaseTimes};
+use super::trusted_modules::{verify_gvm, Twins, Verified};
 use super::Parts;
 use crate::boot::cpu::MSR_IA32_TSC;
 use crate::boot::{cpu, cpuid};
@@ -124,6 +125,9 @@ pub(super) struct Engine {
     views: ViewTables,
     /// The host KVM's MMU: the tables are kept across calls only under shadow paging.
     host_mmu: HostMmu,
+    /// The modules whose text the view runs: their twins in the SVM and this epoch's
+    /// check of the GVM's (`trusted_modules`).
+    modules: ModuleTrust,
     /// A spare one-page slot, deleted and re-added at each new epoch of the view's tables:
     /// deleting a memslot makes KVM drop every shadow page and TLB entry of the VM. Between
     /// epochs the view's tables are rewritten by the VMM and the GVM's kernel tables by
@@ -143,6 +147,14 @@ struct TextSlot {
     svm_host: u64,
     copy: SharedMemory,
     private: bool,
+}
+
+/// The trusted modules' twins (read at the first call) and what the current epoch
+/// verified, with the read-only area the verified text is copied to.
+struct ModuleTrust {
+    twins: Option<Twins>,
+    verified: Verified,
+    area: SharedMemory,
 }
 
 /// The image's `.text` as guest-physical [start, end), page-aligned.
@@ -298,6 +310,16 @@ impl Engine {
         let bounce = create_guest_memory("exterior-redirect-bounce", BOUNCE_SIZE)?;
         let bounce_host = host_base(&bounce.mem)?;
         slots.add(layout.bounce_gpa, BOUNCE_SIZE, bounce_host, 0)?;
+        // The verified modules' text, read-only: the view runs these copies, which neither
+        // the GVM nor a store of the call can change (`trusted_modules`).
+        let module_area = create_guest_memory("exterior-redirect-modules", MODULE_COPY_SIZE)?;
+        let module_host = host_base(&module_area.mem)?;
+        slots.add(
+            layout.module_copy_gpa,
+            MODULE_COPY_SIZE,
+            module_host,
+            KVM_MEM_READONLY,
+        )?;
         let flush_gpa = layout.sentinel_gpa + (2 << 20);
         let flush_slot = (
             slots.add(flush_gpa, 0x1000, window_host, KVM_MEM_READONLY)?,
@@ -327,6 +349,11 @@ impl Engine {
             trusted: None,
             stopped: false,
             views: ViewTables::default(),
+            modules: ModuleTrust {
+                twins: None,
+                verified: Verified::default(),
+                area: module_area,
+            },
             host_mmu,
             flush_slot,
             watchdog,
@@ -362,6 +389,63 @@ impl Engine {
         }
         self.trusted = Some(control);
         Ok(())
+    }
+
+    /// Reads the SVM's twins of the trusted modules, the first time (`svm`: the calling
+    /// program's address space, whose kernel half is the SVM kernel's).
+    pub fn read_twins(&mut self, profile: &CallProfile, svm: &AddressSpace<'_>) {
+        if self.modules.twins.is_some() {
+            return;
+        }
+        let Some(layout) = profile.modules.as_ref() else {
+            return;
+        };
+        let (twins, warnings) = Twins::read(&self.parts.trusted_modules, layout, svm);
+        for w in warnings {
+            log::warn!("redirect: {w}");
+        }
+        log::info!(
+            "redirect: {} of {} trusted modules have a twin in the SVM",
+            twins.len(),
+            self.parts.trusted_modules.len()
+        );
+        self.modules.twins = Some(twins);
+    }
+
+    /// Checks the GVM's modules against the twins (`gvm`: its kernel's address space) and
+    /// makes the next views run the verified ones' text, from copies in the read-only
+    /// module area. At each epoch: the GVM may have changed its modules since the last.
+    pub fn check_modules(
+        &mut self,
+        profile: &CallProfile,
+        gvm: &AddressSpace<'_>,
+    ) -> Result<(), Error> {
+        let (Some(twins), Some(layout)) = (&self.modules.twins, profile.modules.as_ref()) else {
+            self.layout.modules.clear();
+            return Ok(());
+        };
+        let verified = verify_gvm(&self.parts.trusted_modules, twins, layout, gvm);
+        let mut at = 0;
+        for t in &verified.texts {
+            self.modules.area.mem.write_phys(at, &t.text)?;
+            at += t.text.len() as u64;
+        }
+        if verified.summary() != self.modules.verified.summary() {
+            log::info!("redirect: GVM modules {}", verified.summary());
+        }
+        self.layout.modules = verified.copies(self.layout.module_copy_gpa);
+        self.modules.verified = verified;
+        Ok(())
+    }
+
+    /// "trusted: …; not trusted: … (why)", of the last check.
+    pub fn module_summary(&self) -> String {
+        self.modules.verified.summary()
+    }
+
+    /// Why the GVM module called `name` was not trusted in this epoch, if it was refused.
+    pub fn why_untrusted(&self, name: &str) -> Option<&str> {
+        self.modules.verified.why_not(name)
     }
 
     /// Writes the GDT of GVM CPU `cpu` into the window: its getcpu entry names the CPU

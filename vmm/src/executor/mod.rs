@@ -36,6 +36,7 @@ mod port;
 mod regs;
 mod segment;
 pub mod timing;
+pub mod trusted_modules;
 
 pub use error::{Error, Unavailable};
 pub use port::RedirectPort;
@@ -93,6 +94,8 @@ pub struct Stats {
     pub worker_ns: AtomicU64,
     /// Why the last failed call failed (one line).
     pub last_error: Mutex<String>,
+    /// Which GVM modules the last check trusted, and why the others not (one line).
+    pub modules: Mutex<String>,
     /// How long the GVM was held, per hold (from the start of its quiesce to its release).
     pub holds: Mutex<timing::Samples>,
     /// Where the segments' time went (`timing`).
@@ -130,6 +133,9 @@ pub struct Parts {
     pub gvm_vm: VmFd,
     /// The GVM's spare CPU (its number = the GVM's vCPU count).
     pub spare_cpu: u8,
+    /// The module files whose loaded text the view may run once it is checked against the
+    /// SVM's own load of them (`trusted_modules`).
+    pub trusted_modules: Vec<trusted_modules::TrustedKo>,
 }
 
 /// One call's outcome: RAX for the program, and the status for the shim.

@@ -120,6 +120,13 @@ impl<'a> Segment<'a> {
     ) -> Result<SegmentEnd, Error> {
         let shadow = self.shadow(kernel)?;
         let (profile, cpu) = (self.profile, self.cpu);
+        if after_gvm_ran || resume.is_some() {
+            // The GVM ran: it may have loaded, removed or rewritten modules.
+            let started = Instant::now();
+            self.engine.check_modules(profile, kernel)?;
+            self.stats.phases.since(Phase::View, started);
+            *crate::sync::lock(&self.stats.modules) = self.engine.module_summary();
+        }
         let started = Instant::now();
         if resume.is_none() {
             if regs.rax == SYS_DELETE_MODULE {
@@ -261,12 +268,21 @@ impl<'a> Segment<'a> {
                     kernel,
                     window: &window,
                 };
-                Error::Trapped(traps::describe(
-                    trap,
-                    args,
-                    &memory,
-                    self.profile.modules.as_ref(),
-                ))
+                let mut report =
+                    traps::describe(trap, args, &memory, self.profile.modules.as_ref());
+                // A module's code the view would not run: say why it was not trusted.
+                if trap == Trap::KernelProtectionFault {
+                    let why = self
+                        .profile
+                        .modules
+                        .as_ref()
+                        .and_then(|m| m.module_at(&memory, args.0[1]))
+                        .and_then(|name| Some((engine.why_untrusted(&name)?, name)));
+                    if let Some((why, name)) = why {
+                        report.push_str(&format!("; module {name} is not trusted: {why}"));
+                    }
+                }
+                Error::Trapped(report)
             }
             Err(Stop::Failed(e)) => e,
         };

@@ -17,7 +17,7 @@ use crate::builder::{
 };
 use crate::config::VmConfig;
 use crate::devices::serial::{ConsoleTap, LinkInbox};
-use crate::executor::{Executor, Parts as ExecutorParts, RedirectPort};
+use crate::executor::{trusted_modules, Executor, Parts as ExecutorParts, RedirectPort};
 use crate::exit::{ExitReason, ExitSignal};
 use crate::seccomp;
 use quiesce_worker::QuiesceWorker;
@@ -64,6 +64,11 @@ pub fn run_instance(
     let image = KernelImage::parse(&vmlinux);
     drop(vmlinux);
 
+    let (trusted_modules, warnings) =
+        trusted_modules::from_svm_image(config.svm.initrd.as_deref().unwrap_or_default());
+    for w in warnings {
+        log::warn!("redirect: {w}");
+    }
     let mut gvm = build_vm(
         VmSpec {
             config: config.gvm,
@@ -110,6 +115,7 @@ pub fn run_instance(
             gvm_bus: gvm.bus(),
             gvm_vm,
             spare_cpu: gvm_cpus,
+            trusted_modules,
         },
         config.call_deadline,
         config.hold_policy,

@@ -146,7 +146,7 @@ impl ControlServer {
              redirect_retried={}\n\
              redirect_committed_pages={}\nredirect_pending={}\nredirect_port_us={}\n\
              redirect_worker_us={}\nredirect_view_us={}\n\
-             redirect_last_error={}\n",
+             redirect_last_error={}\nredirect_modules={}\n",
             self.parts.name,
             std::process::id(),
             self.parts.gvm_cpus,
@@ -172,6 +172,7 @@ impl ControlServer {
             get(&stats.worker_ns) / 1000,
             phase(Phase::View).total_us + phase(Phase::Flush).total_us,
             crate::sync::lock(&stats.last_error),
+            crate::sync::lock(&stats.modules),
         );
         info.push_str(&format!(
             "redirect_host_mmu={}\n",

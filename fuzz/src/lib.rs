@@ -78,6 +78,10 @@ mod tests {
                     ),
                     "{name}: {out:?}"
                 ),
+                "a-module-over-the-text" => assert!(
+                    matches!(out, Outcome::Built(Err(ViewError::ModuleOutsideArea))),
+                    "{name}: {out:?}"
+                ),
                 _ => {
                     let view = out
                         .view()

@@ -221,8 +221,12 @@ pub enum ViewError {
         /// Why the read failed.
         source: MemError,
     },
-    /// A verified module's text lies outside the kernel's module area.
-    #[error("a module's text the view would run lies outside the kernel's module area")]
+    /// A verified module's text lies outside the kernel's module area, or over the
+    /// trusted text.
+    #[error(
+        "a module's text the view would run lies outside the kernel's module area or over \
+         the kernel's text"
+    )]
     ModuleOutsideArea,
     /// The GVM kernel has a present entry in [`WINDOW_SLOT`].
     #[error(
@@ -415,16 +419,18 @@ fn confine_execution(
         (pool.alloc()?, [0u64; 512])
     };
     let own = &layout.modules;
-    if own
-        .iter()
-        .any(|m| m.start < MODULE_AREA.0 || m.end > MODULE_AREA.1 || m.start >= m.end)
-    {
+    if own.iter().any(|m| {
+        m.start < MODULE_AREA.0
+            || m.end > MODULE_AREA.1
+            || m.start >= m.end
+            || meets(m.start, m.end - m.start, text)
+    }) {
         return Err(ViewError::ModuleOutsideArea);
     }
     for (i, entry) in (0u64..).zip(pdpt.iter_mut()) {
         let gib = SLOT_511_KVA + (i << 30);
         if meets(gib, 1 << 30, text) {
-            *entry = own_text_gib(pool, gvm, cr3, gib, *entry, text, extra)?;
+            *entry = own_text_gib(pool, gvm, cr3, gib, *entry, layout)?;
         } else if own.iter().any(|m| meets(gib, 1 << 30, (m.start, m.end))) {
             // Verified module text: a PD of the view's own (see `own_pages_pt`).
             let (pd_gpa, mut pd) = pd_of(pool, gvm, cr3, *entry)?;
@@ -572,11 +578,12 @@ fn own_text_gib(
     cr3: u64,
     gib: u64,
     gvm_entry: u64,
-    text: (u64, u64),
-    extra: (u64, u64),
+    layout: &ViewLayout,
 ) -> Result<u64, ViewError> {
+    let text = layout.exec_text;
+    let extra = layout.also_exec.unwrap_or((0, 0));
     let (pd_gpa, mut pd) = pd_of(pool, gvm, cr3, gvm_entry)?;
-    confine_pd(pool, gvm, cr3, gib, &mut pd, extra, &[])?;
+    confine_pd(pool, gvm, cr3, gib, &mut pd, extra, &layout.modules)?;
     for (j, e) in (0u64..).zip(pd.iter_mut()) {
         let mib2 = gib + (j << 21);
         if !meets(mib2, 1 << 21, text) {

@@ -1,5 +1,5 @@
 //! Target `module_walk`: a hostile module list (and hostile trap arguments) in a GVM
-//! memory image, through `redirect::traps::ModuleLayout::{module_at, module_text}` and
+//! memory image, through `redirect::traps::ModuleLayout::{module_at, module_text, loaded}` and
 //! `redirect::traps::describe`, with a window reader like the engine's.
 //!
 //! Promises checked besides "no panic, no hang":
@@ -178,6 +178,18 @@ pub fn check(case: &Case) -> Outcome {
             "module text {start:#x}..{end:#x}"
         );
     }
+
+    // The whole list, as the trusted-module check walks it (issue #13 item 6).
+    let mut all = Vec::new();
+    bounded("loaded", &mut || all = layout.loaded(&call));
+    for (m, text_size) in &all {
+        check_name(&m.name);
+        assert!(
+            m.size <= u64::from(u32::MAX) && *text_size <= u64::from(u32::MAX),
+            "{m:?}: text {text_size:#x}"
+        );
+    }
+    assert_eq!(layout.loaded(&call), all, "loaded changed its answer");
 
     let trap = TRAPS[usize::from(case.trap) % TRAPS.len()].0;
     let args = Args(case.args.clone().map(|a| gvm.addr(&a)));

@@ -73,7 +73,7 @@ impl Executor {
         // SVM; what it may write is copied back only if it returns (`finish`).
         let svm_mem = engine.parts.svm_mem.clone();
         let program = AddressSpace::new(&svm_mem, svm_paging(sregs)?, sregs.cr3);
-        engine.read_twins(profile, &program);
+        engine.read_twins(profile, svm_paging(sregs)?, sregs.cr3);
         let mut list = vec![0u8; BUFFER_LIST_SIZE];
         program
             .read(regs.rcx, &mut list, Privilege::User)

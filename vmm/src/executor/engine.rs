@@ -19,7 +19,7 @@ use redirect::bounce::{BouncePlan, Range, BOUNCE_SIZE};
 use redirect::call_profile::CallProfile;
 use redirect::cpu_tables::{self, IDT_SIZE};
 use redirect::memory::Relocated;
-use redirect::paging::AddressSpace;
+use redirect::paging::{AddressSpace, PagingMode};
 use redirect::profile::KernelImage;
 use redirect::shadow::ShadowBlock;
 use redirect::stores::{Store, StoreSites};
@@ -391,16 +391,26 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads the SVM's twins of the trusted modules, the first time (`svm`: the calling
-    /// program's address space, whose kernel half is the SVM kernel's).
-    pub fn read_twins(&mut self, profile: &CallProfile, svm: &AddressSpace<'_>) {
+    /// Reads the SVM's twins of the trusted modules, the first time, through the calling
+    /// program's page tables (`mode`, `cr3`), whose kernel half is the SVM kernel's. With
+    /// page-table isolation on, a program's CR3 is its user PGD, which maps no module:
+    /// the kernel's is the page below it (the pinned kernel, built with
+    /// CONFIG_PAGE_TABLE_ISOLATION, allocates every PGD as an aligned 8 KiB pair), tried
+    /// when the first finds no twin.
+    pub fn read_twins(&mut self, profile: &CallProfile, mode: PagingMode, cr3: u64) {
         if self.modules.twins.is_some() {
             return;
         }
         let Some(layout) = profile.modules.as_ref() else {
             return;
         };
-        let (twins, warnings) = Twins::read(&self.parts.trusted_modules, layout, svm);
+        let kos = &self.parts.trusted_modules;
+        let svm_mem = &self.parts.svm_mem;
+        let read = |cr3| Twins::read(kos, layout, &AddressSpace::new(svm_mem, mode, cr3));
+        let (mut twins, mut warnings) = read(cr3);
+        if twins.is_empty() && !kos.is_empty() && cr3 & 0x1000 != 0 {
+            (twins, warnings) = read(cr3 & !0x1000);
+        }
         for w in warnings {
             log::warn!("redirect: {w}");
         }

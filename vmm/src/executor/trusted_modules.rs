@@ -160,6 +160,11 @@ impl Twins {
     pub fn len(&self) -> usize {
         self.twins.len()
     }
+
+    /// Whether no trusted module has a twin.
+    pub fn is_empty(&self) -> bool {
+        self.twins.is_empty()
+    }
 }
 
 /// A verified module's text.

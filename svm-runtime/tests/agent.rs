@@ -10,6 +10,9 @@ use svm_runtime::protocol::{Decoder, ExecRequest, ExitStatus, Frame, Kind};
 
 struct Line {
     master: File,
+    /// Held open while the line lives: until the agent opens the terminal by name, a
+    /// master with no slave open reads EIO.
+    _slave: File,
     agent: Child,
     decoder: Decoder,
 }
@@ -28,6 +31,15 @@ impl Line {
             )
         };
         assert_eq!(rc, 0);
+        // Close-on-exec, both: the tests run in parallel, and an agent another test spawns
+        // meanwhile must not inherit this line (an agent holding another test's terminal
+        // made one test in six fail: a frame lost, or none within the deadline).
+        for fd in [master, slave] {
+            // SAFETY: fcntl on a descriptor openpty just returned; FD_CLOEXEC is a valid
+            // descriptor flag.
+            let rc = unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+            assert_eq!(rc, 0);
+        }
         // SAFETY: ptsname returns a pointer to a static buffer valid until the next call.
         let name = unsafe { std::ffi::CStr::from_ptr(libc::ptsname(master)) }
             .to_string_lossy()
@@ -38,12 +50,11 @@ impl Line {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        // SAFETY: the slave is only needed by the agent, which opens it by name.
-        unsafe { libc::close(slave) };
-        // SAFETY: master was created by openpty and is owned only here.
-        let master = unsafe { File::from_raw_fd(master) };
+        // SAFETY: master and slave were created by openpty and are owned only here.
+        let (master, slave) = unsafe { (File::from_raw_fd(master), File::from_raw_fd(slave)) };
         let mut line = Line {
             master,
+            _slave: slave,
             agent,
             decoder: Decoder::default(),
         };

@@ -552,8 +552,9 @@ pub fn verify(
                 s.kind.encode(value, gvm.base.wrapping_add(s.offset))
             })
             .is_some_and(|b| b == g);
-        let rewritten = ko.rewritten_at(s.offset, s.offset + width) && g == t;
-        if !(relocated || rewritten) || covered[r.clone()].iter().any(|&c| c) {
+        // The scan of the rewritten ranges only where the cheap tests leave it a say.
+        let rewritten = || g == t && ko.rewritten_at(s.offset, s.offset + width);
+        if !(relocated || rewritten()) || covered[r.clone()].iter().any(|&c| c) {
             return Err(Mismatch::Relocation {
                 offset: s.offset,
                 expected: to.to_string(),

@@ -357,6 +357,8 @@ impl Pool<'_> {
 const SLOT_511_KVA: u64 = 0xffff_ff80_0000_0000;
 /// The PAT bit of a 2 MiB or 1 GiB page entry.
 const PTE_PAT_LARGE: u64 = 1 << 12;
+/// The PAT bit of a 4 KiB page entry (where larger entries have PS).
+const PTE_PAT_4K: u64 = 1 << 7;
 
 /// Whether [lo, lo + size) meets [start, end).
 fn meets(lo: u64, size: u64, (start, end): (u64, u64)) -> bool {
@@ -517,7 +519,7 @@ fn own_pages_pt(
         // A 2 MiB page, split into 4 KiB ones (the PAT bit moves from bit 12 to bit 7).
         let base = gvm_entry & ADDR_FIELD & !((1 << 21) - 1);
         let pat = if gvm_entry & PTE_PAT_LARGE != 0 {
-            PTE_PS
+            PTE_PAT_4K
         } else {
             0
         };
@@ -943,11 +945,21 @@ mod tests {
     /// The window and the GVM's low 4 MiB in one image, as the redirect VM composes them:
     /// a walk through the view needs both.
     fn composed(window: &MemoryImage, gvm: &MemoryImage) -> MemoryImage {
+        composed_with(window, gvm, Vec::new())
+    }
+
+    /// [`composed`], with `more` regions above the window (the module copy area).
+    fn composed_with(
+        window: &MemoryImage,
+        gvm: &MemoryImage,
+        more: Vec<(u64, Vec<u8>)>,
+    ) -> MemoryImage {
         let mut regions = vec![(WINDOW_GPA, vec![0u8; WINDOW_SIZE as usize])];
         window.read_phys(WINDOW_GPA, &mut regions[0].1).unwrap();
         let mut low = vec![0u8; 0x40_0000];
         gvm.read_phys(0, &mut low).unwrap();
         regions.insert(0, (0, low));
+        regions.extend(more);
         MemoryImage::from_regions(regions).unwrap()
     }
 
@@ -1281,15 +1293,7 @@ mod tests {
             ..layout()
         };
         let view = build_view(&window, &with_modules, &gvm, 0x1000, &no_buffers()).unwrap();
-        let mut regions = vec![(MODULE_COPY_GPA, vec![0u8; 0x2000])];
-        let c = composed(&window, &gvm);
-        let mut low = vec![0u8; 0x40_0000];
-        c.read_phys(0, &mut low).unwrap();
-        let mut win = vec![0u8; WINDOW_SIZE as usize];
-        c.read_phys(WINDOW_GPA, &mut win).unwrap();
-        regions.insert(0, (WINDOW_GPA, win));
-        regions.insert(0, (0, low));
-        let composed = MemoryImage::from_regions(regions).unwrap();
+        let composed = composed_with(&window, &gvm, vec![(MODULE_COPY_GPA, vec![0u8; 0x2000])]);
         let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
         let text = walk(0xffff_ffff_c000_1234, Access::EXECUTE).unwrap();
         assert_eq!(

@@ -154,6 +154,8 @@ struct TextSlot {
 struct ModuleTrust {
     twins: Option<Twins>,
     verified: Verified,
+    /// `verified.summary()`, made once a check.
+    summary: String,
     area: SharedMemory,
 }
 
@@ -352,6 +354,7 @@ impl Engine {
             modules: ModuleTrust {
                 twins: None,
                 verified: Verified::default(),
+                summary: String::new(),
                 area: module_area,
             },
             host_mmu,
@@ -425,14 +428,16 @@ impl Engine {
     /// Checks the GVM's modules against the twins (`gvm`: its kernel's address space) and
     /// makes the next views run the verified ones' text, from copies in the read-only
     /// module area. At each epoch: the GVM may have changed its modules since the last.
+    /// The check's summary ("trusted: …; refused: … (why); not on the trusted list: …")
+    /// when it differs from the last one's.
     pub fn check_modules(
         &mut self,
         profile: &CallProfile,
         gvm: &AddressSpace<'_>,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<String>, Error> {
         let (Some(twins), Some(layout)) = (&self.modules.twins, profile.modules.as_ref()) else {
             self.layout.modules.clear();
-            return Ok(());
+            return Ok(None);
         };
         let verified = verify_gvm(&self.parts.trusted_modules, twins, layout, gvm);
         let mut at = 0;
@@ -440,17 +445,15 @@ impl Engine {
             self.modules.area.mem.write_phys(at, &t.text)?;
             at += t.text.len() as u64;
         }
-        if verified.summary() != self.modules.verified.summary() {
-            log::info!("redirect: GVM modules {}", verified.summary());
-        }
         self.layout.modules = verified.copies(self.layout.module_copy_gpa);
+        let summary = verified.summary();
         self.modules.verified = verified;
-        Ok(())
-    }
-
-    /// "trusted: …; not trusted: … (why)", of the last check.
-    pub fn module_summary(&self) -> String {
-        self.modules.verified.summary()
+        if summary == self.modules.summary {
+            return Ok(None);
+        }
+        log::info!("redirect: GVM modules {summary}");
+        self.modules.summary = summary.clone();
+        Ok(Some(summary))
     }
 
     /// Why the GVM module called `name` was not trusted in this epoch, if it was refused.

@@ -123,9 +123,11 @@ impl<'a> Segment<'a> {
         if after_gvm_ran || resume.is_some() {
             // The GVM ran: it may have loaded, removed or rewritten modules.
             let started = Instant::now();
-            self.engine.check_modules(profile, kernel)?;
+            let changed = self.engine.check_modules(profile, kernel)?;
             self.stats.phases.since(Phase::View, started);
-            *crate::sync::lock(&self.stats.modules) = self.engine.module_summary();
+            if let Some(summary) = changed {
+                *crate::sync::lock(&self.stats.modules) = summary;
+            }
         }
         let started = Instant::now();
         if resume.is_none() {

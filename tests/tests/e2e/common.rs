@@ -231,7 +231,7 @@ fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<String> {
 }
 
 /// One line per thread of `pid`: name, state and kernel wait channel, for a hang report.
-fn thread_states(pid: u32) -> String {
+pub fn thread_states(pid: u32) -> String {
     let mut report = String::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return "(no /proc entry)\n".into();

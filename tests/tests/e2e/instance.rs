@@ -83,10 +83,19 @@ impl Drop for Instance {
             let mut info = vmm_in(&self.rt);
             info.args(["info", &self.name]);
             let counters = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                run_within(&mut info, None, Duration::from_secs(20)).1
+                let (code, out, err) = run_within(&mut info, None, Duration::from_secs(20));
+                format!("{out}(status {code}) {err}")
             }))
             .unwrap_or_else(|_| "(info did not answer within 20 s)".into());
             eprintln!("--- info {}\n{counters}", self.name);
+            // Where the VMM's threads wait, when it no longer answers.
+            let lock = self.rt.join(format!("{}.lock", self.name));
+            if let Some(pid) = std::fs::read_to_string(lock)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                eprintln!("--- the VMM's threads\n{}", thread_states(pid));
+            }
             for kind in ["vmm", "gvm"] {
                 let path = self.rt.join(format!("{}.{kind}.log", self.name));
                 let text = std::fs::read_to_string(&path).unwrap_or_default();
@@ -131,9 +140,20 @@ impl Drop for Instance {
 
 #[must_use]
 pub fn start(rt: &Path, name: &str, extra: &[&str]) -> Instance {
-    let (code, _, err) = run(vmm_in(rt)
-        .args(["run", "--name", name, "--detach", "--mem", "256M"])
-        .args(extra));
+    start_with(
+        rt,
+        name,
+        vmm_in(rt)
+            .args(["run", "--name", name, "--detach", "--mem", "256M"])
+            .args(extra),
+    )
+}
+
+/// The instance `name` in runtime directory `rt`, started by `cmd` (a `run --name NAME
+/// --detach` command line with that runtime directory, e.g. in a network namespace).
+#[must_use]
+pub fn start_with(rt: &Path, name: &str, cmd: &mut Command) -> Instance {
+    let (code, _, err) = run(cmd);
     assert_eq!(code, 0, "instance did not start: {err}");
     Instance {
         rt: rt.to_path_buf(),
@@ -141,7 +161,7 @@ pub fn start(rt: &Path, name: &str, extra: &[&str]) -> Instance {
     }
 }
 
-fn pid_of(rt: &Path, name: &str) -> i32 {
+pub(super) fn pid_of(rt: &Path, name: &str) -> i32 {
     std::fs::read_to_string(rt.join(format!("{name}.lock")))
         .expect("lock file")
         .trim()
@@ -273,6 +293,38 @@ fn an_instance_runs_stock_commands_in_its_svm_and_stops_cleanly() {
     assert_eq!(code, 3, "shell exit status");
     assert!(text.contains("shell-says-42"), "{text}");
     assert!(text.contains("/dev/pts/"), "not on a terminal: {text}");
+
+    // Piped `console` sessions that leave while the GVM is still printing: the writes to
+    // them fail, and the instance goes on answering every client after them (one failed
+    // write once left an instance answering none: `doomed` in instance/server.rs).
+    for round in 0..3 {
+        let ticks =
+            format!("        for i in $(seq 12); do echo tick-{round}-$i; sleep 0.05; done\n");
+        let (code, _, err) = run_within(
+            vmm_in(&rt).args(["console", "life", "--idle-ms", "50"]),
+            Some(ticks.as_bytes()),
+            Duration::from_secs(60),
+        );
+        assert_eq!(code, 0, "console: {err}");
+        let (code, out, err) = run_within(
+            vmm_in(&rt).args(["info", "life"]),
+            None,
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            code, 0,
+            "info after a console session left mid-output: {err}"
+        );
+        assert!(out.contains("name=life\n"), "{out}");
+    }
+    wait_for("the GVM's last tick", Duration::from_secs(60), || {
+        let (code, out, _) = run_within(
+            vmm_in(&rt).args(["console", "life", "--idle-ms", "300"]),
+            None,
+            Duration::from_secs(60),
+        );
+        code == 0 && out.contains("tick-2-12\r\n")
+    });
 
     // Nothing on the control socket waits on the guest. An operator holds the GVM
     // (`quiesce --hold`) and a redirected call waits inside the executor for it, as a

@@ -34,12 +34,37 @@ impl GvmConsole {
     /// idle saves CI minutes: [`GvmConsole::run`] attaches again (the backlog comes back)
     /// until its end marker shows.
     fn console(&self, input: &[u8]) -> String {
-        let (_, out, _) = run_within(
+        let (code, out, err) = run_within(
             vmm_in(&self.rt).args(["console", &self.name, "--idle-ms", "300"]),
             Some(input),
             Duration::from_secs(60),
         );
+        assert_eq!(code, 0, "`console {}` failed: {err}", self.name);
         out.replace('\r', "")
+    }
+
+    /// Waits until the GVM's console log (the instance's `NAME.gvm.log`, all it printed)
+    /// shows `want`, or fails the test.
+    pub(super) fn expect(&self, want: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let log = self.rt.join(format!("{}.gvm.log", self.name));
+        loop {
+            let out =
+                String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).replace('\r', "");
+            if out.contains(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {want:?} on the GVM's console within {limit:?}; console:\n{out}"
+            );
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    /// Types `input` on the GVM's console.
+    pub(super) fn send(&self, input: &str) {
+        self.console(input.as_bytes());
     }
 
     /// Runs `script` in the GVM's shell and returns what it printed. The markers are
@@ -348,9 +373,11 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
             .map(str::to_string)
             .collect()
     };
-    let gvm_df = usage(&gvm.run("df -k"));
+    // POSIX format: busybox's df otherwise puts a name longer than 20 characters on a
+    // line of its own (this one's length follows the test's pid: it failed so).
+    let gvm_df = usage(&gvm.run("df -kP"));
     assert_eq!(gvm_df[1], "3072", "{gvm_df:?}");
-    assert_eq!(usage(&exterior(&rt, "rd", &["df", "-k"])), gvm_df);
+    assert_eq!(usage(&exterior(&rt, "rd", &["df", "-kP"])), gvm_df);
 
     // /etc/mtab is init's mount table too.
     assert!(exterior(&rt, "rd", &["cat", "/etc/mtab"]).contains(&mount_point));

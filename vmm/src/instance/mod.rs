@@ -3,6 +3,7 @@
 //! `shell`, `console`). This is the instance's side; the client side of the socket is the
 //! `exterior-vmm` crate's `client`.
 
+mod clients;
 mod quiesce_worker;
 pub mod runtime;
 pub(crate) mod server;

@@ -4,15 +4,15 @@
 //! handed to a worker thread (`quiesce_worker.rs`).
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::Read;
+use std::os::unix::net::UnixListener;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use svm_runtime::protocol::{chunks, Decoder, Frame, Kind};
 use vmm_sys_util::epoll::EventSet;
 
+use super::clients::{Clients, Which};
 use super::quiesce_worker::{parse_hold, QuiesceWorker, Request};
 use crate::devices::serial::{ConsoleSerial, ConsoleTap, LinkInbox, LinkSerial};
 use crate::executor::Executor;
@@ -25,26 +25,8 @@ const TOKEN_LINK: u32 = 2;
 const TOKEN_GVM_TAP: u32 = 3;
 const TOKEN_SVM_TAP: u32 = 4;
 const TOKEN_QUIESCED: u32 = 5;
-const FIRST_CLIENT: u32 = 16;
-/// A client that does not read its socket for this long is dropped, so one stuck client
-/// cannot stall the instance.
-const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most clients served at once.
-const MAX_CLIENTS: usize = 64;
 /// Largest chunk of console output per frame.
 const CONSOLE_CHUNK: usize = 4096;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Which {
-    Gvm,
-    Svm,
-}
-
-struct Client {
-    stream: UnixStream,
-    decoder: Decoder,
-    console: Option<Which>,
-}
 
 /// What the server is built from.
 pub struct Parts {
@@ -66,8 +48,7 @@ pub struct Parts {
 
 pub struct ControlServer {
     parts: Parts,
-    clients: HashMap<u32, Client>,
-    next_token: u32,
+    clients: Clients,
     link_decoder: Decoder,
     agent_ready: bool,
     /// Frames for the agent that arrived before it was ready.
@@ -81,8 +62,7 @@ impl ControlServer {
     pub fn new(parts: Parts) -> Self {
         Self {
             parts,
-            clients: HashMap::new(),
-            next_token: FIRST_CLIENT,
+            clients: Clients::default(),
             link_decoder: Decoder::default(),
             agent_ready: false,
             queued: Vec::new(),
@@ -99,24 +79,15 @@ impl ControlServer {
         }
     }
 
+    /// A frame to a client; one that is closed or stuck is dropped, and its sessions
+    /// ended, at the end of the round (`process`).
     fn send_client(&mut self, token: u32, frame: &Frame) {
-        let failed = match self.clients.get_mut(&token) {
-            Some(c) => c.stream.write_all(&frame.encode()).is_err(),
-            None => false,
-        };
-        if failed {
-            // Closed or stuck: forget it; its sessions end below.
-            self.drop_client(token, None);
-        }
+        self.clients.send(token, &frame.encode());
     }
 
-    fn drop_client(&mut self, token: u32, ops: Option<&mut EventOps>) {
-        if let Some(client) = self.clients.remove(&token) {
-            if let Some(ops) = ops {
-                let _ = ops.remove(Events::with_data(&client.stream, token, EventSet::IN));
-            }
-            // A closed socket leaves epoll by itself when the descriptor closes here.
-        }
+    /// Forgets a client (`Clients::remove`) and kills the commands it started in the SVM.
+    fn drop_client(&mut self, token: u32, ops: &mut EventOps) {
+        self.clients.remove(token, ops);
         let orphaned: Vec<u32> = self
             .sessions
             .iter()
@@ -251,7 +222,7 @@ impl ControlServer {
                     Which::Gvm => self.parts.gvm_tap.backlog(),
                     Which::Svm => self.parts.svm_tap.backlog(),
                 };
-                if let Some(c) = self.clients.get_mut(&token) {
+                if let Some(c) = self.clients.get_mut(token) {
                     c.console = Some(which);
                 }
                 for f in chunks(Kind::ConsoleData, 0, &backlog, CONSOLE_CHUNK) {
@@ -259,7 +230,7 @@ impl ControlServer {
                 }
             }
             Kind::ConsoleData => {
-                let target = self.clients.get(&token).and_then(|c| c.console);
+                let target = self.clients.console_of(token);
                 match target {
                     Some(Which::Gvm) => lock(&self.parts.gvm_console).input(&frame.payload),
                     Some(Which::Svm) => lock(&self.parts.svm_console).input(&frame.payload),
@@ -300,42 +271,24 @@ impl ControlServer {
     }
 
     fn on_listener(&mut self, ops: &mut EventOps) {
-        let Ok((stream, _)) = self.parts.listener.accept() else {
-            return;
-        };
-        if self.clients.len() >= MAX_CLIENTS {
-            return; // dropped: the client sees the connection close
-        }
-        let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
-        let token = self.next_token;
-        self.next_token = self.next_token.wrapping_add(1).max(FIRST_CLIENT);
-        if ops
-            .add(Events::with_data(&stream, token, EventSet::IN))
-            .is_ok()
-        {
-            self.clients.insert(
-                token,
-                Client {
-                    stream,
-                    decoder: Decoder::default(),
-                    console: None,
-                },
-            );
+        if let Ok((stream, _)) = self.parts.listener.accept() {
+            // Refused (too many, or it cannot join): the client sees the connection close.
+            let _ = self.clients.admit(stream, ops);
         }
     }
 
     fn on_client(&mut self, token: u32, ops: &mut EventOps) {
         let mut buf = [0u8; 8192];
-        let read = match self.clients.get_mut(&token) {
+        let read = match self.clients.get_mut(token) {
             Some(c) => c.stream.read(&mut buf),
             None => return,
         };
         let n = match read {
-            Ok(0) | Err(_) => return self.drop_client(token, Some(ops)),
+            Ok(0) | Err(_) => return self.drop_client(token, ops),
             Ok(n) => n,
         };
         let mut frames = Vec::new();
-        if let Some(c) = self.clients.get_mut(&token) {
+        if let Some(c) = self.clients.get_mut(token) {
             c.decoder.push(&buf[..n]);
             while let Some(r) = c.decoder.next_frame() {
                 match r {
@@ -343,7 +296,7 @@ impl ControlServer {
                     // A client that speaks garbage is cut off.
                     Err(_) => {
                         frames.clear();
-                        return self.drop_client(token, Some(ops));
+                        return self.drop_client(token, ops);
                     }
                 }
             }
@@ -358,13 +311,7 @@ impl ControlServer {
             Which::Gvm => self.parts.gvm_tap.take_fresh(),
             Which::Svm => self.parts.svm_tap.take_fresh(),
         };
-        let watchers: Vec<u32> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.console == Some(which))
-            .map(|(t, _)| *t)
-            .collect();
-        for token in watchers {
+        for token in self.clients.watching(which) {
             for f in chunks(Kind::ConsoleData, 0, &data, CONSOLE_CHUNK) {
                 self.send_client(token, &f);
             }
@@ -402,11 +349,14 @@ impl MutEventSubscriber for ControlServer {
                     .intersects(EventSet::HANG_UP | EventSet::ERROR)
                     && !events.event_set().contains(EventSet::IN)
                 {
-                    self.drop_client(token, Some(ops));
+                    self.drop_client(token, ops);
                 } else {
                     self.on_client(token, ops);
                 }
             }
+        }
+        for token in self.clients.take_doomed() {
+            self.drop_client(token, ops);
         }
     }
 

@@ -50,7 +50,8 @@ pub struct RunCmd {
     #[argh(option)]
     pub append: Option<String>,
     /// attach a raw disk image as a virtio-blk device (vda, vdb, ... in order): PATH, or
-    /// PATH,ro for a read-only disk; may be repeated (at most 8)
+    /// PATH,ro for a read-only disk; ,direct bypasses the host page cache for aligned
+    /// requests (O_DIRECT); may be repeated (at most 8)
     #[argh(option)]
     pub disk: Vec<String>,
     /// attach a virtio-net device to a tap: tap=NAME (created if it does not exist; needs

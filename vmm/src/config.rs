@@ -281,31 +281,36 @@ pub struct VmConfig {
     pub nets: Vec<NetDevice>,
 }
 
-/// One `--disk PATH[,ro]`.
+/// One `--disk PATH[,ro][,direct]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
     /// The raw image file.
     pub path: PathBuf,
     /// `,ro`: the guest sees a read-only disk and the device refuses writes.
     pub read_only: bool,
+    /// `,direct`: aligned requests bypass the host page cache (`O_DIRECT`).
+    pub direct: bool,
 }
 
-/// Parses `PATH` or `PATH,ro` (`rw` is accepted as the default, spelt out).
+/// Parses `PATH` with options `ro` (`rw` is accepted as the default, spelt out) and
+/// `direct`.
 pub fn parse_disk(text: &str) -> Result<DiskSpec, ConfigError> {
     let bad = || ConfigError::DiskSpec(text.to_string());
     let mut parts = text.split(',');
     let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
-    let mut read_only = false;
+    let (mut read_only, mut direct) = (false, false);
     for option in parts {
         match option {
             "ro" => read_only = true,
             "rw" => read_only = false,
+            "direct" => direct = true,
             _ => return Err(bad()),
         }
     }
     Ok(DiskSpec {
         path: PathBuf::from(path),
         read_only,
+        direct,
     })
 }
 
@@ -398,7 +403,12 @@ pub fn open_disks(texts: &[String]) -> Result<Vec<DiskImage>, ConfigError> {
         .enumerate()
         .map(|(index, text)| {
             let spec = parse_disk(text)?;
-            Ok(DiskImage::open(&spec.path, spec.read_only, index)?)
+            Ok(DiskImage::open(
+                &spec.path,
+                spec.read_only,
+                spec.direct,
+                index,
+            )?)
         })
         .collect()
 }
@@ -573,6 +583,10 @@ mod tests {
         let d = parse_disk("b.img,ro").unwrap();
         assert_eq!((d.path, d.read_only), (PathBuf::from("b.img"), true));
         assert!(!parse_disk("b.img,ro,rw").unwrap().read_only);
+        let d = parse_disk("c.img,direct,ro").unwrap();
+        assert!(d.direct && d.read_only);
+        assert!(!parse_disk("c.img").unwrap().direct);
+        assert!(parse_disk("c.img,directly").is_err());
         for bad in ["", ",ro", "a.img,", "a.img,readonly", "a,b.img"] {
             let e = parse_disk(bad).unwrap_err().to_string();
             assert!(e.starts_with(&format!("--disk {bad:?}:")), "{e}");

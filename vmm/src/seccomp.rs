@@ -85,7 +85,12 @@ const EVENT_LOOP: &[i64] = &[
 
 /// The block I/O thread adds seeking and flushing its image (read and write are common).
 /// No ioctl, no open: the image was opened and locked before the thread started.
-const BLOCK_IO: &[i64] = &[libc::SYS_lseek, libc::SYS_fdatasync, libc::SYS_fsync];
+const BLOCK_IO: &[i64] = &[
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
 
 /// The network I/O thread adds epoll (read and write of the tap are common).
 const NET_IO: &[i64] = &[
@@ -218,12 +223,7 @@ mod tests {
         ] {
             assert!(!blk.contains(&forbidden), "{forbidden}");
         }
-        for needed in [
-            libc::SYS_read,
-            libc::SYS_write,
-            libc::SYS_lseek,
-            libc::SYS_fdatasync,
-        ] {
+        for needed in [libc::SYS_preadv, libc::SYS_pwritev, libc::SYS_fdatasync] {
             assert!(blk.contains(&needed), "{needed}");
         }
         let net = allowed(ThreadKind::NetIo);

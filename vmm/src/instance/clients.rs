@@ -53,7 +53,12 @@ impl Clients {
             return None;
         }
         let _ = stream.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
-        let token = self.next_token.max(FIRST_CLIENT);
+        // A token still in use is skipped (after four billion clients the count wraps):
+        // replacing a live client would close its registered descriptor.
+        let mut token = self.next_token.max(FIRST_CLIENT);
+        while self.live.contains_key(&token) {
+            token = token.wrapping_add(1).max(FIRST_CLIENT);
+        }
         self.next_token = token.wrapping_add(1);
         if let Err(e) = ops.add(Events::with_data(&stream, token, EventSet::IN)) {
             log::warn!("a control client could not join the event set: {e:?}");
@@ -75,8 +80,17 @@ impl Clients {
             .filter(|_| !self.doomed.contains(&token))
     }
 
+    /// The console a served client watches.
     pub fn console_of(&self, token: u32) -> Option<Which> {
-        self.live.get(&token).and_then(|c| c.console)
+        self.live
+            .get(&token)
+            .filter(|_| !self.doomed.contains(&token))
+            .and_then(|c| c.console)
+    }
+
+    /// Whether a write to the client has failed (it is dropped at the end of the round).
+    pub fn is_doomed(&self, token: u32) -> bool {
+        self.doomed.contains(&token)
     }
 
     /// Sends `bytes` whole; a client that is closed or stuck is doomed.

@@ -302,6 +302,10 @@ impl ControlServer {
             }
         }
         for f in frames {
+            // A client a reply already failed to gets nothing more done for it.
+            if self.clients.is_doomed(token) {
+                break;
+            }
             self.handle_client_frame(token, f);
         }
     }

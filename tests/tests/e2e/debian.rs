@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::common::*;
-use super::instance::{pid_of, start_with, vmm_in};
+use super::instance::{alive, pid_of, start_with, vmm_in};
 use super::redirect::{exterior, module_names, processes, GvmConsole};
 
 /// The guest's root disk: the L1 disk tools/kvm-run attaches (a copy-on-write snapshot of
@@ -89,7 +89,8 @@ fn a_debian_disk_guest_boots_systemd_and_is_managed_from_outside() {
         .args(["--net", "tap=exdeb0", "--mem", "1G", "--cpus", "2"])
         .args(["--append", "root=LABEL=exterior-root rw"]);
     let instance = start_with(&rt, NAME, &mut run_it);
-    let pid = u32::try_from(pid_of(&rt, NAME)).expect("a pid");
+    let vmm_pid = pid_of(&rt, NAME);
+    let pid = u32::try_from(vmm_pid).expect("a pid");
 
     // The namespace's end of the guest's network (the guest's own address comes from its
     // image: systemd-networkd, 10.0.2.15/24).
@@ -248,12 +249,11 @@ fn a_debian_disk_guest_boots_systemd_and_is_managed_from_outside() {
         Duration::from_secs(180),
         || !lock.exists(),
     );
-    let process = PathBuf::from(format!("/proc/{pid}"));
     let teardown = Instant::now();
     wait_for(
         "the VMM process's end, its lock gone",
         Duration::from_secs(60),
-        || !process.exists(),
+        || !alive(vmm_pid),
     );
     println!(
         "the VMM process ended {:.1} s after it let go of its lock",

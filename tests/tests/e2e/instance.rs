@@ -169,7 +169,7 @@ pub(super) fn pid_of(rt: &Path, name: &str) -> i32 {
         .expect("pid in lock file")
 }
 
-fn alive(pid: i32) -> bool {
+pub(super) fn alive(pid: i32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
 }
 

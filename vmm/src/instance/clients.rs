@@ -16,7 +16,7 @@ use svm_runtime::protocol::Decoder;
 use vmm_sys_util::epoll::EventSet;
 
 /// The first client token; the ones below are the server's own event sources.
-pub(super) const FIRST_CLIENT: u32 = 16;
+const FIRST_CLIENT: u32 = 16;
 /// A client that does not read its socket for this long is given up, so one stuck client
 /// cannot stall the instance.
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,16 +75,17 @@ impl Clients {
 
     /// A client still served (not one a write failed to).
     pub fn get_mut(&mut self, token: u32) -> Option<&mut Client> {
-        self.live
-            .get_mut(&token)
-            .filter(|_| !self.doomed.contains(&token))
+        if self.is_doomed(token) {
+            return None;
+        }
+        self.live.get_mut(&token)
     }
 
     /// The console a served client watches.
     pub fn console_of(&self, token: u32) -> Option<Which> {
         self.live
             .get(&token)
-            .filter(|_| !self.doomed.contains(&token))
+            .filter(|_| !self.is_doomed(token))
             .and_then(|c| c.console)
     }
 
@@ -107,7 +108,7 @@ impl Clients {
     pub fn watching(&self, which: Which) -> Vec<u32> {
         self.live
             .iter()
-            .filter(|(t, c)| c.console == Some(which) && !self.doomed.contains(t))
+            .filter(|(t, c)| c.console == Some(which) && !self.is_doomed(**t))
             .map(|(t, _)| *t)
             .collect()
     }
@@ -118,16 +119,15 @@ impl Clients {
     }
 
     /// Takes a client out of the event set, then closes its socket (in that order: see
-    /// the module's comment). Whether it was there.
-    pub fn remove(&mut self, token: u32, ops: &mut EventOps) -> bool {
+    /// the module's comment).
+    pub fn remove(&mut self, token: u32, ops: &mut EventOps) {
         self.doomed.retain(|&t| t != token);
         let Some(client) = self.live.remove(&token) else {
-            return false;
+            return;
         };
         if let Err(e) = ops.remove(Events::with_data(&client.stream, token, EventSet::IN)) {
             log::warn!("control client {token} would not leave the event set: {e:?}");
         }
-        true
     }
 }
 

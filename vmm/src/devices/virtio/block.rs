@@ -10,9 +10,10 @@
 //! to the host page cache, so what the guest wrote survives the VMM being killed; a FLUSH
 //! is `fdatasync`, so what the guest flushed survives the host too. With `--disk
 //! PATH,direct` (as QEMU's `cache=none`, Cloud Hypervisor's `direct=on`) requests whose
-//! buffers and offset are sector-aligned bypass the host page cache (`O_DIRECT`); the
-//! others, rare (Linux aligns its I/O to sectors), go through it, and the kernel keeps the
-//! two coherent.
+//! buffers and offset are aligned as the disk needs (its logical block size, or what the
+//! file system says; a sector at least) bypass the host page cache (`O_DIRECT`); the
+//! others, rare (Linux aligns its I/O to its blocks), go through it, and the kernel keeps
+//! the two coherent.
 //!
 //! Every descriptor is hostile: lengths are summed with overflow checks, sector ranges are
 //! checked against the image before any I/O, addresses reach memory only through checked
@@ -354,7 +355,7 @@ impl DiskImage {
                 let Some(offset) = self.range(sector, len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                match self.read_into(mem, offset, &request.writable) {
+                match self.transfer(mem, offset, &request.writable, Direction::Read) {
                     Ok(()) => (VIRTIO_BLK_S_OK, len),
                     Err(e) => {
                         log::debug!("virtio-blk: read at sector {sector}: {e}");
@@ -372,7 +373,7 @@ impl DiskImage {
                 let Some(offset) = self.range(sector, len) else {
                     return (VIRTIO_BLK_S_IOERR, 0);
                 };
-                match self.write_from(mem, offset, &request.readable) {
+                match self.transfer(mem, offset, &request.readable, Direction::Write) {
                     Ok(()) => (VIRTIO_BLK_S_OK, 0),
                     Err(e) => {
                         log::debug!("virtio-blk: write at sector {sector}: {e}");
@@ -404,30 +405,10 @@ impl DiskImage {
         }
     }
 
-    /// Reads the image from `offset` into `segs`.
-    fn read_into<M: GuestMemoryBackend>(
-        &mut self,
-        mem: &M,
-        offset: u64,
-        segs: &[Segment],
-    ) -> std::io::Result<()> {
-        self.transfer(mem, offset, segs, Direction::Read)
-    }
-
-    /// Writes `segs` to the image from `offset`, all of it.
-    fn write_from<M: GuestMemoryBackend>(
-        &mut self,
-        mem: &M,
-        offset: u64,
-        segs: &[Segment],
-    ) -> std::io::Result<()> {
-        self.transfer(mem, offset, segs, Direction::Write)
-    }
-
     /// Moves `segs` between guest memory and the image at `offset`: whole, or an error.
     /// The descriptor is the `O_DIRECT` one when there is one and every buffer and the
-    /// offset are sector-aligned (or it refuses them, `EINVAL`: then the buffered one
-    /// goes on from where it stopped).
+    /// offset are aligned as it needs (or it refuses them, `EINVAL`: then the buffered
+    /// one goes on from where it stopped).
     fn transfer<M: GuestMemoryBackend>(
         &mut self,
         mem: &M,
@@ -497,7 +478,7 @@ fn aligned_to(iovec: &libc::iovec, align: u64) -> bool {
 struct Direct {
     file: File,
     align: u64,
-    /// Requests it served (for tests and post-mortems).
+    /// Requests it served (the unit tests read it).
     served: u64,
 }
 

@@ -12,6 +12,8 @@ pub struct Cli {
     pub command: Command,
 }
 
+// `run`'s options make its variant the largest by far; the command line is parsed once.
+#[allow(clippy::large_enum_variant)]
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 pub enum Command {
@@ -79,6 +81,11 @@ pub struct RunCmd {
     /// with --name: run in the background; returns once the instance is ready
     #[argh(switch)]
     pub detach: bool,
+    /// with --name: the kernel the SVM boots, a copy you trust of the GVM's: --kernel must
+    /// load the same bytes (default: the pinned images/bzImage, or images/vmlinux when
+    /// --kernel is an ELF vmlinux; a sealed image's own kernel with --image)
+    #[argh(option)]
+    pub svm_kernel: Option<PathBuf>,
     /// with --name: the SVM's initramfs (default: images/svm.cpio)
     #[argh(option)]
     pub svm_initrd: Option<PathBuf>,

@@ -18,7 +18,7 @@ use vmm::builder::{run_vm, BuildError, RunOptions};
 use vmm::config::{self, ConfigError, ConsoleTarget, VmConfig};
 use vmm::exit::ExitReason;
 use vmm::instance::runtime::{validate_name, RuntimeDir};
-use vmm::instance::{run_instance, InstanceConfig, MAX_QUIESCE_HOLD};
+use vmm::instance::{check_same_kernel, run_instance, InstanceConfig, MAX_QUIESCE_HOLD};
 
 use cli::{Cli, Command, KvmProbeCmd, RunCmd};
 use client::ClientError;
@@ -204,8 +204,17 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
     })
 }
 
-/// The SVM boots the GVM's kernel (the same bytes) with the SVM image.
-fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig, ConfigError> {
+/// The SVM boots a kernel the operator trusts with the SVM image: `--svm-kernel`, else the
+/// pinned kernel in images/ of the GVM kernel's format (the same boot path, so the kernel
+/// patches itself the same way), else, for a sealed image, the image's own signed kernel.
+/// Never a file only because the GVM boots it: a guest's `/boot/vmlinuz` may have been
+/// changed by the guest (`vmm::instance::check_same_kernel` compares them).
+fn build_svm_config(
+    cmd: &RunCmd,
+    gvm: &VmConfig,
+    log: &Path,
+    sealed: bool,
+) -> Result<VmConfig, ConfigError> {
     let mem_mib = config::check_mem_mib(config::parse_mem_mib(&cmd.svm_mem)?)?;
     let initrd_path = match &cmd.svm_initrd {
         Some(path) => path.clone(),
@@ -213,13 +222,27 @@ fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig
             .ok_or(ConfigError::NoImagesDir("--svm-initrd"))?
             .join("svm.cpio"),
     };
+    let initrd = config::read_svm_initrd(&initrd_path, mem_mib)?;
+    let (kernel, kernel_path) = match &cmd.svm_kernel {
+        Some(path) => (config::read_kernel(path)?, path.clone()),
+        None if sealed => (gvm.kernel.clone(), gvm.kernel_path.clone()),
+        None => {
+            let images = paths::images_dir().ok_or(ConfigError::NoImagesDir("--svm-kernel"))?;
+            let elf = gvm.kernel.starts_with(b"\x7fELF");
+            let pinned = images.join(if elf { "vmlinux" } else { "bzImage" });
+            if !pinned.exists() {
+                return Err(ConfigError::NoSvmKernel(pinned));
+            }
+            (config::read_kernel(&pinned)?, pinned)
+        }
+    };
     Ok(VmConfig {
         mem_mib,
         cpus: 1,
         cmdline: config::build_cmdline(Some("quiet")),
-        kernel: gvm.kernel.clone(),
-        kernel_path: gvm.kernel_path.clone(),
-        initrd: Some(config::read_svm_initrd(&initrd_path, mem_mib)?),
+        kernel,
+        kernel_path,
+        initrd: Some(initrd),
         console: ConsoleTarget::File(log.to_path_buf()),
         disks: Vec::new(),
         nets: Vec::new(),
@@ -266,6 +289,7 @@ fn run(cmd: RunCmd) -> ExitCode {
             "--hold-slice-us and --hold-idle-us need --name (only an instance redirects calls)",
         );
     }
+    let sealed = cmd.image.is_some();
     let mut config = match &cmd.image {
         Some(image) => {
             if cmd.kernel.is_some() || cmd.initrd.is_some() || cmd.append.is_some() {
@@ -348,11 +372,15 @@ fn run(cmd: RunCmd) -> ExitCode {
                 Err(e) => return fail(EXIT_BAD_INPUT, e),
             };
             let svm_log = runtime.log(name, "svm");
-            let svm = match build_svm_config(&cmd, &config, &svm_log) {
+            let svm = match build_svm_config(&cmd, &config, &svm_log, sealed) {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_BAD_INPUT, e),
             };
             if cmd.detach && std::env::var_os(DAEMON_ENV).is_none() {
+                // The daemon checks again (run_instance); the parent reports a refusal here.
+                if let Err(e) = check_same_kernel(&config, &svm) {
+                    return fail(EXIT_BAD_INPUT, e);
+                }
                 // The daemon opens and locks the disks itself: let go of ours (opened
                 // above only to report a bad --disk here, with exit status 2).
                 drop(config);
@@ -376,7 +404,10 @@ fn run(cmd: RunCmd) -> ExitCode {
     match result {
         Ok(reason) => report(reason),
         Err(
-            e @ (BuildError::Load { .. } | BuildError::Vmlinux { .. } | BuildError::Console { .. }),
+            e @ (BuildError::Load { .. }
+            | BuildError::Vmlinux { .. }
+            | BuildError::KernelMismatch { .. }
+            | BuildError::Console { .. }),
         ) => fail(EXIT_BAD_INPUT, e),
         Err(e) => fail(EXIT_HOST, e),
     }

@@ -407,8 +407,9 @@ fn a_console_idle_outside_its_bounds_is_refused_before_any_instance_is_asked() {
     }
 }
 
-/// `run --name` with `--svm-initrd PATH`, on a host without KVM: everything about the SVM
-/// image is checked before KVM is opened, so a refusal here is the image check's.
+/// `run --name` with `--svm-initrd PATH` (and `--svm-kernel` the same file as `--kernel`),
+/// on a host without KVM: everything about the SVM image is checked before KVM is opened,
+/// so a refusal here is the image check's.
 fn run_instance_with_svm_image(tag: &str, svm: &Path) -> (i32, String) {
     let dir = scratch(tag);
     let kernel = minimal_elf(&dir);
@@ -417,6 +418,9 @@ fn run_instance_with_svm_image(tag: &str, svm: &Path) -> (i32, String) {
     run(cmd
         .env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
         .args(["run", "--name", tag, "--kernel"])
+        .arg(&kernel)
+        // The SVM boots the same bytes (the kernel check passes: tests below attack it).
+        .arg("--svm-kernel")
         .arg(&kernel)
         .arg("--svm-initrd")
         .arg(svm))
@@ -648,4 +652,138 @@ fn a_truncated_image_is_refused() {
         .unwrap();
     let err = refused_image(&image, &[&public]);
     assert!(err.contains("truncated"), "{err}");
+}
+
+// The kernel an instance's SVM boots is a trusted one (--svm-kernel, else the pinned
+// kernel in images/), and the GVM's must load the same bytes: a kernel that came with the
+// guest (its /boot) may have been changed by it. These use the real pinned kernel; a
+// missing images/ fails them (run tools/setup), never skips them.
+
+fn pinned(name: &str) -> PathBuf {
+    let repo = std::env::var_os("EXTERIOR_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".."));
+    let path = repo.join("images").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run tools/setup (tools/test runs it first)",
+        path.display()
+    );
+    path
+}
+
+/// File offset of the first byte of `section`'s data in the ELF image `elf`.
+fn section_offset(elf: &[u8], section: &str) -> usize {
+    let parsed = redirect::profile::Elf::parse(elf).unwrap();
+    let s = parsed.section(section).unwrap();
+    usize::try_from(s.offset).unwrap()
+}
+
+/// `run --name TAG` of the GVM kernel `gvm` with `--svm-kernel svm` (and the pinned SVM
+/// image), on a host without KVM: a refusal with status 2 is the kernel check's; status 3
+/// (no KVM) means the check let it through.
+fn run_with_kernels(tag: &str, gvm: &Path, svm: &Path, detach: bool) -> (i32, String) {
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, &format!("{tag}-rt"));
+    cmd.env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .args(["run", "--name", tag, "--kernel"])
+        .arg(gvm)
+        .arg("--initrd")
+        .arg(pinned("gvm.cpio"))
+        .arg("--svm-initrd")
+        .arg(pinned("svm.cpio"))
+        .arg("--svm-kernel")
+        .arg(svm);
+    if detach {
+        cmd.arg("--detach");
+    }
+    run(&mut cmd)
+}
+
+#[test]
+fn a_gvm_kernel_changed_after_it_was_built_is_refused_naming_the_change() {
+    let dir = scratch("kernel-patched");
+    let svm = pinned("vmlinux");
+    let mut bytes = std::fs::read(&svm).unwrap();
+    let at = section_offset(&bytes, ".text") + 0x1234;
+    bytes[at] ^= 0xff;
+    let patched = dir.join("vmlinux-patched");
+    std::fs::write(&patched, &bytes).unwrap();
+    for detach in [false, true] {
+        let (code, err) = run_with_kernels("patched", &patched, &svm, detach);
+        assert_eq!(code, 2, "detach {detach}: {err}");
+        assert!(
+            err.contains(&format!(
+                "--kernel {} is not the kernel the SVM boots ({})",
+                patched.display(),
+                svm.display()
+            )) && err.contains("1 bytes of .text differ, the first at offset 0x1234")
+                && err.contains("the same build-id with other bytes"),
+            "detach {detach}: {err}"
+        );
+        // Both sides say what they are: the pinned release and build-id, twice.
+        let id = "release 6.1.0-50-cloud-amd64, build-id bb603a9147d3efe4744bf83c83eee397c591cc20";
+        assert!(
+            err.contains(&format!("GVM {id}; SVM {id}")),
+            "detach {detach}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_gvm_kernel_of_another_build_is_refused_with_both_build_ids() {
+    let dir = scratch("kernel-build");
+    let svm = pinned("vmlinux");
+    let mut bytes = std::fs::read(&svm).unwrap();
+    // The build-id note's descriptor: "GNU\0" then the 20 bytes.
+    let notes = section_offset(&bytes, ".notes");
+    let id = "bb603a9147d3efe4744bf83c83eee397c591cc20";
+    let gnu = bytes[notes..]
+        .windows(4)
+        .position(|w| w == b"GNU\0")
+        .unwrap();
+    let desc = notes + gnu + 4;
+    assert_eq!(bytes[desc], 0xbb, "the pinned build-id starts with bb");
+    bytes[desc] = 0x42;
+    let other = dir.join("vmlinux-other");
+    std::fs::write(&other, &bytes).unwrap();
+    let (code, err) = run_with_kernels("build", &other, &svm, false);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("build-id 42{}; SVM", &id[2..]))
+            && err.contains(&format!("build-id {id}; "))
+            && err.contains("of .notes differ")
+            && err.contains("another build"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_same_kernel_as_bzimage_and_as_vmlinux_passes_the_check() {
+    // The GVM boots the pinned bzImage, the SVM the ELF it carries: other files, the same
+    // loaded bytes. The run gets past the check and stops at the missing KVM.
+    let (code, err) = run_with_kernels("same", &pinned("bzImage"), &pinned("vmlinux"), false);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("cannot open /nonexistent/kvm"), "{err}");
+}
+
+#[test]
+fn an_instance_without_svm_kernel_and_without_the_pinned_one_says_how_to_get_one() {
+    let mut cmd = vmm();
+    with_runtime(&mut cmd, "nosvmkernel-rt");
+    let (code, err) = run(cmd
+        .env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
+        .args(["run", "--name", "nosvmk", "--kernel"])
+        .arg(pinned("vmlinux"))
+        .arg("--svm-initrd")
+        .arg(pinned("svm.cpio")));
+    assert_eq!(code, 2, "{err}");
+    // (EXTERIOR_IMAGES names a directory that does not exist.)
+    assert!(
+        err.contains(
+            "the SVM boots the pinned kernel /nonexistent-images/vmlinux, which does not \
+             exist: run `tools/setup` to fetch it, or pass --svm-kernel"
+        ),
+        "{err}"
+    );
 }

@@ -65,6 +65,20 @@ pub enum BuildError {
         /// Why its payload gave no vmlinux.
         source: crate::boot::bzimage::BzImageError,
     },
+    /// An instance's GVM kernel does not load the same bytes as the kernel its SVM boots.
+    #[error(
+        "--kernel {gvm} is not the kernel the SVM boots ({svm}): {source}. The redirect \
+         engine runs the SVM's kernel code on the GVM's data, so the GVM must boot that very \
+         kernel: boot it with {svm}, or pass --svm-kernel with a copy you trust of the GVM's"
+    )]
+    KernelMismatch {
+        /// Where the GVM's kernel came from.
+        gvm: PathBuf,
+        /// Where the SVM's kernel came from.
+        svm: PathBuf,
+        /// How they differ.
+        source: redirect::profile::identity::KernelMismatch,
+    },
     /// ACPI tables, page tables or the GDT could not be written to guest memory.
     #[error("writing boot structures: {0}")]
     BootData(String),

@@ -138,6 +138,10 @@ pub enum ConfigError {
     /// No `--kernel` was given and the default kernel (this path) is missing.
     #[error("no kernel given and the default {0} does not exist: pass --kernel, or run `tools/setup` to fetch the pinned kernel")]
     NoDefaultKernel(PathBuf),
+    /// No `--svm-kernel` was given and the pinned kernel the SVM boots (this path) is
+    /// missing.
+    #[error("the SVM boots the pinned kernel {0}, which does not exist: run `tools/setup` to fetch it, or pass --svm-kernel with a kernel you trust that is the GVM's")]
+    NoSvmKernel(PathBuf),
     /// An instance needs the SVM's initramfs (this path), which is missing.
     #[error("SVM image {0} does not exist: run `tools/setup` to build images/svm.cpio, or pass --svm-initrd")]
     NoSvmImage(PathBuf),

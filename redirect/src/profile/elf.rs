@@ -304,6 +304,10 @@ pub(crate) mod tests {
             let mut h = [0u8; SHDR_SIZE];
             h[0..4].copy_from_slice(&name.to_le_bytes());
             h[4..8].copy_from_slice(&ty.to_le_bytes());
+            // Sections with an address are loaded (SHF_ALLOC), as in a vmlinux.
+            if *addr != 0 {
+                h[8..16].copy_from_slice(&2u64.to_le_bytes());
+            }
             h[16..24].copy_from_slice(&addr.to_le_bytes());
             h[24..32].copy_from_slice(&off.to_le_bytes());
             h[32..40].copy_from_slice(&size.to_le_bytes());

@@ -14,10 +14,12 @@
 //! [`ProfileError`] if anything is missing or inconsistent.
 //!
 //! Submodules: [`elf`] (sections of an ELF64 image), [`btf`] (BTF types), [`kallsyms`]
-//! (symbol table). All parse untrusted bytes without panicking.
+//! (symbol table), [`identity`] (whether the GVM's kernel is the SVM's, byte for byte). All
+//! parse untrusted bytes without panicking.
 
 pub mod btf;
 pub mod elf;
+pub mod identity;
 pub mod kallsyms;
 
 use thiserror::Error;

@@ -8,9 +8,8 @@ mod quiesce_worker;
 pub mod runtime;
 pub(crate) mod server;
 
-use std::sync::Arc;
-
-use std::sync::Mutex;
+use std::borrow::Cow;
+use std::sync::{Arc, Mutex};
 
 use crate::boot::bzimage;
 use crate::builder::{
@@ -25,7 +24,7 @@ use quiesce_worker::QuiesceWorker;
 
 /// The longest `quiesce --hold` an instance grants.
 pub use quiesce_worker::MAX_HOLD as MAX_QUIESCE_HOLD;
-use redirect::profile::KernelImage;
+use redirect::profile::{identity, KernelImage};
 use runtime::{InstanceLock, RuntimeDir};
 use server::ControlServer;
 
@@ -43,6 +42,30 @@ pub struct InstanceConfig {
     pub hold_policy: crate::executor::HoldPolicy,
 }
 
+/// The ELF vmlinux of `vm`'s kernel: the file itself, or a bzImage's payload.
+fn vmlinux_of(vm: &VmConfig) -> Result<Cow<'_, [u8]>, BuildError> {
+    bzimage::vmlinux(&vm.kernel).map_err(|source| BuildError::Vmlinux {
+        path: vm.kernel_path.clone(),
+        source,
+    })
+}
+
+/// Refuses a GVM kernel that does not load, byte for byte, what the SVM's kernel loads
+/// (`redirect::profile::identity`): the redirect engine runs the SVM's kernel text, with the
+/// SVM's symbols, on the GVM's data. The same file costs one comparison of its bytes.
+pub fn check_same_kernel(gvm: &VmConfig, svm: &VmConfig) -> Result<(), BuildError> {
+    if gvm.kernel == svm.kernel {
+        return Ok(());
+    }
+    identity::same_kernel(&vmlinux_of(gvm)?, &vmlinux_of(svm)?).map_err(|source| {
+        BuildError::KernelMismatch {
+            gvm: gvm.kernel_path.clone(),
+            svm: svm.kernel_path.clone(),
+            source,
+        }
+    })
+}
+
 /// Runs an instance until its GVM stops or a client asks it to stop.
 pub fn run_instance(
     config: InstanceConfig,
@@ -56,12 +79,10 @@ pub fn run_instance(
     let svm_tap = Arc::new(ConsoleTap::new().map_err(host_err("console tap"))?);
     let inbox = Arc::new(LinkInbox::new().map_err(host_err("agent link"))?);
     let gvm_cpus = config.gvm.cpus;
-    // The redirect engine reads BTF and the text's place from the GVM's image (which the
-    // SVM boots too): the ELF vmlinux, given as such or inside a bzImage's payload.
-    let vmlinux = bzimage::vmlinux(&config.gvm.kernel).map_err(|source| BuildError::Vmlinux {
-        path: config.gvm.kernel_path.clone(),
-        source,
-    })?;
+    // The redirect engine reads BTF and the text's place from the SVM's image (the GVM's
+    // loads the same bytes): the ELF vmlinux, given as such or inside a bzImage's payload.
+    check_same_kernel(&config.gvm, &config.svm)?;
+    let vmlinux = vmlinux_of(&config.svm)?;
     let image = KernelImage::parse(&vmlinux);
     drop(vmlinux);
 

@@ -19,6 +19,8 @@
 //! - [`bounce`]: the bounce pages that carry a call's user buffers (no SVM memory is in
 //!   the redirect VM);
 //! - [`cpu_tables`]: the IDT, GDT and TSS the redirect vCPU runs on (never the GVM's);
+//! - [`kaslr`]: the kernel's relocation table and a GVM's slide (groundwork: the engine
+//!   still needs a GVM booted with `nokaslr`);
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
 //! - [`module_text`]: which loaded modules' text the view may run (checked against the
@@ -38,6 +40,7 @@
 pub mod bounce;
 pub mod call_profile;
 pub mod cpu_tables;
+pub mod kaslr;
 pub mod lend;
 pub mod memory;
 pub mod module_text;

@@ -1,0 +1,353 @@
+//! KASLR: the kernel's own relocation table, a GVM's slide, and the trusted text moved by it.
+//!
+//! A kernel built with `CONFIG_RANDOMIZE_BASE` is moved by its bzImage decompressor to a
+//! random 2 MiB-aligned virtual address (and, separately, a random physical one). The
+//! decompressor fixes the image's absolute references with a table Kbuild
+//! (`arch/x86/tools/relocs`) appends to the decompressed payload, after the ELF, when
+//! `CONFIG_X86_NEED_RELOCS=y` (`arch/x86/boot/compressed/misc.c`, `handle_relocations`).
+//! Read from the end of the payload backwards, it is three lists of 32-bit words, each a
+//! location's link address sign-extended to 64 bits, each list ended by a zero word:
+//!
+//! ```text
+//!   ELF image … | 0 | 64-bit relocations … | 0 | inverse 32-bit … | 0 | 32-bit … | (end)
+//! ```
+//!
+//! A 32-bit location gets the slide added (wrapping in 32 bits), an inverse one subtracted
+//! (references to per-cpu data, which does not move), a 64-bit one added.
+//!
+//! The redirect engine runs a copy of the trusted kernel's text; a GVM booted with KASLR runs
+//! the same text moved by its slide, so the copy must be moved the same way with the same
+//! table, and the table is read from the trusted (SVM's) kernel image, never from the GVM.
+//! Nothing here touches guest memory: the slide's inputs (a GVM register, a GVM page walk)
+//! are hostile, and are only ever checked against the image, never used to decide what runs.
+
+use thiserror::Error;
+
+use crate::view::START_KERNEL_MAP;
+
+/// The granule of a kernel's virtual slide: `CONFIG_PHYSICAL_ALIGN` (2 MiB in the pinned
+/// kernels' configs), which the decompressor aligns the random address to.
+pub const SLIDE_ALIGN: u64 = 0x20_0000;
+/// The kernel-image map with `CONFIG_RANDOMIZE_BASE` (`KERNEL_IMAGE_SIZE`, 1 GiB from
+/// `__START_KERNEL_map`): a slid image ends inside it.
+pub const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
+
+/// Why a relocation table could not be read or applied.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum RelocError {
+    /// The payload ends before one of the three lists' zero terminators.
+    #[error("the kernel's relocation table has no end to its {0} list (not a relocatable kernel, or a truncated payload)")]
+    Unterminated(&'static str),
+    /// An entry names a place outside the kernel-image map.
+    #[error("relocation at {0:#x} lies outside the kernel image map")]
+    OutsideImage(u64),
+    /// An entry's word starts inside the copy but ends past it.
+    #[error("relocation at {addr:#x} straddles the end of the copy at {end:#x}")]
+    Straddles {
+        /// The location's link address.
+        addr: u64,
+        /// The first link address past the copy.
+        end: u64,
+    },
+}
+
+/// Why a slide was not believed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum SlideError {
+    /// LSTAR is below the image's own entry point.
+    #[error("the GVM's LSTAR {lstar:#x} lies below entry_SYSCALL_64's link address {link:#x}")]
+    BelowLink {
+        /// The GVM CPU's LSTAR.
+        lstar: u64,
+        /// `entry_SYSCALL_64` in the image.
+        link: u64,
+    },
+    /// The slide is not a multiple of [`SLIDE_ALIGN`].
+    #[error("the GVM's kernel slide {0:#x} is not a multiple of 2 MiB")]
+    Unaligned(u64),
+    /// The slid image would end past the kernel-image map.
+    #[error("the GVM's kernel slide {0:#x} puts the image past the 1 GiB kernel map")]
+    TooFar(u64),
+}
+
+/// A relocatable kernel's relocation table: the link addresses of the places a slide
+/// changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Relocs {
+    /// Places of 32-bit absolute references: `+= slide`.
+    pub abs32: Vec<u64>,
+    /// Places of 32-bit references to per-cpu data: `-= slide`.
+    pub inverse32: Vec<u64>,
+    /// Places of 64-bit absolute references: `+= slide`.
+    pub abs64: Vec<u64>,
+}
+
+/// A table word as the link address it names.
+fn sign_extend(word: u32) -> u64 {
+    i64::from(word as i32) as u64
+}
+
+impl Relocs {
+    /// Reads the table at the end of a decompressed payload (`vmlinux` as
+    /// `boot::bzimage` extracts it, or a file made from a bzImage the same way). Every entry
+    /// must name a place in the kernel-image map; the walk is bounded by the payload.
+    pub fn parse(payload: &[u8]) -> Result<Relocs, RelocError> {
+        let mut words = payload
+            .rchunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut list = |name| -> Result<Vec<u64>, RelocError> {
+            let mut out = Vec::new();
+            loop {
+                match words.next() {
+                    None => return Err(RelocError::Unterminated(name)),
+                    Some(0) => return Ok(out),
+                    Some(word) => {
+                        let addr = sign_extend(word);
+                        if addr < START_KERNEL_MAP || addr - START_KERNEL_MAP >= KERNEL_IMAGE_SIZE {
+                            return Err(RelocError::OutsideImage(addr));
+                        }
+                        out.push(addr);
+                    }
+                }
+            }
+        };
+        // The lists' order, from the end: 32-bit, inverse 32-bit, 64-bit.
+        let abs32 = list("32-bit")?;
+        let inverse32 = list("inverse 32-bit")?;
+        let abs64 = list("64-bit")?;
+        Ok(Relocs {
+            abs32,
+            inverse32,
+            abs64,
+        })
+    }
+
+    /// How many places the table names.
+    pub fn len(&self) -> usize {
+        self.abs32.len() + self.inverse32.len() + self.abs64.len()
+    }
+
+    /// Whether the table names no place (a kernel that cannot be moved).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Moves `bytes`, a copy of the image's link addresses [`base`, `base + len`), by
+    /// `slide` as the decompressor moves the image: the places inside the copy are changed,
+    /// the others (data the copy does not hold) left alone. Returns how many were changed.
+    pub fn apply(&self, bytes: &mut [u8], base: u64, slide: u64) -> Result<usize, RelocError> {
+        let end = base.saturating_add(bytes.len() as u64);
+        let mut changed = 0;
+        let mut patch = |addr: u64, width: usize, f: &dyn Fn(&mut [u8])| {
+            if addr < base || addr >= end {
+                return Ok(());
+            }
+            // addr - base < bytes.len(), so it fits in usize.
+            let at = (addr - base) as usize;
+            let word = at
+                .checked_add(width)
+                .and_then(|e| bytes.get_mut(at..e))
+                .ok_or(RelocError::Straddles { addr, end })?;
+            f(word);
+            changed += 1;
+            Ok(())
+        };
+        let add32 = |delta: u32| {
+            move |w: &mut [u8]| {
+                let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]).wrapping_add(delta);
+                w.copy_from_slice(&v.to_le_bytes());
+            }
+        };
+        // The decompressor adds the low 32 bits of the slide to a 32-bit place
+        // (`*(uint32_t *)ptr += delta`) and subtracts them from an inverse one.
+        let up = add32(slide as u32);
+        let down = add32((slide as u32).wrapping_neg());
+        for &addr in &self.abs32 {
+            patch(addr, 4, &up)?;
+        }
+        for &addr in &self.inverse32 {
+            patch(addr, 4, &down)?;
+        }
+        for &addr in &self.abs64 {
+            patch(addr, 8, &|w: &mut [u8]| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                w.copy_from_slice(&u64::from_le_bytes(b).wrapping_add(slide).to_le_bytes());
+            })?;
+        }
+        Ok(changed)
+    }
+}
+
+/// The GVM kernel's virtual slide, from the address its CPU's LSTAR holds (where a
+/// `syscall` enters: `entry_SYSCALL_64`, slid) and that symbol's link address, for an image
+/// whose link range ends at `image_end`. The GVM chooses its LSTAR, so the result is only a
+/// claim: it must be 2 MiB-aligned and keep the image in the kernel map here, and the
+/// caller checks it against the GVM's own text before using it.
+pub fn virtual_slide(lstar: u64, entry_link: u64, image_end: u64) -> Result<u64, SlideError> {
+    let slide = lstar.checked_sub(entry_link).ok_or(SlideError::BelowLink {
+        lstar,
+        link: entry_link,
+    })?;
+    if slide % SLIDE_ALIGN != 0 {
+        return Err(SlideError::Unaligned(slide));
+    }
+    let fits = image_end
+        .checked_add(slide)
+        .is_some_and(|e| e > START_KERNEL_MAP && e - START_KERNEL_MAP <= KERNEL_IMAGE_SIZE);
+    if !fits {
+        return Err(SlideError::TooFar(slide));
+    }
+    Ok(slide)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: u64 = 0xffff_ffff_8100_0000;
+
+    /// A payload: `elf` bytes, then the three lists as the relocs tool writes them.
+    fn payload(elf: &[u8], abs64: &[u64], inverse32: &[u64], abs32: &[u64]) -> Vec<u8> {
+        let mut out = elf.to_vec();
+        let word = |out: &mut Vec<u8>, a: u64| out.extend_from_slice(&(a as u32).to_le_bytes());
+        word(&mut out, 0);
+        // Each list is read from the end backwards: written in reverse.
+        for &a in abs64.iter().rev() {
+            word(&mut out, a);
+        }
+        word(&mut out, 0);
+        for &a in inverse32.iter().rev() {
+            word(&mut out, a);
+        }
+        word(&mut out, 0);
+        for &a in abs32.iter().rev() {
+            word(&mut out, a);
+        }
+        out
+    }
+
+    #[test]
+    fn the_three_lists_are_read_from_the_end() {
+        let p = payload(
+            b"\x7fELF....",
+            &[TEXT + 0x40],
+            &[TEXT + 8, TEXT + 12],
+            &[TEXT + 4],
+        );
+        let r = Relocs::parse(&p).unwrap();
+        assert_eq!(r.abs32, vec![TEXT + 4]);
+        assert_eq!(r.inverse32, vec![TEXT + 8, TEXT + 12]);
+        assert_eq!(r.abs64, vec![TEXT + 0x40]);
+        assert_eq!(r.len(), 4);
+    }
+
+    #[test]
+    fn a_slide_moves_each_kind_as_the_decompressor_does() {
+        let r = Relocs {
+            abs32: vec![TEXT],
+            inverse32: vec![TEXT + 4],
+            abs64: vec![TEXT + 8],
+        };
+        let mut text = Vec::new();
+        text.extend_from_slice(&0x8100_1234u32.to_le_bytes()); // mov $sym, %eax (sign-extended)
+        text.extend_from_slice(&0x0000_2000u32.to_le_bytes()); // a per-cpu offset
+        text.extend_from_slice(&(TEXT + 0x100).to_le_bytes());
+        text.extend_from_slice(&[0xcc; 4]); // nothing to move
+        let slide = 0x1e00_0000;
+        assert_eq!(r.apply(&mut text, TEXT, slide).unwrap(), 3);
+        assert_eq!(text[0..4], 0x9f00_1234u32.to_le_bytes());
+        assert_eq!(
+            text[4..8],
+            0x0000_2000u32.wrapping_sub(0x1e00_0000).to_le_bytes()
+        );
+        assert_eq!(text[8..16], (TEXT + 0x100 + slide).to_le_bytes());
+        assert_eq!(text[16..], [0xcc; 4]);
+        // Back again: the same table with the slide undone gives the original bytes.
+        r.apply(&mut text, TEXT, slide.wrapping_neg()).unwrap();
+        assert_eq!(text[0..4], 0x8100_1234u32.to_le_bytes());
+        assert_eq!(text[4..8], 0x0000_2000u32.to_le_bytes());
+        assert_eq!(text[8..16], (TEXT + 0x100).to_le_bytes());
+    }
+
+    #[test]
+    fn places_outside_the_copy_are_left_and_one_across_its_end_is_an_error() {
+        let outside = Relocs {
+            abs32: vec![TEXT - 4, TEXT + 0x1000],
+            inverse32: vec![],
+            abs64: vec![TEXT + 0x2000],
+        };
+        let mut text = vec![0u8; 16];
+        assert_eq!(outside.apply(&mut text, TEXT, SLIDE_ALIGN).unwrap(), 0);
+        assert_eq!(text, vec![0u8; 16]);
+        let across = Relocs {
+            abs64: vec![TEXT + 12],
+            ..Relocs::default()
+        };
+        assert_eq!(
+            across.apply(&mut text, TEXT, SLIDE_ALIGN),
+            Err(RelocError::Straddles {
+                addr: TEXT + 12,
+                end: TEXT + 16
+            })
+        );
+    }
+
+    #[test]
+    fn hostile_tables_are_errors() {
+        // No terminators at all, or too few.
+        assert_eq!(
+            Relocs::parse(&[0xff; 64]),
+            Err(RelocError::OutsideImage(0xffff_ffff_ffff_ffff))
+        );
+        assert_eq!(
+            Relocs::parse(&0x8100_0000u32.to_le_bytes().repeat(16)),
+            Err(RelocError::Unterminated("32-bit"))
+        );
+        assert_eq!(
+            Relocs::parse(&[0u8; 8]),
+            Err(RelocError::Unterminated("64-bit"))
+        );
+        assert_eq!(Relocs::parse(&[]), Err(RelocError::Unterminated("32-bit")));
+        // A place below the kernel map (a user or direct-map address).
+        let low = payload(b"", &[], &[], &[0x7fff_f000]);
+        assert_eq!(
+            Relocs::parse(&low),
+            Err(RelocError::OutsideImage(0x7fff_f000))
+        );
+        // An odd length: the words are taken from the end, the stray byte is the ELF's.
+        let mut odd = vec![0xaa];
+        odd.extend(payload(b"", &[], &[], &[TEXT]));
+        assert_eq!(Relocs::parse(&odd).unwrap().abs32, vec![TEXT]);
+    }
+
+    #[test]
+    fn a_slide_must_be_aligned_and_keep_the_image_in_the_kernel_map() {
+        let entry = TEXT + 0xa0_0000;
+        let end = TEXT + 0x240_0000;
+        assert_eq!(virtual_slide(entry, entry, end), Ok(0));
+        assert_eq!(
+            virtual_slide(entry + 0x1e00_0000, entry, end),
+            Ok(0x1e00_0000)
+        );
+        assert_eq!(
+            virtual_slide(entry + 0x1000, entry, end),
+            Err(SlideError::Unaligned(0x1000))
+        );
+        assert_eq!(
+            virtual_slide(entry - SLIDE_ALIGN, entry, end),
+            Err(SlideError::BelowLink {
+                lstar: entry - SLIDE_ALIGN,
+                link: entry
+            })
+        );
+        // The last slide that fits, and the first that does not.
+        let room = START_KERNEL_MAP + KERNEL_IMAGE_SIZE - end;
+        assert_eq!(virtual_slide(entry + room, entry, end), Ok(room));
+        assert_eq!(
+            virtual_slide(entry + room + SLIDE_ALIGN, entry, end),
+            Err(SlideError::TooFar(room + SLIDE_ALIGN))
+        );
+        assert!(virtual_slide(u64::MAX, entry, end).is_err());
+    }
+}

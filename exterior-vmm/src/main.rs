@@ -204,11 +204,12 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
     })
 }
 
-/// The SVM boots a kernel the operator trusts with the SVM image: `--svm-kernel`, else the
-/// pinned kernel in images/ of the GVM kernel's format (the same boot path, so the kernel
-/// patches itself the same way), else, for a sealed image, the image's own signed kernel.
-/// Never a file only because the GVM boots it: a guest's `/boot/vmlinuz` may have been
-/// changed by the guest (`vmm::instance::check_same_kernel` compares them).
+/// The SVM boots a kernel the operator trusts with the SVM image: `--svm-kernel`; else, for
+/// a sealed image, the image's own kernel (its signature, by a key the operator trusts,
+/// vouches for it); else the pinned kernel in images/ of the GVM kernel's format. Never a
+/// file only because the GVM boots it: a guest's `/boot/vmlinuz` may have been changed by
+/// the guest (`vmm::instance::check_same_kernel` compares them, and the GVM then boots the
+/// trusted file).
 fn build_svm_config(
     cmd: &RunCmd,
     gvm: &VmConfig,
@@ -281,6 +282,12 @@ fn run(cmd: RunCmd) -> ExitCode {
         return fail(
             EXIT_BAD_INPUT,
             "--call-deadline needs --name (only an instance redirects calls)",
+        );
+    }
+    if cmd.svm_kernel.is_some() && cmd.name.is_none() {
+        return fail(
+            EXIT_BAD_INPUT,
+            "--svm-kernel needs --name (only an instance has an SVM)",
         );
     }
     if (cmd.hold_slice_us.is_some() || cmd.hold_idle_us.is_some()) && cmd.name.is_none() {
@@ -407,6 +414,7 @@ fn run(cmd: RunCmd) -> ExitCode {
             e @ (BuildError::Load { .. }
             | BuildError::Vmlinux { .. }
             | BuildError::KernelMismatch { .. }
+            | BuildError::KernelFormats { .. }
             | BuildError::Console { .. }),
         ) => fail(EXIT_BAD_INPUT, e),
         Err(e) => fail(EXIT_HOST, e),

@@ -656,8 +656,10 @@ fn a_truncated_image_is_refused() {
 
 // The kernel an instance's SVM boots is a trusted one (--svm-kernel, else the pinned
 // kernel in images/), and the GVM's must load the same bytes: a kernel that came with the
-// guest (its /boot) may have been changed by it. These use the real pinned kernel; a
-// missing images/ fails them (run tools/setup), never skips them.
+// guest (its /boot) may have been changed by it. These use the real pinned kernel (which
+// tools/setup fetches before the tests run; a missing one fails them, never skips them)
+// and a stand-in SVM image with its digest recorded (the real one is built later, after
+// the release build).
 
 fn pinned(name: &str) -> PathBuf {
     let repo = std::env::var_os("EXTERIOR_REPO")
@@ -679,19 +681,30 @@ fn section_offset(elf: &[u8], section: &str) -> usize {
     usize::try_from(s.offset).unwrap()
 }
 
-/// `run --name TAG` of the GVM kernel `gvm` with `--svm-kernel svm` (and the pinned SVM
-/// image), on a host without KVM: a refusal with status 2 is the kernel check's; status 3
-/// (no KVM) means the check let it through.
+/// A stand-in SVM image whose digest is recorded beside it (it passes the image check).
+fn stand_in_svm_image(dir: &Path) -> PathBuf {
+    let svm = dir.join("svm.cpio");
+    std::fs::write(&svm, b"070701 the image as it was built").unwrap();
+    std::fs::write(
+        dir.join("svm.cpio.sha256"),
+        "1ea65ab827f76b9c8cf31ddd1574ce72d4d922e6f16addb2798fc1c5d23b8062  svm.cpio\n",
+    )
+    .unwrap();
+    svm
+}
+
+/// `run --name TAG` of the GVM kernel `gvm` with `--svm-kernel svm`, on a host without
+/// KVM: a refusal with status 2 is the kernel check's; status 3 (no KVM) means the check
+/// let it through.
 fn run_with_kernels(tag: &str, gvm: &Path, svm: &Path, detach: bool) -> (i32, String) {
     let mut cmd = vmm();
+    let image = stand_in_svm_image(&scratch(&format!("{tag}-svm")));
     with_runtime(&mut cmd, &format!("{tag}-rt"));
     cmd.env("EXTERIOR_KVM_DEVICE", "/nonexistent/kvm")
         .args(["run", "--name", tag, "--kernel"])
         .arg(gvm)
-        .arg("--initrd")
-        .arg(pinned("gvm.cpio"))
         .arg("--svm-initrd")
-        .arg(pinned("svm.cpio"))
+        .arg(image)
         .arg("--svm-kernel")
         .arg(svm);
     if detach {
@@ -759,12 +772,44 @@ fn a_gvm_kernel_of_another_build_is_refused_with_both_build_ids() {
 }
 
 #[test]
-fn the_same_kernel_as_bzimage_and_as_vmlinux_passes_the_check() {
-    // The GVM boots the pinned bzImage, the SVM the ELF it carries: other files, the same
-    // loaded bytes. The run gets past the check and stops at the missing KVM.
-    let (code, err) = run_with_kernels("same", &pinned("bzImage"), &pinned("vmlinux"), false);
+fn the_same_kernel_in_another_file_passes_the_check() {
+    // The pinned vmlinux with bytes after it that nothing loads: another file, the same
+    // kernel. The run gets past the check and stops at the missing KVM (the control for
+    // the refusals above: their status 2 is the check's).
+    let dir = scratch("kernel-same");
+    let mut bytes = std::fs::read(pinned("vmlinux")).unwrap();
+    bytes.extend_from_slice(b"not loaded");
+    let copy = dir.join("vmlinux-copy");
+    std::fs::write(&copy, &bytes).unwrap();
+    let (code, err) = run_with_kernels("same", &copy, &pinned("vmlinux"), false);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("cannot open /nonexistent/kvm"), "{err}");
+}
+
+#[test]
+fn the_same_kernel_in_another_format_is_refused() {
+    // The pinned bzImage carries the pinned vmlinux, but each boot path sets the kernel up
+    // its own way, so the SVM must boot the GVM's format.
+    let (code, err) = run_with_kernels("format", &pinned("bzImage"), &pinned("vmlinux"), false);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("is a bzImage and the kernel the SVM boots")
+            && err.contains("an ELF vmlinux: give the SVM's kernel in the GVM's format"),
+        "{err}"
+    );
+}
+
+#[test]
+fn svm_kernel_without_an_instance_is_refused() {
+    let dir = scratch("svmk-plain");
+    let kernel = minimal_elf(&dir);
+    let (code, err) = run(vmm()
+        .args(["run", "--svm-kernel"])
+        .arg(&kernel)
+        .arg("--kernel")
+        .arg(&kernel));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--svm-kernel needs --name"), "{err}");
 }
 
 #[test]
@@ -776,7 +821,7 @@ fn an_instance_without_svm_kernel_and_without_the_pinned_one_says_how_to_get_one
         .args(["run", "--name", "nosvmk", "--kernel"])
         .arg(pinned("vmlinux"))
         .arg("--svm-initrd")
-        .arg(pinned("svm.cpio")));
+        .arg(stand_in_svm_image(&scratch("nosvmk-svm"))));
     assert_eq!(code, 2, "{err}");
     // (EXTERIOR_IMAGES names a directory that does not exist.)
     assert!(

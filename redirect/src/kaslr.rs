@@ -23,6 +23,7 @@
 
 use thiserror::Error;
 
+use crate::profile::elf::{Elf, ElfError, SHT_NOBITS};
 use crate::view::START_KERNEL_MAP;
 
 /// The granule of a kernel's virtual slide: `CONFIG_PHYSICAL_ALIGN` (2 MiB in the pinned
@@ -35,11 +36,25 @@ pub const KERNEL_IMAGE_SIZE: u64 = 1 << 30;
 /// Why a relocation table could not be read or applied.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RelocError {
+    /// The payload does not start with a readable ELF image.
+    #[error("the kernel payload is not an ELF image: {0}")]
+    Elf(#[from] ElfError),
+    /// The ELF names no loaded section in the kernel-image map.
+    #[error("the kernel image has no loaded section in the kernel map")]
+    NoImage,
     /// The payload ends before one of the three lists' zero terminators.
-    #[error("the kernel's relocation table has no end to its {0} list (not a relocatable kernel, or a truncated payload)")]
+    #[error("the kernel's relocation table has no end to its {0} list (a truncated payload)")]
     Unterminated(&'static str),
-    /// An entry names a place outside the kernel-image map.
-    #[error("relocation at {0:#x} lies outside the kernel image map")]
+    /// The lists, read from the end, reach back into the ELF image: no table follows it.
+    #[error("no relocation table follows the kernel's ELF image (ending at {elf_end:#x}; the lists reach back to {table_start:#x}): not a relocatable kernel's payload")]
+    NoTable {
+        /// The ELF's end in the payload.
+        elf_end: u64,
+        /// Where the lists would start.
+        table_start: u64,
+    },
+    /// An entry names a place outside the image ([`Relocs::image`]).
+    #[error("relocation at {0:#x} lies outside the kernel image")]
     OutsideImage(u64),
     /// An entry's word starts inside the copy but ends past it.
     #[error("relocation at {addr:#x} straddles the end of the copy at {end:#x}")]
@@ -89,21 +104,27 @@ fn sign_extend(word: u32) -> u64 {
 
 impl Relocs {
     /// Reads the table at the end of a decompressed payload (`vmlinux` as
-    /// `boot::bzimage` extracts it, or a file made from a bzImage the same way). Every entry
-    /// must name a place in the kernel-image map; the walk is bounded by the payload.
+    /// `boot::bzimage` extracts it, or a file made from a bzImage the same way): after the
+    /// ELF image, never inside it. Every entry must name a place in the image, as the
+    /// decompressor demands: from its lowest loaded address in the kernel map to `.bss`
+    /// (or the end of its last loaded section). The walk is bounded by the payload.
     pub fn parse(payload: &[u8]) -> Result<Relocs, RelocError> {
+        let elf = Elf::parse(payload)?;
+        let (lo, hi) = image_range(&elf).ok_or(RelocError::NoImage)?;
         let mut words = payload
             .rchunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        let mut read = 0u64;
         let mut list = |name| -> Result<Vec<u64>, RelocError> {
             let mut out = Vec::new();
             loop {
+                read += 1;
                 match words.next() {
                     None => return Err(RelocError::Unterminated(name)),
                     Some(0) => return Ok(out),
                     Some(word) => {
                         let addr = sign_extend(word);
-                        if addr < START_KERNEL_MAP || addr - START_KERNEL_MAP >= KERNEL_IMAGE_SIZE {
+                        if !(lo..hi).contains(&addr) {
                             return Err(RelocError::OutsideImage(addr));
                         }
                         out.push(addr);
@@ -115,6 +136,14 @@ impl Relocs {
         let abs32 = list("32-bit")?;
         let inverse32 = list("inverse 32-bit")?;
         let abs64 = list("64-bit")?;
+        // rchunks_exact leaves len % 4 bytes at the front, so the words read end here.
+        let table_start = (payload.len() as u64).saturating_sub(read.saturating_mul(4));
+        if table_start < elf.end() {
+            return Err(RelocError::NoTable {
+                elf_end: elf.end(),
+                table_start,
+            });
+        }
         Ok(Relocs {
             abs32,
             inverse32,
@@ -138,20 +167,21 @@ impl Relocs {
     pub fn apply(&self, bytes: &mut [u8], base: u64, slide: u64) -> Result<usize, RelocError> {
         let end = base.saturating_add(bytes.len() as u64);
         let mut changed = 0;
-        let mut patch = |addr: u64, width: usize, f: &dyn Fn(&mut [u8])| {
-            if addr < base || addr >= end {
-                return Ok(());
-            }
-            // addr - base < bytes.len(), so it fits in usize.
-            let at = (addr - base) as usize;
-            let word = at
-                .checked_add(width)
-                .and_then(|e| bytes.get_mut(at..e))
-                .ok_or(RelocError::Straddles { addr, end })?;
-            f(word);
-            changed += 1;
-            Ok(())
-        };
+        let mut patch =
+            |addr: u64, width: usize, f: &dyn Fn(&mut [u8])| -> Result<(), RelocError> {
+                if addr < base || addr >= end {
+                    return Ok(());
+                }
+                // addr - base < bytes.len(), so it fits in usize.
+                let at = (addr - base) as usize;
+                let word = at
+                    .checked_add(width)
+                    .and_then(|e| bytes.get_mut(at..e))
+                    .ok_or(RelocError::Straddles { addr, end })?;
+                f(word);
+                changed += 1;
+                Ok(())
+            };
         let add32 = |delta: u32| {
             move |w: &mut [u8]| {
                 let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]).wrapping_add(delta);
@@ -179,6 +209,25 @@ impl Relocs {
     }
 }
 
+/// The link range relocations may name: the lowest loaded address in the kernel map to
+/// `.bss` (the decompressor's `__bss_start` bound), or to the end of the last loaded section
+/// with file data when there is no `.bss`.
+fn image_range(elf: &Elf<'_>) -> Option<(u64, u64)> {
+    let in_map = |s: &&crate::profile::Section| s.flags & 0x2 != 0 && s.addr >= START_KERNEL_MAP;
+    let lo = elf.sections().iter().filter(in_map).map(|s| s.addr).min()?;
+    let hi = match elf.section(".bss").filter(|s| in_map(s)) {
+        Some(bss) => bss.addr,
+        None => elf
+            .sections()
+            .iter()
+            .filter(in_map)
+            .filter(|s| s.sh_type != SHT_NOBITS)
+            .filter_map(|s| s.addr.checked_add(s.size))
+            .max()?,
+    };
+    (lo < hi).then_some((lo, hi))
+}
+
 /// The GVM kernel's virtual slide, from the address its CPU's LSTAR holds (where a
 /// `syscall` enters: `entry_SYSCALL_64`, slid) and that symbol's link address, for an image
 /// whose link range ends at `image_end`. The GVM chooses its LSTAR, so the result is only a
@@ -204,8 +253,19 @@ pub fn virtual_slide(lstar: u64, entry_link: u64, image_end: u64) -> Result<u64,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::profile::elf::tests::build_elf;
 
     const TEXT: u64 = 0xffff_ffff_8100_0000;
+
+    /// A kernel ELF: 0x100 bytes of `.text` at [`TEXT`], `.bss` at `TEXT + 0x1000` (so
+    /// places may lie in [TEXT, TEXT + 0x1000)), and a section without an address.
+    fn elf() -> Vec<u8> {
+        build_elf(&[
+            (".text", 1, TEXT, &[0x90; 0x100]),
+            (".BTF", 1, 0, b"types"),
+            (".bss", SHT_NOBITS, TEXT + 0x1000, &[0; 0x40]),
+        ])
+    }
 
     /// A payload: `elf` bytes, then the three lists as the relocs tool writes them.
     fn payload(elf: &[u8], abs64: &[u64], inverse32: &[u64], abs32: &[u64]) -> Vec<u8> {
@@ -229,17 +289,18 @@ mod tests {
 
     #[test]
     fn the_three_lists_are_read_from_the_end() {
-        let p = payload(
-            b"\x7fELF....",
-            &[TEXT + 0x40],
-            &[TEXT + 8, TEXT + 12],
-            &[TEXT + 4],
-        );
+        let p = payload(&elf(), &[TEXT + 0x40], &[TEXT + 8, TEXT + 12], &[TEXT + 4]);
         let r = Relocs::parse(&p).unwrap();
         assert_eq!(r.abs32, vec![TEXT + 4]);
         assert_eq!(r.inverse32, vec![TEXT + 8, TEXT + 12]);
         assert_eq!(r.abs64, vec![TEXT + 0x40]);
         assert_eq!(r.len(), 4);
+        // Empty lists are a table too (a kernel with nothing to move), and a stray byte
+        // between the ELF and the table is not read.
+        let mut padded = elf();
+        padded.push(0xaa);
+        let p = payload(&padded, &[], &[], &[TEXT + 0xffc]);
+        assert_eq!(Relocs::parse(&p).unwrap().abs32, vec![TEXT + 0xffc]);
     }
 
     #[test]
@@ -294,31 +355,30 @@ mod tests {
     }
 
     #[test]
-    fn hostile_tables_are_errors() {
-        // No terminators at all, or too few.
-        assert_eq!(
+    fn hostile_or_missing_tables_are_errors() {
+        assert!(matches!(
             Relocs::parse(&[0xff; 64]),
-            Err(RelocError::OutsideImage(0xffff_ffff_ffff_ffff))
-        );
+            Err(RelocError::Elf(ElfError::BadMagic))
+        ));
+        assert!(matches!(Relocs::parse(&[]), Err(RelocError::Elf(_))));
+        // An ELF with nothing after it: the zero words the walk finds are the ELF's own.
+        assert!(matches!(
+            Relocs::parse(&elf()),
+            Err(RelocError::NoTable { .. })
+        ));
+        // Places outside the image: below the kernel map, and past .bss's start.
+        for place in [0x7fff_f000, TEXT - 4, TEXT + 0x1000, 0xffff_ffff_ffff_fffc] {
+            let p = payload(&elf(), &[], &[], &[place]);
+            assert_eq!(Relocs::parse(&p), Err(RelocError::OutsideImage(place)));
+            let p = payload(&elf(), &[place], &[], &[]);
+            assert_eq!(Relocs::parse(&p), Err(RelocError::OutsideImage(place)));
+        }
+        // An ELF with no loaded section in the kernel map has no image to name.
+        let user = build_elf(&[(".text", 1, 0x40_0000, b"code")]);
         assert_eq!(
-            Relocs::parse(&0x8100_0000u32.to_le_bytes().repeat(16)),
-            Err(RelocError::Unterminated("32-bit"))
+            Relocs::parse(&payload(&user, &[], &[], &[])),
+            Err(RelocError::NoImage)
         );
-        assert_eq!(
-            Relocs::parse(&[0u8; 8]),
-            Err(RelocError::Unterminated("64-bit"))
-        );
-        assert_eq!(Relocs::parse(&[]), Err(RelocError::Unterminated("32-bit")));
-        // A place below the kernel map (a user or direct-map address).
-        let low = payload(b"", &[], &[], &[0x7fff_f000]);
-        assert_eq!(
-            Relocs::parse(&low),
-            Err(RelocError::OutsideImage(0x7fff_f000))
-        );
-        // An odd length: the words are taken from the end, the stray byte is the ELF's.
-        let mut odd = vec![0xaa];
-        odd.extend(payload(b"", &[], &[], &[TEXT]));
-        assert_eq!(Relocs::parse(&odd).unwrap().abs32, vec![TEXT]);
     }
 
     #[test]

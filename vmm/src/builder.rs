@@ -79,6 +79,22 @@ pub enum BuildError {
         /// How they differ.
         source: redirect::profile::identity::KernelMismatch,
     },
+    /// An instance's GVM kernel and SVM kernel are in different formats.
+    #[error(
+        "--kernel {gvm} is {gvm_format} and the kernel the SVM boots ({svm}) {svm_format}: \
+         give the SVM's kernel in the GVM's format (--svm-kernel); the two boot paths set \
+         the kernel up differently"
+    )]
+    KernelFormats {
+        /// Where the GVM's kernel came from.
+        gvm: PathBuf,
+        /// "a bzImage" or "an ELF vmlinux".
+        gvm_format: &'static str,
+        /// Where the SVM's kernel came from.
+        svm: PathBuf,
+        /// "a bzImage" or "an ELF vmlinux".
+        svm_format: &'static str,
+    },
     /// ACPI tables, page tables or the GDT could not be written to guest memory.
     #[error("writing boot structures: {0}")]
     BootData(String),

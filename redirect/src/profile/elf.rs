@@ -85,6 +85,8 @@ pub struct Section {
 pub struct Elf<'a> {
     bytes: &'a [u8],
     sections: Vec<Section>,
+    /// The first file offset past everything the headers name (`u64::MAX` if that wraps).
+    end: u64,
 }
 
 fn file_len(bytes: &[u8]) -> u64 {
@@ -215,7 +217,7 @@ impl<'a> Elf<'a> {
                 "section name table",
             )?
         };
-        let sections = (0..shnum)
+        let sections: Vec<Section> = (0..shnum)
             .map(|i| {
                 let h = header(i);
                 Section {
@@ -231,7 +233,30 @@ impl<'a> Elf<'a> {
                 }
             })
             .collect();
-        Ok(Elf { bytes, sections })
+        let phoff = u64_at(ehdr, 0x20);
+        let phdrs = u64::from(u16_at(ehdr, 0x36)) * u64::from(u16_at(ehdr, 0x38));
+        let end = sections
+            .iter()
+            .filter(|s: &&Section| s.sh_type != SHT_NOBITS)
+            .map(|s| s.offset.checked_add(s.size))
+            .chain([
+                shoff.checked_add(table_len),
+                phoff.checked_add(phdrs),
+                Some(EHDR_SIZE as u64),
+            ])
+            .try_fold(0u64, |end, e| e.map(|e| end.max(e)))
+            .unwrap_or(u64::MAX);
+        Ok(Elf {
+            bytes,
+            sections,
+            end,
+        })
+    }
+
+    /// The first file offset past the headers and every section's data: what follows is
+    /// not the ELF's (a kernel payload's relocation table).
+    pub fn end(&self) -> u64 {
+        self.end
     }
 
     /// All section headers, in file order (index 0 is the null section).

@@ -7,10 +7,14 @@
 //! `/boot`), so it is compared with the trusted one, section by section, never believed for
 //! its name, release string or build-id; those only make the refusal readable.
 //!
-//! "Loaded" means `SHF_ALLOC` sections with file data: `.text`, `.rodata`, `.data`,
-//! `.init.text`, the alternatives and `.notes` among them. Symbol tables, debug sections and
-//! the relocation table after the ELF are not loaded and may differ (an unstripped vmlinux of
-//! a build tree is the same kernel as the distribution's stripped one).
+//! "Loaded" means `SHF_ALLOC` sections: their names, addresses and sizes (`.bss` too), and
+//! the bytes of those with file data (`.text`, `.rodata`, `.data`, `.init.text`, the
+//! alternatives, `.notes`). Symbol tables, debug sections and the relocation table after the
+//! ELF are not loaded and may differ (an unstripped vmlinux of a build tree is the same
+//! kernel as the distribution's stripped one). A name given to two loaded sections is
+//! refused: a second copy would be looked past. Program headers are not compared: the VMM
+//! boots the GVM from the trusted file once this passes (`vmm::instance`), so the GVM
+//! file's own headers are never used.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -108,6 +112,13 @@ pub enum Difference {
         /// Its (address, size) in the SVM's kernel, if it has it.
         svm: Option<(u64, u64)>,
     },
+    /// Two loaded sections of one kernel have the same name.
+    Duplicate {
+        /// The name.
+        section: String,
+        /// "GVM" or "SVM".
+        which: &'static str,
+    },
     /// The same section at the same place with other bytes.
     Bytes {
         /// The section's name.
@@ -133,6 +144,10 @@ impl fmt::Display for Difference {
                 "loaded section {section} is {} in the GVM's kernel and {} in the SVM's",
                 place(gvm),
                 place(svm)
+            ),
+            Difference::Duplicate { section, which } => write!(
+                f,
+                "the {which}'s kernel has more than one loaded section named {section:?}"
             ),
             Difference::Bytes {
                 section,
@@ -191,15 +206,15 @@ impl fmt::Display for Drift {
     }
 }
 
-/// The loaded sections by name (the first of a name; a kernel has each once).
-fn loaded<'e>(elf: &'e Elf<'_>) -> BTreeMap<&'e str, &'e Section> {
+/// The loaded sections by name; `Err` with a name that two of them have.
+fn loaded<'e>(elf: &'e Elf<'_>) -> Result<BTreeMap<&'e str, &'e Section>, String> {
     let mut map = BTreeMap::new();
     for s in elf.sections() {
-        if s.flags & SHF_ALLOC != 0 && s.sh_type != SHT_NOBITS && s.size != 0 {
-            map.entry(s.name.as_str()).or_insert(s);
+        if s.flags & SHF_ALLOC != 0 && map.insert(s.name.as_str(), s).is_some() {
+            return Err(s.name.clone());
         }
     }
-    map
+    Ok(map)
 }
 
 /// Checks that the ELF images `gvm` and `svm` load the same bytes at the same addresses.
@@ -215,7 +230,9 @@ pub fn same_kernel(gvm: &[u8], svm: &[u8]) -> Result<(), KernelMismatch> {
             difference,
         }))
     };
-    let (gl, sl) = (loaded(&g), loaded(&s));
+    let duplicate = |which| move |section| Difference::Duplicate { section, which };
+    let gl = loaded(&g).map_err(duplicate("GVM")).map_err(differs)?;
+    let sl = loaded(&s).map_err(duplicate("SVM")).map_err(differs)?;
     let place = |sec: Option<&&Section>| sec.map(|sec| (sec.addr, sec.size));
     // The same names at the same places (in name order, either side's extra one first).
     for name in gl.keys().chain(sl.keys()) {
@@ -234,6 +251,16 @@ pub fn same_kernel(gvm: &[u8], svm: &[u8]) -> Result<(), KernelMismatch> {
         let Some(other) = sl.get(name) else {
             continue; // Not reached: the layout check above found every one.
         };
+        if sec.sh_type == SHT_NOBITS || other.sh_type == SHT_NOBITS {
+            if sec.sh_type != other.sh_type {
+                return Err(differs(Difference::Layout {
+                    section: name.to_string(),
+                    gvm: place(Some(sec)),
+                    svm: place(Some(other)),
+                }));
+            }
+            continue; // Zero-filled: its place and size are its content.
+        }
         let a = g.data(sec).map_err(|source| KernelMismatch::Unreadable {
             which: "GVM",
             source,
@@ -399,6 +426,61 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_bss_of_another_size_or_a_second_section_of_a_name_is_refused() {
+        let bss = |n: usize| {
+            let zeros = vec![0u8; n];
+            kernel(
+                b"\xc3",
+                b"\xbb",
+                &[(".bss", SHT_NOBITS, 0xffff_ffff_8300_0000, &zeros)],
+            )
+        };
+        match same_kernel(&bss(0x2000), &bss(0x1000)) {
+            Err(KernelMismatch::Differs(drift)) => assert_eq!(
+                drift.difference,
+                Difference::Layout {
+                    section: ".bss".into(),
+                    gvm: Some((0xffff_ffff_8300_0000, 0x2000)),
+                    svm: Some((0xffff_ffff_8300_0000, 0x1000)),
+                }
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert!(same_kernel(&bss(0x1000), &bss(0x1000)).is_ok());
+        // A second .text further on (a patched copy the first check would look past).
+        let twice = kernel(
+            b"\xc3",
+            b"\xbb",
+            &[(".text", 1, 0xffff_ffff_8400_0000, b"\xcc")],
+        );
+        let plain = kernel(b"\xc3", b"\xbb", &[]);
+        let err = same_kernel(&twice, &plain).unwrap_err().to_string();
+        assert!(
+            err.contains("the GVM's kernel has more than one loaded section named \".text\""),
+            "{err}"
+        );
+        assert!(same_kernel(&plain, &twice).is_err());
+    }
+
+    #[test]
+    fn section_data_past_the_end_of_the_file_is_unreadable() {
+        let good = kernel(b"\x0f\x05\xc3", b"\xbb", &[]);
+        // Stretch .text's size (the first section header after the null one) far past the end.
+        let mut bad = good.clone();
+        let shoff = u64::from_le_bytes(bad[0x28..0x30].try_into().unwrap()) as usize;
+        let size_at = shoff + 64 + 32;
+        bad[size_at..size_at + 8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let err = same_kernel(&bad, &good);
+        // The layout differs first (another size); with both stretched, the data is unreadable.
+        assert!(matches!(err, Err(KernelMismatch::Differs(_))), "{err:?}");
+        let both = same_kernel(&bad, &bad);
+        assert!(
+            matches!(both, Err(KernelMismatch::Unreadable { which: "GVM", .. })),
+            "{both:?}"
+        );
     }
 
     #[test]

@@ -50,12 +50,32 @@ fn vmlinux_of(vm: &VmConfig) -> Result<Cow<'_, [u8]>, BuildError> {
     })
 }
 
-/// Refuses a GVM kernel that does not load, byte for byte, what the SVM's kernel loads
-/// (`redirect::profile::identity`): the redirect engine runs the SVM's kernel text, with the
-/// SVM's symbols, on the GVM's data. The same file costs one comparison of its bytes.
+/// Refuses a GVM kernel that is not the kernel the SVM boots: another format (each boot
+/// path sets the kernel up its own way: a bzImage's decompressor picks its paging mode, a
+/// vmlinux keeps the VMM's), or other loaded bytes (`redirect::profile::identity`). The
+/// redirect engine runs the SVM's kernel text, with the SVM's symbols, on the GVM's data.
+/// Passing says the operator's `--kernel` is that kernel; what the GVM boots is the SVM's
+/// file all the same ([`run_instance`]), so nothing in the GVM's file that the comparison
+/// does not look at (program headers, a bzImage's own decompressor) is ever run. The same
+/// file costs one comparison of its bytes.
 pub fn check_same_kernel(gvm: &VmConfig, svm: &VmConfig) -> Result<(), BuildError> {
     if gvm.kernel == svm.kernel {
         return Ok(());
+    }
+    let format = |c: &VmConfig| {
+        if c.kernel.starts_with(b"\x7fELF") {
+            "an ELF vmlinux"
+        } else {
+            "a bzImage"
+        }
+    };
+    if format(gvm) != format(svm) {
+        return Err(BuildError::KernelFormats {
+            gvm: gvm.kernel_path.clone(),
+            gvm_format: format(gvm),
+            svm: svm.kernel_path.clone(),
+            svm_format: format(svm),
+        });
     }
     identity::same_kernel(&vmlinux_of(gvm)?, &vmlinux_of(svm)?).map_err(|source| {
         BuildError::KernelMismatch {
@@ -68,7 +88,7 @@ pub fn check_same_kernel(gvm: &VmConfig, svm: &VmConfig) -> Result<(), BuildErro
 
 /// Runs an instance until its GVM stops or a client asks it to stop.
 pub fn run_instance(
-    config: InstanceConfig,
+    mut config: InstanceConfig,
     runtime: &RuntimeDir,
     opts: &RunOptions,
 ) -> Result<ExitReason, BuildError> {
@@ -82,6 +102,10 @@ pub fn run_instance(
     // The redirect engine reads BTF and the text's place from the SVM's image (the GVM's
     // loads the same bytes): the ELF vmlinux, given as such or inside a bzImage's payload.
     check_same_kernel(&config.gvm, &config.svm)?;
+    // The GVM boots the trusted file: the check compared what the kernels load, not every
+    // byte of the GVM's file.
+    config.gvm.kernel.clone_from(&config.svm.kernel);
+    config.gvm.kernel_path.clone_from(&config.svm.kernel_path);
     let vmlinux = vmlinux_of(&config.svm)?;
     let image = KernelImage::parse(&vmlinux);
     drop(vmlinux);

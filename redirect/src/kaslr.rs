@@ -209,6 +209,53 @@ impl Relocs {
     }
 }
 
+/// How a GVM's own text agreed with the trusted text moved by a claimed slide, at the
+/// places the slide changes (elsewhere the bytes do not depend on it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SiteCheck {
+    /// Places whose bytes in the GVM's text are the moved trusted ones.
+    pub agree: usize,
+    /// Places whose bytes differ.
+    pub differ: usize,
+}
+
+impl SiteCheck {
+    /// Whether the slide checks out: at least `min_per_mille` of the places agree. A GVM
+    /// that patched some functions of its text disagrees at their places, a wrong slide at
+    /// nearly all (a 2 MiB-aligned error within the 1 GiB map changes every 32-bit place).
+    pub fn holds(&self, min_per_mille: usize) -> bool {
+        let total = self.agree.saturating_add(self.differ);
+        total > 0 && self.agree.saturating_mul(1000) >= total.saturating_mul(min_per_mille)
+    }
+}
+
+impl Relocs {
+    /// Compares `gvm`, the GVM's text as found at the claimed place, with `moved`, the
+    /// trusted text moved by the claimed slide (both cover link addresses [`base`,
+    /// `base + len`) of the image), at every place of the table inside them.
+    pub fn check_sites(&self, moved: &[u8], gvm: &[u8], base: u64) -> SiteCheck {
+        let mut check = SiteCheck {
+            agree: 0,
+            differ: 0,
+        };
+        let lists = [(&self.abs32, 4), (&self.inverse32, 4), (&self.abs64, 8)];
+        for (list, width) in lists {
+            for &addr in list {
+                let Some(at) = addr.checked_sub(base).and_then(|a| usize::try_from(a).ok()) else {
+                    continue;
+                };
+                let range = at..at.saturating_add(width);
+                match (moved.get(range.clone()), gvm.get(range)) {
+                    (Some(a), Some(b)) if a == b => check.agree += 1,
+                    (Some(_), Some(_)) => check.differ += 1,
+                    _ => {}
+                }
+            }
+        }
+        check
+    }
+}
+
 /// The link range relocations may name: the lowest loaded address in the kernel map to
 /// `.bss` (the decompressor's `__bss_start` bound), or to the end of the last loaded section
 /// with file data when there is no `.bss`.
@@ -379,6 +426,62 @@ mod tests {
             Relocs::parse(&payload(&user, &[], &[], &[])),
             Err(RelocError::NoImage)
         );
+    }
+
+    #[test]
+    fn a_gvm_text_checks_out_at_the_places_a_slide_changes() {
+        let r = Relocs {
+            abs32: (0..100).map(|i| TEXT + i * 8).collect(),
+            inverse32: vec![],
+            abs64: vec![],
+        };
+        let trusted = vec![0x11u8; 800];
+        let mut moved = trusted.clone();
+        r.apply(&mut moved, TEXT, 0x20_0000).unwrap();
+        // The GVM moved by the same slide: every place agrees.
+        let check = r.check_sites(&moved, &moved, TEXT);
+        assert_eq!(
+            check,
+            SiteCheck {
+                agree: 100,
+                differ: 0
+            }
+        );
+        assert!(check.holds(990));
+        // A GVM that patched one place still checks out at 99%.
+        let mut patched = moved.clone();
+        patched[8..12].copy_from_slice(&[0xcc; 4]);
+        let check = r.check_sites(&moved, &patched, TEXT);
+        assert_eq!(
+            check,
+            SiteCheck {
+                agree: 99,
+                differ: 1
+            }
+        );
+        assert!(check.holds(990) && !check.holds(1000));
+        // Another slide: nothing agrees.
+        let mut other = trusted.clone();
+        r.apply(&mut other, TEXT, 0x40_0000).unwrap();
+        let check = r.check_sites(&moved, &other, TEXT);
+        assert_eq!(
+            check,
+            SiteCheck {
+                agree: 0,
+                differ: 100
+            }
+        );
+        assert!(!check.holds(1));
+        // Places outside either copy are not counted; no place at all never holds.
+        let short = r.check_sites(&moved[..400], &moved, TEXT);
+        assert_eq!(
+            short,
+            SiteCheck {
+                agree: 50,
+                differ: 0
+            }
+        );
+        assert!(!r.check_sites(&[], &[], TEXT).holds(0));
     }
 
     #[test]

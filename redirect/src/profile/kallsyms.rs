@@ -3,7 +3,8 @@
 //! Lines have the form `address type name` for the core kernel and
 //! `address type name\t[module]` for module symbols (also `[bpf]`, `[__builtin__ftrace]`
 //! and the like for generated code). The text is read from the SVM, which runs the identical
-//! kernel with `nokaslr`, so its addresses are also the GVM's.
+//! kernel with `nokaslr`, so its addresses are also those of a GVM booted with `nokaslr`
+//! ([`SymbolTable::slid`] gives a KASLR GVM's).
 //!
 //! # Per-cpu symbols
 //!
@@ -215,7 +216,11 @@ impl SymbolTable {
         for s in &mut symbols {
             s.percpu = s.module.is_none() && s.addr <= percpu_end && s.addr < LOWER_HALF_END;
         }
+        Ok(Self::indexed(symbols, skipped))
+    }
 
+    /// The table of `symbols` (per-cpu flags set), with its lookup indices.
+    fn indexed(symbols: Vec<Symbol>, skipped: usize) -> SymbolTable {
         let mut by_name: Vec<u32> = (0..symbols.len()).map(idx).collect();
         by_name.sort_by(|&a, &b| {
             let (sa, sb) = (&symbols[a as usize], &symbols[b as usize]);
@@ -234,13 +239,39 @@ impl SymbolTable {
         };
         let by_addr = by_addr_of(false);
         let percpu_by_addr = by_addr_of(true);
-        Ok(SymbolTable {
+        SymbolTable {
             symbols,
             by_name,
             by_addr,
             percpu_by_addr,
             skipped,
-        })
+        }
+    }
+
+    /// The table as a kernel moved by KASLR's virtual `slide` would list it: every core
+    /// kernel symbol in the kernel-image map (1 GiB from `__START_KERNEL_map`: the image,
+    /// and `.init.scratch` past `_end`) moved by `slide`; per-cpu offsets (they do not
+    /// move), module symbols (another kernel's loads) and values outside the map (the
+    /// fixmap, the vsyscall page) as they are. Measured: this is exactly what a KASLR boot
+    /// of the pinned kernel lists, for all 82,655 core symbols (slide `0x20200000`,
+    /// docs/ARCHITECTURE.md "KASLR"). `None` if a moved address would wrap.
+    pub fn slid(&self, slide: u64) -> Option<SymbolTable> {
+        const MAP: u64 = 0xffff_ffff_8000_0000;
+        const MAP_END: u64 = MAP + (1 << 30);
+        (MAP_END - 1).checked_add(slide)?;
+        let symbols = self
+            .symbols
+            .iter()
+            .map(|s| {
+                let mut s = s.clone();
+                if s.module.is_none() && !s.percpu && (MAP..MAP_END).contains(&s.addr) {
+                    // Below MAP_END, and MAP_END - 1 + slide does not wrap (checked above).
+                    s.addr += slide;
+                }
+                s
+            })
+            .collect();
+        Some(Self::indexed(symbols, self.skipped))
     }
 
     /// Number of symbols.

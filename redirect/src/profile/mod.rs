@@ -91,6 +91,10 @@ pub enum ProfileError {
         /// Its offset according to BTF's `.data..percpu` DATASEC.
         btf: u64,
     },
+    /// The table cannot be moved by this slide: the kernel map would wrap past the top of
+    /// the address space.
+    #[error("kallsyms cannot be moved by slide {0:#x}: the kernel map would wrap")]
+    BadSlide(u64),
     /// A kallsyms address differs from the image's link address of the section it starts
     /// (another kernel, or KASLR).
     #[error(
@@ -511,6 +515,18 @@ impl KernelProfile {
             kallsyms,
             btf,
         })
+    }
+
+    /// The profile of this kernel moved by KASLR's virtual `slide` (`redirect::kaslr`):
+    /// every address in the image moved, per-cpu offsets and layouts as they are. The
+    /// profile itself comes from a `nokaslr` machine (the SVM); this is the GVM's view of
+    /// it once its slide is known.
+    pub fn slid(&self, slide: u64) -> Result<KernelProfile, ProfileError> {
+        let table = self
+            .kallsyms
+            .slid(slide)
+            .ok_or(ProfileError::BadSlide(slide))?;
+        KernelProfile::from_parts(self.release.clone(), self.btf.clone(), table)
     }
 
     /// Byte offset of `path` in struct `structure` (see [`Btf::member`]), for fields beyond

@@ -451,3 +451,54 @@ fn release_banner_search() {
     let long = format!("Linux version 6{} (x)", "1".repeat(80));
     assert_eq!(release_from_rodata(long.as_bytes()), None);
 }
+
+#[test]
+fn a_slid_profile_moves_image_addresses_and_nothing_else() {
+    // Past _end but in the kernel map (.init.scratch) moves; above the map (the fixmap,
+    // the vsyscall page) does not.
+    let text = format!(
+        "{KALLSYMS}ffffffff83800000 B _end\nffffffff83a00000 T __init_scratch_begin\n\
+         ffffffffff600000 T fixed_page\n"
+    );
+    let p = KernelProfile::new(&fake_vmlinux(FAKE), &text).unwrap();
+    let slide = 0x2020_0000;
+    let s = p.slid(slide).unwrap();
+    let (a, b) = (p.symbols, s.symbols);
+    for (before, after) in [
+        (a.stext, b.stext),
+        (a.etext, b.etext),
+        (a.entry_syscall_64, b.entry_syscall_64),
+        (a.init_task, b.init_task),
+        (a.init_top_pgt, b.init_top_pgt),
+        (a.per_cpu_offset, b.per_cpu_offset),
+        (a.idt_table, b.idt_table),
+        (a.get_free_pages, b.get_free_pages),
+        (a.start_rodata, b.start_rodata),
+    ] {
+        assert_eq!(after, before + slide);
+    }
+    assert_eq!(b.entry_syscall_64, 0xffff_ffff_a1c0_0000);
+    // Per-cpu offsets, module symbols and values outside the image stay.
+    assert_eq!(
+        (b.current_task, b.gdt_page, b.cpu_tss_rw),
+        (a.current_task, a.gdt_page, a.cpu_tss_rw)
+    );
+    assert_eq!(b.current_task, 0x21ac0);
+    assert_eq!(
+        s.kallsyms.get("evil_hook").unwrap().addr,
+        0xffff_ffff_c000_0000
+    );
+    assert_eq!(
+        s.kallsyms.get("fixed_page").unwrap().addr,
+        0xffff_ffff_ff60_0000
+    );
+    let scratch = s.kallsyms.get("__init_scratch_begin").unwrap().addr;
+    assert_eq!(scratch, 0xffff_ffff_83a0_0000 + slide);
+    // Lookups by address answer in moved terms.
+    let at = s.kallsyms.symbolize(0xffff_ffff_8120_0010 + slide).unwrap();
+    assert_eq!(at.to_string(), "__get_free_pages+0x10");
+    assert_eq!(s.layouts.task, p.layouts.task);
+    // A slide that would wrap the kernel map past the top of the address space.
+    let wrap = u64::MAX - 0x1000;
+    assert_eq!(p.slid(wrap).unwrap_err(), ProfileError::BadSlide(wrap));
+}

@@ -217,38 +217,50 @@ pub struct SiteCheck {
     pub agree: usize,
     /// Places whose bytes differ.
     pub differ: usize,
+    /// Places of the copies' range that one of them does not hold whole (a short copy).
+    pub skipped: usize,
 }
 
 impl SiteCheck {
-    /// Whether the slide checks out: at least `min_per_mille` of the places agree. A GVM
-    /// that patched some functions of its text disagrees at their places, a wrong slide at
-    /// nearly all (a 2 MiB-aligned error within the 1 GiB map changes every 32-bit place).
+    /// Whether the slide checks out: every place of the range was compared, and at least
+    /// `min_per_mille` (at most 1000) of them agree. A GVM that patched some functions of
+    /// its text disagrees at their places; a wrong slide at nearly all, provided both
+    /// slides passed [`virtual_slide`] (a 2 MiB-aligned error smaller than 4 GiB changes
+    /// every 32-bit place).
     pub fn holds(&self, min_per_mille: usize) -> bool {
-        let total = self.agree.saturating_add(self.differ);
-        total > 0 && self.agree.saturating_mul(1000) >= total.saturating_mul(min_per_mille)
+        let (agree, differ) = (self.agree as u128, self.differ as u128);
+        let total = agree + differ;
+        let min = min_per_mille.min(1000) as u128;
+        self.skipped == 0 && total > 0 && agree * 1000 >= total * min
     }
 }
 
 impl Relocs {
     /// Compares `gvm`, the GVM's text as found at the claimed place, with `moved`, the
-    /// trusted text moved by the claimed slide (both cover link addresses [`base`,
-    /// `base + len`) of the image), at every place of the table inside them.
+    /// trusted text moved by the claimed slide (both start at link address `base`), at
+    /// every place of the table from `base` to the end of the longer of the two; a place
+    /// one of them does not hold whole is counted as skipped.
     pub fn check_sites(&self, moved: &[u8], gvm: &[u8], base: u64) -> SiteCheck {
         let mut check = SiteCheck {
             agree: 0,
             differ: 0,
+            skipped: 0,
         };
+        let len = moved.len().max(gvm.len());
         let lists = [(&self.abs32, 4), (&self.inverse32, 4), (&self.abs64, 8)];
         for (list, width) in lists {
             for &addr in list {
                 let Some(at) = addr.checked_sub(base).and_then(|a| usize::try_from(a).ok()) else {
                     continue;
                 };
+                if at >= len {
+                    continue;
+                }
                 let range = at..at.saturating_add(width);
                 match (moved.get(range.clone()), gvm.get(range)) {
                     (Some(a), Some(b)) if a == b => check.agree += 1,
                     (Some(_), Some(_)) => check.differ += 1,
-                    _ => {}
+                    _ => check.skipped += 1,
                 }
             }
         }
@@ -430,57 +442,48 @@ mod tests {
 
     #[test]
     fn a_gvm_text_checks_out_at_the_places_a_slide_changes() {
+        // 100 places of each width and kind, 8 bytes apart.
         let r = Relocs {
-            abs32: (0..100).map(|i| TEXT + i * 8).collect(),
-            inverse32: vec![],
-            abs64: vec![],
+            abs32: (0..100).map(|i| TEXT + i * 24).collect(),
+            inverse32: (0..100).map(|i| TEXT + i * 24 + 8).collect(),
+            abs64: (0..100).map(|i| TEXT + i * 24 + 16).collect(),
         };
-        let trusted = vec![0x11u8; 800];
+        let trusted = vec![0x11u8; 2400];
         let mut moved = trusted.clone();
         r.apply(&mut moved, TEXT, 0x20_0000).unwrap();
+        let checked = |agree, differ, skipped| SiteCheck {
+            agree,
+            differ,
+            skipped,
+        };
         // The GVM moved by the same slide: every place agrees.
         let check = r.check_sites(&moved, &moved, TEXT);
-        assert_eq!(
-            check,
-            SiteCheck {
-                agree: 100,
-                differ: 0
-            }
-        );
-        assert!(check.holds(990));
-        // A GVM that patched one place still checks out at 99%.
+        assert_eq!(check, checked(300, 0, 0));
+        assert!(check.holds(990) && check.holds(5000));
+        // A GVM that patched three places (one of each kind) still checks out at 99%.
         let mut patched = moved.clone();
-        patched[8..12].copy_from_slice(&[0xcc; 4]);
+        for at in [24, 32, 40] {
+            patched[at] ^= 0xff;
+        }
         let check = r.check_sites(&moved, &patched, TEXT);
-        assert_eq!(
-            check,
-            SiteCheck {
-                agree: 99,
-                differ: 1
-            }
-        );
+        assert_eq!(check, checked(297, 3, 0));
         assert!(check.holds(990) && !check.holds(1000));
-        // Another slide: nothing agrees.
+        // Another slide: no place agrees, whatever its kind.
         let mut other = trusted.clone();
         r.apply(&mut other, TEXT, 0x40_0000).unwrap();
         let check = r.check_sites(&moved, &other, TEXT);
-        assert_eq!(
-            check,
-            SiteCheck {
-                agree: 0,
-                differ: 100
-            }
-        );
+        assert_eq!(check, checked(0, 300, 0));
         assert!(!check.holds(1));
-        // Places outside either copy are not counted; no place at all never holds.
-        let short = r.check_sites(&moved[..400], &moved, TEXT);
-        assert_eq!(
-            short,
-            SiteCheck {
-                agree: 50,
-                differ: 0
-            }
-        );
+        // A short GVM copy: the places it does not hold whole (one cut in half at 2398
+        // bytes, the 64-bit place at 2392) are skipped, and then nothing holds.
+        let check = r.check_sites(&moved, &moved[..2398], TEXT);
+        assert_eq!(check, checked(299, 0, 1));
+        assert!(!check.holds(0));
+        let check = r.check_sites(&moved, &moved[..1200], TEXT);
+        assert_eq!(check, checked(150, 0, 150));
+        // Places below the copies' start are not theirs; no place at all never holds.
+        let check = r.check_sites(&moved[24..], &moved[24..], TEXT + 24);
+        assert_eq!(check, checked(297, 0, 0));
         assert!(!r.check_sites(&[], &[], TEXT).holds(0));
     }
 

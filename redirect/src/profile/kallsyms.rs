@@ -30,6 +30,9 @@ use std::fmt;
 
 use thiserror::Error;
 
+use crate::kaslr::{KERNEL_IMAGE_SIZE, SLIDE_ALIGN};
+use crate::view::START_KERNEL_MAP;
+
 /// Longest line accepted: a 512-byte symbol name (KSYM_NAME_LEN) plus address, type and a
 /// module name fit well within this.
 pub const MAX_LINE: usize = 1024;
@@ -254,18 +257,21 @@ impl SymbolTable {
     /// move), module symbols (another kernel's loads) and values outside the map (the
     /// fixmap, the vsyscall page) as they are. Measured: this is exactly what a KASLR boot
     /// of the pinned kernel lists, for all 82,655 core symbols (slide `0x20200000`,
-    /// docs/ARCHITECTURE.md "KASLR"). `None` if a moved address would wrap.
+    /// docs/ARCHITECTURE.md "KASLR"). `None` for a slide no kernel can have: not a
+    /// multiple of [`SLIDE_ALIGN`], or not below [`KERNEL_IMAGE_SIZE`].
     pub fn slid(&self, slide: u64) -> Option<SymbolTable> {
-        const MAP: u64 = 0xffff_ffff_8000_0000;
-        const MAP_END: u64 = MAP + (1 << 30);
-        (MAP_END - 1).checked_add(slide)?;
+        const MAP: u64 = START_KERNEL_MAP;
+        const MAP_END: u64 = START_KERNEL_MAP + KERNEL_IMAGE_SIZE;
+        if !slide.is_multiple_of(SLIDE_ALIGN) || slide >= KERNEL_IMAGE_SIZE {
+            return None;
+        }
         let symbols = self
             .symbols
             .iter()
             .map(|s| {
                 let mut s = s.clone();
                 if s.module.is_none() && !s.percpu && (MAP..MAP_END).contains(&s.addr) {
-                    // Below MAP_END, and MAP_END - 1 + slide does not wrap (checked above).
+                    // Below MAP_END (2^64 - 1 GiB) plus less than 1 GiB: no wrap.
                     s.addr += slide;
                 }
                 s

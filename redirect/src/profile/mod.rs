@@ -91,9 +91,8 @@ pub enum ProfileError {
         /// Its offset according to BTF's `.data..percpu` DATASEC.
         btf: u64,
     },
-    /// The table cannot be moved by this slide: the kernel map would wrap past the top of
-    /// the address space.
-    #[error("kallsyms cannot be moved by slide {0:#x}: the kernel map would wrap")]
+    /// No kernel can have this slide: it is not 2 MiB-aligned or not below 1 GiB.
+    #[error("kallsyms cannot be moved by slide {0:#x}: a KASLR slide is a multiple of 2 MiB below 1 GiB")]
     BadSlide(u64),
     /// A kallsyms address differs from the image's link address of the section it starts
     /// (another kernel, or KASLR).
@@ -246,7 +245,8 @@ impl Layouts {
     }
 }
 
-/// Addresses (kernel virtual, valid with `nokaslr`) and per-cpu offsets the engine needs.
+/// Addresses (kernel virtual, as a `nokaslr` kernel has them; [`KernelProfile::slid`] moves
+/// them for a KASLR GVM) and per-cpu offsets the engine needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KernelSymbols {
     /// `init_task`: the idle task of CPU 0, the template of the shadow task.

@@ -456,9 +456,11 @@ fn release_banner_search() {
 fn a_slid_profile_moves_image_addresses_and_nothing_else() {
     // Past _end but in the kernel map (.init.scratch) moves; above the map (the fixmap,
     // the vsyscall page) does not.
+    // The map's last byte moves, its end does not; a module symbol never does.
     let text = format!(
         "{KALLSYMS}ffffffff83800000 B _end\nffffffff83a00000 T __init_scratch_begin\n\
-         ffffffffff600000 T fixed_page\n"
+         ffffffffff600000 T fixed_page\nffffffffbfffffff T map_last\n\
+         ffffffffc0000000 T map_end\nffffffff83b00000 t inside_hook\t[rootkit]\n"
     );
     let p = KernelProfile::new(&fake_vmlinux(FAKE), &text).unwrap();
     let slide = 0x2020_0000;
@@ -494,11 +496,25 @@ fn a_slid_profile_moves_image_addresses_and_nothing_else() {
     );
     let scratch = s.kallsyms.get("__init_scratch_begin").unwrap().addr;
     assert_eq!(scratch, 0xffff_ffff_83a0_0000 + slide);
+    let addr = |name| s.kallsyms.get(name).unwrap().addr;
+    assert_eq!(addr("map_last"), 0xffff_ffff_bfff_ffff + slide);
+    assert_eq!(addr("map_end"), 0xffff_ffff_c000_0000);
+    assert_eq!(addr("inside_hook"), 0xffff_ffff_83b0_0000);
     // Lookups by address answer in moved terms.
     let at = s.kallsyms.symbolize(0xffff_ffff_8120_0010 + slide).unwrap();
     assert_eq!(at.to_string(), "__get_free_pages+0x10");
     assert_eq!(s.layouts.task, p.layouts.task);
-    // A slide that would wrap the kernel map past the top of the address space.
-    let wrap = u64::MAX - 0x1000;
-    assert_eq!(p.slid(wrap).unwrap_err(), ProfileError::BadSlide(wrap));
+    // Slides no kernel can have: unaligned, 1 GiB or more (the largest aligned one below
+    // 1 GiB is accepted), or one that would wrap.
+    for bad in [
+        0x1000,
+        0x2020_0001,
+        0x4000_0000,
+        u64::MAX - 0x1000,
+        !0x1f_ffff,
+    ] {
+        assert_eq!(p.slid(bad).unwrap_err(), ProfileError::BadSlide(bad));
+    }
+    assert!(p.slid(0x3fe0_0000).is_ok());
+    assert_eq!(p.slid(0).unwrap().symbols, p.symbols);
 }

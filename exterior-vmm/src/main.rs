@@ -210,12 +210,7 @@ fn build_config(cmd: &RunCmd) -> Result<VmConfig, ConfigError> {
 /// file only because the GVM boots it: a guest's `/boot/vmlinuz` may have been changed by
 /// the guest (`vmm::instance::check_same_kernel` compares them, and the GVM then boots the
 /// trusted file).
-fn build_svm_config(
-    cmd: &RunCmd,
-    gvm: &VmConfig,
-    log: &Path,
-    sealed: bool,
-) -> Result<VmConfig, ConfigError> {
+fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig, ConfigError> {
     let mem_mib = config::check_mem_mib(config::parse_mem_mib(&cmd.svm_mem)?)?;
     let initrd_path = match &cmd.svm_initrd {
         Some(path) => path.clone(),
@@ -226,11 +221,14 @@ fn build_svm_config(
     let initrd = config::read_svm_initrd(&initrd_path, mem_mib)?;
     let (kernel, kernel_path) = match &cmd.svm_kernel {
         Some(path) => (config::read_kernel(path)?, path.clone()),
-        None if sealed => (gvm.kernel.clone(), gvm.kernel_path.clone()),
+        None if cmd.image.is_some() => (gvm.kernel.clone(), gvm.kernel_path.clone()),
         None => {
             let images = paths::images_dir().ok_or(ConfigError::NoImagesDir("--svm-kernel"))?;
-            let elf = gvm.kernel.starts_with(b"\x7fELF");
-            let pinned = images.join(if elf { "vmlinux" } else { "bzImage" });
+            let pinned = images.join(if gvm.kernel_is_elf() {
+                "vmlinux"
+            } else {
+                "bzImage"
+            });
             if !pinned.exists() {
                 return Err(ConfigError::NoSvmKernel(pinned));
             }
@@ -296,7 +294,6 @@ fn run(cmd: RunCmd) -> ExitCode {
             "--hold-slice-us and --hold-idle-us need --name (only an instance redirects calls)",
         );
     }
-    let sealed = cmd.image.is_some();
     let mut config = match &cmd.image {
         Some(image) => {
             if cmd.kernel.is_some() || cmd.initrd.is_some() || cmd.append.is_some() {
@@ -379,7 +376,7 @@ fn run(cmd: RunCmd) -> ExitCode {
                 Err(e) => return fail(EXIT_BAD_INPUT, e),
             };
             let svm_log = runtime.log(name, "svm");
-            let svm = match build_svm_config(&cmd, &config, &svm_log, sealed) {
+            let svm = match build_svm_config(&cmd, &config, &svm_log) {
                 Ok(c) => c,
                 Err(e) => return fail(EXIT_BAD_INPUT, e),
             };

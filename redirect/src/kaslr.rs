@@ -23,7 +23,7 @@
 
 use thiserror::Error;
 
-use crate::profile::elf::{Elf, ElfError, SHT_NOBITS};
+use crate::profile::elf::{Elf, ElfError, SHF_ALLOC, SHT_NOBITS};
 use crate::view::START_KERNEL_MAP;
 
 /// The granule of a kernel's virtual slide: `CONFIG_PHYSICAL_ALIGN` (2 MiB in the pinned
@@ -272,7 +272,8 @@ impl Relocs {
 /// `.bss` (the decompressor's `__bss_start` bound), or to the end of the last loaded section
 /// with file data when there is no `.bss`.
 fn image_range(elf: &Elf<'_>) -> Option<(u64, u64)> {
-    let in_map = |s: &&crate::profile::Section| s.flags & 0x2 != 0 && s.addr >= START_KERNEL_MAP;
+    let in_map =
+        |s: &&crate::profile::Section| s.flags & SHF_ALLOC != 0 && s.addr >= START_KERNEL_MAP;
     let lo = elf.sections().iter().filter(in_map).map(|s| s.addr).min()?;
     let hi = match elf.section(".bss").filter(|s| in_map(s)) {
         Some(bss) => bss.addr,

@@ -36,11 +36,11 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+use crate::profile::elf::SHF_ALLOC;
 use crate::profile::{Elf, ElfError};
 
 const SHT_SYMTAB: u32 = 2;
 const SHT_RELA: u32 = 4;
-const SHF_ALLOC: u64 = 0x2;
 const SHF_EXECINSTR: u64 = 0x4;
 const PAGE: u64 = 0x1000;
 const SYM_SIZE: usize = 24;

@@ -285,6 +285,13 @@ pub struct VmConfig {
     pub nets: Vec<NetDevice>,
 }
 
+impl VmConfig {
+    /// Whether the kernel is an ELF vmlinux (else a bzImage, or what the loader refuses).
+    pub fn kernel_is_elf(&self) -> bool {
+        crate::boot::bzimage::is_elf(&self.kernel)
+    }
+}
+
 /// One `--disk PATH[,ro][,direct]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {

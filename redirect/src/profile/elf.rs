@@ -13,6 +13,8 @@ use thiserror::Error;
 
 /// Section type of a section without file data (`.bss`).
 pub const SHT_NOBITS: u32 = 8;
+/// Section flag: the section occupies memory when the image is loaded.
+pub const SHF_ALLOC: u64 = 0x2;
 /// Section type of a string table.
 pub const SHT_STRTAB: u32 = 3;
 

@@ -21,11 +21,9 @@ use std::fmt;
 
 use thiserror::Error;
 
-use super::elf::{Elf, ElfError, Section, SHT_NOBITS};
+use super::elf::{Elf, ElfError, Section, SHF_ALLOC, SHT_NOBITS};
 use super::release_from_rodata;
 
-/// `SHF_ALLOC`: the section occupies memory when the image is loaded.
-const SHF_ALLOC: u64 = 0x2;
 /// `NT_GNU_BUILD_ID`, the note type of the linker's build-id.
 const NT_GNU_BUILD_ID: u32 = 3;
 /// Longest build-id shown (a SHA-1 one is 20 bytes; the linker allows up to a few dozen).

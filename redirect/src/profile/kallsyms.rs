@@ -260,7 +260,6 @@ impl SymbolTable {
     /// docs/ARCHITECTURE.md "KASLR"). `None` for a slide no kernel can have: not a
     /// multiple of [`SLIDE_ALIGN`], or not below [`KERNEL_IMAGE_SIZE`].
     pub fn slid(&self, slide: u64) -> Option<SymbolTable> {
-        const MAP: u64 = START_KERNEL_MAP;
         const MAP_END: u64 = START_KERNEL_MAP + KERNEL_IMAGE_SIZE;
         if !slide.is_multiple_of(SLIDE_ALIGN) || slide >= KERNEL_IMAGE_SIZE {
             return None;
@@ -270,7 +269,8 @@ impl SymbolTable {
             .iter()
             .map(|s| {
                 let mut s = s.clone();
-                if s.module.is_none() && !s.percpu && (MAP..MAP_END).contains(&s.addr) {
+                if s.module.is_none() && !s.percpu && (START_KERNEL_MAP..MAP_END).contains(&s.addr)
+                {
                     // Below MAP_END (2^64 - 1 GiB) plus less than 1 GiB: no wrap.
                     s.addr += slide;
                 }

@@ -78,15 +78,20 @@ fn le32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
+/// Whether `kernel` is an ELF image (a vmlinux) rather than, say, a bzImage.
+pub fn is_elf(kernel: &[u8]) -> bool {
+    kernel.starts_with(ELF_MAGIC)
+}
+
 /// The ELF vmlinux of `kernel`: itself if it is one, else the decompressed payload of a
 /// bzImage.
 pub fn vmlinux(kernel: &[u8]) -> Result<Cow<'_, [u8]>, BzImageError> {
-    if kernel.starts_with(ELF_MAGIC) {
+    if is_elf(kernel) {
         return Ok(Cow::Borrowed(kernel));
     }
     let (format, stream, size) = payload(kernel)?;
     let out = decompress(format, stream, size)?;
-    if !out.starts_with(ELF_MAGIC) {
+    if !is_elf(&out) {
         return Err(BzImageError::NotElf);
     }
     Ok(Cow::Owned(out))

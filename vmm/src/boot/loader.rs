@@ -59,7 +59,7 @@ enum KernelFormat {
 }
 
 fn detect_format(image: &[u8]) -> Result<KernelFormat, LoadError> {
-    if image.starts_with(b"\x7fELF") {
+    if super::bzimage::is_elf(image) {
         Ok(KernelFormat::Elf)
     } else if image.get(0x202..0x206) == Some(b"HdrS") {
         Ok(KernelFormat::BzImage)

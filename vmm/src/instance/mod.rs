@@ -62,8 +62,16 @@ pub fn check_same_kernel(gvm: &VmConfig, svm: &VmConfig) -> Result<(), BuildErro
     if gvm.kernel == svm.kernel {
         return Ok(());
     }
+    check_against(gvm, svm, &vmlinux_of(svm)?)
+}
+
+/// [`check_same_kernel`] with the SVM kernel's vmlinux already at hand.
+fn check_against(gvm: &VmConfig, svm: &VmConfig, svm_vmlinux: &[u8]) -> Result<(), BuildError> {
+    if gvm.kernel == svm.kernel {
+        return Ok(());
+    }
     let format = |c: &VmConfig| {
-        if c.kernel.starts_with(b"\x7fELF") {
+        if c.kernel_is_elf() {
             "an ELF vmlinux"
         } else {
             "a bzImage"
@@ -77,7 +85,7 @@ pub fn check_same_kernel(gvm: &VmConfig, svm: &VmConfig) -> Result<(), BuildErro
             svm_format: format(svm),
         });
     }
-    identity::same_kernel(&vmlinux_of(gvm)?, &vmlinux_of(svm)?).map_err(|source| {
+    identity::same_kernel(&vmlinux_of(gvm)?, svm_vmlinux).map_err(|source| {
         BuildError::KernelMismatch {
             gvm: gvm.kernel_path.clone(),
             svm: svm.kernel_path.clone(),
@@ -101,14 +109,14 @@ pub fn run_instance(
     let gvm_cpus = config.gvm.cpus;
     // The redirect engine reads BTF and the text's place from the SVM's image (the GVM's
     // loads the same bytes): the ELF vmlinux, given as such or inside a bzImage's payload.
-    check_same_kernel(&config.gvm, &config.svm)?;
+    let vmlinux = vmlinux_of(&config.svm)?;
+    check_against(&config.gvm, &config.svm, &vmlinux)?;
+    let image = KernelImage::parse(&vmlinux);
+    drop(vmlinux);
     // The GVM boots the trusted file: the check compared what the kernels load, not every
     // byte of the GVM's file.
     config.gvm.kernel.clone_from(&config.svm.kernel);
     config.gvm.kernel_path.clone_from(&config.svm.kernel_path);
-    let vmlinux = vmlinux_of(&config.svm)?;
-    let image = KernelImage::parse(&vmlinux);
-    drop(vmlinux);
 
     let (trusted_modules, warnings) =
         trusted_modules::from_svm_image(config.svm.initrd.as_deref().unwrap_or_default());

@@ -77,7 +77,10 @@ impl PanicWatch {
 }
 
 /// A copy of a console's output for clients that attach later (`exterior-vmm console`):
-/// the last [`TAP_BACKLOG`] bytes, plus what arrived since the event loop last looked.
+/// the last [`TAP_BACKLOG`] bytes, numbered by their position in the whole output, so that a
+/// client is sent each byte once. (It used to get a backlog plus "what arrived since the
+/// event loop last looked", and a byte printed between the two came twice: CI saw
+/// `10.00.2.15` for `10.0.2.15` on a Debian guest's console.)
 pub struct ConsoleTap {
     inner: Mutex<TapBuffers>,
     event: EventFd,
@@ -86,7 +89,8 @@ pub struct ConsoleTap {
 #[derive(Default)]
 struct TapBuffers {
     backlog: VecDeque<u8>,
-    fresh: Vec<u8>,
+    /// Bytes recorded so far: the position just after the backlog's last byte.
+    end: u64,
 }
 
 /// Bytes of console history replayed to a client that attaches.
@@ -105,26 +109,31 @@ impl ConsoleTap {
         b.backlog.extend(bytes);
         let excess = b.backlog.len().saturating_sub(TAP_BACKLOG);
         b.backlog.drain(..excess);
-        if b.fresh.len() < TAP_BACKLOG {
-            b.fresh.extend_from_slice(bytes);
-        }
+        b.end = b.end.saturating_add(bytes.len() as u64);
         drop(b);
         let _ = self.event.write(1);
     }
 
-    /// Output since the last call (for attached clients).
-    pub fn take_fresh(&self) -> Vec<u8> {
-        let _ = self.event.read();
-        std::mem::take(&mut lock(&self.inner).fresh)
+    /// The output after position `seen` that the backlog still holds (all of it for
+    /// `seen == 0`: a client that just attached), and the position after it, which the
+    /// client has then seen. A client that fell more than the backlog behind misses the
+    /// bytes in between.
+    pub fn since(&self, seen: u64) -> (Vec<u8>, u64) {
+        let b = lock(&self.inner);
+        let held = b.backlog.len();
+        let first = b.end.saturating_sub(held as u64);
+        let skip = usize::try_from(seen.saturating_sub(first)).map_or(held, |n| n.min(held));
+        (b.backlog.range(skip..).copied().collect(), b.end)
     }
 
-    /// The recent history (for a client that just attached).
-    pub fn backlog(&self) -> Vec<u8> {
-        lock(&self.inner).backlog.iter().copied().collect()
-    }
-
+    /// Readable when output was recorded; the event loop clears it with
+    /// [`ConsoleTap::clear_event`] before it sends clients what they have not seen.
     pub fn event(&self) -> &EventFd {
         &self.event
+    }
+
+    pub fn clear_event(&self) {
+        let _ = self.event.read();
     }
 }
 
@@ -404,10 +413,30 @@ mod tests {
         let tap = ConsoleTap::new().unwrap();
         tap.record(&vec![b'x'; TAP_BACKLOG + 10]);
         tap.record(b"end");
-        assert_eq!(tap.backlog().len(), TAP_BACKLOG);
-        assert!(tap.backlog().ends_with(b"end"));
-        assert!(!tap.take_fresh().is_empty());
-        assert!(tap.take_fresh().is_empty());
+        let (all, end) = tap.since(0);
+        assert_eq!(all.len(), TAP_BACKLOG);
+        assert!(all.ends_with(b"end"));
+        assert_eq!(end, (TAP_BACKLOG + 13) as u64);
+        // A client that saw the first 5 bytes fell out of the backlog: it gets what is held.
+        assert_eq!(tap.since(5).0, all);
+        assert!(tap.since(end).0.is_empty());
+        assert!(tap.since(u64::MAX).0.is_empty());
+    }
+
+    #[test]
+    fn a_byte_printed_while_a_client_attaches_reaches_it_once() {
+        let tap = ConsoleTap::new().unwrap();
+        tap.record(b"10.");
+        tap.record(b"0"); // the event loop has not looked yet
+        let (backlog, seen) = tap.since(0); // a client attaches
+        assert_eq!(backlog, b"10.0");
+        tap.clear_event(); // the event loop looks, for the byte before the attach
+        let (fresh, seen) = tap.since(seen);
+        assert!(fresh.is_empty(), "sent twice: {fresh:?}");
+        tap.record(b".2.15");
+        let (fresh, seen) = tap.since(seen);
+        assert_eq!(fresh, b".2.15");
+        assert_eq!(seen, 9);
     }
 
     #[test]

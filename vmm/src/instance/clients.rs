@@ -34,6 +34,8 @@ pub(super) struct Client {
     pub stream: UnixStream,
     pub decoder: Decoder,
     pub console: Option<Which>,
+    /// Position in that console's output up to which the client has been sent it.
+    pub console_seen: u64,
 }
 
 #[derive(Default)]
@@ -68,6 +70,7 @@ impl Clients {
             stream,
             decoder: Decoder::default(),
             console: None,
+            console_seen: 0,
         };
         self.live.insert(token, client);
         Some(token)

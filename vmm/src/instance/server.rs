@@ -46,6 +46,15 @@ pub struct Parts {
     pub executor: Arc<Executor>,
 }
 
+impl Parts {
+    fn tap(&self, which: Which) -> &Arc<ConsoleTap> {
+        match which {
+            Which::Gvm => &self.gvm_tap,
+            Which::Svm => &self.svm_tap,
+        }
+    }
+}
+
 pub struct ControlServer {
     parts: Parts,
     clients: Clients,
@@ -218,13 +227,12 @@ impl ControlServer {
                     b"svm" => Which::Svm,
                     _ => Which::Gvm,
                 };
-                let backlog = match which {
-                    Which::Gvm => self.parts.gvm_tap.backlog(),
-                    Which::Svm => self.parts.svm_tap.backlog(),
+                let Some(c) = self.clients.get_mut(token) else {
+                    return;
                 };
-                if let Some(c) = self.clients.get_mut(token) {
-                    c.console = Some(which);
-                }
+                let (backlog, seen) = self.parts.tap(which).since(0);
+                c.console = Some(which);
+                c.console_seen = seen;
                 for f in chunks(Kind::ConsoleData, 0, &backlog, CONSOLE_CHUNK) {
                     self.send_client(token, &f);
                 }
@@ -310,12 +318,16 @@ impl ControlServer {
         }
     }
 
+    /// Sends each client watching `which` console the output it has not been sent.
     fn on_tap(&mut self, which: Which) {
-        let data = match which {
-            Which::Gvm => self.parts.gvm_tap.take_fresh(),
-            Which::Svm => self.parts.svm_tap.take_fresh(),
-        };
+        let tap = Arc::clone(self.parts.tap(which));
+        tap.clear_event();
         for token in self.clients.watching(which) {
+            let Some(c) = self.clients.get_mut(token) else {
+                continue;
+            };
+            let (data, seen) = tap.since(c.console_seen);
+            c.console_seen = seen;
             for f in chunks(Kind::ConsoleData, 0, &data, CONSOLE_CHUNK) {
                 self.send_client(token, &f);
             }

@@ -238,7 +238,7 @@ fn build_svm_config(cmd: &RunCmd, gvm: &VmConfig, log: &Path) -> Result<VmConfig
     Ok(VmConfig {
         mem_mib,
         cpus: 1,
-        cmdline: config::build_cmdline(Some("quiet")),
+        cmdline: config::build_cmdline(Some(config::SVM_CMDLINE)),
         kernel,
         kernel_path,
         initrd: Some(initrd),

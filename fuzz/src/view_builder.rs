@@ -43,7 +43,7 @@ use redirect::bounce::{BounceError, BouncePlan, Range, BOUNCE_SIZE, USER_END};
 use redirect::memory::Relocated;
 use redirect::view::{
     offsets, ModuleCopy, View, ViewError, ViewLayout, ViewTables, KSTUB_KVA, MODULE_AREA,
-    START_KERNEL_MAP, TRAP_KVA, WINDOW_KVA, WINDOW_SIZE, WINDOW_SLOT,
+    TRAP_KVA, WINDOW_KVA, WINDOW_SIZE, WINDOW_SLOT,
 };
 use redirect::{
     for_each_mapping, is_canonical, read_cstr, read_virt, translate, Access, GuestPhysMemory,
@@ -277,6 +277,10 @@ pub fn check(case: &Case) -> Outcome {
     let Some(mut layout) = ViewLayout::for_guest(gvm_end, text) else {
         return Outcome::NoLayout;
     };
+    // A KASLR slide, from the bits of `gvm_end_gib` the RAM's end and the modules leave
+    // (none when the slid text would leave the kernel map).
+    let slide = u64::from(case.gvm_end_gib >> 4) << 21;
+    let _ = layout.slide_text(layout.exec_text, slide);
     layout.also_exec = match case.also_kind % 3 {
         0 => None,
         1 => {
@@ -549,7 +553,7 @@ fn check_view(
     let own_text_page = |m: &Mapping| {
         m.page_size == PageSize::Size4K
             && meets(m.gva, 0x1000, text)
-            && m.gva.checked_sub(START_KERNEL_MAP) == Some(m.gpa)
+            && m.gva.checked_sub(text.0).map(|off| layout.text_gpa + off) == Some(m.gpa)
             && !m.writable
             && !m.user
     };
@@ -598,7 +602,11 @@ fn check_view(
         let va = text.0 + (page << 12) + 0x123;
         match translate(composed, &mode, view.cr3, va, Access::READ) {
             Ok(t) => {
-                assert_eq!(t.gpa, va - START_KERNEL_MAP, "text page {va:#x}: {t:x?}");
+                assert_eq!(
+                    t.gpa,
+                    layout.text_gpa + (va - text.0),
+                    "text page {va:#x}: {t:x?}"
+                );
                 assert!(!t.writable, "text page {va:#x} is writable");
             }
             // The view keeps the GVM's PML4[511] flags: PS there breaks the whole slot.

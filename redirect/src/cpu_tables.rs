@@ -110,11 +110,13 @@ pub struct CheckedIdt {
     pub left_out: Vec<(usize, u64)>,
 }
 
-/// The IDT the view uses: `trusted`'s gates (the trusted kernel's `idt_table`), each
-/// present one checked to be an interrupt or trap gate through the kernel code segment
-/// and rebuilt from its checked fields if it enters `text` (the trusted `.text`, [start,
-/// end)), left out otherwise; not-present gates are zero.
-pub fn checked_idt(trusted: &[u8], text: (u64, u64)) -> Result<CheckedIdt, IdtError> {
+/// The IDT the view uses: `trusted`'s gates (the trusted kernel's `idt_table`, at its
+/// link addresses), each present one checked to be an interrupt or trap gate through the
+/// kernel code segment and rebuilt from its checked fields, its handler moved by the GVM's
+/// KASLR `slide`, if it enters `text` (the trusted `.text`, [start, end), link
+/// addresses), left out otherwise; not-present gates are zero. `left_out` names the
+/// unmoved handlers.
+pub fn checked_idt(trusted: &[u8], text: (u64, u64), slide: u64) -> Result<CheckedIdt, IdtError> {
     if trusted.len() != IDT_SIZE {
         return Err(IdtError::Size(trusted.len()));
     }
@@ -144,11 +146,12 @@ pub fn checked_idt(trusted: &[u8], text: (u64, u64)) -> Result<CheckedIdt, IdtEr
             return Err(bad(GateFault::Reserved));
         }
         let handler = u64::from(word(0)) | u64::from(word(6)) << 16 | u64::from(dword(8)) << 32;
-        if handler < text.0 || handler >= text.1 {
+        let moved = handler.checked_add(slide);
+        let Some(moved) = moved.filter(|_| handler >= text.0 && handler < text.1) else {
             left_out.push((vector, handler));
             continue;
-        }
-        out.copy_from_slice(&gate_bytes(handler, gate[4] & 0x07, flags));
+        };
+        out.copy_from_slice(&gate_bytes(moved, gate[4] & 0x07, flags));
     }
     Ok(CheckedIdt {
         table: idt,
@@ -247,7 +250,7 @@ mod tests {
         ];
         let idt = idt_with(&gates);
         assert_eq!(
-            checked_idt(&idt, TEXT),
+            checked_idt(&idt, TEXT, 0),
             Ok(CheckedIdt {
                 table: idt,
                 left_out: vec![]
@@ -256,12 +259,45 @@ mod tests {
     }
 
     #[test]
+    fn a_slid_gvm_gets_the_trusted_gates_moved_by_its_slide() {
+        const SLIDE: u64 = 0x2e00_0000;
+        let gates = [
+            (14, linux_gate(TEXT.0 + 0x1230, KERNEL_CS, 0, 0x0e, 0)),
+            (8, linux_gate(TEXT.0 + 0x4560, KERNEL_CS, 1, 0x0e, 0)),
+            (0x80, linux_gate(TEXT.1 - 0x10, KERNEL_CS, 0, 0x0f, 3)),
+            (19, linux_gate(0xffff_c900_0000_1000, KERNEL_CS, 0, 0x0e, 0)),
+        ];
+        let moved = [
+            (
+                14,
+                linux_gate(TEXT.0 + SLIDE + 0x1230, KERNEL_CS, 0, 0x0e, 0),
+            ),
+            (
+                8,
+                linux_gate(TEXT.0 + SLIDE + 0x4560, KERNEL_CS, 1, 0x0e, 0),
+            ),
+            (
+                0x80,
+                linux_gate(TEXT.1 + SLIDE - 0x10, KERNEL_CS, 0, 0x0f, 3),
+            ),
+        ];
+        let checked = checked_idt(&idt_with(&gates), TEXT, SLIDE).unwrap();
+        assert_eq!(checked.table, idt_with(&moved));
+        // Checked at the link addresses: a handler already at a slid address is not
+        // the trusted text's.
+        assert_eq!(checked.left_out, vec![(19, 0xffff_c900_0000_1000)]);
+        let slid_handler = [(14, linux_gate(TEXT.0 + SLIDE, KERNEL_CS, 0, 0x0e, 0))];
+        let checked = checked_idt(&idt_with(&slid_handler), TEXT, SLIDE).unwrap();
+        assert_eq!(checked.left_out, vec![(14, TEXT.0 + SLIDE)]);
+    }
+
+    #[test]
     fn junk_in_a_not_present_gate_is_dropped() {
         let mut idt = vec![0u8; IDT_SIZE];
         let mut junk = linux_gate(0xdead_beef, 0x1234, 7, 0x0c, 3);
         junk[5] &= !PRESENT;
         idt[20 * 16..21 * 16].copy_from_slice(&junk);
-        let checked = checked_idt(&idt, TEXT).unwrap();
+        let checked = checked_idt(&idt, TEXT, 0).unwrap();
         assert_eq!(
             (checked.table, checked.left_out),
             (vec![0u8; IDT_SIZE], vec![])
@@ -278,7 +314,7 @@ mod tests {
             (20, linux_gate(TEXT.1, KERNEL_CS, 0, 0x0e, 0)),
             (14, linux_gate(TEXT.0 + 0x1230, KERNEL_CS, 0, 0x0e, 0)),
         ];
-        let checked = checked_idt(&idt_with(&gates), TEXT).unwrap();
+        let checked = checked_idt(&idt_with(&gates), TEXT, 0).unwrap();
         assert_eq!(checked.table, idt_with(&gates[3..]));
         assert_eq!(
             checked.left_out,
@@ -310,7 +346,7 @@ mod tests {
         for (gate, why) in cases {
             let idt = idt_with(&[(14, gate)]);
             assert_eq!(
-                checked_idt(&idt, TEXT),
+                checked_idt(&idt, TEXT, 0),
                 Err(IdtError::BadGate { vector: 14, why })
             );
         }
@@ -320,14 +356,14 @@ mod tests {
         zero_bits[4] |= 0x08;
         for gate in [reserved, zero_bits] {
             assert_eq!(
-                checked_idt(&idt_with(&[(255, gate)]), TEXT),
+                checked_idt(&idt_with(&[(255, gate)]), TEXT, 0),
                 Err(IdtError::BadGate {
                     vector: 255,
                     why: GateFault::Reserved
                 })
             );
         }
-        assert_eq!(checked_idt(&[0u8; 16], TEXT), Err(IdtError::Size(16)));
+        assert_eq!(checked_idt(&[0u8; 16], TEXT, 0), Err(IdtError::Size(16)));
     }
 
     #[test]

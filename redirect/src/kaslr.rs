@@ -151,6 +151,19 @@ impl Relocs {
         })
     }
 
+    /// The places that lie whole in the link range [`start`, `end`): what a copy of that
+    /// range can be moved by and checked at.
+    pub fn within(&self, start: u64, end: u64) -> Relocs {
+        let held = |width: u64| {
+            move |addr: &&u64| **addr >= start && addr.checked_add(width).is_some_and(|e| e <= end)
+        };
+        Relocs {
+            abs32: self.abs32.iter().filter(held(4)).copied().collect(),
+            inverse32: self.inverse32.iter().filter(held(4)).copied().collect(),
+            abs64: self.abs64.iter().filter(held(8)).copied().collect(),
+        }
+    }
+
     /// How many places the table names.
     pub fn len(&self) -> usize {
         self.abs32.len() + self.inverse32.len() + self.abs64.len()
@@ -310,6 +323,48 @@ pub fn virtual_slide(lstar: u64, entry_link: u64, image_end: u64) -> Result<u64,
     Ok(slide)
 }
 
+/// Bytes of a sample of the text checked at every candidate slide before the whole text
+/// is: 256 KiB, 1 MiB in (past the entry code), over a thousand places in the pinned image.
+const SAMPLE: (usize, usize) = (1 << 20, 256 << 10);
+
+/// Finds a GVM kernel's virtual slide: the first of `claim` (what its LSTAR says, if that
+/// passed [`virtual_slide`]) and then every 2 MiB step that keeps the image (ending at link
+/// address `image_end`) in the kernel map, under which the GVM's text agrees with `text`
+/// (the trusted text, at link address `link`) moved by it, at `min_per_mille` of the
+/// table's places: first over a sample, then over the whole text. `read` reads the GVM's
+/// memory at a kernel-virtual address through its own tables (hostile; false where it
+/// cannot). With the whole text's check; `None` if no slide checks out.
+pub fn find_slide(
+    relocs: &Relocs,
+    text: &[u8],
+    link: u64,
+    image_end: u64,
+    claim: Option<u64>,
+    min_per_mille: usize,
+    read: impl Fn(u64, &mut [u8]) -> bool,
+) -> Option<(u64, SiteCheck)> {
+    let steps = (0..KERNEL_IMAGE_SIZE / SLIDE_ALIGN)
+        .map(|i| i * SLIDE_ALIGN)
+        .filter(|&v| virtual_slide(image_end.saturating_add(v), image_end, image_end).is_ok())
+        .filter(|&v| Some(v) != claim);
+    let len = text.len();
+    let sample = len.min(SAMPLE.0)..len.min(SAMPLE.0 + SAMPLE.1);
+    let at = |offset: usize| link.checked_add(offset as u64);
+    let sample_relocs = relocs.within(at(sample.start)?, at(sample.end)?);
+    let agrees = |relocs: &Relocs, range: std::ops::Range<usize>, slide: u64| {
+        let base = at(range.start)?;
+        let mut moved = text.get(range)?.to_vec();
+        relocs.apply(&mut moved, base, slide).ok()?;
+        let mut theirs = vec![0u8; moved.len()];
+        read(base.checked_add(slide)?, &mut theirs).then_some(())?;
+        Some(relocs.check_sites(&moved, &theirs, base)).filter(|c| c.holds(min_per_mille))
+    };
+    claim.into_iter().chain(steps).find_map(|slide| {
+        agrees(&sample_relocs, sample.clone(), slide)?;
+        agrees(relocs, 0..len, slide).map(|check| (slide, check))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +444,133 @@ mod tests {
         assert_eq!(text[0..4], 0x8100_1234u32.to_le_bytes());
         assert_eq!(text[4..8], 0x0000_2000u32.to_le_bytes());
         assert_eq!(text[8..16], (TEXT + 0x100).to_le_bytes());
+    }
+
+    /// A 1.5 MiB text at [`TEXT`] with a 32-bit reference to itself every 64 bytes and a
+    /// 64-bit one every 4 KiB (one straddling the sample's end), and its table.
+    fn text_with_places() -> (Vec<u8>, Relocs) {
+        let len = 0x18_0000usize;
+        let mut text: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+        let mut r = Relocs::default();
+        for off in (0..len - 8).step_by(64) {
+            let target = (TEXT + off as u64) as u32;
+            text[off..off + 4].copy_from_slice(&target.to_le_bytes());
+            r.abs32.push(TEXT + off as u64);
+        }
+        let straddling = SAMPLE.0 + SAMPLE.1 - 4;
+        for off in (32..len - 8).step_by(4096).chain([straddling]) {
+            text[off..off + 8].copy_from_slice(&(TEXT + off as u64).to_le_bytes());
+            r.abs64.push(TEXT + off as u64);
+        }
+        (text, r)
+    }
+
+    /// A GVM whose kernel map holds `gvm` at `at` (and nothing else readable).
+    fn gvm_at(gvm: Vec<u8>, at: u64) -> impl Fn(u64, &mut [u8]) -> bool {
+        move |va: u64, buf: &mut [u8]| {
+            let Some(off) = va.checked_sub(at).and_then(|o| usize::try_from(o).ok()) else {
+                return false;
+            };
+            match gvm.get(off..off.saturating_add(buf.len())) {
+                Some(bytes) if off + buf.len() <= gvm.len() => {
+                    buf.copy_from_slice(bytes);
+                    true
+                }
+                _ => false,
+            }
+        }
+    }
+
+    #[test]
+    fn the_slide_is_found_as_claimed_behind_a_hooked_lstar_and_despite_a_patch() {
+        const END: u64 = TEXT + 0x200_0000;
+        let (text, r) = text_with_places();
+        let slide = 0x2e00_0000;
+        let mut slid = text.clone();
+        r.apply(&mut slid, TEXT, slide).unwrap();
+        let find = |gvm: &Vec<u8>, claim| {
+            find_slide(
+                &r,
+                &text,
+                TEXT,
+                END,
+                claim,
+                900,
+                gvm_at(gvm.clone(), TEXT + slide),
+            )
+        };
+        let (found, check) = find(&slid, Some(slide)).unwrap();
+        assert_eq!(found, slide);
+        assert_eq!((check.agree, check.differ, check.skipped), (r.len(), 0, 0));
+        // LSTAR hooked (its claim wrong or none): every step is tried.
+        assert_eq!(find(&slid, Some(0x1000_0000)).map(|f| f.0), Some(slide));
+        assert_eq!(find(&slid, None).map(|f| f.0), Some(slide));
+        // A rootkit patched some functions: a few places differ, the slide stands.
+        let mut patched = slid.clone();
+        for off in (0..20_000).step_by(64).chain(SAMPLE.0..SAMPLE.0 + 640) {
+            patched[off] ^= 0xff;
+        }
+        let (found, check) = find(&patched, Some(slide)).unwrap();
+        assert_eq!(found, slide);
+        assert!(
+            check.differ > 300 && check.agree > 20 * check.differ,
+            "{check:?}"
+        );
+    }
+
+    #[test]
+    fn no_slide_is_believed_without_the_moved_text_behind_it() {
+        const END: u64 = TEXT + 0x200_0000;
+        let (text, r) = text_with_places();
+        let slide = 0x2e00_0000;
+        // The text unmoved, at the slid place: the claim fails, and so does every step.
+        let unmoved = gvm_at(text.clone(), TEXT + slide);
+        assert_eq!(
+            find_slide(&r, &text, TEXT, END, Some(slide), 900, unmoved),
+            None
+        );
+        // Moved by the slide but placed elsewhere (the GVM's tables lie): refused.
+        let mut slid = text.clone();
+        r.apply(&mut slid, TEXT, slide).unwrap();
+        let misplaced = gvm_at(slid.clone(), TEXT + slide + SLIDE_ALIGN);
+        assert_eq!(
+            find_slide(&r, &text, TEXT, END, Some(slide), 900, misplaced),
+            None
+        );
+        // Nothing readable, or only the sample: refused.
+        let nothing = |_: u64, _: &mut [u8]| false;
+        assert_eq!(
+            find_slide(&r, &text, TEXT, END, Some(slide), 900, nothing),
+            None
+        );
+        let sample_only = gvm_at(slid[..SAMPLE.0 + SAMPLE.1].to_vec(), TEXT + slide);
+        assert_eq!(
+            find_slide(&r, &text, TEXT, END, Some(slide), 900, sample_only),
+            None
+        );
+        // Half the places changed: below the bar.
+        let mut half = slid.clone();
+        for off in (0..text.len() - 8).step_by(128) {
+            half[off] ^= 0xff;
+        }
+        let half = gvm_at(half, TEXT + slide);
+        assert_eq!(
+            find_slide(&r, &text, TEXT, END, Some(slide), 900, half),
+            None
+        );
+    }
+
+    #[test]
+    fn a_sub_table_holds_only_the_places_whole_in_its_range() {
+        let r = Relocs {
+            abs32: vec![TEXT, TEXT + 0xffc, TEXT + 0xffe],
+            inverse32: vec![TEXT - 2],
+            abs64: vec![TEXT + 0xff8, TEXT + 0xffc],
+        };
+        let sub = r.within(TEXT, TEXT + 0x1000);
+        assert_eq!(sub.abs32, vec![TEXT, TEXT + 0xffc]);
+        assert!(sub.inverse32.is_empty());
+        assert_eq!(sub.abs64, vec![TEXT + 0xff8]);
     }
 
     #[test]

@@ -36,8 +36,10 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
+use crate::kaslr::KERNEL_IMAGE_SIZE;
 use crate::profile::elf::SHF_ALLOC;
 use crate::profile::{Elf, ElfError};
+use crate::view::START_KERNEL_MAP;
 
 const SHT_SYMTAB: u32 = 2;
 const SHT_RELA: u32 = 4;
@@ -391,7 +393,10 @@ pub struct LoadedModule {
 /// Where an address leads, in terms both kernels share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Place<'a> {
-    /// Outside every module: the same address in both (the kernel image).
+    /// In the kernel-image map, at this link address: each kernel has it moved by its
+    /// own KASLR slide.
+    Image(u64),
+    /// Outside the image map and every module: the same address in both.
     Absolute(u64),
     /// `offset` bytes into the core image of the module called `name`.
     InModule(&'a str, u64),
@@ -400,26 +405,35 @@ enum Place<'a> {
 impl std::fmt::Display for Place<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Place::Absolute(a) => write!(f, "{a:#x}"),
+            Place::Image(a) | Place::Absolute(a) => write!(f, "{a:#x}"),
             Place::InModule(name, off) => write!(f, "{name}+{off:#x}"),
         }
     }
 }
 
-fn place(modules: &[LoadedModule], addr: u64) -> Place<'_> {
-    modules
+/// Where `addr`, an address in the kernel of `copy`, leads.
+fn place<'a>(copy: &TextCopy<'a>, addr: u64) -> Place<'a> {
+    let image_map = START_KERNEL_MAP..START_KERNEL_MAP + KERNEL_IMAGE_SIZE;
+    if let Some(m) = copy
+        .modules
         .iter()
         .find(|m| addr >= m.base && addr - m.base < m.size)
-        .map_or(Place::Absolute(addr), |m| {
-            Place::InModule(&m.name, addr - m.base)
-        })
+    {
+        return Place::InModule(&m.name, addr - m.base);
+    }
+    match addr.checked_sub(copy.slide) {
+        Some(link) if image_map.contains(&addr) && image_map.contains(&link) => Place::Image(link),
+        _ => Place::Absolute(addr),
+    }
 }
 
-fn address(modules: &[LoadedModule], place: &Place<'_>) -> Option<u64> {
+/// The address `place` has in the kernel of `copy`.
+fn address(copy: &TextCopy<'_>, place: &Place<'_>) -> Option<u64> {
     match *place {
+        Place::Image(link) => link.checked_add(copy.slide),
         Place::Absolute(a) => Some(a),
         Place::InModule(name, off) => {
-            let mut named = modules.iter().filter(|m| m.name == name);
+            let mut named = copy.modules.iter().filter(|m| m.name == name);
             let m = named.next().filter(|_| named.next().is_none())?;
             (off < m.size).then(|| m.base.checked_add(off)).flatten()
         }
@@ -435,6 +449,9 @@ pub struct TextCopy<'a> {
     pub text: &'a [u8],
     /// Every module that kernel has loaded, this one included.
     pub modules: &'a [LoadedModule],
+    /// That kernel's KASLR slide (`redirect::kaslr`): its image is at the link addresses
+    /// moved by this much.
+    pub slide: u64,
 }
 
 /// Why a GVM module's text is not trusted.
@@ -502,7 +519,7 @@ pub fn verify(
             gvm: len(gvm),
         });
     }
-    if address(gvm.modules, &Place::InModule(name, 0)) != Some(gvm.base) {
+    if address(gvm, &Place::InModule(name, 0)) != Some(gvm.base) {
         return Err(Mismatch::Listing);
     }
     // Offsets below are < n, which is the length of both slices.
@@ -545,8 +562,8 @@ pub fn verify(
             .kind
             .decode(t, twin.base.wrapping_add(s.offset))
             .wrapping_sub(s.addend);
-        let to = place(twin.modules, symbol);
-        let relocated = address(gvm.modules, &to)
+        let to = place(twin, symbol);
+        let relocated = address(gvm, &to)
             .and_then(|symbol| {
                 let value = symbol.wrapping_add(s.addend);
                 s.kind.encode(value, gvm.base.wrapping_add(s.offset))

@@ -36,9 +36,13 @@ use crate::bounce::{BouncePlan, BOUNCE_SIZE};
 use crate::memory::{GuestPhysMemory, MemError};
 use crate::paging::{PageSize, ADDR_FIELD, PTE_P, PTE_PS, PTE_RW, PTE_US, PTE_XD};
 
-/// PML4 slot of the window's kernel mapping: 0xffff_f800_0000_0000, inside the range x86-64
-/// Linux reserves for KASAN shadow memory, which the pinned (non-KASAN) kernel leaves empty.
-pub const WINDOW_SLOT: usize = 0x1f0;
+/// PML4 slot of the window's kernel mapping: 0xffff_fc00_0000_0000, the first of the 2 TB
+/// hole x86-64 Linux leaves unused with 4-level tables, just below `vaddr_end` for KASLR
+/// (Documentation/arch/x86/x86_64/mm.rst): `CONFIG_RANDOMIZE_MEMORY` places the direct map,
+/// vmalloc and vmemmap below it, never in it. (Slot 0x1f0, used before, lies in the KASAN
+/// shadow range, which memory randomisation may give to vmemmap.) A GVM that maps it anyway
+/// is refused ([`ViewError::SlotInUse`]).
+pub const WINDOW_SLOT: usize = 0x1f8;
 /// Kernel-virtual address of the window's first byte.
 pub const WINDOW_KVA: u64 = 0xffff_0000_0000_0000 | ((WINDOW_SLOT as u64) << 39);
 /// Size of the window: two 2 MiB pages.
@@ -130,8 +134,12 @@ pub struct ViewLayout {
     /// A guest-physical page no memslot backs: the stub's store there exits with RAX.
     pub sentinel_gpa: u64,
     /// The kernel-virtual range [start, end) the view leaves executable: the trusted
-    /// image's `.text`. Rounded out to the 2 MiB entries that cover it.
+    /// image's `.text`, page-rounded, where the GVM's kernel has it (its link addresses
+    /// moved by the GVM's KASLR slide, [`ViewLayout::slide_text`]).
     pub exec_text: (u64, u64),
+    /// Guest-physical start of the read-only slot that holds the trusted text (2 MiB
+    /// aligned, above GVM RAM): the view maps `exec_text` page by page to it.
+    pub text_gpa: u64,
     /// One more range left executable, to 4 KiB pages, for one call: the text of the
     /// module that a `delete_module` removes (its exit function runs in the call).
     pub also_exec: Option<(u64, u64)>,
@@ -142,8 +150,8 @@ pub struct ViewLayout {
     pub modules: Vec<ModuleCopy>,
 }
 
-/// `__START_KERNEL_map`: kernel-image virtual addresses are this plus the physical address
-/// (the image sits at its link address; `nokaslr`).
+/// `__START_KERNEL_map`: a kernel image's link addresses are this plus the physical address
+/// it is linked for (where a `nokaslr` kernel sits).
 pub const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 
 /// The guest-physical [start, end), rounded out to pages, of the kernel-image range
@@ -155,14 +163,22 @@ pub fn text_phys(link: u64, size: u64) -> Option<(u64, u64)> {
 }
 
 impl ViewLayout {
-    /// The redirect VM's layout for a GVM whose RAM ends at guest-physical `gvm_end` and
-    /// whose kernel text is at guest-physical `text`: the window at the next 1 GiB
-    /// boundary, the sentinel and trap pages right after it, and the bounce area 8 MiB
-    /// past the window's start. `None` if that does not fit in the address space.
+    /// The redirect VM's layout for a GVM whose RAM ends at guest-physical `gvm_end`, for
+    /// a kernel text linked for physical `text` ([`text_phys`]): the window at the next
+    /// 1 GiB boundary, the sentinel and trap pages right after it, the bounce area 8 MiB
+    /// past the window's start, then the module copy area and the text slot. The text is
+    /// executable at its link addresses until [`ViewLayout::slide_text`] moves it. `None`
+    /// if that does not fit in the address space.
     pub fn for_guest(gvm_end: u64, text: (u64, u64)) -> Option<ViewLayout> {
         let align = |v: u64, a: u64| v.checked_add(a - 1).map(|v| v & !(a - 1));
         let window_gpa = align(gvm_end, 1 << 30)?;
         let sentinel_gpa = window_gpa.checked_add(WINDOW_SIZE)?;
+        let module_copy_gpa = window_gpa.checked_add(BOUNCE_OFFSET + BOUNCE_SIZE)?;
+        let text_gpa = align(module_copy_gpa.checked_add(MODULE_COPY_SIZE)?, 2 << 20)?;
+        let text_len = text.1.checked_sub(text.0)?;
+        if text_gpa.checked_add(text_len)? > 1 << 52 {
+            return None;
+        }
         Some(ViewLayout {
             window_gpa,
             sentinel_gpa,
@@ -171,15 +187,25 @@ impl ViewLayout {
                 START_KERNEL_MAP.checked_add(text.1)?,
             ),
             also_exec: None,
+            text_gpa,
             bounce_gpa: window_gpa.checked_add(BOUNCE_OFFSET)?,
-            module_copy_gpa: window_gpa
-                .checked_add(BOUNCE_OFFSET + BOUNCE_SIZE)
-                .filter(|m| {
-                    m.checked_add(MODULE_COPY_SIZE)
-                        .is_some_and(|e| e <= 1 << 52)
-                })?,
+            module_copy_gpa,
             modules: Vec::new(),
         })
+    }
+
+    /// Makes the text executable at its link addresses (`link`, [start, end)) moved by a
+    /// GVM's KASLR `slide`: where that GVM's kernel runs it. `None` (and nothing changed)
+    /// if the moved range leaves the kernel-image map.
+    pub fn slide_text(&mut self, link: (u64, u64), slide: u64) -> Option<()> {
+        let map_end = START_KERNEL_MAP + crate::kaslr::KERNEL_IMAGE_SIZE;
+        let start = link.0.checked_add(slide)?;
+        let end = link.1.checked_add(slide)?;
+        if start < START_KERNEL_MAP || end > map_end || start > end {
+            return None;
+        }
+        self.exec_text = (start, end);
+        Some(())
     }
 
     /// Guest-physical address of window offset `off`.
@@ -571,9 +597,9 @@ fn pd_of(
 /// The PDPT entry for the GiB at `gib`, which holds (part of) the trusted text: a PD of
 /// the view's own. Its 2 MiB regions without text keep the GVM's translation (from
 /// `gvm_entry`: a PD, a 1 GiB page or nothing), no-execute; those with text get a PT of
-/// the view's own that maps each text page, read-only and executable, to its link-time
-/// physical page — in the redirect VM the read-only slot of the trusted text — and
-/// nothing else. The GVM's tables cannot change what code runs at the text's addresses.
+/// the view's own that maps each text page, read-only and executable, to its page in the
+/// read-only slot of the trusted text ([`ViewLayout::text_gpa`]), and nothing else. The
+/// GVM's tables cannot change what code runs at the text's addresses.
 fn own_text_gib(
     pool: &mut Pool<'_>,
     gvm: &dyn GuestPhysMemory,
@@ -596,8 +622,9 @@ fn own_text_gib(
         for (k, pte) in (0u64..).zip(pt.iter_mut()) {
             let va = mib2 + (k << 12);
             if let Some(pa) = va
-                .checked_sub(START_KERNEL_MAP)
+                .checked_sub(text.0)
                 .filter(|_| meets(va, 1 << 12, text))
+                .and_then(|off| layout.text_gpa.checked_add(off))
             {
                 *pte = pa | PTE_P | PTE_A;
             }
@@ -925,7 +952,25 @@ mod tests {
             "the bounce area overlaps the window, the sentinel, the trap or the flush page"
         );
         assert_eq!(l.exec_text, (0xffff_ffff_8100_0000, 0xffff_ffff_8180_1000));
+        assert!(l.module_copy_gpa >= l.bounce_gpa + BOUNCE_SIZE);
+        assert_eq!(l.text_gpa % (2 << 20), 0);
+        assert!(l.text_gpa >= l.module_copy_gpa + MODULE_COPY_SIZE);
         assert_eq!(ViewLayout::for_guest(u64::MAX - 0x1000, text), None);
+        // A slide moves the executable range, not the slot; one that leaves the kernel
+        // map changes nothing.
+        let mut slid = l.clone();
+        slid.slide_text(l.exec_text, 0x2e00_0000).unwrap();
+        assert_eq!(
+            slid.exec_text,
+            (0xffff_ffff_af00_0000, 0xffff_ffff_af80_1000)
+        );
+        assert_eq!(slid.text_gpa, l.text_gpa);
+        assert_eq!(slid.slide_text(l.exec_text, 0x3f00_0000), None);
+        assert_eq!(slid.slide_text(l.exec_text, u64::MAX), None);
+        assert_eq!(
+            slid.exec_text,
+            (0xffff_ffff_af00_0000, 0xffff_ffff_af80_1000)
+        );
     }
     const BOUNCE_GPA: u64 = WINDOW_GPA + BOUNCE_OFFSET;
 
@@ -935,6 +980,10 @@ mod tests {
             bounce_gpa: BOUNCE_GPA,
             sentinel_gpa: WINDOW_GPA + WINDOW_SIZE,
             exec_text: (0xffff_ffff_8000_0000, 0xffff_ffff_8000_3000),
+            // The text's slot is the GVM's own first pages here (as a `nokaslr` GVM's
+            // was, before the slot moved above GVM RAM); see
+            // `a_slid_text_runs_from_the_slot_at_its_slid_addresses` for another.
+            text_gpa: 0,
             also_exec: None,
             module_copy_gpa: MODULE_COPY_GPA,
             modules: Vec::new(),
@@ -1232,6 +1281,38 @@ mod tests {
             );
             assert!(walk(0xffff_ffff_8020_0000, Access::EXECUTE).is_err());
         }
+    }
+
+    /// A GVM booted with KASLR: the text runs at its slid addresses, from the slot above
+    /// GVM RAM; its link addresses and the GVM's own text pages are not executable.
+    #[test]
+    fn a_slid_text_runs_from_the_slot_at_its_slid_addresses() {
+        let gvm = guest();
+        // Image PD [1]: the GVM's slid text, 2 MiB at guest-physical 0x20_0000.
+        gvm.write_u64(0x4000 + 8, 0x20_0000 | 0x83).unwrap();
+        let window =
+            MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
+        let slot = 0x1_0000_0000u64;
+        let mut layout = ViewLayout {
+            text_gpa: slot,
+            ..layout()
+        };
+        let link = layout.exec_text;
+        layout.slide_text(link, 0x20_0000).unwrap();
+        let view = build_view(&window, &layout, &gvm, 0x1000, &no_buffers()).unwrap();
+        let composed = composed(&window, &gvm);
+        let mode = PagingMode::default();
+        let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+        for page in 0..3u64 {
+            let va = 0xffff_ffff_8020_0000 + page * 0x1000 + 0x10;
+            assert_eq!(
+                walk(va, Access::EXECUTE).unwrap().gpa,
+                slot + page * 0x1000 + 0x10
+            );
+            assert!(walk(va, Access::WRITE).is_err(), "text is read-only");
+        }
+        assert!(walk(0xffff_ffff_8000_0000, Access::EXECUTE).is_err());
+        assert!(walk(0xffff_ffff_8020_3000, Access::READ).is_err());
     }
 
     #[test]

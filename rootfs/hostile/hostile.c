@@ -101,7 +101,7 @@
  * trampoline call sites in the kernel text, wherever they are); a hook installed
  * before remap_uname=1 keeps working. Static keys toggled in the remapped region
  * meanwhile would hit the same BUG, which a quiet busybox GVM does not do.
- * In the pinned kernel (nokaslr) __x64_sys_newuname is at 0xffffffff810b1480, a
+ * In the pinned kernel (at its link address) __x64_sys_newuname is at 0xffffffff810b1480, a
  * 14-byte stub (fentry site; mov 0x70(%rdi),%rdi; jmp __do_sys_newuname) in the
  * first 2 MiB of text, which also holds x64_sys_call, __x64_sys_kill and ftrace's
  * trampolines (ftrace_regs_caller).
@@ -1040,7 +1040,7 @@ static typeof(&ioremap_page_range) p_ioremap_page_range;
  * 0..390, user_ns 392, ucounts 400, ns 408..432); the asserts below hold the build to
  * them. 192 puts the namespace at page offset 0xf40 (8-aligned, as the struct is)
  * and nodename at 0xf81..0xfc1: PML4 entries 0x1f0..0x1f8 when the page is the view's
- * PML4, 0x1f0 the window's own slot.
+ * PML4, 0x1f8 the window's own slot.
  */
 #define UTS_SPLIT_HEAD 192
 

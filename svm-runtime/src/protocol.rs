@@ -78,11 +78,14 @@ impl Kind {
 
 /// Kernel symbols the agent reports in its `Ready` frame: the lines of the SVM's
 /// `/proc/kallsyms` that name these (the SVM runs the GVM's kernel with `nokaslr`, so its
-/// addresses are the GVM's). The VMM's redirect engine builds its kernel profile from them
-/// plus the image's BTF; an SVM that lies here can only break its own redirected calls.
+/// addresses are the image's link addresses; the engine moves them by a GVM's KASLR slide).
+/// The VMM's redirect engine builds its kernel profile from them plus the image's BTF; an
+/// SVM that lies here can only break its own redirected calls.
 pub const PROFILE_SYMBOLS: &[&str] = &[
     "_stext",
     "_etext",
+    // The image's end: a KASLR slide keeps it inside the kernel map.
+    "_end",
     "__start_rodata",
     "__end_rodata",
     "init_task",

@@ -42,13 +42,19 @@ pub const MAX_KERNEL_BYTES: u64 = 512 << 20;
 
 /// The kernel command line every guest gets before `--append`. `reboot=k` makes a guest
 /// reboot (and `panic=-1` a panic) arrive as an i8042 reset that the VMM turns into an exit;
-/// `pci=off` skips probing a bus we do not emulate; `nokaslr` keeps the kernel's virtual
-/// layout fixed, which the redirect engine relies on; `no5lvl` keeps a bzImage's
+/// `pci=off` skips probing a bus we do not emulate; `no5lvl` keeps a bzImage's
 /// decompressor from turning on 5-level paging where the CPU offers LA57 (`-cpu max` in
 /// the nested harness does), since the engine walks 4-level page tables only (with it
 /// on, every call of a bzImage instance was refused). A vmlinux entered at `startup_64`
-/// keeps the VMM's 4-level tables either way.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nokaslr no5lvl";
+/// keeps the VMM's 4-level tables either way. KASLR stays on, as the distribution ships
+/// it: the redirect engine learns a GVM's slide; only an instance's SVM adds
+/// [`SVM_CMDLINE`].
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off no5lvl";
+
+/// What an instance's SVM adds to [`DEFAULT_CMDLINE`]: `nokaslr`, so that its kernel's
+/// addresses are the image's link addresses (its kallsyms is the profile the engine moves
+/// by a GVM's slide, and its text the copy it moves), and a quiet boot.
+pub const SVM_CMDLINE: &str = "nokaslr quiet";
 
 /// Why a VM description was refused; the message names the argument or file at fault.
 #[derive(Debug, Error)]

@@ -225,6 +225,11 @@ fn the_core_text_is_laid_out_as_the_module_loader_does_and_its_sites_found() {
 /// The text `ko` gives at `base` with the kernel function, the module's own text and
 /// `dep`'s function at `dep`+0x100 filled in, as a loader would.
 fn loaded(base: u64, dep: u64) -> Vec<u8> {
+    loaded_in(base, dep, 0)
+}
+
+/// [`loaded`] in a kernel whose image KASLR moved by `slide`.
+fn loaded_in(base: u64, dep: u64, slide: u64) -> Vec<u8> {
     let elf = module();
     let e = Elf::parse(&elf).unwrap();
     let mut t = vec![0u8; 0x1000];
@@ -235,9 +240,9 @@ fn loaded(base: u64, dep: u64) -> Vec<u8> {
         let v = to.wrapping_sub(base + at as u64) as i64 as i32;
         t[at..at + 4].copy_from_slice(&v.to_le_bytes());
     };
-    pc32(&mut t, 0x10, KERNEL_FN);
+    pc32(&mut t, 0x10, KERNEL_FN + slide);
     t[0x20..0x28].copy_from_slice(&(base + 0x28).to_le_bytes());
-    pc32(&mut t, 0x31, KERNEL_FN + 0x40);
+    pc32(&mut t, 0x31, KERNEL_FN + slide + 0x40);
     // A call to dep's first function: the value (S - 4) lies before dep's text.
     pc32(&mut t, 0x51, dep - 4);
     t
@@ -263,6 +268,11 @@ fn check(gvm_text: &[u8]) -> Result<(), Mismatch> {
 }
 
 fn check_with(gvm_text: &[u8], gvm_modules: &[LoadedModule]) -> Result<(), Mismatch> {
+    check_in(gvm_text, gvm_modules, 0)
+}
+
+/// [`check_with`] for a GVM whose kernel KASLR moved by `slide`.
+fn check_in(gvm_text: &[u8], gvm_modules: &[LoadedModule], slide: u64) -> Result<(), Mismatch> {
     let ko = KoText::parse(&module()).unwrap();
     let twin_text = loaded(SVM_BASE, SVM_DEP);
     let svm_modules = modules(SVM_BASE, SVM_DEP);
@@ -270,13 +280,36 @@ fn check_with(gvm_text: &[u8], gvm_modules: &[LoadedModule]) -> Result<(), Misma
         base: SVM_BASE,
         text: &twin_text,
         modules: &svm_modules,
+        slide: 0,
     };
     let gvm = TextCopy {
         base: GVM_BASE,
         text: gvm_text,
         modules: gvm_modules,
+        slide,
     };
     verify(&ko, "m", &twin, &gvm)
+}
+
+#[test]
+fn in_a_slid_gvm_kernel_references_lead_to_the_slid_image() {
+    const SLIDE: u64 = 0x2e00_0000;
+    let gvm_modules = modules(GVM_BASE, GVM_DEP);
+    let slid = loaded_in(GVM_BASE, GVM_DEP, SLIDE);
+    assert_eq!(check_in(&slid, &gvm_modules, SLIDE), Ok(()));
+    // The kernel's references left at the link addresses, or moved by another slide, lead
+    // elsewhere than the twin's (the module's own and its dependency's still agree).
+    let unslid = loaded(GVM_BASE, GVM_DEP);
+    let other = loaded_in(GVM_BASE, GVM_DEP, SLIDE + 0x20_0000);
+    for (text, slide) in [(&unslid, SLIDE), (&slid, 0), (&other, SLIDE)] {
+        assert!(
+            matches!(
+                check_in(text, &gvm_modules, slide),
+                Err(Mismatch::Relocation { offset: 0x10, .. })
+            ),
+            "slide {slide:#x}"
+        );
+    }
 }
 
 #[test]
@@ -379,6 +412,7 @@ fn rewritten_sites_may_hold_the_twins_bytes_jump_labels_either_state_locks_eithe
             base: SVM_BASE,
             text: &twin,
             modules: &svm_modules,
+            slide: 0,
         };
         verify(
             &ko,
@@ -388,6 +422,7 @@ fn rewritten_sites_may_hold_the_twins_bytes_jump_labels_either_state_locks_eithe
                 base,
                 text,
                 modules: m,
+                slide: 0,
             },
         )
     };

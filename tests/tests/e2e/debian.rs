@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 
 use super::common::*;
 use super::instance::{alive, pid_of, start_with, vmm_in};
-use super::redirect::{exterior, module_names, processes, GvmConsole};
+use super::redirect::{
+    assert_the_slide_is_the_gvms, exterior, module_names, processes, GvmConsole,
+};
 
 /// The guest's root disk: the L1 disk tools/kvm-run attaches (a copy-on-write snapshot of
 /// images/debian.img), or, on a host KVM, a copy of the image in `dir`.
@@ -147,6 +149,7 @@ fn a_debian_disk_guest_boots_systemd_and_is_managed_from_outside() {
         "the exterior ps misses {missing:?} of the guest's processes; it listed {outside:?}"
     );
     assert!(outside.contains(&(1, "systemd".to_string())), "{outside:?}");
+    assert_the_slide_is_the_gvms(&rt, NAME, &mut gvm);
     for name in ["systemd-journal", "systemd-udevd", "sshd", "login", "bash"] {
         assert!(
             outside.iter().any(|(_, comm)| comm == name),

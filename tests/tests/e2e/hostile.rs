@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::common::*;
 use super::instance::{runtime, start, vmm_in};
 use super::recovery::last_error;
-use super::redirect::{exterior, processes, GvmConsole};
+use super::redirect::{assert_the_slide_is_the_gvms, exterior, processes, GvmConsole};
 
 /// Switches one of the module's behaviours; the module confirms each on the console.
 fn switch(gvm: &mut GvmConsole, knob: &str, value: &str) {
@@ -71,10 +71,6 @@ fn svm_hostname(rt: &Path, name: &str) -> String {
 /// What the shim prints when the VMM refuses a redirected `sethostname`.
 const REFUSED_SETHOSTNAME: &str = "exterior: the redirect failed in the VMM (sethostname)";
 
-/// `__START_KERNEL_map`: the GVM boots `nokaslr`, its image at its link address, so a
-/// kernel-image symbol's physical address is its address less this (as the view assumes).
-const START_KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
-
 /// The guest-physical address of the write that `exterior-vmm info`'s
 /// `redirect_last_error` says the view does not back (`RunError::UnbackedWrite`: "the call
 /// wrote to guest-physical 0x…, which the view does not back …"), if it says that.
@@ -120,13 +116,27 @@ fn nodename_range(note: &str) -> Option<(u64, u64)> {
 fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     let rt = runtime("hostile");
     // Step 8's call is given up at this deadline (not the default 30 s: it shows the option
-    // reaches the engine, and saves the suite 15 s).
-    let _instance = start(&rt, "hk", &["--call-deadline", "15"]);
+    // reaches the engine, and saves the suite 15 s). From the bzImage, so with KASLR on.
+    let (bz, initrd) = (images().join("bzImage"), images().join("gvm.cpio"));
+    let (bz, initrd) = (bz.to_str().expect("UTF-8"), initrd.to_str().expect("UTF-8"));
+    let _instance = start(
+        &rt,
+        "hk",
+        &["--kernel", bz, "--initrd", initrd, "--call-deadline", "15"],
+    );
     let mut gvm = GvmConsole::attach(&rt, "hk");
     let loaded = gvm.run("insmod /lib/modules/hostile.ko && echo loaded=$((6*7))");
     assert!(loaded.contains("loaded=42"), "insmod hostile.ko:\n{loaded}");
     let truth = gvm.run("cat /proc/sys/kernel/hostname").trim().to_string();
     assert!(!truth.is_empty(), "the GVM has no hostname");
+
+    // 0. The syscall entry hooked before the first exterior call: LSTAR, the GVM's claim
+    // of its KASLR slide, leads into the module. The engine finds the slide by the text
+    // itself (promise 21), and it is the one the GVM reports.
+    switch(&mut gvm, "hook_lstar", "1");
+    assert_eq!(exterior(&rt, "hk", &["uname", "-n"]).trim(), truth);
+    assert_the_slide_is_the_gvms(&rt, "hk", &mut gvm);
+    switch(&mut gvm, "hook_lstar", "0");
 
     // 1. ftrace hooks hide a process from getdents64 on /proc and refuse `kill` of it.
     let pid = gvm
@@ -232,8 +242,10 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     // (`ViewLayout::for_guest`) for this GVM, which `start` runs with `--mem 256M`
     // (checked here): the window at the 1 GiB boundary after GVM RAM, 0x4000_0000, its
     // first page the view's PML4; all of SVM RAM, writable, at svm_base, the 64 GiB
-    // boundary after the window, 0x10_0000_0000. The SVM runs the same kernel at the same
-    // physical address, so B = svm_base made the alias the SVM's own init_uts_ns.
+    // boundary after the window, 0x10_0000_0000. The SVM runs the same kernel, `nokaslr`,
+    // at its link address; the GVM with KASLR elsewhere: B = svm_base plus the distance
+    // between the two kernels' init_uts_ns (a multiple of 2 MiB) made the alias the SVM's
+    // own init_uts_ns.
     let ram_end = gvm
         .run("grep 'System RAM' /proc/iomem")
         .lines()
@@ -254,20 +266,57 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
         !svm_host.is_empty() && svm_host != gvm_host,
         "the SVM's hostname {svm_host:?} must be set and differ from the GVM's"
     );
-    let uts_va = gvm
-        .run("grep -w init_uts_ns /proc/kallsyms")
-        .split_whitespace()
+    // The GVM boots with KASLR: a kernel-image symbol's physical address is its address
+    // less `_text`'s, plus where the kernel's code starts in RAM (/proc/iomem, as root).
+    let symbol = |gvm: &mut GvmConsole, name: &str| {
+        gvm.run(&format!("grep -w {name} /proc/kallsyms"))
+            .split_whitespace()
+            .next()
+            .and_then(|a| u64::from_str_radix(a, 16).ok())
+            .unwrap_or(0)
+    };
+    let (uts_va, text_va) = (symbol(&mut gvm, "init_uts_ns"), symbol(&mut gvm, "_text"));
+    let code_pa = gvm
+        .run("grep 'Kernel code' /proc/iomem")
+        .trim()
+        .split('-')
         .next()
         .and_then(|a| u64::from_str_radix(a, 16).ok())
         .unwrap_or(0);
-    let uts_pa = uts_va.wrapping_sub(START_KERNEL_MAP);
+    assert!(
+        text_va != 0 && code_pa != 0,
+        "the GVM shows no _text ({text_va:#x}) or no kernel code in /proc/iomem ({code_pa:#x})"
+    );
+    let uts_pa = uts_va.wrapping_sub(text_va).wrapping_add(code_pa);
     assert!(
         uts_va != 0 && uts_pa < ram_end,
         "init_uts_ns at {uts_va:#x} (phys {uts_pa:#x}) is not in the GVM's kernel image"
     );
 
-    // 6a. The alias at svm_base + init_uts_ns: the SVM's own hostname.
-    switch(&mut gvm, "alias_uts", "0x1000000000");
+    // 6a. The alias at svm_base + the SVM's init_uts_ns: the SVM's own hostname.
+    let (code, svm_syms, err) = run(vmm_in(&rt).args([
+        "exec",
+        "hk",
+        "--local",
+        "--",
+        "grep",
+        "-w",
+        "init_uts_ns",
+        "/proc/kallsyms",
+    ]));
+    assert_eq!(code, 0, "the SVM's kallsyms: {err}");
+    let svm_uts_pa = svm_syms
+        .split_whitespace()
+        .next()
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .and_then(|va| va.checked_sub(0xffff_ffff_8000_0000))
+        .unwrap_or_else(|| panic!("no init_uts_ns in the SVM's kallsyms: {svm_syms:?}"));
+    let svm_base: u64 = 0x10_0000_0000;
+    let alias_base = (svm_base + svm_uts_pa)
+        .checked_sub(uts_pa)
+        .filter(|b| b % 0x1000 == 0)
+        .unwrap_or_else(|| panic!("no alias base for {svm_uts_pa:#x} from {uts_pa:#x}"));
+    switch(&mut gvm, "alias_uts", &format!("{alias_base:#x}"));
     let note = gvm.run("dmesg | grep 'alias_uts = ' | tail -n 1");
     assert!(
         note.contains(&format!("init_uts_ns at phys {uts_pa:#x}")),
@@ -315,7 +364,7 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     // rest in a page of GVM RAM holding init_uts_ns's own values (user_ns = &init_user_ns,
     // which the shadow's credentials pass). The check passes, and the first access the
     // call makes to the window is the store of the new nodename (memcpy in sethostname),
-    // over the PML4 entries from 0x1f0 on, the window's own slot; the VMM must refuse
+    // over PML4 entries 0x1f0..0x1f8, the last the window's own slot; the VMM must refuse
     // exactly that store: an unbacked write inside the nodename, inside the window page.
     const WINDOW: u64 = 1 << 30;
     switch(&mut gvm, "alias_uts_split", &format!("{WINDOW:#x}"));

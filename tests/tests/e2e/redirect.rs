@@ -135,6 +135,37 @@ pub(super) fn info(rt: &Path, name: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("info has no {key}: {out}"))
 }
 
+/// Checks, after the instance's first exterior call, that the engine found the KASLR slide
+/// the GVM reports about itself: its `_text` (from /proc/kallsyms, read as root on its
+/// console) less the image's link address. The GVM boots without `nokaslr`.
+pub(super) fn assert_the_slide_is_the_gvms(rt: &Path, name: &str, gvm: &mut GvmConsole) {
+    const TEXT_LINK: u64 = 0xffff_ffff_8100_0000;
+    let cmdline = gvm.run("cat /proc/cmdline");
+    assert!(
+        !cmdline.is_empty() && !cmdline.contains("nokaslr"),
+        "the GVM was to boot with KASLR: {cmdline:?}"
+    );
+    let text = gvm.run("grep -w _text /proc/kallsyms");
+    let gvm_slide = text
+        .split_whitespace()
+        .next()
+        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .and_then(|a| a.checked_sub(TEXT_LINK))
+        .unwrap_or_else(|| panic!("no _text in the GVM's kallsyms: {text:?}"));
+    let (code, out, err) = run(vmm_in(rt).args(["info", name]));
+    assert_eq!(code, 0, "{err}");
+    let found = out
+        .lines()
+        .find_map(|l| l.strip_prefix("redirect_kernel_slide=0x"))
+        .and_then(|v| u64::from_str_radix(v, 16).ok())
+        .unwrap_or_else(|| panic!("info names no kernel slide: {out}"));
+    assert_eq!(
+        found, gvm_slide,
+        "the engine's slide {found:#x} is not the GVM's own {gvm_slide:#x} ({text})"
+    );
+    eprintln!("--- the GVM's KASLR slide: {found:#x}");
+}
+
 /// `exec` of a stock command, which must succeed; its stdout.
 pub(super) fn exterior(rt: &Path, name: &str, argv: &[&str]) -> String {
     let (code, out, err) = run(vmm_in(rt).args(["exec", name, "--"]).args(argv));
@@ -258,6 +289,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     );
     let expected: BTreeSet<_> = gvm_ps.iter().filter(|(_, c)| c != "ps").cloned().collect();
     assert_eq!(ps, expected, "exterior ps differs from the GVM's own ps");
+    assert_the_slide_is_the_gvms(&rt, "rd", &mut gvm);
     assert!(!ps.iter().any(|(_, c)| c.starts_with("exterior")), "{ps:?}");
     let svm_ps = processes(&local(&rt, "rd", &["ps", "-eo", "pid,comm"]));
     assert!(

@@ -68,7 +68,7 @@ impl Executor {
         }
         let trusted = self.svm_control.get().ok_or(Error::NoTrustedControl)?;
         let syms = &profile.kernel.symbols;
-        engine.trust(trusted.checked(syms.entry_syscall_64)?, syms.idt_table)?;
+        engine.trust(trusted.checked(syms.entry_syscall_64)?, syms.idt_table);
         // The call reaches copies of the ranges the shim listed, and nothing else of the
         // SVM; what it may write is copied back only if it returns (`finish`).
         let svm_mem = engine.parts.svm_mem.clone();
@@ -228,7 +228,9 @@ impl Executor {
             let first_of_hold = h.calls == 0;
             let earlier_went_through = h.went_through;
             h.calls += 1;
-            let end = Segment::open(engine, profile, &self.stats, &h.lent)
+            let end = self
+                .gvm_profile(engine, profile, &h.lent.control)
+                .and_then(|gvm_profile| Segment::open(engine, gvm_profile, &self.stats, &h.lent))
                 .and_then(|segment| segment.run(regs, parked.as_ref(), first_of_hold));
             match end {
                 Ok(SegmentEnd::Returned(v)) => {

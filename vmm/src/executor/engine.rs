@@ -1,10 +1,10 @@
 //! The redirect VM: a KVM VM of its own whose memslots compose a call's view — GVM RAM at
-//! its own addresses (mapped copy-on-write, `cow.rs`) except the kernel text, which is a
-//! read-only copy of the SVM's trusted text; the private window, read-only but for its
-//! stacks; the bounce area that carries the call's user buffers (no SVM memory at
-//! all: `redirect::bounce`) — and one vCPU that runs calls as a lent GVM CPU. Everything
-//! here touches KVM; what is written into guest memory is computed in the `redirect` crate
-//! and in `regs`.
+//! its own addresses (mapped copy-on-write, `cow.rs`); above it the private window,
+//! read-only but for its stacks; the bounce area that carries the call's user buffers (no
+//! SVM memory at all: `redirect::bounce`); the verified modules' text and the kernel text,
+//! a read-only copy of the SVM's trusted text moved by the GVM's KASLR slide — and one
+//! vCPU that runs calls as a lent GVM CPU. Everything here touches KVM; what is written
+//! into guest memory is computed in the `redirect` crate and in `regs`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,8 +18,9 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use redirect::bounce::{BouncePlan, Range, BOUNCE_SIZE};
 use redirect::call_profile::CallProfile;
 use redirect::cpu_tables::{self, IDT_SIZE};
+use redirect::kaslr;
 use redirect::memory::Relocated;
-use redirect::paging::{AddressSpace, PagingMode};
+use redirect::paging::{AddressSpace, PagingMode, Privilege, DEFAULT_MAX_PHYS_BITS};
 use redirect::profile::KernelImage;
 use redirect::shadow::ShadowBlock;
 use redirect::stores::{Store, StoreSites};
@@ -33,7 +34,7 @@ use svm_runtime::redirect_abi::BufferRange;
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::cow::{CowError, CowRam};
-use super::error::{kvm, Error, RunError, Unavailable};
+use super::error::{kvm, Error, RunError, SlideRefusal, Unavailable};
 use super::regs::{self, TrustedControl};
 use super::timing::{Phase, PhaseTimes};
 use super::trusted_modules::{verify_gvm, Twins, Verified};
@@ -55,6 +56,12 @@ const RESCHEDULE_VECTOR: u32 = 0xfd;
 const MSI_APIC_BASE: u32 = 0xfee0_0000;
 /// The stack the executor's own kernel-function calls run on, in the window.
 const SCRATCH_STACK_TOP: u64 = offsets::SCRATCH_STACK + offsets::STACK_SIZE;
+/// Of the places the relocation table names in the text, how many (per mille) must hold
+/// the trusted bytes moved by the slide a GVM's LSTAR claims. A wrong slide (both slides
+/// 2 MiB-aligned, inside the map) changes every 32-bit place, so nearly none agree; a GVM
+/// that patched or hooked some functions of its text (a rootkit, ftrace, live patches) has
+/// them disagree in those functions only: the pinned image's text has 69,213 places.
+const SLIDE_AGREEMENT_PER_MILLE: usize = 900;
 
 /// How a run of the redirect vCPU ended when the call did not return.
 pub(super) enum Stop {
@@ -112,6 +119,12 @@ pub(super) struct Engine {
     pub parts: Parts,
     /// The kernel text the redirect vCPU runs.
     text: TextSlot,
+    /// The GVM kernel's KASLR slide, once learnt and checked ([`Engine::learn_slide`]);
+    /// no call runs before.
+    slide: Option<u64>,
+    /// The trusted SVM kernel's `idt_table` (kernel-virtual, from [`Engine::trust`]): the
+    /// view's IDT is made from it once the slide is known.
+    idt_table: u64,
     /// GVM RAM, mapped copy-on-write: a call's stores are committed or dropped as a whole.
     cow: CowRam,
     /// Where the shadow task lives in GVM memory, once made (at the first call).
@@ -136,17 +149,21 @@ pub(super) struct Engine {
     watchdog: Arc<Watchdog>,
 }
 
-/// The kernel text of the view. It starts as the SVM's own pages (read-only); before the
-/// first call it becomes a private copy of them in which `__schedule` is patched to exit:
-/// a call that would sleep must stop before it switches the borrowed CPU to another task
+/// The kernel text of the view: a read-only slot above GVM RAM
+/// ([`ViewLayout::text_gpa`]) that holds, from the first call on, a private copy of the
+/// SVM's text moved by the GVM's slide, in which `__schedule` is patched to exit: a call
+/// that would sleep must stop before it switches the borrowed CPU to another task
 /// (hardware breakpoints would do too, but nested TCG does not deliver them).
 struct TextSlot {
-    slot: u32,
-    gpa: u64,
+    /// Guest-physical start of the text in the SVM (its link address less
+    /// `__START_KERNEL_map`: the SVM boots `nokaslr`).
+    svm_gpa: u64,
     size: u64,
-    svm_host: u64,
     copy: SharedMemory,
-    private: bool,
+    /// The SVM's text moved by the slide, from [`Engine::learn_slide`] until the traps are
+    /// patched into it and it is written to the slot.
+    moved: Option<Vec<u8>>,
+    filled: bool,
 }
 
 /// The trusted modules' twins (read at the first call) and what the current epoch
@@ -258,39 +275,36 @@ impl Engine {
         // A LAPIC so that what the lent CPU does to its APIC (IPIs, EOIs) goes nowhere.
         vm.fd.create_irq_chip().map_err(kvm_err("create irqchip"))?;
         let gvm = host_ranges(&parts.gvm_mem)?;
-        let svm = host_ranges(&parts.svm_mem)?;
-        // Of the SVM, the redirect VM maps only its kernel text (below), read-only.
+        // Of the SVM, the redirect VM maps nothing: the text slot holds a copy of its text.
         let (text_lo, text_hi) = text;
         let text_error = |why| Unavailable::Text {
             start: text_lo,
             end: text_hi,
             why,
         };
-        let not_in_both = "not in both guests' memory";
+        let in_svm = host_ranges(&parts.svm_mem)?
+            .iter()
+            .any(|&(g, l, _)| text_lo >= g && text_hi <= g + l);
+        if !in_svm {
+            return Err(text_error("not in the SVM's memory"));
+        }
         let gvm_end = gvm.iter().map(|(g, l, _)| g + l).max().unwrap_or(0);
         let layout = ViewLayout::for_guest(gvm_end, text)
             .ok_or_else(|| text_error("past the end of the redirect VM's address space"))?;
         let mut cow = CowRam::map(&parts.gvm_mem).map_err(Unavailable::Cow)?;
         let mut slots = Slots { vm: &vm, next: 0 };
-        let contains_text = |(g, l, _): &&(u64, u64, u64)| text_lo >= *g && text_hi <= g + l;
-        let (svm_gpa, _, svm_host) = *svm
-            .iter()
-            .find(contains_text)
-            .ok_or_else(|| text_error(not_in_both))?;
-        let svm_text = svm_host + (text_lo - svm_gpa);
-        let mut text_slot = None;
-        for range @ &(gpa, len, _) in &gvm {
-            if text_slot.is_some() || !contains_text(&range) {
-                slots.add_ram(&mut cow, gpa, len)?;
-                continue;
-            }
-            slots.add_ram(&mut cow, gpa, text_lo - gpa)?;
-            text_slot = Some(slots.add(text_lo, text_hi - text_lo, svm_text, KVM_MEM_READONLY)?);
-            slots.add_ram(&mut cow, text_hi, gpa + len - text_hi)?;
+        for &(gpa, len, _) in &gvm {
+            slots.add_ram(&mut cow, gpa, len)?;
         }
-        let text_slot = text_slot.ok_or_else(|| text_error(not_in_both))?;
         let window = create_guest_memory("exterior-redirect-window", WINDOW_SIZE)?;
         let text_copy = create_guest_memory("exterior-redirect-text", text_hi - text_lo)?;
+        let text_host = host_base(&text_copy.mem)?;
+        slots.add(
+            layout.text_gpa,
+            text_hi - text_lo,
+            text_host,
+            KVM_MEM_READONLY,
+        )?;
         let window_host = host_base(&window.mem)?;
         // The window is read-only to the redirect vCPU but for its stacks: a GVM page
         // table that maps the window's page tables, stubs or CPU tables (any GVM table may
@@ -339,13 +353,14 @@ impl Engine {
             layout,
             parts,
             text: TextSlot {
-                slot: text_slot,
-                gpa: text_lo,
+                svm_gpa: text_lo,
                 size: text_hi - text_lo,
-                svm_host: svm_text,
                 copy: text_copy,
-                private: false,
+                moved: None,
+                filled: false,
             },
+            slide: None,
+            idt_table: 0,
             cow,
             shadow: None,
             trusted: None,
@@ -363,35 +378,151 @@ impl Engine {
         })
     }
 
-    /// Makes `control` (the trusted SVM kernel's, checked) the control state of every run;
-    /// the first time, also writes the CPU's tables into the window: the IDT checked from
-    /// the SVM kernel's `idt_table` (its virtual address `idt_table`) and the TSS built
-    /// (`redirect::cpu_tables`); the GDT is the lent CPU's, written for each run
-    /// ([`Engine::lend_gdt`]). The GVM's own tables are never used.
-    pub fn trust(&mut self, control: TrustedControl, idt_table: u64) -> Result<(), Error> {
-        if self.trusted.is_none() {
-            let phys = idt_table
-                .checked_sub(START_KERNEL_MAP)
-                .ok_or(Error::IdtAddress(idt_table))?;
-            let mut trusted = vec![0u8; IDT_SIZE];
-            self.parts.svm_mem.read_phys(phys, &mut trusted)?;
-            let idt = cpu_tables::checked_idt(&trusted, self.layout.exec_text)?;
-            if !idt.left_out.is_empty() {
-                log::info!(
-                    "redirect: IDT vectors whose handler is not in the trusted text (boot \
-                     handlers the kernel never replaced) are not present in the view: {:x?}",
-                    idt.left_out
-                );
-            }
-            let window = &self.window.mem;
-            window.write_phys(offsets::IDT, &idt.table)?;
-            window.write_phys(
-                offsets::GDT_TSS + offsets::TSS_IN_PAGE,
-                &cpu_tables::tss(ViewLayout::cpu_stack_tops()),
-            )?;
-        }
+    /// Makes `control` (the trusted SVM kernel's, checked; its LSTAR moved by the GVM's
+    /// slide in each run) the control state of every run, and the SVM kernel's `idt_table`
+    /// (kernel-virtual) the source of the view's IDT ([`Engine::learn_slide`]).
+    pub fn trust(&mut self, control: TrustedControl, idt_table: u64) {
         self.trusted = Some(control);
+        self.idt_table = idt_table;
+    }
+
+    /// Writes the CPU's tables into the window, once the GVM's slide is known: the IDT
+    /// checked from the SVM kernel's `idt_table`, its handlers moved by the slide, and the
+    /// TSS built (`redirect::cpu_tables`); the GDT is the lent CPU's, written for each run
+    /// ([`Engine::lend_gdt`]). The GVM's own tables are never used.
+    fn write_cpu_tables(&self, slide: u64) -> Result<(), Error> {
+        let idt_table = self.idt_table;
+        let phys = idt_table
+            .checked_sub(START_KERNEL_MAP)
+            .ok_or(Error::IdtAddress(idt_table))?;
+        let mut trusted = vec![0u8; IDT_SIZE];
+        self.parts.svm_mem.read_phys(phys, &mut trusted)?;
+        let link = self.text_link();
+        let idt = cpu_tables::checked_idt(&trusted, link, slide)?;
+        if !idt.left_out.is_empty() {
+            log::info!(
+                "redirect: IDT vectors whose handler is not in the trusted text (boot \
+                 handlers the kernel never replaced) are not present in the view: {:x?}",
+                idt.left_out
+            );
+        }
+        let window = &self.window.mem;
+        window.write_phys(offsets::IDT, &idt.table)?;
+        window.write_phys(
+            offsets::GDT_TSS + offsets::TSS_IN_PAGE,
+            &cpu_tables::tss(ViewLayout::cpu_stack_tops()),
+        )?;
         Ok(())
+    }
+
+    /// The text's link addresses [start, end), page-rounded.
+    fn text_link(&self) -> (u64, u64) {
+        let start = START_KERNEL_MAP + self.text.svm_gpa;
+        (start, start + self.text.size)
+    }
+
+    /// The GVM kernel's KASLR slide (0 for a `nokaslr` GVM), learnt once from a held GVM
+    /// CPU's `control`. The slide its LSTAR claims ([`kaslr::virtual_slide`]) is tried
+    /// first, then every other 2 MiB step that keeps the image in the kernel map (a
+    /// rootkit may have hooked LSTAR): a slide is believed when the GVM's text, read
+    /// through that CPU's tables at the slid addresses, holds the trusted text moved by it
+    /// (the SVM image's relocation table) at nearly every place the table names
+    /// ([`SLIDE_AGREEMENT_PER_MILLE`]), first over a sample, then over the whole text.
+    /// Then the view's text is that moved copy, executable at the slid addresses, and its
+    /// IDT's handlers are moved alike. `profile` is the trusted kernel's, at its link
+    /// addresses. Nothing the GVM says decides what code runs: only where the trusted copy
+    /// is placed. A kernel without a relocation table (an ELF vmlinux, which the VMM
+    /// loads at its link address) cannot be moved: its slide is 0.
+    pub fn learn_slide(
+        &mut self,
+        profile: &CallProfile,
+        control: &ControlState,
+    ) -> Result<u64, Error> {
+        if let Some(slide) = self.slide {
+            return Ok(slide);
+        }
+        let syms = &profile.kernel.symbols;
+        let image_end = profile
+            .kernel
+            .kallsyms
+            .address("_end")
+            .ok_or(SlideRefusal::NoImageEnd)?;
+        let claim = kaslr::virtual_slide(control.lstar, syms.entry_syscall_64, image_end);
+        let link = self.text_link();
+        // The text fits in guest memory, hence in usize.
+        let mut moved = vec![0u8; self.text.size as usize];
+        self.parts
+            .svm_mem
+            .read_phys(self.text.svm_gpa, &mut moved)?;
+        let slide = match &self.parts.relocs {
+            Err(_) => {
+                if claim != Ok(0) {
+                    log::warn!(
+                        "redirect: the GVM's LSTAR {:#x} is not entry_SYSCALL_64, and its \
+                         kernel cannot have moved (the image has no relocation table)",
+                        control.lstar
+                    );
+                }
+                0
+            }
+            Ok(relocs) => {
+                let mode = PagingMode::from_control_regs(
+                    control.cr0,
+                    control.cr4,
+                    control.efer,
+                    DEFAULT_MAX_PHYS_BITS,
+                );
+                let gvm_mem = &self.parts.gvm_mem;
+                let read = |va: u64, buf: &mut [u8]| {
+                    mode.as_ref().is_ok_and(|mode| {
+                        let gvm = AddressSpace::new(gvm_mem, *mode, control.cr3);
+                        gvm.read(va, buf, Privilege::Supervisor).is_ok()
+                    })
+                };
+                let found = kaslr::find_slide(
+                    relocs,
+                    &moved,
+                    link.0,
+                    image_end,
+                    claim.as_ref().ok().copied(),
+                    SLIDE_AGREEMENT_PER_MILLE,
+                    read,
+                );
+                let (slide, check) = found.ok_or_else(|| SlideRefusal::NotFound {
+                    lstar: control.lstar,
+                    claim: match &claim {
+                        Ok(v) => format!("{v:#x}"),
+                        Err(e) => format!("none ({e})"),
+                    },
+                    min_per_mille: SLIDE_AGREEMENT_PER_MILLE,
+                })?;
+                relocs
+                    .apply(&mut moved, link.0, slide)
+                    .map_err(|source| SlideRefusal::Move { slide, source })?;
+                let how = if claim == Ok(slide) {
+                    "as its LSTAR claims".to_string()
+                } else {
+                    format!(
+                        "found by a search: its LSTAR {:#x} claims otherwise",
+                        control.lstar
+                    )
+                };
+                log::info!(
+                    "redirect: the GVM's kernel slide is {slide:#x}, {how}; its text agrees \
+                     with the trusted text moved by it at {} of {} relocated places",
+                    check.agree,
+                    check.agree + check.differ
+                );
+                slide
+            }
+        };
+        self.layout
+            .slide_text(link, slide)
+            .ok_or(SlideRefusal::Claim(kaslr::SlideError::TooFar(slide)))?;
+        self.write_cpu_tables(slide)?;
+        self.text.moved = Some(moved);
+        self.slide = Some(slide);
+        Ok(slide)
     }
 
     /// Reads the SVM's twins of the trusted modules, the first time, through the calling
@@ -439,7 +570,8 @@ impl Engine {
             self.layout.modules.clear();
             return Ok(None);
         };
-        let verified = verify_gvm(&self.parts.trusted_modules, twins, layout, gvm);
+        let slide = self.slide.ok_or(Error::NoSlide)?;
+        let verified = verify_gvm(&self.parts.trusted_modules, twins, layout, gvm, slide);
         let mut at = 0;
         for t in &verified.texts {
             self.modules.area.mem.write_phys(at, &t.text)?;
@@ -518,25 +650,18 @@ impl Engine {
         self.cow.read_private_u32(kernel, va)
     }
 
-    /// Switches the text slot to the private copy with the traps patched in (once).
+    /// Fills the text slot (once): the trusted text moved by the slide, with the traps
+    /// (`traps`, placed at the slid addresses) patched in. Nothing has run from the slot
+    /// before, so KVM has nothing of it cached.
     fn private_text(&mut self, traps: &[Placed]) -> Result<(), Error> {
-        if self.text.private {
+        if self.text.filled {
             return Ok(());
         }
-        let t = &self.text;
-        // The text fits in guest memory, hence in usize.
-        let mut bytes = vec![0u8; t.size as usize];
-        self.parts.svm_mem.read_phys(t.gpa, &mut bytes)?;
-        traps::patch_text(&mut bytes, START_KERNEL_MAP + t.gpa, traps)?;
-        t.copy.mem.write_phys(0, &bytes)?;
-        let host = host_base(&t.copy.mem).map_err(|_| redirect::MemError::OutOfRange {
-            gpa: 0,
-            len: t.size,
-        })?;
-        set_slot(&self.vm, t.slot, t.gpa, 0, t.svm_host, KVM_MEM_READONLY)
-            .and_then(|()| set_slot(&self.vm, t.slot, t.gpa, t.size, host, KVM_MEM_READONLY))
-            .map_err(kvm("switching to the private kernel text"))?;
-        self.text.private = true;
+        let bytes = self.text.moved.as_mut().ok_or(Error::NoSlide)?;
+        traps::patch_text(bytes, self.layout.exec_text.0, traps)?;
+        self.text.copy.mem.write_phys(0, bytes)?;
+        self.text.filled = true;
+        self.text.moved = None;
         Ok(())
     }
 
@@ -637,6 +762,7 @@ impl Engine {
             Entry::Syscall(_) => regs::Mode::User,
         };
         let trusted = self.trusted.ok_or(Error::NoTrustedControl)?;
+        let trusted = trusted.slid(self.slide.ok_or(Error::NoSlide)?)?;
         let vcpu = &self.vcpu;
         let current = vcpu.get_sregs().map_err(kvm("get sregs"))?;
         let s = regs::segment_registers(current, &trusted, view.cr3, cpu.pcpu_base, mode);

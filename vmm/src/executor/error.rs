@@ -53,6 +53,32 @@ pub enum Unavailable {
     },
 }
 
+/// Why the GVM kernel's KASLR slide was not believed (`Engine::learn_slide`): no call runs
+/// until it is.
+#[derive(Debug, Error)]
+pub enum SlideRefusal {
+    #[error("the trusted kernel's kallsyms has no _end")]
+    NoImageEnd,
+    #[error(transparent)]
+    Claim(redirect::kaslr::SlideError),
+    #[error("moving the trusted text by {slide:#x}: {source}")]
+    Move {
+        slide: u64,
+        #[source]
+        source: redirect::kaslr::RelocError,
+    },
+    #[error(
+        "no KASLR slide of the GVM's kernel checks out: its LSTAR {lstar:#x} claims {claim}, \
+         and at no 2 MiB step of the kernel map does its text hold the trusted text moved by \
+         that much ({min_per_mille} per mille of the relocated places needed)"
+    )]
+    NotFound {
+        lstar: u64,
+        claim: String,
+        min_per_mille: usize,
+    },
+}
+
 /// How a run of the redirect vCPU ended when the call neither returned nor trapped.
 #[derive(Debug, Error)]
 pub enum RunError {
@@ -158,6 +184,10 @@ pub enum Error {
     NoWorker,
     #[error("the SVM's control state is not known yet (it is learnt at the first call)")]
     NoTrustedControl,
+    #[error("the GVM kernel's slide is not known yet (it is learnt at the first call)")]
+    NoSlide,
+    #[error("the GVM kernel's KASLR slide: {0}")]
+    Slide(#[from] SlideRefusal),
     #[error(transparent)]
     Control(#[from] ControlError),
     #[error(transparent)]

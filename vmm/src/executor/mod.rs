@@ -52,7 +52,7 @@ use crate::devices::PioBus;
 use crate::sync::lock;
 use crate::vstate::memory::GuestMemory;
 use crate::vstate::mmu::HostMmu;
-use crate::vstate::quiesce::VcpuControl;
+use crate::vstate::quiesce::{ControlState, VcpuControl};
 use crate::vstate::vcpu::{read_msrs, read_xcr0};
 use crate::vstate::vm::Vm;
 use crate::vstate::watchdog::Watchdog;
@@ -136,6 +136,9 @@ pub struct Parts {
     /// The module files whose loaded text the view may run once it is checked against the
     /// SVM's own load of them (`trusted_modules`).
     pub trusted_modules: Vec<trusted_modules::TrustedKo>,
+    /// The trusted image's relocation table (from the bzImage's payload; an ELF vmlinux
+    /// has none): how the text moves with a GVM's KASLR slide.
+    pub relocs: Result<redirect::kaslr::Relocs, redirect::kaslr::RelocError>,
 }
 
 /// One call's outcome: RAX for the program, and the status for the shim.
@@ -152,6 +155,11 @@ pub struct Executor {
     engine_created: bool,
     image: Mutex<Option<KernelImage>>,
     profile: OnceLock<Result<CallProfile, Arc<Unavailable>>>,
+    /// The GVM kernel's profile: `profile` moved by the GVM's KASLR slide (the same when
+    /// it has none), made at the first hold ([`Executor::gvm_profile`]).
+    gvm_profile: OnceLock<CallProfile>,
+    /// The GVM kernel's KASLR slide, once learnt (`info`'s `redirect_kernel_slide`).
+    slide: OnceLock<u64>,
     /// Taken by whoever holds the GVM's vCPUs (a call, or `exterior-vmm quiesce`).
     gvm_hold: Mutex<()>,
     /// The trusted SVM kernel's control state, read from its vCPU at the first call.
@@ -207,6 +215,8 @@ impl Executor {
             engine: Mutex::new(engine.map_err(Arc::new)),
             image: Mutex::new(image.ok()),
             profile: OnceLock::new(),
+            gvm_profile: OnceLock::new(),
+            slide: OnceLock::new(),
             gvm_hold: Mutex::new(()),
             svm_control: OnceLock::new(),
             port: port::Port::new(),
@@ -252,6 +262,35 @@ impl Executor {
             Err(e) => log::error!("redirect engine unavailable: {e}"),
         }
         let _ = self.profile.set(profile.map_err(Arc::new));
+    }
+
+    /// The GVM kernel's KASLR slide, once the first call learnt it.
+    pub fn kernel_slide(&self) -> Option<u64> {
+        self.slide.get().copied()
+    }
+
+    /// The GVM kernel's call-time profile: the trusted `profile` moved by the slide the
+    /// engine learns from the held CPU `control` (`Engine::learn_slide`), the first time.
+    fn gvm_profile(
+        &self,
+        engine: &mut Engine,
+        profile: &CallProfile,
+        control: &ControlState,
+    ) -> Result<&CallProfile, Error> {
+        if let Some(p) = self.gvm_profile.get() {
+            return Ok(p);
+        }
+        let slide = engine.learn_slide(profile, control)?;
+        let slid = match slide {
+            0 => profile.clone(),
+            _ => {
+                let kernel = profile.kernel.slid(slide).map_err(Unavailable::Profile);
+                let call = kernel.and_then(|k| Ok(CallProfile::new(k)?));
+                call.map_err(|e| Error::Unavailable(Arc::new(e)))?
+            }
+        };
+        let _ = self.slide.set(slide);
+        Ok(self.gvm_profile.get_or_init(|| slid))
     }
 
     /// The call-time profile, or why calls cannot run.

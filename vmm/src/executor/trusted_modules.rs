@@ -232,12 +232,13 @@ impl Verified {
 }
 
 /// Checks every module on the GVM's list (read through `gvm`, the GVM kernel's address
-/// space: hostile) that has a twin.
+/// space: hostile) that has a twin; the GVM's kernel image is moved by `slide`.
 pub fn verify_gvm(
     kos: &[TrustedKo],
     twins: &Twins,
     layout: &ModuleLayout,
     gvm: &AddressSpace<'_>,
+    slide: u64,
 ) -> Verified {
     let loaded = layout.loaded(&CallMemory::gvm_only(gvm));
     let gvm_modules: Vec<LoadedModule> = loaded.iter().map(|(m, _)| m.clone()).collect();
@@ -274,11 +275,14 @@ pub fn verify_gvm(
                 base: twin.base,
                 text: &twin.text,
                 modules: &twins.svm_modules,
+                // The SVM boots `nokaslr`.
+                slide: 0,
             };
             let gvm_copy = TextCopy {
                 base: m.base,
                 text: &text,
                 modules: &gvm_modules,
+                slide,
             };
             module_text::verify(ko, &m.name, &twin_copy, &gvm_copy).map_err(|e| e.to_string())?;
             Ok(text)

@@ -112,6 +112,9 @@ pub fn run_instance(
     let vmlinux = vmlinux_of(&config.svm)?;
     check_against(&config.gvm, &config.svm, &vmlinux)?;
     let image = KernelImage::parse(&vmlinux);
+    // How the trusted text moves with the GVM's KASLR slide (a bzImage's payload has the
+    // table after the ELF; the VMM loads an ELF vmlinux at its link address, unmoved).
+    let relocs = redirect::kaslr::Relocs::parse(&vmlinux);
     drop(vmlinux);
     // The GVM boots the trusted file: the check compared what the kernels load, not every
     // byte of the GVM's file.
@@ -170,6 +173,7 @@ pub fn run_instance(
             gvm_vm,
             spare_cpu: gvm_cpus,
             trusted_modules,
+            relocs,
         },
         config.call_deadline,
         config.hold_policy,

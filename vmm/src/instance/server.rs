@@ -158,6 +158,12 @@ impl ControlServer {
             "redirect_host_mmu={}\n",
             self.parts.executor.host_mmu.name()
         ));
+        // Empty until the first call learnt it.
+        let slide = self.parts.executor.kernel_slide();
+        info.push_str(&format!(
+            "redirect_kernel_slide={}\n",
+            slide.map(|v| format!("{v:#x}")).unwrap_or_default()
+        ));
         for why in crate::executor::HoldEnd::ALL {
             info.push_str(&format!(
                 "redirect_hold_ends_{}={}\n",

@@ -31,8 +31,8 @@ pub struct VcpuSnapshot {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ControlState {
     /// The paging controls: how to walk this CPU's page tables (at CR3). Nothing else of
-    /// a GVM CPU's control state is used (the redirect vCPU runs with the trusted SVM
-    /// kernel's, `executor::regs::TrustedControl`), so nothing else is read.
+    /// a GVM CPU's control state runs a call (the redirect vCPU runs with the trusted SVM
+    /// kernel's, `executor::regs::TrustedControl`).
     pub cr0: u64,
     pub cr3: u64,
     pub cr4: u64,
@@ -40,6 +40,9 @@ pub struct ControlState {
     /// The time-stamp counter when it parked: the redirect vCPU reads the GVM's clock
     /// (kvm-clock scales the TSC), so it must count from the same value.
     pub tsc: u64,
+    /// Where its `syscall` enters (MSR LSTAR): the GVM's claim of its kernel's KASLR
+    /// slide, believed only once the GVM's text agrees (`executor::Engine::learn_slide`).
+    pub lstar: u64,
 }
 
 impl VcpuSnapshot {

@@ -15,7 +15,7 @@ const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 const KVM_MP_STATE_HALTED: u32 = 3;
-use crate::boot::cpu::MSR_IA32_TSC;
+use crate::boot::cpu::{MSR_IA32_TSC, MSR_LSTAR};
 
 pub struct Vcpu {
     pub fd: VcpuFd,
@@ -114,8 +114,8 @@ impl Vcpu {
         if let Some(s) = sregs {
             (control.cr0, control.cr3, control.cr4, control.efer) = (s.cr0, s.cr3, s.cr4, s.efer);
         }
-        if let Some([tsc]) = read_msrs(&self.fd, [MSR_IA32_TSC]) {
-            control.tsc = tsc;
+        if let Some([tsc, lstar]) = read_msrs(&self.fd, [MSR_IA32_TSC, MSR_LSTAR]) {
+            (control.tsc, control.lstar) = (tsc, lstar);
         }
         VcpuSnapshot {
             index: self.index,

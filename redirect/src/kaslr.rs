@@ -95,6 +95,9 @@ pub struct Relocs {
     pub inverse32: Vec<u64>,
     /// Places of 64-bit absolute references: `+= slide`.
     pub abs64: Vec<u64>,
+    /// The end of the image's loaded sections in the kernel map, `.bss` and `.brk`
+    /// included (`_end`): a slide keeps it inside the map.
+    pub image_end: u64,
 }
 
 /// A table word as the link address it names.
@@ -148,6 +151,7 @@ impl Relocs {
             abs32,
             inverse32,
             abs64,
+            image_end: image_end(&elf).unwrap_or(hi),
         })
     }
 
@@ -161,6 +165,7 @@ impl Relocs {
             abs32: self.abs32.iter().filter(held(4)).copied().collect(),
             inverse32: self.inverse32.iter().filter(held(4)).copied().collect(),
             abs64: self.abs64.iter().filter(held(8)).copied().collect(),
+            image_end: self.image_end,
         }
     }
 
@@ -301,6 +306,25 @@ fn image_range(elf: &Elf<'_>) -> Option<(u64, u64)> {
     (lo < hi).then_some((lo, hi))
 }
 
+/// The image's end as the decompressor's KASLR bounds it, `_end`: the end of `.brk`, else
+/// of `.bss`, else of the last loaded section in the kernel map. (`.init.scratch`, loaded
+/// past `_end`, does not count: a slide may put it past the map.)
+fn image_end(elf: &Elf<'_>) -> Option<u64> {
+    let in_map =
+        |s: &&crate::profile::Section| s.flags & SHF_ALLOC != 0 && s.addr >= START_KERNEL_MAP;
+    [".brk", ".bss"]
+        .iter()
+        .find_map(|name| elf.section(name).filter(|s| in_map(s)))
+        .map(|s| s.addr.checked_add(s.size))
+        .unwrap_or_else(|| {
+            elf.sections()
+                .iter()
+                .filter(in_map)
+                .filter_map(|s| s.addr.checked_add(s.size))
+                .max()
+        })
+}
+
 /// The GVM kernel's virtual slide, from the address its CPU's LSTAR holds (where a
 /// `syscall` enters: `entry_SYSCALL_64`, slid) and that symbol's link address, for an image
 /// whose link range ends at `image_end`. The GVM chooses its LSTAR, so the result is only a
@@ -351,6 +375,9 @@ pub fn find_slide(
     let sample = len.min(SAMPLE.0)..len.min(SAMPLE.0 + SAMPLE.1);
     let at = |offset: usize| link.checked_add(offset as u64);
     let sample_relocs = relocs.within(at(sample.start)?, at(sample.end)?);
+    // A text with no place in the sample (shorter than the sample's offset) is checked
+    // whole at once.
+    let sampled = !sample_relocs.is_empty();
     let agrees = |relocs: &Relocs, range: std::ops::Range<usize>, slide: u64| {
         let base = at(range.start)?;
         let mut moved = text.get(range)?.to_vec();
@@ -359,10 +386,34 @@ pub fn find_slide(
         read(base.checked_add(slide)?, &mut theirs).then_some(())?;
         Some(relocs.check_sites(&moved, &theirs, base)).filter(|c| c.holds(min_per_mille))
     };
-    claim.into_iter().chain(steps).find_map(|slide| {
-        agrees(&sample_relocs, sample.clone(), slide)?;
-        agrees(relocs, 0..len, slide).map(|check| (slide, check))
-    })
+    // A GVM may plant the moved sample at every step, each then checked whole: a few
+    // whole-text checks are allowed, not hundreds (one slide is the GVM's).
+    let mut whole_checks = 0;
+    for slide in claim.into_iter().chain(steps) {
+        if sampled && agrees(&sample_relocs, sample.clone(), slide).is_none() {
+            continue;
+        }
+        if whole_checks == MAX_WHOLE_CHECKS {
+            return None;
+        }
+        whole_checks += 1;
+        if let Some(check) = agrees(relocs, 0..len, slide) {
+            return Some((slide, check));
+        }
+    }
+    None
+}
+
+/// How many candidate slides whose sample agreed [`find_slide`] checks over the whole text.
+const MAX_WHOLE_CHECKS: usize = 4;
+
+/// Whether `gvm`, a GVM's text read where a kernel without a relocation table must be (at
+/// its link address), holds `trusted`'s bytes at `min_per_mille` of them: that kernel
+/// cannot have moved, and this says the GVM has not moved another in (a `kexec`).
+pub fn unmoved_text_agrees(trusted: &[u8], gvm: &[u8], min_per_mille: usize) -> bool {
+    let same = trusted.iter().zip(gvm).filter(|(a, b)| a == b).count() as u128;
+    let min = min_per_mille.min(1000) as u128;
+    !trusted.is_empty() && trusted.len() == gvm.len() && same * 1000 >= trusted.len() as u128 * min
 }
 
 #[cfg(test)]
@@ -410,6 +461,8 @@ mod tests {
         assert_eq!(r.inverse32, vec![TEXT + 8, TEXT + 12]);
         assert_eq!(r.abs64, vec![TEXT + 0x40]);
         assert_eq!(r.len(), 4);
+        // The image ends with .bss.
+        assert_eq!(r.image_end, TEXT + 0x1040);
         // Empty lists are a table too (a kernel with nothing to move), and a stray byte
         // between the ELF and the table is not read.
         let mut padded = elf();
@@ -424,6 +477,7 @@ mod tests {
             abs32: vec![TEXT],
             inverse32: vec![TEXT + 4],
             abs64: vec![TEXT + 8],
+            image_end: TEXT + 0x1000,
         };
         let mut text = Vec::new();
         text.extend_from_slice(&0x8100_1234u32.to_le_bytes()); // mov $sym, %eax (sign-extended)
@@ -561,11 +615,73 @@ mod tests {
     }
 
     #[test]
+    fn a_gvm_that_plants_the_sample_everywhere_costs_a_few_whole_checks() {
+        const END: u64 = TEXT + 0x200_0000;
+        let (text, r) = text_with_places();
+        let slide = 0x2e00_0000;
+        // At every step, the sample moved by that step: each passes the sample check, and
+        // none the whole text's. The search gives up after a few whole-text checks.
+        let reads = std::cell::Cell::new(0usize);
+        let planted = |va: u64, buf: &mut [u8]| {
+            let Some(off) = va.checked_sub(TEXT) else {
+                return false;
+            };
+            let step = off & !(SLIDE_ALIGN - 1);
+            let start = (off - step) as usize;
+            if buf.len() > SAMPLE.1 {
+                reads.set(reads.get() + 1);
+                return true; // zeros: the whole text never agrees
+            }
+            let mut sample = text[start..start + buf.len()].to_vec();
+            r.within(TEXT + start as u64, TEXT + (start + buf.len()) as u64)
+                .apply(&mut sample, TEXT + start as u64, step)
+                .unwrap();
+            buf.copy_from_slice(&sample);
+            true
+        };
+        assert_eq!(
+            find_slide(&r, &text, TEXT, END, Some(slide), 900, planted),
+            None
+        );
+        assert_eq!(reads.get(), MAX_WHOLE_CHECKS);
+    }
+
+    #[test]
+    fn a_text_too_short_for_the_sample_is_checked_whole() {
+        const END: u64 = TEXT + 0x200_0000;
+        let (text, r) = text_with_places();
+        let short = &text[..0x8_0000];
+        let r = r.within(TEXT, TEXT + 0x8_0000);
+        let slide = 0x20_0000;
+        let mut slid = short.to_vec();
+        r.apply(&mut slid, TEXT, slide).unwrap();
+        let found = find_slide(&r, short, TEXT, END, None, 900, gvm_at(slid, TEXT + slide));
+        assert_eq!(found.map(|f| f.0), Some(slide));
+    }
+
+    #[test]
+    fn an_unmoved_text_is_believed_only_where_it_is_the_trusted_one() {
+        let trusted: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let mut gvm = trusted.clone();
+        for b in gvm.iter_mut().step_by(20) {
+            *b ^= 0xff; // 5% patched
+        }
+        assert!(unmoved_text_agrees(&trusted, &gvm, 900));
+        for b in gvm.iter_mut().step_by(5) {
+            *b ^= 0x55; // another 20%
+        }
+        assert!(!unmoved_text_agrees(&trusted, &gvm, 900));
+        assert!(!unmoved_text_agrees(&trusted, &trusted[..100], 900));
+        assert!(!unmoved_text_agrees(&[], &[], 900));
+    }
+
+    #[test]
     fn a_sub_table_holds_only_the_places_whole_in_its_range() {
         let r = Relocs {
             abs32: vec![TEXT, TEXT + 0xffc, TEXT + 0xffe],
             inverse32: vec![TEXT - 2],
             abs64: vec![TEXT + 0xff8, TEXT + 0xffc],
+            image_end: TEXT + 0x1000,
         };
         let sub = r.within(TEXT, TEXT + 0x1000);
         assert_eq!(sub.abs32, vec![TEXT, TEXT + 0xffc]);
@@ -579,6 +695,7 @@ mod tests {
             abs32: vec![TEXT - 4, TEXT + 0x1000],
             inverse32: vec![],
             abs64: vec![TEXT + 0x2000],
+            image_end: TEXT + 0x3000,
         };
         let mut text = vec![0u8; 16];
         assert_eq!(outside.apply(&mut text, TEXT, SLIDE_ALIGN).unwrap(), 0);
@@ -630,6 +747,7 @@ mod tests {
             abs32: (0..100).map(|i| TEXT + i * 24).collect(),
             inverse32: (0..100).map(|i| TEXT + i * 24 + 8).collect(),
             abs64: (0..100).map(|i| TEXT + i * 24 + 16).collect(),
+            image_end: TEXT + 2400,
         };
         let trusted = vec![0x11u8; 2400];
         let mut moved = trusted.clone();

@@ -36,13 +36,14 @@ use crate::bounce::{BouncePlan, BOUNCE_SIZE};
 use crate::memory::{GuestPhysMemory, MemError};
 use crate::paging::{PageSize, ADDR_FIELD, PTE_P, PTE_PS, PTE_RW, PTE_US, PTE_XD};
 
-/// PML4 slot of the window's kernel mapping: 0xffff_fc00_0000_0000, the first of the 2 TB
-/// hole x86-64 Linux leaves unused with 4-level tables, just below `vaddr_end` for KASLR
-/// (Documentation/arch/x86/x86_64/mm.rst): `CONFIG_RANDOMIZE_MEMORY` places the direct map,
-/// vmalloc and vmemmap below it, never in it. (Slot 0x1f0, used before, lies in the KASAN
-/// shadow range, which memory randomisation may give to vmemmap.) A GVM that maps it anyway
+/// PML4 slot of the window's kernel mapping: 0xffff_fe80_0000_0000, the 0.5 TB hole x86-64
+/// Linux leaves unused with 4-level tables between the cpu_entry_area and the ESPFIX stacks
+/// (Documentation/arch/x86/x86_64/mm.rst). It lies above `vaddr_end` (the cpu_entry_area's
+/// base, `arch/x86/mm/kaslr.c`), so `CONFIG_RANDOMIZE_MEMORY`, which places the direct map,
+/// vmalloc and vmemmap anywhere below it, never puts them there. (Slot 0x1f0, used before,
+/// lies in the KASAN shadow range, inside the randomised range.) A GVM that maps it anyway
 /// is refused ([`ViewError::SlotInUse`]).
-pub const WINDOW_SLOT: usize = 0x1f8;
+pub const WINDOW_SLOT: usize = 0x1fd;
 /// Kernel-virtual address of the window's first byte.
 pub const WINDOW_KVA: u64 = 0xffff_0000_0000_0000 | ((WINDOW_SLOT as u64) << 39);
 /// Size of the window: two 2 MiB pages.
@@ -1293,16 +1294,16 @@ mod tests {
         let window =
             MemoryImage::from_regions(vec![(WINDOW_GPA, vec![0; WINDOW_SIZE as usize])]).unwrap();
         let slot = 0x1_0000_0000u64;
-        let mut layout = ViewLayout {
+        let mut slid = ViewLayout {
             text_gpa: slot,
             ..layout()
         };
-        let link = layout.exec_text;
-        layout.slide_text(link, 0x20_0000).unwrap();
-        let view = build_view(&window, &layout, &gvm, 0x1000, &no_buffers()).unwrap();
-        let composed = composed(&window, &gvm);
+        let link = slid.exec_text;
+        slid.slide_text(link, 0x20_0000).unwrap();
+        let view = build_view(&window, &slid, &gvm, 0x1000, &no_buffers()).unwrap();
+        let image = composed(&window, &gvm);
         let mode = PagingMode::default();
-        let walk = |va, access| translate(&composed, &mode, view.cr3, va, access);
+        let walk = |va, access| translate(&image, &mode, view.cr3, va, access);
         for page in 0..3u64 {
             let va = 0xffff_ffff_8020_0000 + page * 0x1000 + 0x10;
             assert_eq!(
@@ -1313,6 +1314,25 @@ mod tests {
         }
         assert!(walk(0xffff_ffff_8000_0000, Access::EXECUTE).is_err());
         assert!(walk(0xffff_ffff_8020_3000, Access::READ).is_err());
+
+        // A text that the slide puts across a 2 MiB boundary: both regions get the
+        // view's own tables, and the pages follow each other in the slot.
+        let mut across = ViewLayout {
+            text_gpa: slot,
+            exec_text: (0xffff_ffff_801f_e000, 0xffff_ffff_8020_2000),
+            ..layout()
+        };
+        across.slide_text(across.exec_text, 0x20_0000).unwrap();
+        let window = empty_window();
+        let view = build_view(&window, &across, &gvm, 0x1000, &no_buffers()).unwrap();
+        let image = composed(&window, &gvm);
+        let walk = |va, access| translate(&image, &mode, view.cr3, va, access);
+        for page in 0..4u64 {
+            let va = 0xffff_ffff_803f_e000 + page * 0x1000;
+            assert_eq!(walk(va, Access::EXECUTE).unwrap().gpa, slot + page * 0x1000);
+        }
+        assert!(walk(0xffff_ffff_803f_d000, Access::READ).is_err());
+        assert!(walk(0xffff_ffff_8040_2000, Access::READ).is_err());
     }
 
     #[test]

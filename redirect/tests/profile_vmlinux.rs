@@ -144,6 +144,10 @@ fn pinned_vmlinux_relocation_table() {
         ),
         (70515, 8438, 123579)
     );
+    // `_end` as the pinned kernel's /proc/kallsyms lists it (`ffffffff83830000 B _end`,
+    // read on a boot of it), not as this code computes it: .bss and .brk included,
+    // .init.scratch (loaded past it, at 0xffffffff83a00000) not.
+    assert_eq!(relocs.image_end, 0xffff_ffff_8383_0000);
     let elf = Elf::parse(&image).unwrap();
     let text = elf.section(".text").unwrap();
     let in_text = |a: &&u64| (text.addr..text.addr + text.size).contains(*a);

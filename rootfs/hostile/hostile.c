@@ -1038,11 +1038,11 @@ static typeof(&ioremap_page_range) p_ioremap_page_range;
  * makes; the rest, user_ns at 392 on, is in the second page (GVM RAM, a copy of
  * init_uts_ns's bytes). The struct's offsets are the pinned kernel's (its BTF: name
  * 0..390, user_ns 392, ucounts 400, ns 408..432); the asserts below hold the build to
- * them. 192 puts the namespace at page offset 0xf40 (8-aligned, as the struct is)
- * and nodename at 0xf81..0xfc1: PML4 entries 0x1f0..0x1f8 when the page is the view's
- * PML4, 0x1f8 the window's own slot.
+ * them. 144 puts the namespace at page offset 0xf70 (8-aligned, as the struct is)
+ * and nodename at 0xfb1..0xff1: PML4 entries 0x1f6..0x1fe when the page is the view's
+ * PML4, 0x1fd the window's own slot.
  */
-#define UTS_SPLIT_HEAD 192
+#define UTS_SPLIT_HEAD 144
 
 static void __init alias_uts_init(void)
 {

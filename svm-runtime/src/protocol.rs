@@ -84,8 +84,6 @@ impl Kind {
 pub const PROFILE_SYMBOLS: &[&str] = &[
     "_stext",
     "_etext",
-    // The image's end: a KASLR slide keeps it inside the kernel map.
-    "_end",
     "__start_rodata",
     "__end_rodata",
     "init_task",

@@ -149,7 +149,7 @@ fn a_debian_disk_guest_boots_systemd_and_is_managed_from_outside() {
         "the exterior ps misses {missing:?} of the guest's processes; it listed {outside:?}"
     );
     assert!(outside.contains(&(1, "systemd".to_string())), "{outside:?}");
-    assert_the_slide_is_the_gvms(&rt, NAME, &mut gvm);
+    assert_the_slide_is_the_gvms(&rt, NAME, &mut gvm, "lstar");
     for name in ["systemd-journal", "systemd-udevd", "sshd", "login", "bash"] {
         assert!(
             outside.iter().any(|(_, comm)| comm == name),

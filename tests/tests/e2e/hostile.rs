@@ -135,7 +135,7 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     // itself (promise 21), and it is the one the GVM reports.
     switch(&mut gvm, "hook_lstar", "1");
     assert_eq!(exterior(&rt, "hk", &["uname", "-n"]).trim(), truth);
-    assert_the_slide_is_the_gvms(&rt, "hk", &mut gvm);
+    assert_the_slide_is_the_gvms(&rt, "hk", &mut gvm, "search");
     switch(&mut gvm, "hook_lstar", "0");
 
     // 1. ftrace hooks hide a process from getdents64 on /proc and refuse `kill` of it.
@@ -364,7 +364,7 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     // rest in a page of GVM RAM holding init_uts_ns's own values (user_ns = &init_user_ns,
     // which the shadow's credentials pass). The check passes, and the first access the
     // call makes to the window is the store of the new nodename (memcpy in sethostname),
-    // over PML4 entries 0x1f0..0x1f8, the last the window's own slot; the VMM must refuse
+    // over PML4 entries 0x1f6..0x1fe, 0x1fd the window's own slot; the VMM must refuse
     // exactly that store: an unbacked write inside the nodename, inside the window page.
     const WINDOW: u64 = 1 << 30;
     switch(&mut gvm, "alias_uts_split", &format!("{WINDOW:#x}"));

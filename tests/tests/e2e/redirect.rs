@@ -136,34 +136,65 @@ pub(super) fn info(rt: &Path, name: &str, key: &str) -> u64 {
 }
 
 /// Checks, after the instance's first exterior call, that the engine found the KASLR slide
-/// the GVM reports about itself: its `_text` (from /proc/kallsyms, read as root on its
-/// console) less the image's link address. The GVM boots without `nokaslr`.
-pub(super) fn assert_the_slide_is_the_gvms(rt: &Path, name: &str, gvm: &mut GvmConsole) {
+/// the GVM reports about itself — its `_text` (from /proc/kallsyms, read as root on its
+/// console) less the image's link address — and found it `by` the way named (`info`'s
+/// `redirect_kernel_slide_by`: `lstar`, `search`, or `fixed` for an ELF vmlinux, which
+/// cannot move). The GVM boots without `nokaslr`; a bzImage one must have been moved,
+/// virtually or physically (both staying put is a 1 in tens of thousands chance).
+pub(super) fn assert_the_slide_is_the_gvms(rt: &Path, name: &str, gvm: &mut GvmConsole, by: &str) {
     const TEXT_LINK: u64 = 0xffff_ffff_8100_0000;
+    const TEXT_LINK_PHYS: u64 = 0x100_0000;
     let cmdline = gvm.run("cat /proc/cmdline");
     assert!(
         !cmdline.is_empty() && !cmdline.contains("nokaslr"),
         "the GVM was to boot with KASLR: {cmdline:?}"
     );
+    let hex = |s: &str| u64::from_str_radix(s, 16).ok();
     let text = gvm.run("grep -w _text /proc/kallsyms");
     let gvm_slide = text
         .split_whitespace()
         .next()
-        .and_then(|a| u64::from_str_radix(a, 16).ok())
+        .and_then(hex)
         .and_then(|a| a.checked_sub(TEXT_LINK))
         .unwrap_or_else(|| panic!("no _text in the GVM's kallsyms: {text:?}"));
-    let (code, out, err) = run(vmm_in(rt).args(["info", name]));
-    assert_eq!(code, 0, "{err}");
-    let found = out
-        .lines()
-        .find_map(|l| l.strip_prefix("redirect_kernel_slide=0x"))
-        .and_then(|v| u64::from_str_radix(v, 16).ok())
-        .unwrap_or_else(|| panic!("info names no kernel slide: {out}"));
+    let code = gvm.run("grep 'Kernel code' /proc/iomem");
+    let code_pa = code
+        .trim()
+        .split('-')
+        .next()
+        .and_then(hex)
+        .unwrap_or_else(|| panic!("no kernel code in the GVM's /proc/iomem: {code:?}"));
+    let (status, out, err) = run(vmm_in(rt).args(["info", name]));
+    assert_eq!(status, 0, "{err}");
+    let field = |key: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .unwrap_or_else(|| panic!("info has no {key}: {out}"))
+    };
+    let found = field("redirect_kernel_slide");
+    let found = found
+        .strip_prefix("0x")
+        .and_then(hex)
+        .unwrap_or_else(|| panic!("info names no kernel slide: {found:?}"));
     assert_eq!(
         found, gvm_slide,
         "the engine's slide {found:#x} is not the GVM's own {gvm_slide:#x} ({text})"
     );
-    eprintln!("--- the GVM's KASLR slide: {found:#x}");
+    assert_eq!(field("redirect_kernel_slide_by"), by, "slide {found:#x}");
+    if by == "fixed" {
+        assert_eq!(
+            (found, code_pa),
+            (0, TEXT_LINK_PHYS),
+            "an ELF vmlinux moved"
+        );
+    } else {
+        assert!(
+            found != 0 || code_pa != TEXT_LINK_PHYS,
+            "KASLR moved the GVM's kernel neither virtually nor physically"
+        );
+    }
+    eprintln!("--- the GVM's KASLR slide: {found:#x} ({by}), kernel code at {code_pa:#x}");
 }
 
 /// `exec` of a stock command, which must succeed; its stdout.
@@ -289,7 +320,7 @@ fn stock_tools_in_the_svm_read_the_gvm_kernel_state() {
     );
     let expected: BTreeSet<_> = gvm_ps.iter().filter(|(_, c)| c != "ps").cloned().collect();
     assert_eq!(ps, expected, "exterior ps differs from the GVM's own ps");
-    assert_the_slide_is_the_gvms(&rt, "rd", &mut gvm);
+    assert_the_slide_is_the_gvms(&rt, "rd", &mut gvm, "lstar");
     assert!(!ps.iter().any(|(_, c)| c.starts_with("exterior")), "{ps:?}");
     let svm_ps = processes(&local(&rt, "rd", &["ps", "-eo", "pid,comm"]));
     assert!(

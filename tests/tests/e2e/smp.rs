@@ -31,7 +31,7 @@ fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
     // nested harness (docs/LIMITS.md, Known gaps); that is the SMP issue's to fix.
     let cpus = exterior(&rt, "smp", &["grep", "-c", "^processor", "/proc/cpuinfo"]);
     assert_eq!(cpus.trim(), "2", "the exterior cpuinfo is not the GVM's");
-    assert_the_slide_is_the_gvms(&rt, "smp", &mut gvm);
+    assert_the_slide_is_the_gvms(&rt, "smp", &mut gvm, "fixed");
     let victim = gvm.run("pidof victim").trim().to_string();
     assert!(
         victim.parse::<u32>().is_ok(),

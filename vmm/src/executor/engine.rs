@@ -62,6 +62,29 @@ const SCRATCH_STACK_TOP: u64 = offsets::SCRATCH_STACK + offsets::STACK_SIZE;
 /// that patched or hooked some functions of its text (a rootkit, ftrace, live patches) has
 /// them disagree in those functions only: the pinned image's text has 69,213 places.
 const SLIDE_AGREEMENT_PER_MILLE: usize = 900;
+/// Bytes of the text a GVM whose kernel cannot move must hold at its link address.
+const UNMOVED_SAMPLE: usize = 256 << 10;
+
+/// How the engine found the GVM's slide (`info`'s `redirect_kernel_slide_by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlideFound {
+    /// Where the GVM CPU's LSTAR said.
+    Lstar,
+    /// By trying the kernel map's 2 MiB steps: LSTAR said otherwise (a hooked entry).
+    Search,
+    /// The image has no relocation table: its kernel cannot move.
+    Fixed,
+}
+
+impl SlideFound {
+    pub fn name(self) -> &'static str {
+        match self {
+            SlideFound::Lstar => "lstar",
+            SlideFound::Search => "search",
+            SlideFound::Fixed => "fixed",
+        }
+    }
+}
 
 /// How a run of the redirect vCPU ended when the call did not return.
 pub(super) enum Stop {
@@ -122,6 +145,8 @@ pub(super) struct Engine {
     /// The GVM kernel's KASLR slide, once learnt and checked ([`Engine::learn_slide`]);
     /// no call runs before.
     slide: Option<u64>,
+    /// How it was found.
+    slide_found: Option<SlideFound>,
     /// The trusted SVM kernel's `idt_table` (kernel-virtual, from [`Engine::trust`]): the
     /// view's IDT is made from it once the slide is known.
     idt_table: u64,
@@ -360,6 +385,7 @@ impl Engine {
                 filled: false,
             },
             slide: None,
+            slide_found: None,
             idt_table: 0,
             cow,
             shadow: None,
@@ -422,98 +448,99 @@ impl Engine {
     }
 
     /// The GVM kernel's KASLR slide (0 for a `nokaslr` GVM), learnt once from a held GVM
-    /// CPU's `control`. The slide its LSTAR claims ([`kaslr::virtual_slide`]) is tried
-    /// first, then every other 2 MiB step that keeps the image in the kernel map (a
-    /// rootkit may have hooked LSTAR): a slide is believed when the GVM's text, read
-    /// through that CPU's tables at the slid addresses, holds the trusted text moved by it
-    /// (the SVM image's relocation table) at nearly every place the table names
-    /// ([`SLIDE_AGREEMENT_PER_MILLE`]), first over a sample, then over the whole text.
-    /// Then the view's text is that moved copy, executable at the slid addresses, and its
-    /// IDT's handlers are moved alike. `profile` is the trusted kernel's, at its link
-    /// addresses. Nothing the GVM says decides what code runs: only where the trusted copy
-    /// is placed. A kernel without a relocation table (an ELF vmlinux, which the VMM
-    /// loads at its link address) cannot be moved: its slide is 0.
+    /// CPU's `control`, and how it was found. The slide its LSTAR claims
+    /// ([`kaslr::virtual_slide`]) is tried first, then every other 2 MiB step that keeps
+    /// the image in the kernel map (a rootkit may have hooked LSTAR): a slide is believed
+    /// when the GVM's text, read through that CPU's tables at the slid addresses, holds the
+    /// trusted text moved by it (the SVM image's relocation table) at nearly every place
+    /// the table names ([`SLIDE_AGREEMENT_PER_MILLE`]), first over a sample, then over the
+    /// whole text ([`kaslr::find_slide`]). Then the view's text is that moved copy,
+    /// executable at the slid addresses, and its IDT's handlers are moved alike. `profile`
+    /// is the trusted kernel's, at its link addresses. Nothing the GVM says decides what
+    /// code runs: only where the trusted copy is placed. A kernel without a relocation
+    /// table (an ELF vmlinux, which the VMM loads at its link address) cannot move: its
+    /// slide is 0, once its text is found there.
     pub fn learn_slide(
         &mut self,
         profile: &CallProfile,
         control: &ControlState,
-    ) -> Result<u64, Error> {
-        if let Some(slide) = self.slide {
-            return Ok(slide);
+    ) -> Result<(u64, SlideFound), Error> {
+        if let Some(found) = self.slide.zip(self.slide_found) {
+            return Ok(found);
         }
-        let syms = &profile.kernel.symbols;
-        let image_end = profile
-            .kernel
-            .kallsyms
-            .address("_end")
-            .ok_or(SlideRefusal::NoImageEnd)?;
-        let claim = kaslr::virtual_slide(control.lstar, syms.entry_syscall_64, image_end);
         let link = self.text_link();
         // The text fits in guest memory, hence in usize.
         let mut moved = vec![0u8; self.text.size as usize];
         self.parts
             .svm_mem
             .read_phys(self.text.svm_gpa, &mut moved)?;
-        let slide = match &self.parts.relocs {
+        let entry = profile.kernel.symbols.entry_syscall_64;
+        let mode = PagingMode::from_control_regs(
+            control.cr0,
+            control.cr4,
+            control.efer,
+            DEFAULT_MAX_PHYS_BITS,
+        );
+        let gvm_mem = &self.parts.gvm_mem;
+        let read = |va: u64, buf: &mut [u8]| {
+            mode.as_ref().is_ok_and(|mode| {
+                let gvm = AddressSpace::new(gvm_mem, *mode, control.cr3);
+                gvm.read(va, buf, Privilege::Supervisor).is_ok()
+            })
+        };
+        let refusal = |claim: String| SlideRefusal::NotFound {
+            lstar: control.lstar,
+            claim,
+            min_per_mille: SLIDE_AGREEMENT_PER_MILLE,
+        };
+        let (slide, found) = match &self.parts.relocs {
             Err(_) => {
-                if claim != Ok(0) {
-                    log::warn!(
-                        "redirect: the GVM's LSTAR {:#x} is not entry_SYSCALL_64, and its \
-                         kernel cannot have moved (the image has no relocation table)",
-                        control.lstar
-                    );
+                // The GVM's text must be the trusted one where it cannot but be.
+                let sample = &moved[..moved.len().min(UNMOVED_SAMPLE)];
+                let mut theirs = vec![0u8; sample.len()];
+                let there = read(link.0, &mut theirs)
+                    && kaslr::unmoved_text_agrees(sample, &theirs, SLIDE_AGREEMENT_PER_MILLE);
+                if !there {
+                    return Err(refusal("0 (the image has no relocation table)".into()).into());
                 }
-                0
+                (0, SlideFound::Fixed)
             }
             Ok(relocs) => {
-                let mode = PagingMode::from_control_regs(
-                    control.cr0,
-                    control.cr4,
-                    control.efer,
-                    DEFAULT_MAX_PHYS_BITS,
-                );
-                let gvm_mem = &self.parts.gvm_mem;
-                let read = |va: u64, buf: &mut [u8]| {
-                    mode.as_ref().is_ok_and(|mode| {
-                        let gvm = AddressSpace::new(gvm_mem, *mode, control.cr3);
-                        gvm.read(va, buf, Privilege::Supervisor).is_ok()
-                    })
-                };
-                let found = kaslr::find_slide(
+                let claim = kaslr::virtual_slide(control.lstar, entry, relocs.image_end);
+                let claimed = claim.as_ref().ok().copied();
+                let search = kaslr::find_slide(
                     relocs,
                     &moved,
                     link.0,
-                    image_end,
-                    claim.as_ref().ok().copied(),
+                    relocs.image_end,
+                    claimed,
                     SLIDE_AGREEMENT_PER_MILLE,
                     read,
                 );
-                let (slide, check) = found.ok_or_else(|| SlideRefusal::NotFound {
-                    lstar: control.lstar,
-                    claim: match &claim {
+                let (slide, check) = search.ok_or_else(|| {
+                    refusal(match &claim {
                         Ok(v) => format!("{v:#x}"),
                         Err(e) => format!("none ({e})"),
-                    },
-                    min_per_mille: SLIDE_AGREEMENT_PER_MILLE,
+                    })
                 })?;
                 relocs
                     .apply(&mut moved, link.0, slide)
                     .map_err(|source| SlideRefusal::Move { slide, source })?;
-                let how = if claim == Ok(slide) {
-                    "as its LSTAR claims".to_string()
+                let found = if claimed == Some(slide) {
+                    SlideFound::Lstar
                 } else {
-                    format!(
-                        "found by a search: its LSTAR {:#x} claims otherwise",
-                        control.lstar
-                    )
+                    SlideFound::Search
                 };
                 log::info!(
-                    "redirect: the GVM's kernel slide is {slide:#x}, {how}; its text agrees \
-                     with the trusted text moved by it at {} of {} relocated places",
+                    "redirect: the GVM's kernel slide is {slide:#x} (LSTAR {:#x}; {}); its \
+                     text agrees with the trusted text moved by it at {} of {} relocated \
+                     places",
+                    control.lstar,
+                    found.name(),
                     check.agree,
                     check.agree + check.differ
                 );
-                slide
+                (slide, found)
             }
         };
         self.layout
@@ -522,7 +549,8 @@ impl Engine {
         self.write_cpu_tables(slide)?;
         self.text.moved = Some(moved);
         self.slide = Some(slide);
-        Ok(slide)
+        self.slide_found = Some(found);
+        Ok((slide, found))
     }
 
     /// Reads the SVM's twins of the trusted modules, the first time, through the calling

@@ -57,8 +57,6 @@ pub enum Unavailable {
 /// until it is.
 #[derive(Debug, Error)]
 pub enum SlideRefusal {
-    #[error("the trusted kernel's kallsyms has no _end")]
-    NoImageEnd,
     #[error(transparent)]
     Claim(redirect::kaslr::SlideError),
     #[error("moving the trusted text by {slide:#x}: {source}")]

@@ -57,6 +57,7 @@ use crate::vstate::vcpu::{read_msrs, read_xcr0};
 use crate::vstate::vm::Vm;
 use crate::vstate::watchdog::Watchdog;
 use engine::Engine;
+pub use engine::SlideFound;
 use regs::{ControlError, TrustedControl};
 
 const ERRNO_EBUSY: i64 = 16;
@@ -158,8 +159,9 @@ pub struct Executor {
     /// The GVM kernel's profile: `profile` moved by the GVM's KASLR slide (the same when
     /// it has none), made at the first hold ([`Executor::gvm_profile`]).
     gvm_profile: OnceLock<CallProfile>,
-    /// The GVM kernel's KASLR slide, once learnt (`info`'s `redirect_kernel_slide`).
-    slide: OnceLock<u64>,
+    /// The GVM kernel's KASLR slide and how it was found, once learnt (`info`'s
+    /// `redirect_kernel_slide` and `redirect_kernel_slide_by`).
+    slide: OnceLock<(u64, SlideFound)>,
     /// Taken by whoever holds the GVM's vCPUs (a call, or `exterior-vmm quiesce`).
     gvm_hold: Mutex<()>,
     /// The trusted SVM kernel's control state, read from its vCPU at the first call.
@@ -264,8 +266,8 @@ impl Executor {
         let _ = self.profile.set(profile.map_err(Arc::new));
     }
 
-    /// The GVM kernel's KASLR slide, once the first call learnt it.
-    pub fn kernel_slide(&self) -> Option<u64> {
+    /// The GVM kernel's KASLR slide and how it was found, once the first call learnt it.
+    pub fn kernel_slide(&self) -> Option<(u64, SlideFound)> {
         self.slide.get().copied()
     }
 
@@ -280,7 +282,8 @@ impl Executor {
         if let Some(p) = self.gvm_profile.get() {
             return Ok(p);
         }
-        let slide = engine.learn_slide(profile, control)?;
+        let (slide, found) = engine.learn_slide(profile, control)?;
+        let _ = self.slide.set((slide, found));
         let slid = match slide {
             0 => profile.clone(),
             _ => {
@@ -289,7 +292,6 @@ impl Executor {
                 call.map_err(|e| Error::Unavailable(Arc::new(e)))?
             }
         };
-        let _ = self.slide.set(slide);
         Ok(self.gvm_profile.get_or_init(|| slid))
     }
 

@@ -334,13 +334,13 @@ mod tests {
         assert_eq!((s.ss.selector, s.ss.dpl, s.ss.db), (KERNEL_DS, 0, 1));
         assert_eq!(s.gs.base, PCPU_BASE);
         assert_eq!(s.fs.base, 0);
-        // The window's tables (kernel-virtual 0xffff_fc00_0000_0000 + offset), never an
+        // The window's tables (kernel-virtual 0xffff_fe80_0000_0000 + offset), never an
         // address derived from the GVM's per-cpu base.
-        assert_eq!((s.gdt.base, s.gdt.limit), (0xffff_fc00_0000_3000, 127));
-        assert_eq!((s.idt.base, s.idt.limit), (0xffff_fc00_0000_4000, 4095));
+        assert_eq!((s.gdt.base, s.gdt.limit), (0xffff_fe80_0000_3000, 127));
+        assert_eq!((s.idt.base, s.idt.limit), (0xffff_fe80_0000_4000, 4095));
         assert_eq!(
             (s.tr.selector, s.tr.base, s.tr.limit, s.tr.type_),
-            (TSS_SELECTOR, 0xffff_fc00_0000_3800, 0x67, 11)
+            (TSS_SELECTOR, 0xffff_fe80_0000_3800, 0x67, 11)
         );
         let m = msrs(&control(), 123_456, PCPU_BASE, Mode::Kernel);
         assert_eq!(m[3].index, MSR_KERNEL_GS_BASE);

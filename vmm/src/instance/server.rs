@@ -161,8 +161,9 @@ impl ControlServer {
         // Empty until the first call learnt it.
         let slide = self.parts.executor.kernel_slide();
         info.push_str(&format!(
-            "redirect_kernel_slide={}\n",
-            slide.map(|v| format!("{v:#x}")).unwrap_or_default()
+            "redirect_kernel_slide={}\nredirect_kernel_slide_by={}\n",
+            slide.map(|(v, _)| format!("{v:#x}")).unwrap_or_default(),
+            slide.map(|(_, by)| by.name()).unwrap_or_default()
         ));
         for why in crate::executor::HoldEnd::ALL {
             info.push_str(&format!(

@@ -19,8 +19,7 @@
 //! - [`bounce`]: the bounce pages that carry a call's user buffers (no SVM memory is in
 //!   the redirect VM);
 //! - [`cpu_tables`]: the IDT, GDT and TSS the redirect vCPU runs on (never the GVM's);
-//! - [`kaslr`]: the kernel's relocation table and a GVM's slide (groundwork: the engine
-//!   still needs a GVM booted with `nokaslr`);
+//! - [`kaslr`]: the kernel's relocation table, and finding a GVM's KASLR slide by it;
 //! - [`shadow`]: the shadow task that is `current` on the lent CPU during a call;
 //! - [`lend`]: lending a held GVM CPU to a call (its per-cpu words) and giving it back;
 //! - [`module_text`]: which loaded modules' text the view may run (checked against the

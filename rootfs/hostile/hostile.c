@@ -5,8 +5,8 @@
  * It belongs in the test GVM image only, never in the SVM's.
  *
  * Built for exactly one kernel: the pinned Debian 6.1.0-50-cloud-amd64 (x86-64,
- * CONFIG_ARCH_HAS_SYSCALL_WRAPPER, CONFIG_DYNAMIC_FTRACE_WITH_REGS, no IBT), booted
- * with nokaslr. Every behaviour is off at load and switched at run time through
+ * CONFIG_ARCH_HAS_SYSCALL_WRAPPER, CONFIG_DYNAMIC_FTRACE_WITH_REGS, no IBT), with or
+ * without KASLR (it finds what it needs by kallsyms_lookup_name). Every behaviour is off at load and switched at run time through
  * /sys/module/hostile/parameters/<knob> (0644); writing 0 undoes it. A switch prints
  * "hostile: <knob> = <value> ok" (some add " (details)") or
  * "hostile: <knob> failed: <-errno>" and a failed

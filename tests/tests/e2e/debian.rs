@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::common::*;
 use super::instance::{alive, pid_of, start_with, vmm_in};
 use super::redirect::{
-    assert_the_slide_is_the_gvms, exterior, module_names, processes, GvmConsole,
+    assert_the_slide_is_the_gvms, exterior, module_names, processes, Boot, GvmConsole,
 };
 
 /// The guest's root disk: the L1 disk tools/kvm-run attaches (a copy-on-write snapshot of
@@ -149,7 +149,7 @@ fn a_debian_disk_guest_boots_systemd_and_is_managed_from_outside() {
         "the exterior ps misses {missing:?} of the guest's processes; it listed {outside:?}"
     );
     assert!(outside.contains(&(1, "systemd".to_string())), "{outside:?}");
-    assert_the_slide_is_the_gvms(&rt, NAME, &mut gvm, "lstar");
+    assert_the_slide_is_the_gvms(&rt, NAME, &mut gvm, Boot::Moved { by: "lstar" });
     for name in ["systemd-journal", "systemd-udevd", "sshd", "login", "bash"] {
         assert!(
             outside.iter().any(|(_, comm)| comm == name),

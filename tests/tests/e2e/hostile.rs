@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::common::*;
 use super::instance::{runtime, start, vmm_in};
 use super::recovery::last_error;
-use super::redirect::{assert_the_slide_is_the_gvms, exterior, processes, GvmConsole};
+use super::redirect::{assert_the_slide_is_the_gvms, exterior, processes, Boot, GvmConsole};
 
 /// Switches one of the module's behaviours; the module confirms each on the console.
 fn switch(gvm: &mut GvmConsole, knob: &str, value: &str) {
@@ -135,7 +135,7 @@ fn a_rootkit_in_the_gvm_fools_its_own_tools_but_not_the_exterior_ones() {
     // itself (promise 21), and it is the one the GVM reports.
     switch(&mut gvm, "hook_lstar", "1");
     assert_eq!(exterior(&rt, "hk", &["uname", "-n"]).trim(), truth);
-    assert_the_slide_is_the_gvms(&rt, "hk", &mut gvm, "search");
+    assert_the_slide_is_the_gvms(&rt, "hk", &mut gvm, Boot::Moved { by: "search" });
     switch(&mut gvm, "hook_lstar", "0");
 
     // 1. ftrace hooks hide a process from getdents64 on /proc and refuse `kill` of it.

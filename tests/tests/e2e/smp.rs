@@ -4,7 +4,9 @@
 
 use super::instance::{runtime, start};
 use super::recovery::{add_and_remove_address, kill_from_outside, last_error, refused};
-use super::redirect::{assert_the_slide_is_the_gvms, exterior, info, module_names, GvmConsole};
+use super::redirect::{
+    assert_the_slide_is_the_gvms, exterior, info, module_names, Boot, GvmConsole,
+};
 
 #[test]
 fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
@@ -31,7 +33,7 @@ fn a_gvm_with_two_vcpus_is_read_and_changed_from_outside() {
     // nested harness (docs/LIMITS.md, Known gaps); that is the SMP issue's to fix.
     let cpus = exterior(&rt, "smp", &["grep", "-c", "^processor", "/proc/cpuinfo"]);
     assert_eq!(cpus.trim(), "2", "the exterior cpuinfo is not the GVM's");
-    assert_the_slide_is_the_gvms(&rt, "smp", &mut gvm, "fixed");
+    assert_the_slide_is_the_gvms(&rt, "smp", &mut gvm, Boot::AtLink);
     let victim = gvm.run("pidof victim").trim().to_string();
     assert!(
         victim.parse::<u32>().is_ok(),

@@ -458,7 +458,7 @@ impl Engine {
     /// executable at the slid addresses, and its IDT's handlers are moved alike. `profile`
     /// is the trusted kernel's, at its link addresses. Nothing the GVM says decides what
     /// code runs: only where the trusted copy is placed. A kernel without a relocation
-    /// table (an ELF vmlinux, which the VMM loads at its link address) cannot move: its
+    /// table (a vmlinux linked as such, not extracted from a bzImage) cannot move: its
     /// slide is 0, once its text is found there.
     pub fn learn_slide(
         &mut self,

@@ -113,7 +113,8 @@ pub fn run_instance(
     check_against(&config.gvm, &config.svm, &vmlinux)?;
     let image = KernelImage::parse(&vmlinux);
     // How the trusted text moves with the GVM's KASLR slide (a bzImage's payload has the
-    // table after the ELF; the VMM loads an ELF vmlinux at its link address, unmoved).
+    // table after the ELF, and so has a vmlinux extracted from one; an image without one
+    // cannot move).
     let relocs = redirect::kaslr::Relocs::parse(&vmlinux);
     drop(vmlinux);
     // The GVM boots the trusted file: the check compared what the kernels load, not every
